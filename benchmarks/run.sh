@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Run notata's benchmarks with baselines measured in the same run.
+# Installs the published notata 0.3.0 into benchmarks/.notata03 (pip --target) to compare.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q -e . >/dev/null
+[ -d benchmarks/.notata03/notata ] || .venv/bin/pip install -q --no-deps --target benchmarks/.notata03 notata==0.3.0
+.venv/bin/python benchmarks/bench_logbook.py --notata03 benchmarks/.notata03 "$@"

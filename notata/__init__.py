@@ -1,0 +1,39 @@
+"""notata: structured filesystem logging for scientific runs, safe on a cluster.
+
+One run is one directory of plain files (``<base_dir>/log_<run_id>/``)::
+
+    from notata import Logbook
+
+    with Logbook("omega1.0_dt0.01", params={"omega": 1.0, "dt": 0.01}) as log:
+        log.save_numpy("x", xs)                       # data/x.npy
+        log.save_json("final_state", {"x": 0.1})      # artifacts/final_state.json
+
+Every write is atomic, the run is locked to one live writer, a heartbeat
+thread records liveness, and SIGTERM from a scheduler is recorded as
+``timeout``/``cancelled``/``preempted`` before the process exits.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.4.0.dev0"
+
+from . import runinfo as _runinfo
+from . import slurm as _slurm
+from .errors import CorruptMetadataError, NotataError, RunCompleteError, RunLockedError
+from .experiment import Experiment
+from .logbook import Logbook
+from .reader import ExperimentReader, LogReader
+
+_runinfo.register_scheduler(_slurm.SLURM)
+
+__all__ = [
+    "CorruptMetadataError",
+    "Experiment",
+    "ExperimentReader",
+    "LogReader",
+    "Logbook",
+    "NotataError",
+    "RunCompleteError",
+    "RunLockedError",
+    "__version__",
+]

@@ -1,0 +1,126 @@
+"""Writing files so that nobody ever sees half of one: the only place notata writes.
+
+Every file goes to a temporary sibling (``.NAME.<token>.tmp``) and is renamed
+into place; a reader, a crash or a SIGKILL at any instant sees the old file or
+the new one. Readers and the scanner skip names that start with a dot, and
+:func:`clean_temporaries` removes what a killed writer left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import IO, Any
+
+from .errors import CorruptMetadataError
+
+TMP_SUFFIX = ".tmp"
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}")
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], *, durable: bool = False) -> None:
+    """Write ``path`` through ``write(fileobj)`` on a temporary file, then rename it.
+
+    ``durable=True`` also fsyncs the file and its folder before returning, so the
+    new content survives a crash of the machine, not only of the process.
+    The temporary file is removed if ``write`` raises (disk full included).
+    """
+    tmp = _tmp_name(path)
+    # O_EXCL: never write through a name someone planted; mode 0o666 lets umask decide,
+    # unlike mkstemp's 0o600, which would hide results from the rest of a group.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if durable:
+        fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = False) -> None:
+    """Atomically replace ``path`` with ``data``."""
+    atomic_write(path, lambda f: f.write(data), durable=durable)
+
+
+def dumps_json(obj: Any) -> bytes:
+    """The JSON notata writes: indented, sorted keys, UTF-8, final newline."""
+    return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+
+
+def atomic_write_json(path: Path, obj: Any, *, durable: bool = False) -> None:
+    """Atomically replace ``path`` with ``obj`` as JSON."""
+    atomic_write_bytes(path, dumps_json(obj), durable=durable)
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """Read a JSON object; any problem is a :class:`CorruptMetadataError` naming the file.
+
+    ``FileNotFoundError`` passes through: a missing file is not a corrupt one.
+    """
+    raw = path.read_bytes()
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise CorruptMetadataError(str(path), f"not UTF-8 at byte {err.start}") from err
+    except json.JSONDecodeError as err:
+        problem = f"invalid JSON: {err.msg} at line {err.lineno}" if raw.strip() else "empty file"
+        raise CorruptMetadataError(str(path), problem) from err
+    if not isinstance(obj, dict):
+        raise CorruptMetadataError(str(path), f"expected a JSON object, found {type(obj).__name__}")
+    return obj
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (the renames in it) to disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_paths(paths: Iterable[Path]) -> None:
+    """Flush files written earlier without fsync, then their folders."""
+    folders = set()
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        folders.add(p.parent)
+    for folder in folders:
+        fsync_dir(folder)
+
+
+def clean_temporaries(root: Path) -> list[Path]:
+    """Remove temporary files a killed writer left under ``root``; symlinks are not followed."""
+    removed = []
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        for name in files:
+            if name.startswith(".") and name.endswith(TMP_SUFFIX):
+                p = Path(folder, name)
+                try:
+                    p.unlink()
+                    removed.append(p)
+                except OSError:
+                    pass
+        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(folder, d))]
+    return removed

@@ -1,0 +1,168 @@
+"""Saving a run's outputs: the seed's ``save_*`` names and notata 0.3's short names.
+
+Both spellings call the same writers. Every file is written atomically
+(:func:`notata._fs.atomic_write`) and every name is checked to stay inside the run.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from . import _fs, layout
+from ._convert import json_default
+
+
+class OutputsMixin:
+    """The writers of a :class:`~notata.Logbook`; it provides ``path``, ``info`` and ``_saved``."""
+
+    path: Path
+
+    def info(self, msg: str) -> None:
+        raise NotImplementedError
+
+    def _saved(self, path: Path) -> None:
+        raise NotImplementedError
+
+    # -- the one writer ------------------------------------------------------------------------
+
+    def _output(
+        self, folder: str, category: str | None, name: str, ext: str,
+        write: Callable[[IO[bytes]], Any], what: str,
+    ) -> Path:
+        layout.check_relative(name, "name")
+        base = layout.check_relative(category, "category") if category is not None else Path(folder)
+        rel = base / f"{name}{ext}"
+        target = layout.inside(self.path, rel, "name")
+        _fs.atomic_write(target, write)
+        self._saved(target)
+        self.info(f"Saved {what} {name} in {rel.as_posix()}")
+        return target
+
+    # -- seed names ----------------------------------------------------------------------------
+
+    def save_numpy(
+        self, name: str, array: Any, category: str | None = None, *, compressed: bool = True,
+    ) -> Path:
+        """Save one array as ``data/NAME.npy`` (or ``CATEGORY/NAME.npy``).
+
+        ``compressed`` is accepted for notata 0.1 code and ignored: a single array
+        is written as ``.npy``, which ``np.load`` reads directly.
+        """
+        arr = np.asanyarray(array)
+        return self._output(layout.DATA, category, name, ".npy",
+                            lambda f: np.save(f, arr, allow_pickle=False), "array")
+
+    def save_arrays(
+        self, name: str, compressed: bool = True, category: str | None = None, **arrays: Any,
+    ) -> Path:
+        """Save several arrays in one ``data/NAME.npz`` bundle (compressed by default)."""
+        saver = np.savez_compressed if compressed else np.savez
+        return self._output(layout.DATA, category, name, ".npz",
+                            lambda f: saver(f, **arrays), "arrays")
+
+    def save_json(self, name: str, data: Any, category: str | None = None) -> Path:
+        """Save ``data`` as ``artifacts/NAME.json`` (numpy values are converted)."""
+        text = json.dumps(data, indent=2, sort_keys=True, default=json_default) + "\n"
+        return self._output(layout.ARTIFACTS, category, name, ".json",
+                            lambda f: f.write(text.encode()), "JSON")
+
+    def save_text(self, name: str, text: str, category: str | None = None) -> Path:
+        """Save ``text`` as ``artifacts/NAME.txt``."""
+        return self._output(layout.ARTIFACTS, category, name, ".txt",
+                            lambda f: f.write(text.encode()), "text")
+
+    def save_pickle(
+        self, name: str, obj: Any, protocol: int = pickle.HIGHEST_PROTOCOL,
+        category: str | None = None,
+    ) -> Path:
+        """Pickle ``obj`` to ``artifacts/NAME.pkl``. notata never loads pickles by itself."""
+        return self._output(layout.ARTIFACTS, category, name, ".pkl",
+                            lambda f: pickle.dump(obj, f, protocol=protocol), "pickle")
+
+    def save_bytes(self, name: str, data: bytes, category: str | None = None) -> Path:
+        """Save raw bytes as ``artifacts/NAME`` (the name keeps its own extension)."""
+        return self._output(layout.ARTIFACTS, category, name, "",
+                            lambda f: f.write(bytes(data)), "bytes")
+
+    def save_plot(
+        self, name: str, fig: Any = None, dpi: int = 200, formats: Iterable[str] = ("png",),
+        category: str | None = None,
+    ) -> list[Path]:
+        """Save a matplotlib figure (default: the current one) as ``plots/NAME.EXT`` per format.
+
+        Raises RuntimeError when matplotlib is not installed.
+        """
+        if fig is None:
+            try:
+                import matplotlib.pyplot as plt  # type: ignore[import-not-found,unused-ignore]
+            except ImportError as err:
+                raise RuntimeError(
+                    "save_plot() needs matplotlib: pip install matplotlib (or notata[plot])"
+                ) from err
+            fig = plt.gcf()
+        paths = []
+        for ext in formats:
+            def write(f: IO[bytes], ext: str = ext) -> None:
+                fig.savefig(f, format=ext, dpi=dpi, bbox_inches="tight")
+
+            paths.append(self._output(layout.PLOTS, category, name, f".{ext}", write, "plot"))
+        return paths
+
+    # -- notata 0.3 names: the same writers ----------------------------------------------------
+
+    def array(self, name: str, array: Any) -> Path:
+        """notata 0.3 name of :meth:`save_numpy`."""
+        return self.save_numpy(name, array)
+
+    def arrays(self, name: str, compressed: bool = True, **arrays: Any) -> Path:
+        """notata 0.3 name of :meth:`save_arrays`."""
+        return self.save_arrays(name, compressed=compressed, **arrays)
+
+    def json(self, name: str, data: Any) -> Path:
+        """notata 0.3 name of :meth:`save_json`."""
+        return self.save_json(name, data)
+
+    def text(self, name: str, content: str) -> Path:
+        """notata 0.3 name of :meth:`save_text`."""
+        return self.save_text(name, content)
+
+    def pickle(self, name: str, obj: Any, protocol: int = pickle.HIGHEST_PROTOCOL) -> Path:
+        """notata 0.3 name of :meth:`save_pickle`."""
+        return self.save_pickle(name, obj, protocol=protocol)
+
+    def bytes(self, name: str, data: bytes) -> Path:
+        """notata 0.3 name of :meth:`save_bytes`."""
+        return self.save_bytes(name, data)
+
+    def plot(
+        self, name: str, fig: Any = None, dpi: int = 200, formats: Iterable[str] = ("png",),
+    ) -> list[Path]:
+        """notata 0.3 name of :meth:`save_plot`."""
+        return self.save_plot(name, fig=fig, dpi=dpi, formats=formats)
+
+    # -- paths for files the user writes ---------------------------------------------------------
+
+    def artifact_path(self, *parts: str, create: bool = True) -> Path:
+        """A path inside the run directory (parents made unless ``create=False``).
+
+        Files written through it are the caller's; they are not made atomic.
+        """
+        rel = Path(*parts) if parts else Path("")
+        if create:
+            return layout.inside(self.path, rel, "path")
+        return self.path / layout.check_relative(rel, "path")
+
+    def __getitem__(self, relative: str) -> Path:
+        """notata 0.3: ``log["artifacts/x.dat"]`` is a path inside the run, parents made."""
+        return layout.inside(self.path, relative, "path")
+
+    def exists(self, relative: str) -> bool:
+        """Whether ``relative`` exists inside the run directory."""
+        return (self.path / layout.check_relative(relative, "path")).exists()
+

@@ -1,0 +1,72 @@
+"""Every exception notata raises for something a user can cause.
+
+Each one derives from :class:`NotataError` and from the builtin that callers
+would catch without knowing notata (``ValueError``, ``FileExistsError``...),
+and survives pickling (submitit ships exceptions between processes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class NotataError(Exception):
+    """Base class of notata's errors."""
+
+
+class CorruptMetadataError(NotataError, ValueError):
+    """A run's metadata.json cannot be read; the file is named, never reset."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(path, problem)
+        self.path = path
+        self.problem = problem
+
+    def __str__(self) -> str:
+        return f"{self.path}: corrupt metadata ({self.problem}); fix or move the file away"
+
+
+class RunLockedError(NotataError, BlockingIOError):
+    """Another live process holds the run's lock.
+
+    ``holder`` is what the holder recorded about itself (host, pid, SLURM job),
+    as far as it could be read.
+    """
+
+    def __init__(self, run_dir: str, holder: dict[str, Any] | None = None) -> None:
+        super().__init__(run_dir, holder)
+        self.run_dir = run_dir
+        self.holder = dict(holder or {})
+
+    def __str__(self) -> str:
+        h = self.holder
+        who = f"host {h.get('host', '?')}, pid {h.get('pid', '?')}"
+        if h.get("job"):
+            who += f", SLURM job {h['job']}"
+        return f"{self.run_dir} is in use by another process ({who}); it must finish first"
+
+
+class RunCompleteError(NotataError, FileExistsError):
+    """``resume=True`` found the run already complete: it is not run again."""
+
+    def __init__(self, run_dir: str) -> None:
+        super().__init__(run_dir)
+        self.run_dir = run_dir
+
+    def __str__(self) -> str:
+        return f"{self.run_dir} is already complete; use overwrite=True to run it afresh"
+
+
+class SchedulerError(NotataError, RuntimeError):
+    """A scheduler command failed; carries its argv, return code and stderr."""
+
+    def __init__(self, argv: list[str], returncode: int | None, stderr: str) -> None:
+        super().__init__(argv, returncode, stderr)
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stderr = stderr
+
+    def __str__(self) -> str:
+        last = (self.stderr or "").strip().splitlines()
+        detail = last[-1] if last else f"exit status {self.returncode}"
+        return f"{self.argv[0]} failed: {detail}"

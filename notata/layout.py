@@ -1,0 +1,74 @@
+"""The only place run file names are spelled, and the checks that keep paths inside a run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+RUN_PREFIX = "log_"
+METADATA = "metadata.json"
+LOG = "log.txt"
+PARAMS_YAML = "params.yaml"
+PARAMS_JSON = "params.json"
+LOCK = ".lock"
+DATA = "data"
+PLOTS = "plots"
+ARTIFACTS = "artifacts"
+
+MAX_RUN_ID_BYTES = 200
+
+
+def run_dir(base_dir: str | os.PathLike[str], run_id: str) -> Path:
+    """``<base_dir>/log_<run_id>`` for a validated run id."""
+    return Path(base_dir) / f"{RUN_PREFIX}{check_run_id(run_id)}"
+
+
+def check_run_id(run_id: object) -> str:
+    """Return ``run_id`` as a string, or raise ValueError saying what is wrong with it."""
+    rid = str(run_id)
+    problem = None
+    if not rid:
+        problem = "it is empty"
+    elif rid in (".", ".."):
+        problem = "it is a relative folder name"
+    elif rid[0] in ".-":
+        problem = f"it starts with {rid[0]!r}"
+    elif "/" in rid or "\\" in rid:
+        problem = "it contains a path separator"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in rid):
+        problem = "it contains a NUL or control character"
+    elif len(rid.encode("utf-8", "surrogatepass")) > MAX_RUN_ID_BYTES:
+        problem = f"it is longer than {MAX_RUN_ID_BYTES} bytes"
+    if problem:
+        raise ValueError(f"invalid run id {rid[:60]!r}: {problem}")
+    return rid
+
+
+def check_relative(relative: str | os.PathLike[str], what: str = "path") -> Path:
+    """A relative path that stays inside a run: no absolute paths, no ``..``, no NUL."""
+    text = os.fspath(relative)
+    p = Path(text)
+    if not text or "\0" in text:
+        raise ValueError(f"invalid {what} {text!r}: empty or contains NUL")
+    if p.is_absolute() or any(part == ".." for part in p.parts):
+        raise ValueError(f"invalid {what} {text!r}: it would leave the run directory")
+    if p == Path("."):
+        raise ValueError(f"invalid {what} {text!r}: it names the run directory itself")
+    return p
+
+
+def inside(root: Path, relative: str | os.PathLike[str], what: str = "path") -> Path:
+    """``root / relative`` with its parent folders made, refusing any way out of ``root``.
+
+    No component under ``root`` may be a symlink: one planted inside a run could
+    point anywhere, so it is refused before anything is made through it.
+    """
+    rel = check_relative(relative, what)
+    current = root
+    for i, part in enumerate(rel.parts):
+        current = current / part
+        if current.is_symlink():
+            raise ValueError(f"invalid {what} {os.fspath(relative)!r}: {current} is a symlink")
+        if i < len(rel.parts) - 1:
+            current.mkdir(exist_ok=True)
+    return current

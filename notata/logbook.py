@@ -1,0 +1,492 @@
+"""The Logbook: one run, one directory of plain files, safe under crashes and signals."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any
+
+import yaml
+
+from . import _fs, layout, runinfo, schema
+from ._convert import to_plain
+from ._outputs import OutputsMixin
+from .errors import RunCompleteError
+from .heartbeat import Heartbeat, Resources, interval_from
+from .lock import RunLock
+
+_LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING,
+           "ERROR": logging.ERROR, "CRITICAL": logging.CRITICAL}
+# Fields of one attempt that move into ``attempts`` when the next attempt starts.
+_ATTEMPT_FIELDS = ("attempt", "status", "start_time", "end_time", "start_unix", "end_unix",
+                   "runtime_sec", "failure_reason", "host", "pid")
+_OPEN: weakref.WeakSet[Logbook] = weakref.WeakSet()
+
+
+class Logbook(OutputsMixin):
+    """One run's directory: ``<base_dir>/log_<run_id>/`` with log, params, metadata and outputs.
+
+    Use it as a context manager (complete on a clean exit; failed, with the
+    exception's message, when one propagates, and the exception still
+    propagates) or by hand with :meth:`mark_complete` / :meth:`mark_failed`.
+
+    Args:
+        run_id: the run's name; see :func:`notata.layout.check_run_id` for what is refused.
+        base_dir: the folder holding run directories (second, as in notata 0.3).
+        params: parameters to save now as ``params.yaml``.
+        overwrite: start an existing run afresh (its files are deleted).
+        preallocate: make ``data/``, ``plots/`` and ``artifacts/`` now, not on first use.
+        callback: called with the Logbook after it is marked complete or failed (notata 0.3).
+        resume: take over an existing, unfinished run as its next attempt, keeping its
+            outputs and history; a complete run raises :class:`RunCompleteError`.
+        heartbeat: seconds between liveness updates (default ``NOTATA_HEARTBEAT`` or 30).
+        signals: in the main thread, record SIGTERM as a terminal status and pass
+            SIGUSR1 to :meth:`on_warning` hooks (see :meth:`_on_signal`).
+        on_warning: a hook called with the Logbook when SIGUSR1 arrives.
+        level: the lowest level written to log.txt (``"INFO"``, as in notata 0.3).
+
+    Raises:
+        FileExistsError: the run exists and neither ``overwrite`` nor ``resume`` is set.
+        RunCompleteError: ``resume=True`` and the run is already complete.
+        RunLockedError: another live process has the run open.
+        CorruptMetadataError: the run's metadata.json cannot be read.
+        ValueError, TypeError: a bad run id, or params that cannot be written.
+    """
+
+    def __init__(
+        self,
+        run_id: str | int,
+        base_dir: str | os.PathLike[str] = "outputs",
+        params: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
+        preallocate: bool = False,
+        callback: Callable[[Logbook], Any] | None = None,
+        *,
+        resume: bool = False,
+        heartbeat: float | None = None,
+        signals: bool = True,
+        on_warning: Callable[[Logbook], Any] | None = None,
+        level: str = "INFO",
+    ) -> None:
+        if isinstance(base_dir, Mapping):
+            raise TypeError("Logbook's second argument is base_dir (as in notata 0.3); "
+                            "pass parameters as params=...")
+        if overwrite and resume:
+            raise ValueError("choose one of overwrite=True (start afresh) and resume=True")
+        self.run_id = layout.check_run_id(run_id)
+        self.path = layout.run_dir(base_dir, self.run_id)
+        self.log_path = self.path / layout.LOG
+        self.datadir = self.path / layout.DATA
+        self.plotdir = self.path / layout.PLOTS
+        self.artifactsdir = self.path / layout.ARTIFACTS
+        self.callback = callback
+        self._level = _LEVELS[level.upper()]
+        plain_params = to_plain(dict(params), "params") if params is not None else None
+        interval = interval_from(heartbeat)
+
+        self._meta_lock = threading.Lock()
+        self._critical_depth = 0  # main thread inside a section a signal must not cut
+        self._pending_signal: int | None = None
+        self._unsynced: set[Path] = set()
+        self._warning_hooks: list[Callable[[Logbook], Any]] = [on_warning] if on_warning else []
+        self._previous_handlers: dict[int, Any] = {}
+        self._log_fd: int | None = None
+        self._closed = False
+
+        existed = self.path.exists()
+        if existed and not (overwrite or resume):
+            raise FileExistsError(f"Run directory {self.path} already exists.")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir()
+        except FileExistsError:
+            if not (overwrite or resume):
+                raise FileExistsError(f"Run directory {self.path} already exists.") from None
+        self._lock = RunLock(self.path, self._read_disk_metadata)
+        self._lock.acquire()
+        try:
+            previous = self._take_over(overwrite)
+        except BaseException:
+            self._lock.release()
+            raise
+
+        self._t0 = time.monotonic()
+        start = time.time()
+        sched = runinfo.scheduler()
+        self._scheduler = sched[0] if sched else None
+        self._resources = Resources()
+        self._meta: dict[str, Any] = {
+            **{k: v for k, v in previous.items() if k not in _volatile_fields()},
+            "schema": schema.SCHEMA_VERSION,
+            "run_id": self.run_id,
+            "status": schema.INITIALIZED,
+            "start_time": runinfo.now_iso(start),
+            "start_unix": round(start, 3),
+            "attempt": int(previous.get("attempt", 0)) + 1,
+            "attempts": _history(previous),
+            **runinfo.process_fields(),
+            "heartbeat": {"unix": round(start, 3), "time": runinfo.now_iso(start), "beat": 0,
+                          "interval_sec": interval},
+        }
+        if sched:
+            self._meta[sched[0].name] = sched[1]
+        self._write_meta()
+        if preallocate:
+            for d in (self.datadir, self.plotdir, self.artifactsdir):
+                d.mkdir(exist_ok=True)
+        if plain_params is not None:
+            self._write_params(plain_params, "yaml", merge=False)
+        self.info("Logbook initialized" if self.attempt == 1
+                  else f"Logbook resumed as attempt {self.attempt}")
+        self._set(status=schema.RUNNING)
+        self._heartbeat = Heartbeat(interval, self._beat)
+        self._heartbeat.start()
+        if signals:
+            self._install_signals()
+        _OPEN.add(self)
+
+    # -- opening -------------------------------------------------------------------------------
+
+    def _take_over(self, overwrite: bool) -> dict[str, Any]:
+        """Under the lock: clear the run (overwrite) or read the attempt being resumed."""
+        if overwrite:
+            for entry in self.path.iterdir():
+                if entry.name == layout.LOCK:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            return {}
+        try:
+            previous = self._read_disk_metadata()
+        except FileNotFoundError:
+            previous = {}
+        if previous.get("status") == schema.COMPLETE:
+            raise RunCompleteError(str(self.path))
+        _fs.clean_temporaries(self.path)
+        return previous
+
+    def _read_disk_metadata(self) -> dict[str, Any]:
+        return _fs.read_json_object(self.path / layout.METADATA)
+
+    # -- state ---------------------------------------------------------------------------------
+
+    @property
+    def status(self) -> str:
+        """The run's status (one of :data:`notata.schema.STATUSES`)."""
+        return str(self._meta["status"])
+
+    def current_status(self) -> str:
+        """The run's status (the seed's name for :attr:`status`)."""
+        return self.status
+
+    @property
+    def attempt(self) -> int:
+        """1 for a run's first attempt, N+1 after each resume."""
+        return int(self._meta["attempt"])
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since this attempt started."""
+        return time.monotonic() - self._t0
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """A copy of the run's metadata as last written."""
+        with self._locked():
+            return dict(self._meta)
+
+    def meta(self, **fields: Any) -> None:
+        """Merge ``fields`` into metadata.json (values must be YAML/JSON-able)."""
+        self._set(**{k: to_plain(v, f"meta[{k!r}]") for k, v in fields.items()})
+
+    def _set(self, *, durable: bool = False, **fields: Any) -> None:
+        with self._locked():
+            self._meta.update(fields)
+        self._write_meta(durable=durable)
+
+    def _write_meta(self, durable: bool = False) -> None:
+        with self._locked():
+            _fs.atomic_write_json(self.path / layout.METADATA, self._meta, durable=durable)
+
+    @contextlib.contextmanager
+    def _critical(self) -> Iterator[None]:
+        """On the main thread, a section a signal must not cut: the signal waits for its end.
+
+        Otherwise a SIGTERM landing inside a metadata write or a terminal status
+        write could exit the process before the status is on disk, or deadlock on
+        the metadata lock the interrupted code holds. Signals run only on the main
+        thread, so other threads need no tracking.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        self._critical_depth += 1
+        try:
+            yield
+        finally:
+            self._critical_depth -= 1
+            if self._critical_depth == 0 and self._pending_signal is not None:
+                signum, self._pending_signal = self._pending_signal, None
+                self._on_signal(signum, None)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the metadata lock inside a critical section."""
+        with self._critical(), self._meta_lock:
+            yield
+
+    def _beat(self) -> None:
+        sample = self._resources.sample()
+        now = time.time()
+        with self._locked():
+            if self._closed:
+                return
+            hb = self._meta["heartbeat"]
+            self._meta["heartbeat"] = {**hb, **sample, "unix": round(now, 3),
+                                       "time": runinfo.now_iso(now), "beat": hb["beat"] + 1}
+        self._write_meta()
+
+    def _saved(self, path: Path) -> None:
+        self._unsynced.add(path)
+
+    # -- params --------------------------------------------------------------------------------
+
+    def save_params(self, params: Mapping[str, Any], preferred: str = "yaml") -> None:
+        """Write ``params`` (replacing any earlier ones) as params.yaml or params.json."""
+        self._write_params(to_plain(dict(params), "params"), preferred, merge=False)
+
+    def params(self, ext: str = "yaml", **kwargs: Any) -> None:
+        """notata 0.3: merge ``kwargs`` into the saved params, written as ``params.<ext>``."""
+        self._write_params(to_plain(kwargs, "params"), ext, merge=True)
+
+    def load_params(self) -> dict[str, Any]:
+        """The saved params (params.yaml, else params.json, else empty)."""
+        for name in (layout.PARAMS_YAML, layout.PARAMS_JSON):
+            p = self.path / name
+            if p.exists():
+                text = p.read_text(encoding="utf-8")
+                data = yaml.safe_load(text) if name.endswith("yaml") else json.loads(text)
+                return dict(data or {})
+        return {}
+
+    def _write_params(self, values: dict[str, Any], ext: str, merge: bool) -> None:
+        if ext not in ("yaml", "json"):
+            raise ValueError(f"params format must be 'yaml' or 'json', not {ext!r}")
+        if merge:
+            values = {**self.load_params(), **values}
+        if ext == "yaml":
+            data = yaml.safe_dump(values, sort_keys=True, allow_unicode=True).encode()
+        else:
+            data = _fs.dumps_json(values)
+        target = self.path / (layout.PARAMS_YAML if ext == "yaml" else layout.PARAMS_JSON)
+        _fs.atomic_write_bytes(target, data)
+        self._saved(target)
+        self.info(f"Saved params ({ext}) in {target.name}")
+
+    # -- messages ------------------------------------------------------------------------------
+
+    def log(self, message: str, level: int | str = logging.INFO) -> None:
+        """Append ``[YYYY-MM-DDTHH:MM:SS] LEVEL message`` to log.txt."""
+        num = _LEVELS[level.upper()] if isinstance(level, str) else int(level)
+        if num < self._level:
+            return
+        line = f"[{runinfo.now_iso()}] {logging.getLevelName(num)} {message}\n"
+        if self._log_fd is None:
+            self._log_fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                                   | os.O_CLOEXEC, 0o666)
+            self._saved(self.log_path)
+        os.write(self._log_fd, line.encode("utf-8", "backslashreplace"))
+
+    def note(self, message: str, level: int | str = logging.INFO) -> None:
+        """notata 0.3 name of :meth:`log`."""
+        self.log(message, level)
+
+    def debug(self, msg: str) -> None:
+        self.log(msg, logging.DEBUG)
+
+    def info(self, msg: str) -> None:
+        self.log(msg, logging.INFO)
+
+    def warning(self, msg: str) -> None:
+        self.log(msg, logging.WARNING)
+
+    def error(self, msg: str) -> None:
+        self.log(msg, logging.ERROR)
+
+    # -- ending --------------------------------------------------------------------------------
+
+    def mark_complete(self) -> None:
+        """Record the run as complete, flushed to disk, and release it."""
+        self._finish(schema.COMPLETE, None)
+
+    def mark_failed(self, reason: str) -> None:
+        """Record the run as failed with ``reason``, flushed to disk, and release it."""
+        self._finish(schema.FAILED, str(reason))
+
+    def close(self) -> None:
+        """Complete the run if nothing has ended it yet (what a clean ``with`` exit does)."""
+        if not self._closed:
+            self.mark_complete()
+
+    def _finish(self, status: str, reason: str | None) -> None:
+        """Write the terminal status once; the first terminal status wins."""
+        with self._critical():
+            finished = self._finish_now(status, reason)
+        if finished and self.callback:
+            self.callback(self)
+
+    def _finish_now(self, status: str, reason: str | None) -> bool:
+        with self._locked():
+            if self._closed:
+                return False
+            self._closed = True
+            end = time.time()
+            self._meta.update(status=status, end_time=runinfo.now_iso(end),
+                              end_unix=round(end, 3), runtime_sec=round(self.elapsed, 6))
+            self._meta["heartbeat"] = {**self._meta["heartbeat"], **self._resources.sample()}
+            if reason is not None:
+                self._meta["failure_reason"] = reason
+        self._heartbeat.stop(wait=threading.current_thread() is not self._heartbeat._thread)
+        self.info(f"Marked {status}" + (f": {reason}" if reason else ""))
+        _fs.fsync_paths(sorted(self._unsynced))
+        self._unsynced.clear()
+        self._write_meta(durable=True)
+        if self._log_fd is not None:
+            os.close(self._log_fd)
+            self._log_fd = None
+        self._restore_signals()
+        self._lock.release()
+        _OPEN.discard(self)
+        return True
+
+    def __enter__(self) -> Logbook:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            self.close()
+        elif isinstance(exc, KeyboardInterrupt):
+            self._finish(schema.CANCELLED, "KeyboardInterrupt")
+        elif isinstance(exc, SystemExit) and exc.code in (0, None):
+            self.close()
+        else:
+            self._finish(schema.FAILED, str(exc) or type(exc).__name__)
+
+    # -- signals -------------------------------------------------------------------------------
+
+    def on_warning(self, hook: Callable[[Logbook], Any]) -> Callable[[Logbook], Any]:
+        """Call ``hook(log)`` on SIGUSR1 (``sbatch --signal=B:USR1@secs``): checkpoint now."""
+        self._warning_hooks.append(hook)
+        return hook
+
+    def _install_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python delivers signals to the main thread only
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            previous = signal.getsignal(signum)
+            if previous is signal.SIG_IGN:
+                continue  # the user chose to ignore it; so do we
+            self._previous_handlers[signum] = previous
+            signal.signal(signum, self._on_signal)
+
+    def _restore_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum, previous in self._previous_handlers.items():
+            if signal.getsignal(signum) == self._on_signal:
+                signal.signal(signum, previous)
+        self._previous_handlers.clear()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        """SIGUSR1: record it and call the warning hooks. SIGTERM: record why, flush, exit.
+
+        The cause of a SIGTERM is told apart as: ``timeout`` when SIGUSR1 (the
+        time-limit warning) came first or the scheduler says the time is up;
+        ``cancelled`` / ``preempted`` as the scheduler reports the job; else
+        ``terminated``. After recording, the handler that was installed before
+        is called; if that was the default, the process exits with 128+signum.
+        """
+        if self._critical_depth:
+            self._pending_signal = signum  # finish the interrupted write first
+            return
+        previous = self._previous_handlers.get(signum, signal.SIG_DFL)
+        now = time.time()
+        name = signal.Signals(signum).name
+        if not self._closed:
+            signals = [*self._meta.get("signals", []),
+                       {"signal": name, "unix": round(now, 3), "time": runinfo.now_iso(now)}]
+            if signum == signal.SIGUSR1:
+                self.warning("SIGUSR1 received: the time limit is near")
+                self._set(signals=signals)
+                for hook in list(self._warning_hooks):
+                    hook(self)
+            else:
+                status = self._termination_status(now)
+                self._meta["signals"] = signals
+                self._finish(status, f"{name} received ({status})")
+        if signum == signal.SIGUSR1:
+            if callable(previous):
+                previous(signum, frame)
+            return
+        self._restore_signals()
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:
+            raise SystemExit(128 + signum)
+
+    def _termination_status(self, now: float) -> str:
+        if any(s["signal"] == "SIGUSR1" for s in self._meta.get("signals", [])):
+            return schema.TIMEOUT
+        if self._scheduler is not None:
+            ctx = self._meta.get(self._scheduler.name, {})
+            try:
+                status = self._scheduler.termination_status(ctx, now)
+            except Exception:  # the scheduler cannot be asked: say what we know
+                status = None
+            if status in schema.SIGNAL_STATUSES:
+                return status
+        return schema.TERMINATED
+
+
+def _volatile_fields() -> frozenset[str]:
+    """Fields that describe one attempt and start anew with the next."""
+    return frozenset({"end_time", "end_unix", "runtime_sec", "failure_reason", "signals",
+                      "heartbeat", "slurm"})
+
+
+def _history(previous: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The attempts list of a run about to start its next attempt."""
+    history = list(previous.get("attempts", []))
+    if previous:
+        record = {k: previous[k] for k in _ATTEMPT_FIELDS if k in previous}
+        record.setdefault("attempt", len(history) + 1)
+        for key in ("slurm",):
+            if key in previous:
+                record[key] = previous[key]
+        history.append(record)
+    return history
+
+
+@atexit.register
+def _close_forgotten() -> None:
+    """A run still open when the interpreter exits did not finish: say so on disk."""
+    for log in list(_OPEN):
+        with contextlib.suppress(Exception):
+            log._finish(schema.FAILED, "the process exited without marking the run complete")
+

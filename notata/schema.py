@@ -1,0 +1,55 @@
+"""Run statuses and the metadata.json schema: the one place both are defined.
+
+metadata.json (schema 1) is a JSON object. Keys kept from notata 0.3, so old
+readers and ``jq`` one-liners keep working:
+
+- ``run_id``, ``status`` (one of :data:`STATUSES`), ``start_time``, ``end_time``
+  (local ISO-8601, seconds), ``runtime_sec``, ``failure_reason`` (failed and
+  signal states only).
+
+Added by this notata:
+
+- ``schema``: 1.
+- ``attempt``: 1 for the first attempt, N+1 after each resume.
+- ``attempts``: the earlier attempts, oldest first, each ``{attempt, status,
+  start_time, end_time, runtime_sec, failure_reason, host, pid, slurm}``.
+- ``start_unix`` / ``end_unix``: the same instants as seconds since the epoch.
+- ``host``, ``pid``, ``user``, ``cwd``, ``argv``, ``python``, ``notata``.
+- ``slurm``: present inside SLURM: ``job_id``, ``array_job_id``, ``array_task_id``,
+  ``restart_count``, ``nodelist``, ``partition``, ``time_limit`` (the job's
+  limit as SLURM prints it), ``end_unix`` (when known). A run's identity in an
+  array is ``array_job_id`` + ``array_task_id``, never ``job_id``.
+- ``heartbeat``: ``{unix, time, beat, interval_sec, rss_bytes, peak_rss_bytes,
+  cpu_time_sec, cpu_percent, pids}``. ``beat`` counts up by one per write, so a
+  reader can tell a live run from a dead one by content, not by file mtimes.
+- ``signals``: the signals the run received, ``[{signal, unix, time}]``.
+- ``manifest``/``task``/``sweep`` fields are added by sweeps.
+
+Any other key a user sets with ``meta(**fields)`` is kept as is.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+SCHEMA_VERSION: Final = 1
+
+INITIALIZED: Final = "initialized"
+RUNNING: Final = "running"
+COMPLETE: Final = "complete"
+FAILED: Final = "failed"
+TIMEOUT: Final = "timeout"
+CANCELLED: Final = "cancelled"
+PREEMPTED: Final = "preempted"
+TERMINATED: Final = "terminated"
+
+#: Every status a run can record, in lifecycle order.
+STATUSES: Final = (
+    INITIALIZED, RUNNING, COMPLETE, FAILED, TIMEOUT, CANCELLED, PREEMPTED, TERMINATED,
+)
+#: Statuses a run is still in while its process is alive.
+OPEN_STATUSES: Final = frozenset({INITIALIZED, RUNNING})
+#: Statuses written once, flushed to disk, and never left except by a new attempt.
+TERMINAL_STATUSES: Final = frozenset(STATUSES) - OPEN_STATUSES
+#: Terminal statuses that a signal (scheduler or user) caused.
+SIGNAL_STATUSES: Final = frozenset({TIMEOUT, CANCELLED, PREEMPTED, TERMINATED})

@@ -1,0 +1,169 @@
+"""One live writer per run, tested with real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from conftest import python, status_is, wait_for
+
+from notata import Logbook, LogReader, RunLockedError
+from notata import lock as lockmod
+
+HOLD = """
+    import sys, time
+    from notata import Logbook
+    log = Logbook(sys.argv[2], sys.argv[1], resume=True, heartbeat=0.2)
+    print("open", flush=True)
+    time.sleep(60)
+    """
+
+
+def test_second_opener_gets_a_clear_error_naming_the_holder(base: Path) -> None:
+    holder = python(HOLD, str(base), "run")
+    try:
+        assert holder.stdout and holder.stdout.readline().strip() == "open"
+        before = (base / "log_run" / "metadata.json").read_text()
+        with pytest.raises(RunLockedError) as info:
+            Logbook("run", base, resume=True)
+        message = str(info.value)
+        assert f"pid {holder.pid}" in message and socket.gethostname() in message
+        assert info.value.holder["pid"] == holder.pid
+        assert isinstance(info.value, BlockingIOError)
+        # the failed opener changed nothing the holder wrote
+        assert json.loads((base / "log_run" / "metadata.json").read_text())["pid"] == holder.pid
+        assert json.loads(before)["pid"] == holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_lock_of_a_killed_process_does_not_block_the_next_attempt(base: Path) -> None:
+    holder = python(HOLD, str(base), "run")
+    assert holder.stdout and holder.stdout.readline().strip() == "open"
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert LogReader(base / "log_run").meta["status"] == "running"  # it had no chance to write
+    with Logbook("run", base, resume=True) as log:
+        assert log.attempt == 2
+    meta = LogReader(log.path).meta
+    assert meta["attempts"][0]["status"] == "running" and meta["attempts"][0]["pid"] == holder.pid
+
+
+def test_two_processes_racing_for_one_run_exactly_one_wins(base: Path) -> None:
+    code = """
+        import sys, time
+        from notata import Logbook, RunLockedError
+        time.sleep(float(sys.argv[3]) - time.time())
+        try:
+            log = Logbook(sys.argv[2], sys.argv[1], resume=True)
+        except RunLockedError as err:
+            print("locked:", err, flush=True)
+            sys.exit(3)
+        print("won", flush=True)
+        time.sleep(1.5)
+        log.mark_complete()
+        """
+    start = str(time.time() + 1.0)
+    procs = [python(code, str(base), "race", start) for _ in range(4)]
+    results = [(p.wait(30), p.communicate()[0]) for p in procs]
+    assert sorted(rc for rc, _ in results) == [0, 3, 3, 3], results
+    meta = LogReader(base / "log_race").meta
+    assert meta["status"] == "complete" and meta["attempt"] == 1
+
+
+def test_live_holder_on_this_host_is_never_broken(
+    base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    holder = python(HOLD, str(base), "run")
+    try:
+        assert holder.stdout and holder.stdout.readline().strip() == "open"
+        # even with an ancient heartbeat, a holder on this host is alive if its lock is held
+        monkeypatch.setattr(lockmod, "MIN_STALE_LOCK_SEC", 0.0)
+        with pytest.raises(RunLockedError):
+            Logbook("run", base, resume=True, heartbeat=1000)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_stale_holder_on_another_host_is_broken_after_the_threshold(
+    base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A process holds the flock but stops beating; its record says it runs on a lost node.
+    code = """
+        import json, sys, time
+        from notata import Logbook
+        log = Logbook("run", sys.argv[1], heartbeat=5)
+        log._heartbeat.stop()
+        meta = log.metadata
+        meta["host"] = "lost-node-17"
+        meta["heartbeat"] = dict(meta["heartbeat"], unix=time.time() - 3600)
+        log._meta = meta
+        log._write_meta()
+        print("open", flush=True)
+        time.sleep(60)
+        """
+    holder = python(code, str(base))
+    try:
+        assert holder.stdout and holder.stdout.readline().strip() == "open"
+        monkeypatch.setattr(lockmod, "CONFIRM_SEC", 0.1)
+        with Logbook("run", base, resume=True) as log:
+            assert log.attempt == 2
+        assert LogReader(log.path).meta["attempts"][0]["host"] == "lost-node-17"
+        assert list(log.path.glob(".lock.broken-*"))
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_fresh_holder_on_another_host_is_not_broken(base: Path) -> None:
+    code = """
+        import sys, time
+        from notata import Logbook
+        log = Logbook("run", sys.argv[1], heartbeat=1000)
+        meta = log.metadata
+        meta["host"] = "busy-node-3"
+        log._meta = meta
+        log._write_meta()
+        print("open", flush=True)
+        time.sleep(60)
+        """
+    holder = python(code, str(base))
+    try:
+        assert holder.stdout and holder.stdout.readline().strip() == "open"
+        with pytest.raises(RunLockedError, match="busy-node-3"):
+            Logbook("run", base, resume=True)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_lock_is_not_inherited_by_children(base: Path) -> None:
+    # A child started by the run keeps running after the run's process is killed;
+    # the next attempt must still get the lock.
+    code = """
+        import subprocess, sys, time
+        from notata import Logbook
+        log = Logbook("run", sys.argv[1])
+        child = subprocess.Popen(["sleep", "30"])
+        print(child.pid, flush=True)
+        time.sleep(60)
+        """
+    holder = python(code, str(base))
+    assert holder.stdout
+    child_pid = int(holder.stdout.readline())
+    try:
+        holder.kill()
+        holder.wait()
+        wait_for(lambda: True)
+        with Logbook("run", base, resume=True) as log:
+            assert log.attempt == 2
+    finally:
+        os.kill(child_pid, signal.SIGKILL)
+    assert status_is(log.path, "complete")()

@@ -1,0 +1,319 @@
+"""The Logbook's API (seed and notata 0.3 names), resume, and refusal of bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from notata import CorruptMetadataError, Logbook, LogReader, RunCompleteError
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): (p.read_bytes() if p.is_file() else b"<dir>")
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def test_seed_loop_creates_the_documented_layout(base: Path) -> None:
+    for omega, dt in [(1.0, 1e-2), (2.0, 1e-3)]:
+        params = {"omega": omega, "dt": dt, "steps": 10}
+        with Logbook(f"omega{omega}_dt{dt}", params=params, base_dir=base) as log:
+            log.save_numpy("x", np.arange(10.0))
+            log.save_json("final_state", {"x": 1.5, "v": np.float64(0.25)})
+    run = base / "log_omega1.0_dt0.01"
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == [
+        "artifacts",
+        "data",
+        "log.txt",
+        "metadata.json",
+        "params.yaml",
+    ]
+    assert np.load(run / "data" / "x.npy").tolist() == list(np.arange(10.0))
+    assert json.loads((run / "artifacts" / "final_state.json").read_text()) == {"x": 1.5, "v": 0.25}
+    assert yaml.safe_load((run / "params.yaml").read_text()) == {
+        "omega": 1.0,
+        "dt": 0.01,
+        "steps": 10,
+    }
+    meta = json.loads((run / "metadata.json").read_text())
+    assert (
+        meta["status"] == "complete"
+        and meta["attempt"] == 1
+        and meta["run_id"] == "omega1.0_dt0.01"
+    )
+    assert meta["runtime_sec"] >= 0 and meta["end_time"] >= meta["start_time"]
+    for key in ("host", "pid", "user", "python", "notata", "argv", "heartbeat", "schema"):
+        assert key in meta
+    for line in (run / "log.txt").read_text().splitlines():
+        assert re.fullmatch(
+            r"\[\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\] (INFO|WARNING|ERROR|DEBUG) .+", line
+        )
+
+
+def test_exception_marks_failed_and_propagates(base: Path) -> None:
+    with pytest.raises(RuntimeError, match="diverged"), Logbook("r", base_dir=base) as log:
+        raise RuntimeError("diverged at step 7")
+    meta = json.loads((log.path / "metadata.json").read_text())
+    assert meta["status"] == "failed" and meta["failure_reason"] == "diverged at step 7"
+    assert log.current_status() == "failed" and log.status == "failed"
+
+
+def test_keyboard_interrupt_is_cancelled(base: Path) -> None:
+    with pytest.raises(KeyboardInterrupt), Logbook("r", base_dir=base) as log:
+        raise KeyboardInterrupt
+    assert LogReader(log.path).meta["status"] == "cancelled"
+
+
+def test_manual_lifecycle_and_callback(base: Path) -> None:
+    seen = []
+    log = Logbook("manual", base, callback=lambda lb: seen.append(lb.status))
+    assert log.status == "running"
+    log.mark_failed("bad input")
+    log.mark_complete()  # the first terminal status wins
+    assert seen == ["failed"] and LogReader(log.path).meta["failure_reason"] == "bad input"
+
+
+def test_existing_run_raises_and_overwrite_starts_afresh(base: Path) -> None:
+    with Logbook("r", base_dir=base) as log:
+        log.save_text("old", "x")
+    with pytest.raises(FileExistsError):
+        Logbook("r", base_dir=base)
+    with Logbook("r", base_dir=base, overwrite=True) as log:
+        assert not log.exists("artifacts/old.txt")
+    assert LogReader(log.path).meta["attempt"] == 1
+
+
+def test_all_writers_and_categories(base: Path) -> None:
+    with Logbook("w", base_dir=base) as log:
+        log.save_arrays("traj", x=np.zeros(3), v=np.ones(3))
+        log.save_text("note", "hello")
+        log.save_pickle("obj", {"a": 1})
+        log.save_bytes("blob.bin", b"\x00\x01")
+        log.save_numpy("fine", np.ones(2), category="diagnostics")
+        log.save_json("deep", {"k": 1}, category="diagnostics/level2")
+        p = log.artifact_path("custom", "f.dat")
+        p.write_text("mine")
+        log.log("warned", logging.WARNING)
+        log.log("said", "ERROR")
+        log.debug("not written at INFO level")
+    r = log.path
+    assert (r / "data/traj.npz").exists() and (r / "artifacts/note.txt").read_text() == "hello"
+    assert (r / "artifacts/blob.bin").read_bytes() == b"\x00\x01"
+    assert (r / "diagnostics/fine.npy").exists() and (r / "diagnostics/level2/deep.json").exists()
+    assert (r / "custom/f.dat").read_text() == "mine" and log.exists("custom/f.dat")
+    text = (r / "log.txt").read_text()
+    assert "WARNING warned" in text and "ERROR said" in text and "not written" not in text
+
+
+def test_notata_03_names_write_the_same_files(base: Path) -> None:
+    with Logbook("old", base) as log:
+        log.array("energy", np.arange(3))
+        log.array("states/T_step100", np.ones(2))
+        log.arrays("trajectory", x=np.zeros(2), v=np.ones(2))
+        log.json("metrics", {"drift": 1e-9})
+        log.text("stdout", "done")
+        log.pickle("model", [1, 2])
+        log.bytes("weights.bin", b"\x01")
+        log.note("a note")
+        log.params(omega=2.0)
+        log.params(dt=0.1)
+        log.meta(solver="verlet")
+        log["artifacts/custom/config.json"].write_text("{}")
+        assert log.path.name == "log_old" and log.log_path.name == "log.txt"
+        assert (log.datadir, log.plotdir, log.artifactsdir) == (
+            log.path / "data",
+            log.path / "plots",
+            log.path / "artifacts",
+        )
+    reader = LogReader(log.path)
+    assert reader.params == {"omega": 2.0, "dt": 0.1}
+    assert reader.meta["solver"] == "verlet" and reader.meta["status"] == "complete"
+    assert reader.arrays == ["energy", "states/T_step100", "trajectory:v", "trajectory:x"]
+    assert reader.artifacts == [
+        "custom/config.json",
+        "metrics.json",
+        "model.pkl",
+        "stdout.txt",
+        "weights.bin",
+    ]
+    assert reader.load_array("trajectory:v").tolist() == [1.0, 1.0]
+    assert reader.load_json("metrics") == {"drift": 1e-9}
+    assert "a note" in log.log_path.read_text()
+
+
+def test_params_json_and_bad_ext(base: Path) -> None:
+    with Logbook("p", base) as log:
+        log.params(ext="json", a=1)
+        with pytest.raises(ValueError, match="yaml"):
+            log.params(ext="toml", a=1)
+    assert json.loads((log.path / "params.json").read_text()) == {"a": 1}
+
+
+def test_save_plot(base: Path) -> None:
+    with Logbook("plot", base) as log:
+        try:
+            import matplotlib
+        except ImportError:
+            with pytest.raises(RuntimeError, match="matplotlib"):
+                log.save_plot("energy")
+            return
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots()
+        ax.plot([1, 2])
+        log.save_plot("energy", fig=fig, formats=("png", "svg"))
+    assert (log.plotdir / "energy.png").read_bytes()[:4] == b"\x89PNG"
+    assert LogReader(log.path).plots == ["energy.png", "energy.svg"]
+
+
+def test_params_conversion_and_refusal(base: Path) -> None:
+    params = {
+        "n": np.int64(3),
+        "x": np.float32(0.5),
+        "v": np.arange(3),
+        "t": (1, 2),
+        "p": Path("a/b"),
+    }
+    with Logbook("conv", base, params=params) as log:
+        pass
+    assert LogReader(log.path).params == {"n": 3, "x": 0.5, "v": [0, 1, 2], "t": [1, 2], "p": "a/b"}
+    with pytest.raises(TypeError, match=r"params\['obj'\]"):
+        Logbook("bad", base, params={"ok": 1, "obj": object()})
+    with pytest.raises(TypeError, match=r"params\['big'\].*save_numpy"):
+        Logbook("bad", base, params={"big": np.zeros(10_000)})
+    assert not (base / "log_bad").exists()
+
+
+@pytest.mark.parametrize(
+    "run_id",
+    ["", ".", "..", ".hidden", "-x", "a/b", "a\\b", "a\0b", "tab\there", "x" * 201, "é" * 101],
+)
+def test_bad_run_ids_are_refused_and_create_nothing(base: Path, run_id: str) -> None:
+    before = snapshot(base)
+    with pytest.raises(ValueError, match="invalid run id"):
+        Logbook(run_id, base)
+    assert snapshot(base) == before
+
+
+@pytest.mark.parametrize("name", ["../escape", "/abs/path", "a/../../b", ""])
+def test_names_that_leave_the_run_are_refused(base: Path, name: str) -> None:
+    with Logbook("n", base) as log:
+        before = snapshot(base.parent)
+        for call in (
+            lambda: log.save_text(name, "x"),
+            lambda: log.save_text("ok", "x", category=name),
+            lambda: log[name],
+        ):
+            with pytest.raises(ValueError, match="invalid"):
+                call()
+        assert snapshot(base.parent) == before
+
+
+def test_planted_symlink_is_not_followed(base: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    with Logbook("s", base) as log:
+        (log.path / "artifacts").symlink_to(outside)
+        with pytest.raises(ValueError, match="symlink"):
+            log.save_text("x", "data")
+        with pytest.raises(ValueError, match="symlink"):
+            log["artifacts/sub/y.txt"]
+    assert list(outside.iterdir()) == []
+
+
+def test_corrupt_metadata_is_named_never_reset(base: Path) -> None:
+    with Logbook("c", base) as log:
+        pass
+    meta = log.path / "metadata.json"
+    meta.write_text('{"status": "fail')
+    with pytest.raises(CorruptMetadataError, match=re.escape(str(meta))):
+        Logbook("c", base, resume=True)
+    assert meta.read_text() == '{"status": "fail'
+
+
+def test_resume_keeps_outputs_and_history(base: Path) -> None:
+    with pytest.raises(ValueError), Logbook("r", base, params={"a": 1}) as log:
+        log.save_text("first", "attempt 1 output")
+        raise ValueError("boom")
+    with Logbook("r", base, params={"a": 1}, resume=True) as log2:
+        assert log2.attempt == 2
+        log2.save_text("second", "attempt 2 output")
+    meta = LogReader(log.path).meta
+    assert meta["status"] == "complete" and meta["attempt"] == 2 and "failure_reason" not in meta
+    [first] = meta["attempts"]
+    assert first["attempt"] == 1 and first["status"] == "failed"
+    assert first["failure_reason"] == "boom" and first["end_time"] and first["start_time"]
+    assert (log.artifactsdir / "first.txt").read_text() == "attempt 1 output"
+    text = log.log_path.read_text()
+    assert "Marked failed: boom" in text and "resumed as attempt 2" in text
+    with pytest.raises(RunCompleteError, match="already complete"):
+        Logbook("r", base, resume=True)
+    assert LogReader(log.path).meta["attempt"] == 2
+
+
+def test_resume_of_a_new_run_starts_attempt_one(base: Path) -> None:
+    with Logbook("fresh", base, resume=True) as log:
+        assert log.attempt == 1
+
+
+def test_resume_cleans_leftover_temporaries(base: Path) -> None:
+    with pytest.raises(ValueError), Logbook("t", base) as log:
+        raise ValueError
+    leftover = log.artifactsdir / ".metrics.json.123-abcd.tmp"
+    leftover.parent.mkdir()
+    leftover.write_text("{half")
+    assert LogReader(log.path).artifacts == []
+    with Logbook("t", base, resume=True):
+        assert not leftover.exists()
+
+
+def test_overwrite_and_resume_together_is_an_error(base: Path) -> None:
+    with pytest.raises(ValueError, match="choose one"):
+        Logbook("x", base, overwrite=True, resume=True)
+    assert not (base / "log_x").exists()
+
+
+def test_params_dict_as_second_argument_is_explained(base: Path) -> None:
+    with pytest.raises(TypeError, match="base_dir"):
+        Logbook("x", {"a": 1})  # type: ignore[arg-type]
+
+
+def test_elapsed_and_int_run_id(base: Path) -> None:
+    with Logbook(7, base) as log:
+        assert log.run_id == "7" and log.elapsed >= 0
+    assert (base / "log_7").is_dir()
+
+
+def test_forgotten_run_is_marked_failed_at_exit(base: Path) -> None:
+    from conftest import python
+
+    proc = python(
+        """
+        import sys
+        from notata import Logbook
+        log = Logbook("forgot", sys.argv[1])
+        log.info("never marked")
+        """,
+        str(base),
+    )
+    assert proc.wait(30) == 0
+    meta = LogReader(base / "log_forgot").meta
+    assert meta["status"] == "failed" and "without marking" in meta["failure_reason"]
+
+
+def test_umask_decides_file_modes(base: Path) -> None:
+    with Logbook("m", base) as log:
+        log.save_text("x", "y")
+    mode = (log.artifactsdir / "x.txt").stat().st_mode & 0o777
+    old = os.umask(0)
+    os.umask(old)
+    assert mode == 0o666 & ~old

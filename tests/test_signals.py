@@ -1,0 +1,126 @@
+"""Signals end a run with a recorded status, tested by signalling real processes."""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+
+from conftest import python, read_meta, status_is, wait_for
+
+from notata import Logbook
+
+LOOP = """
+    import sys, time
+    from notata import Logbook
+    with Logbook("run", sys.argv[1], heartbeat=0.1) as log:
+        @log.on_warning
+        def checkpoint(log):
+            log.save_text("checkpoint", "saved at warning")
+        try:
+            print("open", flush=True)
+            while True:
+                time.sleep(0.01)
+        finally:
+            print("finally ran", flush=True)
+    """
+
+
+def test_sigterm_records_terminated_and_exits_143(base: Path) -> None:
+    proc = python(LOOP, str(base))
+    assert proc.stdout and proc.stdout.readline().strip() == "open"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 143
+    assert "finally ran" in out
+    meta = read_meta(base / "log_run")
+    assert meta["status"] == "terminated"
+    assert "SIGTERM" in meta["failure_reason"]
+    assert [s["signal"] for s in meta["signals"]] == ["SIGTERM"]
+    assert meta["end_time"] and meta["runtime_sec"] > 0
+
+
+def test_sigusr1_reaches_the_hook_and_then_sigterm_is_a_timeout(base: Path) -> None:
+    proc = python(LOOP, str(base))
+    assert proc.stdout and proc.stdout.readline().strip() == "open"
+    run = base / "log_run"
+    proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: (run / "artifacts" / "checkpoint.txt").exists(), what="checkpoint")
+    assert read_meta(run)["status"] == "running"  # a warning does not end the run
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 143
+    meta = read_meta(run)
+    assert meta["status"] == "timeout"
+    assert [s["signal"] for s in meta["signals"]] == ["SIGUSR1", "SIGTERM"]
+    assert "WARNING SIGUSR1 received" in (run / "log.txt").read_text()
+
+
+def test_users_own_handler_is_chained(base: Path) -> None:
+    code = """
+        import signal, sys, time
+        from notata import Logbook
+        def mine(signum, frame):
+            print("user handler", flush=True)
+            sys.exit(7)
+        signal.signal(signal.SIGTERM, mine)
+        log = Logbook("run", sys.argv[1])
+        print("open", flush=True)
+        while True:
+            time.sleep(0.01)
+        """
+    proc = python(code, str(base))
+    assert proc.stdout and proc.stdout.readline().strip() == "open"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 7 and "user handler" in out
+    assert read_meta(base / "log_run")["status"] == "terminated"
+
+
+def test_handlers_are_restored_after_the_run(base: Path) -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    with Logbook("r", base):
+        assert signal.getsignal(signal.SIGTERM) != before
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_sigterm_during_a_storm_of_writes_never_leaves_running(base: Path) -> None:
+    # SIGTERM lands at random points of metadata and artifact writes; the terminal
+    # status must always reach the disk and the files must always parse.
+    code = """
+        import sys
+        from notata import Logbook
+        log = Logbook(sys.argv[2], sys.argv[1], heartbeat=0.01)
+        print("open", flush=True)
+        i = 0
+        while True:
+            i += 1
+            log.meta(step=i)
+            log.save_json("progress", {"i": i})
+        """
+    rng = random.Random(1)
+    procs = []
+    for n in range(12):
+        procs.append((n, python(code, str(base), f"r{n}")))
+    for _, proc in procs:
+        assert proc.stdout and proc.stdout.readline().strip() == "open"
+        time.sleep(rng.uniform(0, 0.05))
+        proc.send_signal(signal.SIGTERM)
+    for n, proc in procs:
+        proc.communicate(timeout=30)
+        assert proc.returncode == 143
+        meta = read_meta(base / f"log_r{n}")
+        assert meta["status"] == "terminated", meta
+        assert status_is(base / f"log_r{n}", "terminated")()
+
+
+def test_run_opened_outside_the_main_thread_installs_no_handler(base: Path) -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    logs = []
+    t = threading.Thread(target=lambda: logs.append(Logbook("t", base)))
+    t.start()
+    t.join()
+    assert signal.getsignal(signal.SIGTERM) == before
+    logs[0].mark_complete()
