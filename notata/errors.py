@@ -41,8 +41,11 @@ class RunLockedError(NotataError, BlockingIOError):
     def __str__(self) -> str:
         h = self.holder
         who = f"host {h.get('host', '?')}, pid {h.get('pid', '?')}"
-        if h.get("job"):
-            who += f", SLURM job {h['job']}"
+        job = h.get("slurm") or {}
+        if "array_job_id" in job:
+            who += f", SLURM job {job['array_job_id']}_{job.get('array_task_id', '?')}"
+        elif "job_id" in job:
+            who += f", SLURM job {job['job_id']}"
         return f"{self.run_dir} is in use by another process ({who}); it must finish first"
 
 

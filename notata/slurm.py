@@ -29,17 +29,6 @@ ENV_FIELDS = {
 }
 _INT_FIELDS = {"job_id", "array_job_id", "array_task_id", "restart_count", "end_unix",
                "start_unix"}
-#: What ``scontrol show job`` says of a job being ended, as a run status.
-_STATE_STATUS = {
-    "TIMEOUT": schema.TIMEOUT,
-    "DEADLINE": schema.TIMEOUT,
-    "CANCELLED": schema.CANCELLED,
-    "PREEMPTED": schema.PREEMPTED,
-    "REQUEUED": schema.PREEMPTED,
-    "REQUEUE_FED": schema.PREEMPTED,
-    "REQUEUE_HOLD": schema.PREEMPTED,
-    "NODE_FAIL": schema.TERMINATED,
-}
 COMMAND_TIMEOUT = 30.0
 
 
@@ -60,8 +49,8 @@ def parse_record(text: str) -> dict[str, str]:
     fields: dict[str, str] = {}
     for token in text.split():
         key, sep, value = token.partition("=")
-        if sep:
-            fields[key] = value
+        if sep:  # the first occurrence wins: later fields (paths) may hold spaces and "="
+            fields.setdefault(key, value)
     return fields
 
 
@@ -71,6 +60,7 @@ class SlurmProvider:
     name = "slurm"
 
     def context(self, environ: Mapping[str, str]) -> dict[str, Any] | None:
+        """The job's fields from the environment, plus its time limit from ``scontrol``."""
         if "SLURM_JOB_ID" not in environ:
             return None
         ctx: dict[str, Any] = {"restart_count": 0}
@@ -78,18 +68,45 @@ class SlurmProvider:
             if var in environ:
                 value = environ[var]
                 ctx[field] = int(value) if field in _INT_FIELDS and value.isdigit() else value
+        try:
+            record = show_job(ctx["job_id"])
+        except SchedulerError:
+            return ctx  # the controller is busy or gone: the environment still says a lot
+        if "TimeLimit" in record:
+            ctx["time_limit"] = record["TimeLimit"]
         return ctx
 
     def termination_status(self, context: Mapping[str, Any], now: float) -> str | None:
+        """Why SLURM is ending this job, from ``scontrol show job`` at SIGTERM time.
+
+        Seen on SLURM 22.05: the job shows ``JobState=COMPLETING`` whatever the
+        cause, so the cause is read from the rest of the record: ``Reason=TimeLimit``
+        is a timeout; ``Restarts`` above the job's own ``SLURM_RESTART_COUNT`` is a
+        requeue (``scontrol requeue`` or preemption with requeue), recorded as
+        ``preempted`` since the job will run again; a ``Preempt*`` reason or state is
+        ``preempted``; anything else ending a job early is ``cancelled`` (scancel).
+        Preemption in CANCEL mode may therefore read as ``cancelled``.
+        """
         end = context.get("end_unix")
         if isinstance(end, int) and now >= end - 1:
             return schema.TIMEOUT
-        job = context.get("job_id")
-        if job is None:
-            return None
-        record = parse_record(run(["scontrol", "-o", "show", "job", str(job)], timeout=5))
-        state = record.get("JobState", "")
-        return _STATE_STATUS.get(state)
+        record = show_job(context["job_id"])
+        state, reason = record.get("JobState", ""), record.get("Reason", "")
+        restarts = int(record.get("Restarts", "0") or 0)
+        if reason == "TimeLimit" or state in ("TIMEOUT", "DEADLINE"):
+            return schema.TIMEOUT
+        if restarts > int(context.get("restart_count", 0)) or state.startswith("REQUEUE"):
+            return schema.PREEMPTED
+        if reason.startswith("Preempt") or state == "PREEMPTED":
+            return schema.PREEMPTED
+        if state in ("CANCELLED", "COMPLETING"):
+            return schema.CANCELLED
+        return None
+
+
+def show_job(job_id: object) -> dict[str, str]:
+    """``scontrol -o show job ID`` as a dict; a short timeout, since signals wait on it."""
+    return parse_record(run(["scontrol", "-o", "show", "job", str(job_id)], timeout=5))
 
 
 SLURM = SlurmProvider()

@@ -3,6 +3,8 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 "$root/scripts/setup.sh" test
+# The SLURM tests run against a real single-node cluster; as root, start it (idempotent).
+if [ "$(id -u)" = 0 ]; then "$root/scripts/slurm-local.sh" start; fi
 cd "$root"
 .venv/bin/ruff check notata tests benchmarks
 .venv/bin/mypy notata

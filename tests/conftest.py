@@ -70,3 +70,34 @@ def status_is(run: Path, status: str) -> Callable[[], bool]:
             return False
 
     return check
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> str:
+    """The real test cluster (scripts/slurm-local.sh start); skipped only where there is no sbatch."""
+    import shutil
+
+    if shutil.which("sbatch") is None:
+        pytest.skip("no sbatch here, and no root to start the test cluster (scripts/slurm-local.sh)")
+    proc = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
+    states = proc.stdout.split()
+    if proc.returncode != 0 or not set(states) & {"idle", "mix", "alloc"}:
+        pytest.fail(f"sbatch is here but the cluster is not up ({proc.stderr.strip() or states}); "
+                    "run scripts/slurm-local.sh start")
+    return states[0]
+
+
+def sbatch(script: Path, *options: str) -> str:
+    """Submit ``script`` with ``options``; return the job id."""
+    out = subprocess.run(["sbatch", "--parsable", *options, str(script)], capture_output=True,
+                         text=True, check=True, timeout=60).stdout
+    return out.strip().split(";")[0]
+
+
+def job_gone(job_id: str) -> Callable[[], bool]:
+    """True once squeue no longer lists the job (finished, cancelled or timed out)."""
+    def check() -> bool:
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
+                             text=True).stdout.strip()
+        return out == ""
+    return check

@@ -167,3 +167,13 @@ def test_lock_is_not_inherited_by_children(base: Path) -> None:
     finally:
         os.kill(child_pid, signal.SIGKILL)
     assert status_is(log.path, "complete")()
+
+
+def test_locked_error_names_the_slurm_job() -> None:
+    err = RunLockedError("/runs/log_x", {"host": "n1", "pid": 42,
+                                         "slurm": {"array_job_id": 77, "array_task_id": 5}})
+    assert str(err) == ("/runs/log_x is in use by another process (host n1, pid 42, "
+                        "SLURM job 77_5); it must finish first")
+    import pickle
+
+    assert str(pickle.loads(pickle.dumps(err))) == str(err)
