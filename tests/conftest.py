@@ -74,11 +74,11 @@ def status_is(run: Path, status: str) -> Callable[[], bool]:
 
 @pytest.fixture(scope="session")
 def slurm_cluster() -> str:
-    """The real test cluster (scripts/slurm-local.sh start); skipped only where there is no sbatch."""
+    """The real test cluster (scripts/slurm-local.sh start); skipped only without sbatch."""
     import shutil
 
     if shutil.which("sbatch") is None:
-        pytest.skip("no sbatch here, and no root to start the test cluster (scripts/slurm-local.sh)")
+        pytest.skip("no sbatch here, and no root to start scripts/slurm-local.sh")
     proc = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
     states = proc.stdout.split()
     if proc.returncode != 0 or not set(states) & {"idle", "mix", "alloc"}:

@@ -53,7 +53,7 @@ def test_slurm_ends_jobs_and_each_run_records_why(slurm_cluster: str, base: Path
     assert meta["slurm"]["array_job_id"] == int(quick) and meta["slurm"]["array_task_id"] == 3
     assert meta["slurm"]["partition"] and meta["slurm"]["time_limit"]
 
-    for job, run in ((cancel, "cancel"), (requeue, "requeue")):
+    for run in ("cancel", "requeue"):
         wait_for(status_is(base / f"log_{run}", "running"), 120, f"{run} to start")
     subprocess.run(["scancel", cancel], check=True)
     subprocess.run(["scontrol", "requeue", requeue], check=True)
