@@ -7,3 +7,4 @@ cd "$(dirname "$0")/.."
 .venv/bin/pip install -q -e . >/dev/null
 [ -d benchmarks/.notata03/notata ] || .venv/bin/pip install -q --no-deps --target benchmarks/.notata03 notata==0.3.0
 .venv/bin/python benchmarks/bench_logbook.py --notata03 benchmarks/.notata03 "$@"
+.venv/bin/python benchmarks/bench_sweep.py

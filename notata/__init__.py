@@ -19,9 +19,19 @@ __version__ = "0.4.0.dev0"
 
 from . import runinfo as _runinfo
 from . import slurm as _slurm
-from .errors import CorruptMetadataError, NotataError, RunCompleteError, RunLockedError
+from .array import task
+from .errors import (
+    CorruptMetadataError,
+    ManifestError,
+    NotataError,
+    RunCompleteError,
+    RunLockedError,
+    SchedulerError,
+)
 from .experiment import Experiment
 from .logbook import Logbook
+from .manifest import Sweep, Task
+from .manifest import load as load_sweep
 from .reader import ExperimentReader, LogReader
 
 _runinfo.register_scheduler(_slurm.SLURM)
@@ -32,8 +42,14 @@ __all__ = [
     "ExperimentReader",
     "LogReader",
     "Logbook",
+    "ManifestError",
     "NotataError",
     "RunCompleteError",
     "RunLockedError",
+    "SchedulerError",
+    "Sweep",
+    "Task",
     "__version__",
+    "load_sweep",
+    "task",
 ]

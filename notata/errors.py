@@ -57,7 +57,8 @@ class RunCompleteError(NotataError, FileExistsError):
         self.run_dir = run_dir
 
     def __str__(self) -> str:
-        return f"{self.run_dir} is already complete; use overwrite=True to run it afresh"
+        return (f"{self.run_dir} is already complete, so it is not run again "
+                "(overwrite=True starts it afresh)")
 
 
 class SchedulerError(NotataError, RuntimeError):
@@ -73,3 +74,19 @@ class SchedulerError(NotataError, RuntimeError):
         last = (self.stderr or "").strip().splitlines()
         detail = last[-1] if last else f"exit status {self.returncode}"
         return f"{self.argv[0]} failed: {detail}"
+
+
+class ManifestError(NotataError, ValueError):
+    """A sweep manifest cannot be used; names the file and the problem."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(path, problem)
+        self.path = path
+        self.problem = problem
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}"
+
+
+class UsageError(NotataError, ValueError):
+    """A command-line argument that cannot be used (e.g. a bad ``--tasks``)."""

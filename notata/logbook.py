@@ -15,8 +15,9 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import psutil
 import yaml
 
 from . import _fs, layout, runinfo, schema
@@ -25,6 +26,9 @@ from ._outputs import OutputsMixin
 from .errors import RunCompleteError
 from .heartbeat import Heartbeat, Resources, interval_from
 from .lock import RunLock
+
+if TYPE_CHECKING:
+    from .manifest import Task
 
 _LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING,
            "ERROR": logging.ERROR, "CRITICAL": logging.CRITICAL}
@@ -55,6 +59,13 @@ class Logbook(OutputsMixin):
             SIGUSR1 to :meth:`on_warning` hooks (see :meth:`_on_signal`).
         on_warning: a hook called with the Logbook when SIGUSR1 arrives.
         level: the lowest level written to log.txt (``"INFO"``, as in notata 0.3).
+        track_children: report the resources of this process and all its descendants.
+
+    Attaching: a process started by ``notata exec`` that opens the run its wrapper
+    holds (``NOTATA_RUN_DIR`` names it and ``NOTATA_WRAPPER_PID`` is an ancestor)
+    gets an *attached* handle instead of a lock error: it writes outputs, params
+    and log lines; its ``meta()`` fields and failure reason are handed to the
+    wrapper (``.attached.json``), which owns the lock, heartbeat and status.
 
     Raises:
         FileExistsError: the run exists and neither ``overwrite`` nor ``resume`` is set.
@@ -78,6 +89,7 @@ class Logbook(OutputsMixin):
         signals: bool = True,
         on_warning: Callable[[Logbook], Any] | None = None,
         level: str = "INFO",
+        track_children: bool = False,
     ) -> None:
         if isinstance(base_dir, Mapping):
             raise TypeError("Logbook's second argument is base_dir (as in notata 0.3); "
@@ -100,9 +112,20 @@ class Logbook(OutputsMixin):
         self._pending_signal: int | None = None
         self._unsynced: set[Path] = set()
         self._warning_hooks: list[Callable[[Logbook], Any]] = [on_warning] if on_warning else []
+        self._terminate_hooks: list[Callable[[Logbook, int], Any]] = []
         self._previous_handlers: dict[int, Any] = {}
         self._log_fd: int | None = None
         self._closed = False
+        self._meta: dict[str, Any] = {}
+        #: The sweep task this run is (set by :func:`notata.task`); ``log.task.params``.
+        self.task: Task | None = None
+        self._t0 = time.monotonic()
+        self.attached = _wrapper_holds(self.path)
+        if self.attached:
+            self._meta = self._read_disk_metadata()
+            if plain_params is not None:
+                self._write_params(plain_params, "yaml", merge=False)
+            return
 
         existed = self.path.exists()
         if existed and not (overwrite or resume):
@@ -125,8 +148,8 @@ class Logbook(OutputsMixin):
         start = time.time()
         sched = runinfo.scheduler()
         self._scheduler = sched[0] if sched else None
-        self._resources = Resources()
-        self._meta: dict[str, Any] = {
+        self._resources = Resources(tree=track_children)
+        self._meta = {
             **{k: v for k, v in previous.items() if k not in _volatile_fields()},
             "schema": schema.SCHEMA_VERSION,
             "run_id": self.run_id,
@@ -186,6 +209,8 @@ class Logbook(OutputsMixin):
     @property
     def status(self) -> str:
         """The run's status (one of :data:`notata.schema.STATUSES`)."""
+        if self.attached:
+            return str(self._read_disk_metadata().get("status", schema.RUNNING))
         return str(self._meta["status"])
 
     def current_status(self) -> str:
@@ -213,9 +238,32 @@ class Logbook(OutputsMixin):
         self._set(**{k: to_plain(v, f"meta[{k!r}]") for k, v in fields.items()})
 
     def _set(self, *, durable: bool = False, **fields: Any) -> None:
+        if self.attached:
+            self._hand_over(**fields)
+            return
         with self._locked():
             self._meta.update(fields)
         self._write_meta(durable=durable)
+
+    def _hand_over(self, **fields: Any) -> None:
+        """Attached: give fields to the wrapper, which merges them into metadata.json."""
+        side = self.path / layout.ATTACHED
+        try:
+            current = _fs.read_json_object(side)
+        except (FileNotFoundError, ValueError):
+            current = {}
+        _fs.atomic_write_json(side, {**current, **fields})
+
+    def take_handed_over(self) -> dict[str, Any]:
+        """Wrapper side: take (read and remove) what an attached process handed over."""
+        side = self.path / layout.ATTACHED
+        try:
+            return _fs.read_json_object(side)
+        except (FileNotFoundError, ValueError):
+            return {}
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                side.unlink()
 
     def _write_meta(self, durable: bool = False) -> None:
         with self._locked():
@@ -336,6 +384,10 @@ class Logbook(OutputsMixin):
         """Record the run as failed with ``reason``, flushed to disk, and release it."""
         self._finish(schema.FAILED, str(reason))
 
+    def mark_cancelled(self, reason: str = "cancelled") -> None:
+        """Record the run as cancelled (stopped on purpose) with ``reason``, and release it."""
+        self._finish(schema.CANCELLED, str(reason))
+
     def close(self) -> None:
         """Complete the run if nothing has ended it yet (what a clean ``with`` exit does)."""
         if not self._closed:
@@ -343,6 +395,15 @@ class Logbook(OutputsMixin):
 
     def _finish(self, status: str, reason: str | None) -> None:
         """Write the terminal status once; the first terminal status wins."""
+        if self.attached:  # the wrapper decides the status; pass on why we failed
+            if not self._closed:
+                self._closed = True
+                if reason is not None:
+                    self._hand_over(failure_reason=reason)
+                if self._log_fd is not None:
+                    os.close(self._log_fd)
+                    self._log_fd = None
+            return
         with self._critical():
             finished = self._finish_now(status, reason)
         if finished and self.callback:
@@ -382,7 +443,7 @@ class Logbook(OutputsMixin):
         if exc is None:
             self.close()
         elif isinstance(exc, KeyboardInterrupt):
-            self._finish(schema.CANCELLED, "KeyboardInterrupt")
+            self.mark_cancelled("KeyboardInterrupt")
         elif isinstance(exc, SystemExit) and exc.code in (0, None):
             self.close()
         else:
@@ -393,6 +454,11 @@ class Logbook(OutputsMixin):
     def on_warning(self, hook: Callable[[Logbook], Any]) -> Callable[[Logbook], Any]:
         """Call ``hook(log)`` on SIGUSR1 (``sbatch --signal=B:USR1@secs``): checkpoint now."""
         self._warning_hooks.append(hook)
+        return hook
+
+    def on_terminate(self, hook: Callable[[Logbook, int], Any]) -> Callable[[Logbook, int], Any]:
+        """Call ``hook(log, signum)`` after a SIGTERM's status is on disk, before the exit."""
+        self._terminate_hooks.append(hook)
         return hook
 
     def _install_signals(self) -> None:
@@ -440,6 +506,8 @@ class Logbook(OutputsMixin):
                 status = self._termination_status(now)
                 self._meta["signals"] = signals
                 self._finish(status, f"{name} received ({status})")
+                for terminate_hook in list(self._terminate_hooks):
+                    terminate_hook(self, signum)
         if signum == signal.SIGUSR1:
             if callable(previous):
                 previous(signum, frame)
@@ -462,6 +530,19 @@ class Logbook(OutputsMixin):
             if status in schema.SIGNAL_STATUSES:
                 return status
         return schema.TERMINATED
+
+
+def _wrapper_holds(path: Path) -> bool:
+    """Whether a ``notata exec`` wrapper among our ancestors holds the run at ``path``."""
+    run_dir, wrapper = os.environ.get("NOTATA_RUN_DIR"), os.environ.get("NOTATA_WRAPPER_PID")
+    if not run_dir or not wrapper or not wrapper.isdigit():
+        return False
+    try:
+        if not os.path.samefile(run_dir, path):
+            return False
+        return int(wrapper) in {p.pid for p in psutil.Process().parents()}
+    except (OSError, psutil.Error):
+        return False
 
 
 def _volatile_fields() -> frozenset[str]:

@@ -1,0 +1,277 @@
+"""Running a task's command under its Logbook (``notata exec``), and a sweep on this machine.
+
+``exec_task`` opens the task's Logbook (lock, heartbeat, signals), runs the
+command as a child in its own process group with ``{param}`` placeholders
+replaced in its arguments (never through a shell), and records complete or
+failed from the child's exit status. SIGTERM to the wrapper is recorded (see
+:class:`~notata.Logbook`) and passed to the child's process group; SIGUSR1 is
+passed on too, so the payload can checkpoint; Ctrl-C stops the child and records
+``cancelled``.
+
+``run_local`` is the local backend: every task through ``notata exec`` in a
+subprocess, N at a time, so that the local and cluster paths are the same code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import _fs, layout, schema
+from .array import ENV_TASK, open_task
+from .errors import RunCompleteError, RunLockedError
+from .logbook import Logbook
+from .manifest import Sweep
+
+#: Seconds the wrapper gives its command to exit after passing on SIGTERM or Ctrl-C.
+STOP_GRACE = 20.0
+_HEADER = "=== notata attempt"
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def substitute(args: Sequence[str], values: Mapping[str, Any]) -> list[str]:
+    """Replace ``{name}`` in each argument by ``values[name]``; other braces stay as they are."""
+    def one(arg: str) -> str:
+        return _PLACEHOLDER.sub(
+            lambda m: _text(values[m.group(1)]) if m.group(1) in values else m.group(0), arg)
+    return [one(a) for a in args]
+
+
+def _text(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (dict, list, bool)) or value is None \
+        else str(value)
+
+
+def _stop(proc: subprocess.Popen[bytes], signum: int, grace: float = STOP_GRACE) -> int | None:
+    """Send ``signum`` to the child's process group; wait up to ``grace``; then SIGKILL it."""
+    _signal_group(proc, signum)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        # os.waitpid, not proc.wait: this may run in a signal handler that interrupted proc.wait
+        try:
+            pid, status = os.waitpid(proc.pid, os.WNOHANG)
+        except ChildProcessError:
+            return proc.returncode
+        if pid:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.05)
+    _signal_group(proc, signal.SIGKILL)
+    return None
+
+
+def _last_line(path: os.PathLike[str] | str, limit: int = 4096) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - limit))
+            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines()]
+    except OSError:
+        return ""
+    for k in range(len(lines) - 1, -1, -1):  # only what this attempt wrote counts
+        if lines[k].startswith(_HEADER):
+            lines = lines[k + 1:]
+            break
+    lines = [ln for ln in lines if ln]
+    return lines[-1][:300] if lines else ""
+
+
+def exec_task(sweep: Sweep, index: int, argv: Sequence[str], *,
+              heartbeat: float | None = None) -> int:
+    """Run ``argv`` as task ``index`` of ``sweep``; return the exit status for the wrapper.
+
+    0 when the command succeeded or the task was already complete; 1 when another
+    process holds the run (nothing is marked); the command's own status otherwise
+    (128+N when it died of signal N, 127 when it could not be started).
+    """
+    if not argv:
+        raise ValueError("no command to run: give it after --")
+    interrupted = _Deferred()
+    try:
+        with interrupted:  # a Ctrl-C here must not leave a half-opened run behind
+            log = open_task(sweep, index, heartbeat=heartbeat, track_children=True)
+    except RunCompleteError as err:
+        print(f"notata: task {index}: {err}", file=sys.stderr)
+        return 0
+    except RunLockedError as err:
+        print(f"notata: task {index}: {err}", file=sys.stderr)
+        return 1
+    try:
+        if interrupted.caught:
+            raise KeyboardInterrupt
+        rc = _run_command(log, index, argv)
+    except KeyboardInterrupt:
+        log.mark_cancelled("KeyboardInterrupt")
+        return 130
+    if rc is None:
+        return 127
+    handed = log.take_handed_over()
+    reason = handed.pop("failure_reason", None)
+    if handed:
+        log.meta(**handed)
+    log.meta(exit_code=rc)
+    if rc == 0:
+        log.mark_complete()
+        return 0
+    what = (f"command exited with status {rc}" if rc > 0
+            else f"command killed by {signal.Signals(-rc).name}")
+    detail = reason or _last_line(log.path / layout.STDERR)
+    log.mark_failed(f"{what}: {detail}" if detail else what)
+    return rc if rc > 0 else 128 - rc
+
+
+def _run_command(log: Logbook, index: int, argv: Sequence[str]) -> int | None:
+    """Start the task's command under ``log`` and wait for it; its exit status as Popen
+    gives it, or None (the run marked failed) when it cannot be started. On Ctrl-C the
+    command is stopped before KeyboardInterrupt goes on."""
+    assert log.task is not None
+    params = log.task.params
+    values = {"run_dir": str(log.path), "run_id": log.run_id, "task": index,
+              "attempt": log.attempt, **params}
+    cmd = substitute(argv, values)
+    log.meta(command=cmd)
+    log.take_handed_over()  # nothing from an earlier attempt's command may leak into this one
+    env = {**os.environ, "NOTATA_RUN_DIR": str(log.path), "NOTATA_RUN_ID": log.run_id,
+           ENV_TASK: str(index), "NOTATA_ATTEMPT": str(log.attempt),
+           "NOTATA_PARAMS": json.dumps(params), "NOTATA_WRAPPER_PID": str(os.getpid())}
+    header = f"{_HEADER} {log.attempt}: {shlex.join(cmd)}".replace("\n", "\\n") + "\n"
+    with contextlib.ExitStack() as stack:
+        streams = []
+        for name in (layout.STDOUT, layout.STDERR):
+            f = stack.enter_context(open(log.path / name, "ab"))
+            f.write(header.encode())
+            f.flush()
+            streams.append(f)
+        started = _Deferred()
+        with started:  # never leave a started command without a way to stop it
+            try:
+                proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
+                                        stdout=streams[0], stderr=streams[1],
+                                        start_new_session=True)
+            except OSError as err:
+                log.mark_failed(f"cannot start {cmd[0]!r}: {err.strerror or err}")
+                return None
+            log.on_terminate(lambda _log, signum: _stop(proc, signum))
+            log.on_warning(lambda _log: _signal_group(proc, signal.SIGUSR1))
+        try:
+            if started.caught:
+                raise KeyboardInterrupt
+            return proc.wait()
+        except KeyboardInterrupt:
+            _stop(proc, signal.SIGINT)
+            raise
+
+
+class _Deferred:
+    """Hold SIGINT during a block that must not be cut; afterwards, ``caught`` says whether
+    one came, and the next SIGINT interrupts once (later ones are ignored: a terminal's
+    Ctrl-C and the local backend's forwarded one both arrive, and neither may cut the
+    clean-up short). Outside the main thread it does nothing."""
+
+    caught = False
+
+    def __enter__(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._hold)
+
+    def __exit__(self, *exc: object) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN if self.caught else _interrupt_once)
+
+    def _hold(self, signum: int, frame: object) -> None:
+        self.caught = True
+
+
+def _interrupt_once(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def _signal_group(proc: subprocess.Popen[bytes], signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signum)
+
+
+# -- the local backend ---------------------------------------------------------------------------
+
+
+@dataclass
+class LocalResult:
+    """What a local sweep did: task indices by outcome."""
+
+    done: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    interrupted: bool = False
+
+
+def is_complete(sweep: Sweep, index: int) -> bool:
+    """Whether task ``index`` has a run directory recorded as complete."""
+    try:
+        meta = _fs.read_json_object(sweep.task(index).run_dir / layout.METADATA)
+    except (FileNotFoundError, ValueError):
+        return False
+    return meta.get("status") == schema.COMPLETE
+
+
+def run_local(sweep: Sweep, indices: Iterable[int], argv: Sequence[str], *, jobs: int,
+              progress: Any = None) -> LocalResult:
+    """Run ``notata exec`` for each task, ``jobs`` at a time; complete tasks are skipped.
+
+    ``progress(result, running, total)`` is called as tasks start and end.
+    Ctrl-C stops launching, lets the running wrappers record ``cancelled`` and
+    returns with ``interrupted`` set.
+    """
+    result = LocalResult()
+    todo: list[int] = []
+    for i in indices:
+        (result.skipped if is_complete(sweep, i) else todo).append(i)
+    total = len(todo)
+    running: dict[int, subprocess.Popen[bytes]] = {}
+    base = [sys.executable, "-m", "notata", "exec", str(sweep.path)]
+    queue = list(reversed(todo))
+
+    def report() -> None:
+        if progress is not None:
+            progress(result, len(running), total)
+
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                i = queue.pop()
+                running[i] = subprocess.Popen([*base, "--task", str(i), "--", *argv],
+                                              stdin=subprocess.DEVNULL)
+                report()
+            time.sleep(0.05)
+            for i, proc in list(running.items()):
+                if proc.poll() is not None:
+                    del running[i]
+                    (result.done if proc.returncode == 0 else result.failed).append(i)
+                    report()
+    except KeyboardInterrupt:
+        # Each wrapper stops its command and records "cancelled" on SIGINT (a terminal's
+        # Ctrl-C reaches them already; a second one is ignored). Wait for them all, so
+        # that nothing is left "running".
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        result.interrupted = True
+        for proc in running.values():
+            proc.send_signal(signal.SIGINT)
+        for i, proc in running.items():
+            try:
+                proc.wait(STOP_GRACE + 10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            result.failed.append(i)
+        report()
+    return result

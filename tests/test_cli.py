@@ -1,0 +1,175 @@
+"""The notata command: sweep, status, local submit (with failures and Ctrl-C), bad input."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, read_meta, wait_for
+
+from notata import Logbook
+from notata.cli import main, parse_tasks
+
+SWEEP = """
+name: osc
+run_id: "omega{omega}_dt{dt}"
+grid:
+  omega: [1.0, 2.0, 3.0]
+  dt: [0.01, 0.001]
+params:
+  steps: 10
+"""
+
+
+@pytest.fixture
+def manifest(base: Path) -> Path:
+    p = base / "sweep.yaml"
+    p.write_text(SWEEP)
+    return p
+
+
+def cli(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "notata", *args], capture_output=True,
+                          text=True, env=env, timeout=120, **kw)  # type: ignore[call-overload]
+
+
+def test_sweep_prints_tasks(manifest: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sweep", str(manifest)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("sweep osc: 6 tasks, manifest hash ")
+    assert "task 0: omega1.0_dt0.01" in out
+    assert main(["sweep", str(manifest), "--task", "3"]) == 0
+    task = json.loads(capsys.readouterr().out)
+    assert task == {"task": 3, "run_id": "omega2.0_dt0.001",
+                    "params": {"steps": 10, "omega": 2.0, "dt": 0.001},
+                    "run_dir": str(manifest.parent / "outputs" / "log_omega2.0_dt0.001")}
+    assert main(["sweep", str(manifest), "--json"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(ln)["task"] for ln in lines] == list(range(6))
+
+
+def test_status_json_shape(manifest: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = manifest.parent / "outputs"
+    with Logbook("omega1.0_dt0.01", out):
+        pass
+    with pytest.raises(ValueError), Logbook("omega2.0_dt0.01", out):
+        raise ValueError("nan energy")
+    with Logbook("stranger", out):
+        pass
+    (out / "log_broken").mkdir()
+    (out / "log_broken" / "metadata.json").write_text("{")
+    assert main(["status", str(manifest), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report) == {"counts", "runs"}
+    assert report["counts"]["complete"] == 2 and report["counts"]["failed"] == 1
+    assert report["counts"]["missing"] == 4 and report["counts"]["corrupt"] == 1
+    runs = report["runs"]
+    assert [r["task"] for r in runs] == [0, 1, 2, 3, 4, 5, None, None]
+    assert {k: runs[0][k] for k in ("task", "run_id", "status", "attempt")} == {
+        "task": 0, "run_id": "omega1.0_dt0.01", "status": "complete", "attempt": 1}
+    assert runs[1]["status"] == "missing" and runs[1]["attempt"] == 0
+    assert runs[2]["status"] == "failed" and runs[2]["reason"] == "nan energy"
+    assert [(r["run_id"], r["status"]) for r in runs[6:]] == [("broken", "corrupt"),
+                                                              ("stranger", "complete")]
+    # the bare folder: the same runs, no missing
+    assert main(["status", str(out), "--json"]) == 0
+    bare = json.loads(capsys.readouterr().out)
+    assert "missing" not in bare["counts"] and len(bare["runs"]) == 4
+    assert main(["status", str(manifest)]) == 0
+    text = capsys.readouterr().out
+    assert "failed (attempt 1): nan energy" in text and "missing" in text
+
+
+def test_local_submit_runs_everything_and_reports_failures(manifest: Path) -> None:
+    # task 2 (omega=2.0, dt=0.01) fails on its first attempt
+    cmd = ["--", sys.executable, "-c",
+           "import sys, os; sys.exit(3 if sys.argv[1] == '2.0' and os.environ['NOTATA_ATTEMPT'] "
+           "== '1' and sys.argv[2] == '0.01' else 0)", "{omega}", "{dt}"]
+    first = cli("submit", str(manifest), "--backend", "local", "-j", "2", *cmd)
+    assert first.returncode == 1
+    assert "5 done, 1 failed, 0 already complete" in first.stderr
+    assert first.stderr.strip().endswith("failed tasks: 2")
+    out = manifest.parent / "outputs"
+    assert read_meta(out / "log_omega2.0_dt0.01")["status"] == "failed"
+    second = cli("submit", str(manifest), "-j", "2", *cmd)
+    assert second.returncode == 0, second.stderr
+    assert "1 done, 0 failed, 5 already complete" in second.stderr
+    meta = read_meta(out / "log_omega2.0_dt0.01")
+    assert meta["status"] == "complete" and meta["attempt"] == 2
+    assert read_meta(out / "log_omega1.0_dt0.01")["attempt"] == 1  # not run again
+
+
+def test_local_submit_subset(manifest: Path) -> None:
+    assert cli("submit", str(manifest), "--tasks", "1,4-5", "--", "true").returncode == 0
+    out = manifest.parent / "outputs"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "log_omega1.0_dt0.001", "log_omega3.0_dt0.001", "log_omega3.0_dt0.01"]
+
+
+@pytest.mark.parametrize("to_group", [True, False], ids=["terminal-ctrl-c", "kill-int-parent"])
+def test_ctrl_c_during_a_local_sweep_leaves_nothing_running(manifest: Path,
+                                                            to_group: bool) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "notata", "submit", str(manifest), "-j", "2",
+                             "--", "sleep", "60"], env=env, start_new_session=True,
+                            stderr=subprocess.PIPE, text=True)
+    out = manifest.parent / "outputs"
+
+    def running() -> int:
+        n = 0
+        for d in out.glob("log_*"):
+            with contextlib.suppress(FileNotFoundError, ValueError, KeyError):
+                n += read_meta(d)["status"] == "running"
+        return n
+
+    wait_for(lambda: running() == 2, what="two running tasks")
+    if to_group:
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    statuses = sorted(read_meta(d)["status"] for d in out.glob("log_*"))
+    assert statuses == ["cancelled", "cancelled"]
+    assert "(interrupted)" in err
+    assert subprocess.run(["pgrep", "-f", "^sleep 60$"], capture_output=True).stdout == b""
+
+
+BAD = ["name: x\ngrid: {a: [1, 2}\n", "name: x\ngrid: {a: [1]}\nbogus: 1\n",
+       "name: x\ngrid: {a: [1]}\nrun_id: 'r{b}'\n", "name: x\ngrid: {a: []}\n"]
+
+
+@pytest.mark.parametrize("text", BAD)
+@pytest.mark.parametrize("command", ["sweep", "status", "submit", "exec"])
+def test_bad_manifest_one_line_exit_2_nothing_written(base: Path, text: str,
+                                                      command: str) -> None:
+    path = base / "bad.yaml"
+    path.write_text(text)
+    extra = {"submit": ["--", "true"], "exec": ["--task", "0", "--", "true"]}.get(command, [])
+    before = sorted(base.rglob("*"))
+    proc = cli(command, str(path), *extra)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0] and "Traceback" not in proc.stderr
+    assert sorted(base.rglob("*")) == before
+
+
+def test_parse_tasks() -> None:
+    assert parse_tasks("3,7,10-12", 20) == [3, 7, 10, 11, 12]
+    assert parse_tasks("5, 1-2,2", 20) == [1, 2, 5]
+    for bad in ("x", "3-1", "19-20", "-1"):
+        with pytest.raises(ValueError, match="--tasks"):
+            parse_tasks(bad, 20)
+
+
+def test_help_for_each_subcommand() -> None:
+    for command in ("sweep", "exec", "submit", "status"):
+        proc = cli(command, "--help")
+        assert proc.returncode == 0 and "usage: notata" in proc.stdout

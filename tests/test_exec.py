@@ -1,0 +1,274 @@
+"""``notata exec``: environment, placeholders, exit statuses, signals, attaching, locking."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, python, read_meta, status_is, wait_for
+
+from notata.cli import main
+
+MANIFEST = """
+name: demo
+run_id: "w{word}"
+zip:
+  word: [plain, "two words", "$(id) `id`; echo 'q' \\"dq\\" #x", "ünï"]
+params:
+  n: 3
+"""
+
+
+@pytest.fixture
+def manifest(base: Path) -> Path:
+    path = base / "sweep.yaml"
+    path.write_text(MANIFEST)
+    return path
+
+
+def run_dir(base: Path, word: str) -> Path:
+    return base / "outputs" / f"log_w{word}"
+
+
+def test_environment_and_placeholders_reach_the_command_verbatim(
+    manifest: Path, base: Path
+) -> None:
+    out = base / "seen.json"
+    payload = (
+        "import json, os, sys; json.dump({'argv': sys.argv[1:], 'env': {k: v for k, v in "
+        "os.environ.items() if k.startswith('NOTATA_')}}, open(sys.argv[1], 'w'))"
+    )
+    for task in range(4):
+        rc = main(
+            [
+                "exec",
+                str(manifest),
+                "--task",
+                str(task),
+                "--",
+                sys.executable,
+                "-c",
+                payload,
+                f"{out}{task}",
+                "{word}",
+                "n={n}",
+                "{print $1}",
+                "{nope}",
+                "{run_id}:{task}:{attempt}",
+            ]
+        )
+        assert rc == 0
+    seen = json.loads(Path(f"{out}2").read_text())
+    hostile = "$(id) `id`; echo 'q' \"dq\" #x"
+    assert seen["argv"][1:] == [hostile, "n=3", "{print $1}", "{nope}", f"w{hostile}:2:1"]
+    env = seen["env"]
+    assert env["NOTATA_RUN_DIR"] == str(run_dir(base, hostile))
+    assert env["NOTATA_RUN_ID"] == f"w{hostile}" and env["NOTATA_TASK"] == "2"
+    assert env["NOTATA_ATTEMPT"] == "1"
+    assert json.loads(env["NOTATA_PARAMS"]) == {"n": 3, "word": hostile}
+    assert json.loads(Path(f"{out}3").read_text())["argv"][1] == "ünï"
+    meta = read_meta(run_dir(base, hostile))
+    assert meta["status"] == "complete" and meta["task"] == 2 and meta["sweep"] == "demo"
+    assert meta["exit_code"] == 0 and meta["manifest_hash"]
+
+
+def test_exit_status_decides_the_run(manifest: Path, base: Path) -> None:
+    code = "import sys; print('out line'); print('boom: bad input', file=sys.stderr); sys.exit(3)"
+    assert main(["exec", str(manifest), "--task", "0", "--", sys.executable, "-c", code]) == 3
+    d = run_dir(base, "plain")
+    meta = read_meta(d)
+    assert meta["status"] == "failed" and meta["exit_code"] == 3
+    assert meta["failure_reason"] == "command exited with status 3: boom: bad input"
+    assert "out line" in (d / "stdout.txt").read_text()
+    assert "=== notata attempt 1" in (d / "stderr.txt").read_text()
+    # the next exec is attempt 2 of the same run, outputs and history kept
+    assert main(["exec", str(manifest), "--task", "0", "--", "true"]) == 0
+    meta = read_meta(d)
+    assert meta["status"] == "complete" and meta["attempt"] == 2
+    assert meta["attempts"][0]["status"] == "failed"
+    assert "out line" in (d / "stdout.txt").read_text()
+    # a complete task is not run again
+    assert main(["exec", str(manifest), "--task", "0", "--", "false"]) == 0
+    assert read_meta(d)["attempt"] == 2
+
+
+def test_command_killed_by_a_signal_and_missing_command(manifest: Path, base: Path) -> None:
+    code = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+    assert main(["exec", str(manifest), "--task", "1", "--", sys.executable, "-c", code]) == 137
+    meta = read_meta(run_dir(base, "two words"))
+    assert meta["status"] == "failed" and "killed by SIGKILL" in meta["failure_reason"]
+    assert main(["exec", str(manifest), "--task", "3", "--", "/no/such/program"]) == 127
+    assert "cannot start" in read_meta(run_dir(base, "ünï"))["failure_reason"]
+
+
+def test_bad_task_and_missing_command_are_usage_errors(
+    manifest: Path, base: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["exec", str(manifest), "--task", "9", "--", "true"]) == 2
+    assert "task 9 is outside" in capsys.readouterr().err
+    assert main(["exec", str(manifest), "--task", "0"]) == 2
+    assert "no command given" in capsys.readouterr().err
+    assert not (base / "outputs").exists()
+
+
+WRAPPED = """
+import signal, sys, time
+from pathlib import Path
+marks = Path(sys.argv[1])
+def on(signum, frame):
+    with marks.open("a") as f:
+        f.write(signal.Signals(signum).name + "\\n")
+    if signum == signal.SIGTERM:
+        sys.exit(0)
+signal.signal(signal.SIGTERM, on)
+signal.signal(signal.SIGUSR1, on)
+print("child up", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
+def start_wrapper(manifest: Path, base: Path, task: int = 0) -> tuple[object, Path]:
+    marks = base / f"marks{task}.txt"
+    proc = python(
+        "import sys; from notata.cli import main; sys.exit(main(sys.argv[1:]))",
+        "exec",
+        str(manifest),
+        "--task",
+        str(task),
+        "--heartbeat",
+        "0.1",
+        "--",
+        sys.executable,
+        "-c",
+        WRAPPED,
+        str(marks),
+    )
+    return proc, marks
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_sigterm_and_sigusr1_are_passed_to_the_command(manifest: Path, base: Path) -> None:
+    proc, marks = start_wrapper(manifest, base)
+    d = run_dir(base, "plain")
+    wait_for(lambda: "child up" in _lines(d / "stdout.txt"), what="the command to start")
+    proc.send_signal(signal.SIGUSR1)  # type: ignore[attr-defined]
+    wait_for(lambda: marks.exists() and "SIGUSR1" in marks.read_text(), what="SIGUSR1 passed on")
+    proc.send_signal(signal.SIGTERM)  # type: ignore[attr-defined]
+    assert proc.wait(30) == 143  # type: ignore[attr-defined]
+    assert marks.read_text().split() == ["SIGUSR1", "SIGTERM"]
+    meta = read_meta(d)
+    assert meta["status"] == "timeout"  # SIGTERM after the time-limit warning
+    assert [s["signal"] for s in meta["signals"]] == ["SIGUSR1", "SIGTERM"]
+
+
+def test_heartbeat_reports_the_whole_process_tree(manifest: Path, base: Path) -> None:
+    code = "import time; x = bytearray(80_000_000); print('up', flush=True); time.sleep(30)"
+    proc = python(
+        "import sys; from notata.cli import main; sys.exit(main(sys.argv[1:]))",
+        "exec",
+        str(manifest),
+        "--task",
+        "1",
+        "--heartbeat",
+        "0.1",
+        "--",
+        sys.executable,
+        "-c",
+        code,
+    )
+    d = run_dir(base, "two words")
+    try:
+        wait_for(
+            lambda: d.exists() and read_meta(d)["heartbeat"].get("rss_bytes", 0) > 80_000_000,
+            what="the child's memory in the heartbeat",
+        )
+        assert read_meta(d)["heartbeat"]["pids"] >= 2
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert read_meta(d)["status"] == "terminated"
+
+
+def test_second_wrapper_for_a_running_task_marks_nothing(
+    manifest: Path, base: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    proc, _ = start_wrapper(manifest, base)
+    d = run_dir(base, "plain")
+    try:
+        wait_for(status_is(d, "running"), what="the first wrapper")
+        before = read_meta(d)
+        assert main(["exec", str(manifest), "--task", "0", "--", "true"]) == 1
+        assert "in use by another process" in capsys.readouterr().err
+        after = read_meta(d)
+        assert (after["pid"], after["attempt"], after["status"]) == (
+            before["pid"],
+            before["attempt"],
+            "running",
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)  # type: ignore[attr-defined]
+        proc.wait(30)  # type: ignore[attr-defined]
+
+
+def test_python_command_attaches_to_the_wrappers_run(manifest: Path, base: Path) -> None:
+    payload = base / "payload.py"
+    payload.write_text(f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+import notata
+with notata.task(sys.argv[1]) as log:
+    assert log.attached and log.task.params["word"] == "plain"
+    log.save_json("result", {{"n": log.task.params["n"]}})
+    log.meta(score=0.5)
+    log.info("from the command")
+    raise RuntimeError("diverged at step 7")
+""")
+    rc = main(
+        [
+            "exec",
+            str(manifest),
+            "--task",
+            "0",
+            "--heartbeat",
+            "0.1",
+            "--",
+            sys.executable,
+            str(payload),
+            str(manifest),
+        ]
+    )
+    assert rc == 1
+    d = run_dir(base, "plain")
+    meta = read_meta(d)
+    assert meta["status"] == "failed" and meta["attempt"] == 1 and meta["score"] == 0.5
+    assert meta["failure_reason"] == "command exited with status 1: diverged at step 7"
+    assert json.loads((d / "artifacts" / "result.json").read_text()) == {"n": 3}
+    assert "from the command" in (d / "log.txt").read_text()
+    assert not (d / ".attached.json").exists()
+
+
+def test_notata_task_outside_exec_uses_the_array_index(
+    manifest: Path, base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import notata
+
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    monkeypatch.setenv("NOTATA_TASK_OFFSET", "2")
+    with notata.task(manifest, heartbeat=60) as log:
+        assert not log.attached and log.task is not None and log.task.index == 3
+    assert read_meta(run_dir(base, "ünï"))["task"] == 3
+    with pytest.raises(SystemExit) as info:
+        notata.task(manifest)  # complete: exits 0 instead of running again
+    assert info.value.code == 0
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
+    with pytest.raises(notata.NotataError, match="no task index"):
+        notata.task(manifest)
+    assert os.environ.get("NOTATA_TASK") is None
