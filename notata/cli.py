@@ -15,29 +15,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__
+from . import __version__, slurm, submissions
 from .array import index_from_env
 from .collect import Report, scan
 from .errors import ManifestError, NotataError, UsageError
-from .manifest import Sweep, load
-from .runner import LocalResult, exec_task, run_local
-
-
-def parse_tasks(spec: str, count: int) -> list[int]:
-    """``"3,7,10-12"`` -> ``[3, 7, 10, 11, 12]``; every index must be in the sweep."""
-    out: set[int] = set()
-    for part in spec.split(","):
-        lo, sep, hi = part.strip().partition("-")
-        try:
-            a, b = int(lo), int(hi) if sep else int(lo)
-        except ValueError:
-            raise UsageError(f"--tasks {spec!r}: {part!r} is not an index or a range a-b") \
-                from None
-        if a > b or a < 0 or b >= count:
-            raise UsageError(f"--tasks {spec!r}: {part!r} is outside the sweep's tasks "
-                             f"0..{count - 1}")
-        out.update(range(a, b + 1))
-    return sorted(out)
+from .manifest import Sweep, compact, load, parse_indices
+from .runner import LocalResult, exec_task, is_complete, run_local
 
 
 def _command(args: argparse.Namespace) -> list[str]:
@@ -116,7 +99,7 @@ class Progress:
         text = (f"{len(result.done)} done, {len(result.failed)} failed, "
                 f"{len(result.skipped)} already complete, in {_clock(time.monotonic() - self.t0)}")
         if result.failed:
-            text += f"; failed tasks: {_spec(result.failed)}"
+            text += f"; failed tasks: {compact(result.failed)}"
         return text + (" (interrupted)" if result.interrupted else "")
 
 
@@ -125,35 +108,53 @@ def _clock(sec: float) -> str:
     return f"{sec // 3600}:{sec // 60 % 60:02d}:{sec % 60:02d}"
 
 
-def _spec(indices: Sequence[int]) -> str:
-    """``[1, 2, 3, 7]`` -> ``"1-3,7"``."""
-    parts: list[str] = []
-    run: list[int] = []
-    for i in sorted(indices):
-        if run and i == run[-1] + 1:
-            run.append(i)
-            continue
-        if run:
-            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-        run = [i]
-    if run:
-        parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-    return ",".join(parts)
-
-
 def cmd_submit(args: argparse.Namespace) -> int:
     sweep = load(args.manifest, check_unique=True)
     cmd = _command(args)
-    indices = parse_tasks(args.tasks, len(sweep)) if args.tasks else range(len(sweep))
-    if args.backend != "local":
-        raise UsageError(f"backend {args.backend!r} is not available; use --backend local")
-    jobs = args.jobs or os.cpu_count() or 1
-    progress = Progress()
-    result = run_local(sweep, indices, cmd, jobs=jobs, progress=progress)
-    print(progress.summary(result), file=sys.stderr)
-    if result.interrupted:
-        return 130
-    return 1 if result.failed else 0
+    indices = parse_indices(args.tasks, len(sweep)) if args.tasks else list(range(len(sweep)))
+    return submit_tasks(sweep, indices, cmd, args)
+
+
+def submit_tasks(sweep: Sweep, indices: list[int], cmd: list[str],
+                 args: argparse.Namespace) -> int:
+    """Submit ``indices`` with the backend and options in ``args``; record the submission."""
+    backend = args.backend
+    if backend is None:
+        backend = "slurm" if slurm.available() else "local"
+        if backend == "local":
+            print("notata submit: no sbatch here; running on this machine (--backend local)",
+                  file=sys.stderr)
+    todo = [i for i in indices if not is_complete(sweep, i)]
+    if len(todo) < len(indices):
+        print(f"notata submit: {len(indices) - len(todo)} task(s) already complete, skipped",
+              file=sys.stderr)
+    record = {"backend": backend, "manifest": str(sweep.path), "manifest_hash": sweep.hash,
+              "sweep": sweep.name, "tasks": compact(todo), "count": len(todo), "command": cmd}
+    if backend == "local":
+        if args.dry_run:
+            print(f"would run tasks {compact(todo) or '(none)'} here, {args.jobs or 'CPU count'}"
+                  " at a time")
+            return 0
+        submissions.append(sweep.base_dir, {**record, "job_ids": []})
+        progress = Progress()
+        result = run_local(sweep, todo, cmd, jobs=args.jobs or os.cpu_count() or 1,
+                           progress=progress)
+        print(progress.summary(result), file=sys.stderr)
+        if result.interrupted:
+            return 130
+        return 1 if result.failed else 0
+    if not todo:
+        return 0
+    flags = {key: getattr(args, key) for key in slurm.OPTIONS}
+    flags.update(extra=args.sbatch_line, throttle=args.throttle, warn_before=args.warn_before)
+    arrays = slurm.submit(sweep, todo, cmd, flags=flags, dry_run=args.dry_run)
+    if args.dry_run:
+        return 0
+    submissions.append(sweep.base_dir, {**record, "arrays": arrays,
+                                        "job_ids": [a["job_id"] for a in arrays]})
+    for a in arrays:
+        print(f"submitted job {a['job_id']}: tasks {a['tasks']} ({a['script']})")
+    return 0
 
 
 # -- status --------------------------------------------------------------------------------------
@@ -202,6 +203,24 @@ def format_report(report: Report) -> str:
 # -- main ----------------------------------------------------------------------------------------
 
 
+def add_submit_options(p: argparse.ArgumentParser) -> None:
+    """The options of ``submit`` (``resubmit`` takes them too)."""
+    p.add_argument("--backend", choices=("slurm", "local"),
+                   help="default: slurm where sbatch is found, else local")
+    p.add_argument("--tasks", help="only these indices, e.g. 3,7,10-12")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the job scripts and sbatch commands; submit nothing")
+    p.add_argument("-j", "--jobs", type=int, help="local: tasks at a time (default: CPU count)")
+    g = p.add_argument_group("slurm options (flags win over the manifest's slurm: section)")
+    for key, option in slurm.OPTIONS.items():
+        g.add_argument(option, dest=key, metavar=key.upper().replace("_", "-"))
+    g.add_argument("--throttle", type=int, metavar="N", help="at most N tasks at once (%%N)")
+    g.add_argument("--warn-before", type=int, metavar="SECS",
+                   help="SIGUSR1 this long before the time limit (default 120; 0: none)")
+    g.add_argument("--sbatch-line", action="append", metavar="LINE",
+                   help="a raw #SBATCH line to add (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="notata", description="Parameter sweeps as plain run folders.")
     p.add_argument("--version", action="version", version=f"notata {__version__}")
@@ -231,9 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the sweep's tasks, each through notata exec. Complete "
                        "tasks are skipped.")
     m.add_argument("manifest")
-    m.add_argument("--backend", choices=("local",), default="local")
-    m.add_argument("-j", "--jobs", type=int, help="tasks at a time (default: the CPU count)")
-    m.add_argument("--tasks", help="only these indices, e.g. 3,7,10-12")
+    add_submit_options(m)
     m.set_defaults(func=cmd_submit)
 
     st = sub.add_parser("status", help="count runs by status",

@@ -18,6 +18,11 @@ DATA = "data"
 PLOTS = "plots"
 ARTIFACTS = "artifacts"
 
+#: A sweep's own records, under its base folder: submissions.jsonl and the job scripts.
+SWEEP_DIR = ".notata"
+SUBMISSIONS = "submissions.jsonl"
+JOBS = "jobs"
+
 MAX_RUN_ID_BYTES = 200
 
 

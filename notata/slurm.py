@@ -6,12 +6,21 @@ The core never imports this module; ``notata/__init__.py`` registers
 
 from __future__ import annotations
 
+import re
+import shlex
+import shutil
 import subprocess
+import sys
+import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
-from . import schema
-from .errors import SchedulerError
+from . import _fs, layout, runinfo, schema
+from .errors import ManifestError, SchedulerError
+from .manifest import Sweep, compact
 
 #: SLURM environment variables recorded in a run's ``slurm`` metadata, and their field names.
 ENV_FIELDS = {
@@ -110,3 +119,181 @@ def show_job(job_id: object) -> dict[str, str]:
 
 
 SLURM = SlurmProvider()
+
+
+# -- submission ----------------------------------------------------------------------------------
+
+#: sbatch options notata knows by name: manifest ``slurm:`` key or CLI flag -> sbatch option.
+OPTIONS = {
+    "partition": "--partition", "time": "--time", "mem": "--mem",
+    "cpus_per_task": "--cpus-per-task", "gpus": "--gpus", "account": "--account",
+    "qos": "--qos", "job_name": "--job-name", "output": "--output", "error": "--error",
+}
+#: Other keys a manifest's ``slurm:`` section may hold.
+SECTION_KEYS = {"extra", "throttle", "warn_before"}
+DEFAULT_WARN_BEFORE = 120
+#: Arrays are also split so that an --array spec stays short enough for sbatch.
+MAX_SPEC_CHARS = 4000
+TEMPLATE = "array.sbatch.in"
+
+
+@dataclass(frozen=True)
+class ArrayPlan:
+    """One job array: sweep indices ``offset + id`` for each array task id in ``spec``."""
+
+    offset: int
+    indices: tuple[int, ...]
+
+    @property
+    def spec(self) -> str:
+        return compact(i - self.offset for i in self.indices)
+
+
+def plan_arrays(indices: Sequence[int], max_array_size: int) -> list[ArrayPlan]:
+    """Split sorted sweep indices into arrays whose task ids stay below ``max_array_size``.
+
+    Each array starts at its first index (the offset), so a sparse subset becomes a few
+    compact specs; a new array starts when an id would reach the limit or the spec
+    would grow past :data:`MAX_SPEC_CHARS`.
+    """
+    plans: list[ArrayPlan] = []
+    current: list[int] = []
+    spec_len = 0
+    for i in sorted(set(indices)):
+        if current and (i - current[0] >= max_array_size or spec_len > MAX_SPEC_CHARS):
+            plans.append(ArrayPlan(current[0], tuple(current)))
+            current, spec_len = [], 0
+        current.append(i)
+        spec_len += len(str(i - current[0])) + 1
+    if current:
+        plans.append(ArrayPlan(current[0], tuple(current)))
+    return plans
+
+
+def max_array_size() -> int:
+    """The cluster's MaxArraySize (``scontrol show config``); 1001, SLURM's default, if unknown."""
+    try:
+        text = run(["scontrol", "show", "config"])
+    except SchedulerError:
+        return 1001
+    m = re.search(r"^MaxArraySize\s*=\s*(\d+)", text, re.MULTILINE)
+    return int(m.group(1)) if m else 1001
+
+
+def options_for(section: Mapping[str, Any], flags: Mapping[str, Any], where: str,
+                ) -> tuple[dict[str, str], list[str], dict[str, Any]]:
+    """sbatch options from a manifest's ``slurm:`` section and CLI flags (flags win).
+
+    Returns ``(options, extra #SBATCH lines, other settings)``; a bad key or a value
+    that cannot sit on an ``#SBATCH`` line raises :class:`ManifestError` naming it.
+    """
+    options: dict[str, str] = {}
+    settings: dict[str, Any] = {}
+    extra: list[str] = []
+    for raw_key, value in section.items():
+        key = raw_key.replace("-", "_")
+        if key in OPTIONS:
+            options[key] = str(value)
+        elif key == "extra":
+            if not isinstance(value, list):
+                raise ManifestError(where, "slurm.extra must be a list of #SBATCH lines")
+            extra = [str(v) for v in value]
+        elif key in SECTION_KEYS:
+            settings[key] = value
+        else:
+            known = ", ".join(sorted({*OPTIONS, *SECTION_KEYS}))
+            raise ManifestError(where, f"unknown slurm option {raw_key!r}; known: {known}")
+    for key, value in flags.items():
+        if value is None:
+            continue
+        if key == "extra":
+            extra += list(value)
+        elif key in OPTIONS:
+            options[key] = str(value)
+        else:
+            settings[key] = value
+    for key, value in options.items():
+        if any(c in value for c in '"\\\n\r'):
+            raise ManifestError(where, f"slurm {key} {value!r}: quotes, backslashes and "
+                                       "newlines cannot be passed to sbatch safely")
+    for line in extra:
+        if "\n" in line or "\r" in line:
+            raise ManifestError(where, f"slurm extra line {line!r} contains a newline")
+    return options, extra, settings
+
+
+def render(sweep: Sweep, plan: ArrayPlan, argv: Sequence[str], options: Mapping[str, str],
+           extra: Sequence[str], *, throttle: int | None, warn_before: int, script: Path,
+           python: str = sys.executable) -> str:
+    """The job script of one array. Every value that reaches the shell is quoted."""
+    lines = [f"#SBATCH --array={plan.spec}" + (f"%{throttle}" if throttle else "")]
+    defaults = {"job_name": sweep.name,
+                "output": str(sweep.base_dir / layout.SWEEP_DIR / "slurm-%A_%a.out")}
+    for key, value in {**defaults, **options}.items():
+        lines.append(f'#SBATCH {OPTIONS[key]}="{value}"')
+    if warn_before:
+        lines.append(f"#SBATCH --signal=B:USR1@{int(warn_before)}")
+    lines += [line if line.lstrip().startswith("#SBATCH") else f"#SBATCH {line}"
+              for line in extra]
+    command = [python, "-m", "notata", "exec", str(sweep.path), "--", *argv]
+    text = template(TEMPLATE)
+    values = {
+        "SWEEP": sweep.name, "HASH": sweep.hash, "TIME": runinfo.now_iso(),
+        "TASKS": compact(plan.indices), "SCRIPT": shlex.quote(str(script)),
+        "SBATCH": "\n".join(lines), "OFFSET": str(plan.offset),
+        "COMMAND": shlex.join(command).replace("\n", "'$'\\n''"),
+    }
+    # One pass, so that a value holding "@NAME@" is never substituted again.
+    return re.sub(r"@([A-Z]+)@", lambda m: values[m.group(1)], text)
+
+
+def template(name: str) -> str:
+    """A template from ``slurm/``: the checkout's copy, or the one installed as
+    ``notata.templates`` by ``pip install .`` (setuptools maps the folder there)."""
+    checkout = Path(__file__).resolve().parent.parent / "slurm" / name
+    if checkout.is_file():
+        return checkout.read_text(encoding="utf-8")
+    return resources.files("notata.templates").joinpath(name).read_text(encoding="utf-8")
+
+
+def sbatch(script: Path) -> str:
+    """Submit ``script``; return its job id. sbatch's own message reaches the user on failure."""
+    out = run(["sbatch", "--parsable", str(script)])
+    return out.strip().split(";")[0]
+
+
+def available() -> bool:
+    """Whether an ``sbatch`` is on PATH."""
+    return shutil.which("sbatch") is not None
+
+
+def submit(sweep: Sweep, indices: Sequence[int], argv: Sequence[str], *,
+           flags: Mapping[str, Any], dry_run: bool = False,
+           array_limit: int | None = None) -> list[dict[str, Any]]:
+    """Write one script per array under ``<base_dir>/.notata/jobs/`` and sbatch each.
+
+    Returns one ``{"job_id", "spec", "offset", "script", "tasks"}`` per array (job_id
+    None in a dry run, which writes and submits nothing and prints the scripts).
+    """
+    options, extra, settings = options_for(sweep.slurm, flags, str(sweep.path))
+    throttle = settings.get("throttle")
+    warn = int(settings.get("warn_before", DEFAULT_WARN_BEFORE) or 0)
+    plans = plan_arrays(indices, array_limit or max_array_size())
+    jobs_dir = sweep.base_dir / layout.SWEEP_DIR / layout.JOBS
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    arrays = []
+    for k, plan in enumerate(plans):
+        script = jobs_dir / f"{sweep.name}-{stamp}-{k}.sbatch"
+        text = render(sweep, plan, argv, options, extra, throttle=throttle, warn_before=warn,
+                      script=script)
+        entry: dict[str, Any] = {"job_id": None, "spec": plan.spec, "offset": plan.offset,
+                                 "script": str(script), "tasks": compact(plan.indices)}
+        if dry_run:
+            print(f"# sbatch --parsable {shlex.quote(str(script))}\n{text}")
+        else:
+            jobs_dir.mkdir(parents=True, exist_ok=True)
+            _fs.atomic_write_bytes(script, text.encode())
+            script.chmod(0o755)
+            entry["job_id"] = sbatch(script)
+        arrays.append(entry)
+    return arrays

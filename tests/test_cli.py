@@ -14,7 +14,8 @@ import pytest
 from conftest import ROOT, read_meta, wait_for
 
 from notata import Logbook
-from notata.cli import main, parse_tasks
+from notata.cli import main
+from notata.manifest import compact, parse_indices
 
 SWEEP = """
 name: osc
@@ -161,12 +162,14 @@ def test_bad_manifest_one_line_exit_2_nothing_written(base: Path, text: str,
     assert sorted(base.rglob("*")) == before
 
 
-def test_parse_tasks() -> None:
-    assert parse_tasks("3,7,10-12", 20) == [3, 7, 10, 11, 12]
-    assert parse_tasks("5, 1-2,2", 20) == [1, 2, 5]
+def test_parse_and_compact_indices() -> None:
+    assert parse_indices("3,7,10-12", 20) == [3, 7, 10, 11, 12]
+    assert parse_indices("5, 1-2,2", 20) == [1, 2, 5]
     for bad in ("x", "3-1", "19-20", "-1"):
         with pytest.raises(ValueError, match="--tasks"):
-            parse_tasks(bad, 20)
+            parse_indices(bad, 20)
+    assert compact([1, 2, 3, 7, 9, 10]) == "1-3,7,9-10"
+    assert compact([5]) == "5" and compact([]) == ""
 
 
 def test_help_for_each_subcommand() -> None:
