@@ -384,6 +384,10 @@ class Logbook(OutputsMixin):
         """Record the run as failed with ``reason``, flushed to disk, and release it."""
         self._finish(schema.FAILED, str(reason))
 
+    def mark_timeout(self, reason: str = "time limit reached") -> None:
+        """Record the run as timed out with ``reason`` (e.g. before a requeue), and release it."""
+        self._finish(schema.TIMEOUT, str(reason))
+
     def mark_cancelled(self, reason: str = "cancelled") -> None:
         """Record the run as cancelled (stopped on purpose) with ``reason``, and release it."""
         self._finish(schema.CANCELLED, str(reason))
