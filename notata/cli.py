@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -17,8 +18,8 @@ from typing import Any
 
 from . import __version__, slurm, submissions
 from .array import index_from_env
-from .collect import Report, scan
-from .errors import ManifestError, NotataError, UsageError
+from .collect import DEFAULT_RESUBMIT, Queue, Report, Watcher, parse_duration, scan
+from .errors import ManifestError, NotataError, SchedulerError, UsageError
 from .manifest import Sweep, compact, load, parse_indices
 from .runner import LocalResult, exec_task, is_complete, run_local
 
@@ -125,9 +126,6 @@ def submit_tasks(sweep: Sweep, indices: list[int], cmd: list[str],
             print("notata submit: no sbatch here; running on this machine (--backend local)",
                   file=sys.stderr)
     todo = [i for i in indices if not is_complete(sweep, i)]
-    if len(todo) < len(indices):
-        print(f"notata submit: {len(indices) - len(todo)} task(s) already complete, skipped",
-              file=sys.stderr)
     record = {"backend": backend, "manifest": str(sweep.path), "manifest_hash": sweep.hash,
               "sweep": sweep.name, "tasks": compact(todo), "count": len(todo), "command": cmd}
     if backend == "local":
@@ -137,12 +135,15 @@ def submit_tasks(sweep: Sweep, indices: list[int], cmd: list[str],
             return 0
         submissions.append(sweep.base_dir, {**record, "job_ids": []})
         progress = Progress()
-        result = run_local(sweep, todo, cmd, jobs=args.jobs or os.cpu_count() or 1,
+        result = run_local(sweep, indices, cmd, jobs=args.jobs or os.cpu_count() or 1,
                            progress=progress)
         print(progress.summary(result), file=sys.stderr)
         if result.interrupted:
             return 130
         return 1 if result.failed else 0
+    if len(todo) < len(indices):
+        print(f"notata submit: {len(indices) - len(todo)} task(s) already complete, skipped",
+              file=sys.stderr)
     if not todo:
         return 0
     flags = {key: getattr(args, key) for key in slurm.OPTIONS}
@@ -166,13 +167,75 @@ def _target(path: str) -> Sweep | str:
     return load(path, check_unique=True)
 
 
+def ask_queue(command: str) -> Queue | None:
+    """The scheduler's queue, asked once; None (said once on stderr) when it cannot be."""
+    if not slurm.available():
+        return None
+    try:
+        return Queue(slurm.queue())
+    except SchedulerError as err:
+        print(f"notata {command}: SLURM cannot be asked ({err}); classifying from files alone",
+              file=sys.stderr)
+        return None
+
+
+def _stale_after(args: argparse.Namespace) -> float | None:
+    if args.stale_after is None:
+        return None
+    try:
+        return parse_duration(args.stale_after)
+    except ValueError as err:
+        raise UsageError(f"--stale-after: {err}") from None
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    report = scan(_target(args.path))
-    if args.json:
-        print(json.dumps(report.as_json()))
+    target = _target(args.path)
+    watcher = Watcher(_stale_after(args))
+    while True:
+        report = watcher.scan(target, ask_queue("status"))
+        if args.json:
+            print(json.dumps(report.as_json()), flush=True)
+        else:
+            if args.watch is not None and sys.stdout.isatty():
+                print("\033[H\033[J", end="")
+            print(format_report(report), flush=True)
+        if args.watch is None or report.terminal:
+            return 0
+        time.sleep(args.watch)
+
+
+def cmd_resubmit(args: argparse.Namespace) -> int:
+    sweep = load(args.manifest, check_unique=True)
+    chosen = [s for s in ("failed", "stale", "missing", "timeout", "cancelled", "preempted",
+                          "corrupt", "terminated") if getattr(args, s)]
+    statuses = chosen or list(DEFAULT_RESUBMIT)
+    queue = ask_queue("resubmit")
+    report = scan(sweep, stale_after=_stale_after(args), queue=queue)
+    indices, left = report.to_resubmit(statuses, args.max_attempts)
+    for r, why in left:
+        print(f"notata resubmit: leaving task {r.task} ({r.run_id}, {r.status}): {why}",
+              file=sys.stderr)
+    cmd = list(args.cmd) or last_command(sweep)
+    if not indices:
+        print(f"nothing to resubmit among: {', '.join(statuses)}")
         return 0
-    print(format_report(report))
-    return 0
+    print(f"resubmitting {len(indices)} task(s): {compact(indices)}")
+    if args.dry_run and (args.backend or ("slurm" if slurm.available() else "local")) == "slurm":
+        plans = slurm.plan_arrays(indices, slurm.max_array_size())
+        for p in plans:
+            print(f"  array --array={p.spec} with NOTATA_TASK_OFFSET={p.offset}")
+        print(f"  command: {shlex.join(cmd)}")
+        return 0
+    return submit_tasks(sweep, indices, cmd, args)
+
+
+def last_command(sweep: Sweep) -> list[str]:
+    """The command of the latest recorded submission of this sweep (same manifest hash)."""
+    for record in reversed(submissions.read(sweep.base_dir)):
+        if record.get("manifest_hash") == sweep.hash and record.get("command"):
+            return list(record["command"])
+    raise UsageError(f"no earlier submission of {sweep.name} records a command; "
+                     "give one after --")
 
 
 def format_report(report: Report) -> str:
@@ -258,7 +321,28 @@ def build_parser() -> argparse.ArgumentParser:
                         "a base folder of runs.")
     st.add_argument("path")
     st.add_argument("--json", action="store_true", help='{"counts": {...}, "runs": [...]}')
+    st.add_argument("--stale-after", metavar="DURATION",
+                    help="e.g. 90s, 10m (default: 3 heartbeat intervals + 120 s)")
+    st.add_argument("--watch", nargs="?", type=float, const=10.0, metavar="SECONDS",
+                    help="scan again every SECONDS (10) until every task is terminal")
     st.set_defaults(func=cmd_status)
+
+    r = sub.add_parser("resubmit", help="submit failed, stale and missing tasks again",
+                       usage="notata resubmit MANIFEST [selectors] [options] [-- CMD [ARGS...]]",
+                       description="Scan the sweep and submit exactly the tasks that need it, "
+                       "as the next attempt of their runs. No selector: failed, timeout, "
+                       "preempted, stale and missing. Never a complete run, a task still "
+                       "queued, or a run a live process holds. The command is the last "
+                       "submission's unless given after --.")
+    r.add_argument("manifest")
+    for name in ("failed", "stale", "missing", "timeout", "cancelled", "preempted", "corrupt",
+                 "terminated"):
+        r.add_argument(f"--{name}", action="store_true", help=f"take {name} tasks")
+    r.add_argument("--max-attempts", type=int, metavar="K",
+                   help="leave tasks that already had K attempts")
+    r.add_argument("--stale-after", metavar="DURATION")
+    add_submit_options(r)
+    r.set_defaults(func=cmd_resubmit)
     return p
 
 

@@ -1,24 +1,59 @@
-"""Scanning runs: what state every task of a sweep, or every run under a folder, is in.
+"""The collector: what state every task of a sweep, or every run under a folder, is in.
 
-One ``open`` per run directory (its metadata.json) and one ``scandir`` of the base
-folder; no file is ever written. A run directory whose metadata cannot be read is
-``corrupt`` (with the reason) and never stops the scan.
+One ``scandir`` of the base folder and one ``open`` per run directory (its
+metadata.json); nothing is written. A run directory whose metadata cannot be read
+is ``corrupt`` (with the reason) and never stops the scan.
+
+Classification of a task (see :data:`SCAN_STATUSES`):
+
+- a recorded terminal status (``complete``, ``failed``, ``timeout``, ``cancelled``,
+  ``preempted``, ``terminated``) is reported as is;
+- a run recorded ``running``/``initialized`` is ``running`` while alive, else ``stale``.
+  It is stale when its scheduler job is known to be gone (the queue was asked and does
+  not list it), when it ran on this host and its pid is gone, or when its heartbeat is
+  older than the threshold. A run whose job the queue lists as RUNNING is ``running``
+  whatever its heartbeat says (the reason notes "no heartbeat");
+- no run directory: ``pending`` if a submission of this sweep has the task queued,
+  else ``missing``;
+- a run directory written by a different version of the manifest: ``mismatch``.
+
+Staleness threshold: ``stale_after`` seconds if given, else 3 heartbeat intervals (as
+the run recorded them) plus :data:`MARGIN_SEC` (120 s): one missed beat is tolerated
+under load, and the margin covers clock skew between the task's node and this one and
+attribute caching on shared filesystems (NFS shows changes up to 60 s late). The age is
+the collector's clock minus the time the task wrote *into* the file, never a file mtime.
+A heartbeat from the future counts as fresh; ``--watch`` then judges by whether the
+beat counter moves on the collector's own clock (:class:`Watcher`).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import re
+import socket
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import _fs, layout, schema
+import psutil
+
+from . import _fs, layout, schema, submissions
+from .lock import RunLock
 from .manifest import Sweep
 
+STALE = "stale"
+PENDING = "pending"
 MISSING = "missing"
 CORRUPT = "corrupt"
+MISMATCH = "mismatch"
 #: Every status a scan can report, in the order tables show them.
-SCAN_STATUSES = (*schema.STATUSES, MISSING, CORRUPT)
+SCAN_STATUSES = (*schema.STATUSES, STALE, PENDING, MISSING, CORRUPT, MISMATCH)
+#: Statuses ``resubmit`` takes when none is named.
+DEFAULT_RESUBMIT = (schema.FAILED, schema.TIMEOUT, schema.PREEMPTED, STALE, MISSING)
+STALE_BEATS = 3
+MARGIN_SEC = 120.0
 
 
 @dataclass
@@ -31,13 +66,33 @@ class RunRecord:
     attempt: int
     reason: str | None = None
     run_dir: Path | None = None
+    queued: str | None = None  # the scheduler's state of its job, when the queue lists it
+    beat: tuple[int, float] | None = None  # (beat counter, task's own time) for --watch
 
     def as_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"task": self.task, "run_id": self.run_id, "status": self.status,
                                "attempt": self.attempt}
         if self.reason:
             out["reason"] = self.reason
+        if self.queued:
+            out["queued"] = self.queued
         return out
+
+
+@dataclass
+class Queue:
+    """What the scheduler has queued: job key (``"123"`` or ``"123_4"``) -> state."""
+
+    jobs: dict[str, str] = field(default_factory=dict)
+
+    def state(self, meta: Mapping[str, Any]) -> str | None:
+        """The state of the job a run's metadata names, if queued."""
+        job = meta.get("slurm") or {}
+        if "array_job_id" in job:
+            return self.jobs.get(f"{job['array_job_id']}_{job.get('array_task_id')}")
+        if "job_id" in job:
+            return self.jobs.get(str(job["job_id"]))
+        return None
 
 
 @dataclass
@@ -46,11 +101,13 @@ class Report:
 
     runs: list[RunRecord]
     sweep: Sweep | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def counts(self) -> dict[str, int]:
-        counts = dict.fromkeys(SCAN_STATUSES if self.sweep else
-                               (*schema.STATUSES, CORRUPT), 0)
+        keys = SCAN_STATUSES if self.sweep else tuple(
+            s for s in SCAN_STATUSES if s not in (PENDING, MISSING, MISMATCH))
+        counts = dict.fromkeys(keys, 0)
         for r in self.runs:
             counts[r.status] = counts.get(r.status, 0) + 1
         return counts
@@ -59,11 +116,69 @@ class Report:
         """The task indices whose status is one of ``statuses``."""
         return [r.task for r in self.runs if r.status in statuses and r.task is not None]
 
+    @property
+    def terminal(self) -> bool:
+        """Whether no task is still running or pending."""
+        return not any(r.status in (schema.RUNNING, schema.INITIALIZED, PENDING)
+                       for r in self.runs)
+
+    def to_resubmit(self, statuses: Iterable[str] = DEFAULT_RESUBMIT,
+                    max_attempts: int | None = None,
+                    ) -> tuple[list[int], list[tuple[RunRecord, str]]]:
+        """The task indices to submit again, and the selected runs left alone with why.
+
+        Never a complete run, a task the queue still holds, a run another version of
+        the manifest wrote, a run already at ``max_attempts`` attempts, or a run whose
+        lock a live process holds.
+        """
+        wanted = set(statuses) - {schema.COMPLETE}
+        chosen: list[int] = []
+        left: list[tuple[RunRecord, str]] = []
+        for r in self.runs:
+            if r.task is None or r.status not in wanted:
+                continue
+            if r.status == MISMATCH:
+                left.append((r, "another version of the manifest wrote it"))
+            elif r.queued:
+                left.append((r, f"its job is still queued ({r.queued})"))
+            elif max_attempts is not None and r.attempt >= max_attempts:
+                left.append((r, f"already at {r.attempt} attempt(s)"))
+            elif r.run_dir is not None and lock_is_held(r.run_dir):
+                left.append((r, "a live process holds its lock"))
+            else:
+                chosen.append(r.task)
+        return chosen, left
+
     def as_json(self) -> dict[str, Any]:
-        return {"counts": self.counts, "runs": [r.as_json() for r in self.runs]}
+        out: dict[str, Any] = {"counts": self.counts, "runs": [r.as_json() for r in self.runs]}
+        if self.notes:
+            out["notes"] = self.notes
+        return out
 
 
-def read_run(run_dir: Path, task: int | None = None) -> RunRecord:
+def lock_is_held(run_dir: Path) -> bool:
+    """Whether a live process holds the run's lock right now (a non-blocking try)."""
+    probe = RunLock(run_dir, dict)
+    try:
+        taken = probe._try()
+    except OSError:
+        return False
+    if taken:
+        probe.release()
+    return not taken
+
+
+def threshold(meta: Mapping[str, Any], stale_after: float | None) -> float:
+    """Seconds without a heartbeat after which a run is stale (see the module docstring)."""
+    if stale_after is not None:
+        return stale_after
+    interval = (meta.get("heartbeat") or {}).get("interval_sec") or 30.0
+    return STALE_BEATS * float(interval) + MARGIN_SEC
+
+
+def read_run(run_dir: Path, task: int | None = None, *, sweep: Sweep | None = None,
+             queue: Queue | None = None, stale_after: float | None = None,
+             now: float | None = None) -> RunRecord:
     """The record of one run directory; never raises for what is on disk."""
     run_id = run_dir.name.removeprefix(layout.RUN_PREFIX)
     if run_dir.is_symlink():
@@ -76,12 +191,51 @@ def read_run(run_dir: Path, task: int | None = None) -> RunRecord:
     except (OSError, ValueError) as err:
         return RunRecord(task, run_id, CORRUPT, 0, str(err), run_dir)
     status = meta.get("status")
-    if status not in schema.STATUSES:
-        return RunRecord(task, run_id, CORRUPT, 0, f"unknown status {status!r}", run_dir)
     attempt = meta.get("attempt", 1)
-    reason = meta.get("failure_reason") if status != schema.COMPLETE else None
-    return RunRecord(task, run_id, status, attempt if isinstance(attempt, int) else 1,
-                     str(reason) if reason else None, run_dir)
+    record = RunRecord(task, run_id, str(status), attempt if isinstance(attempt, int) else 1,
+                       None, run_dir)
+    if status not in schema.STATUSES:
+        record.status, record.reason = CORRUPT, f"unknown status {status!r}"
+        return record
+    recorded = meta.get("manifest_hash")
+    if sweep is not None and recorded not in (None, sweep.hash):
+        record.status = MISMATCH
+        record.reason = f"written by manifest hash {recorded}, not {sweep.hash}"
+        return record
+    if queue is not None:
+        record.queued = queue.state(meta)
+    if status == schema.COMPLETE:
+        return record
+    if status not in schema.OPEN_STATUSES:
+        reason = meta.get("failure_reason")
+        record.reason = str(reason) if reason else None
+        return record
+    hb = meta.get("heartbeat") or {}
+    if isinstance(hb.get("beat"), int) and isinstance(hb.get("unix"), (int, float)):
+        record.beat = (hb["beat"], float(hb["unix"]))
+    record.status, record.reason = _liveness(meta, record.queued, queue is not None,
+                                             stale_after, time.time() if now is None else now)
+    return record
+
+
+def _liveness(meta: Mapping[str, Any], queued: str | None, asked: bool,
+              stale_after: float | None, now: float) -> tuple[str, str | None]:
+    """``running`` or ``stale`` (with why) for a run recorded as open."""
+    beat = (meta.get("heartbeat") or {}).get("unix") or meta.get("start_unix")
+    age = now - float(beat) if isinstance(beat, (int, float)) else float("inf")
+    limit = threshold(meta, stale_after)
+    if queued == "RUNNING":
+        return schema.RUNNING, (f"no heartbeat for {age:.0f}s, but its job is running"
+                                if age > limit else None)
+    if asked and meta.get("slurm") and queued is None:
+        return STALE, "its SLURM job is gone"
+    pid = meta.get("pid")
+    if meta.get("host") == socket.gethostname() and isinstance(pid, int) \
+            and not psutil.pid_exists(pid):
+        return STALE, f"its process (pid {pid} on this host) is gone"
+    if age > limit:
+        return STALE, f"no heartbeat for {age:.0f}s (threshold {limit:.0f}s)"
+    return schema.RUNNING, None
 
 
 def _run_dirs(base: Path) -> dict[str, Path]:
@@ -94,18 +248,92 @@ def _run_dirs(base: Path) -> dict[str, Path]:
             if e.name.startswith(layout.RUN_PREFIX) and (e.is_dir() or e.is_symlink())}
 
 
-def scan(target: Sweep | str | os.PathLike[str]) -> Report:
-    """Scan a sweep (every task, plus runs in its base folder that it does not name)
-    or a bare base folder (every run in it)."""
+def queued_tasks(sweep: Sweep, queue: Queue) -> dict[int, str]:
+    """Sweep index -> queue state, for tasks that this sweep's submissions have queued."""
+    out: dict[int, str] = {}
+    for record in submissions.read(sweep.base_dir):
+        if record.get("manifest_hash") != sweep.hash:
+            continue
+        for array in record.get("arrays", []):
+            prefix = f"{array.get('job_id')}_"
+            offset = int(array.get("offset", 0))
+            for key, state in queue.jobs.items():
+                if key.startswith(prefix) and key[len(prefix):].isdigit():
+                    out[offset + int(key[len(prefix):])] = state
+        if record.get("backend", "").startswith("submitit"):
+            tasks = _expand(record.get("tasks", ""))
+            for job_id, index in zip(record.get("job_ids", []), tasks, strict=False):
+                if str(job_id) in queue.jobs:
+                    out[index] = queue.jobs[str(job_id)]
+    return out
+
+
+def _expand(spec: str) -> Iterable[int]:
+    for part in filter(None, spec.split(",")):
+        lo, _, hi = part.partition("-")
+        yield from range(int(lo), int(hi or lo) + 1)
+
+
+def scan(target: Sweep | str | os.PathLike[str], *, stale_after: float | None = None,
+         queue: Queue | None = None) -> Report:
+    """Scan a sweep (every task, plus runs in its base folder that it does not name) or
+    a bare base folder (every run in it). ``queue`` is the scheduler's view, asked once
+    by the caller; without it runs are classified from their files alone."""
+    now = time.time()
     if not isinstance(target, Sweep):
         dirs = _run_dirs(Path(target))
-        return Report([read_run(dirs[rid]) for rid in sorted(dirs)])
+        return Report([read_run(dirs[rid], queue=queue, stale_after=stale_after, now=now)
+                       for rid in sorted(dirs)])
     sweep = target
     dirs = _run_dirs(sweep.base_dir)
+    pending = queued_tasks(sweep, queue) if queue is not None else {}
     records = []
     for t in sweep:
         path = dirs.pop(t.run_id, None)
-        records.append(read_run(path, t.index) if path is not None
-                       else RunRecord(t.index, t.run_id, MISSING, 0))
-    records += [read_run(dirs[rid]) for rid in sorted(dirs)]
+        if path is not None:
+            records.append(read_run(path, t.index, sweep=sweep, queue=queue,
+                                    stale_after=stale_after, now=now))
+        elif t.index in pending:
+            records.append(RunRecord(t.index, t.run_id, PENDING, 0, queued=pending[t.index]))
+        else:
+            records.append(RunRecord(t.index, t.run_id, MISSING, 0))
+    records += [read_run(dirs[rid], queue=queue, stale_after=stale_after, now=now)
+                for rid in sorted(dirs)]
     return Report(records, sweep)
+
+
+class Watcher:
+    """Repeated scans judged on the collector's own clock: a run whose beat counter has
+    not moved for the threshold, by this process's clock, is stale whatever time it
+    wrote (this catches a dead run whose node's clock runs ahead)."""
+
+    def __init__(self, stale_after: float | None = None) -> None:
+        self.stale_after = stale_after
+        self._seen: dict[str, tuple[tuple[int, float], float]] = {}
+
+    def scan(self, target: Sweep | str | os.PathLike[str], queue: Queue | None = None) -> Report:
+        report = scan(target, stale_after=self.stale_after, queue=queue)
+        now = time.monotonic()
+        limit = self.stale_after if self.stale_after is not None else \
+            STALE_BEATS * 30.0 + MARGIN_SEC
+        for r in report.runs:
+            if r.beat is None or r.status != schema.RUNNING or r.queued == "RUNNING":
+                continue
+            seen = self._seen.get(r.run_id)
+            if seen is None or seen[0] != r.beat:
+                self._seen[r.run_id] = (r.beat, now)
+            elif now - seen[1] > limit:
+                r.status = STALE
+                r.reason = f"heartbeat unchanged for {now - seen[1]:.0f}s of this collector's clock"
+        return report
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """``"90s"``, ``"10m"``, ``"2h"``, ``"1d"`` or plain seconds, as seconds."""
+    m = _DURATION.match(text)
+    if not m:
+        raise ValueError(f"invalid duration {text!r}: use e.g. 90s, 10m, 2h")
+    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2) or "s"]

@@ -297,3 +297,17 @@ def submit(sweep: Sweep, indices: Sequence[int], argv: Sequence[str], *,
             entry["job_id"] = sbatch(script)
         arrays.append(entry)
     return arrays
+
+
+def queue() -> dict[str, str]:
+    """Every queued job, one ``squeue -r`` call: ``"123"`` or ``"123_4"`` -> state.
+
+    Raises :class:`SchedulerError` when squeue cannot answer.
+    """
+    out = run(["squeue", "-h", "-r", "-o", "%i|%T"])
+    jobs = {}
+    for line in out.splitlines():
+        key, _, state = line.strip().partition("|")
+        if key:
+            jobs[key] = state
+    return jobs

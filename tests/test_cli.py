@@ -99,7 +99,7 @@ def test_local_submit_runs_everything_and_reports_failures(manifest: Path) -> No
     assert first.stderr.strip().endswith("failed tasks: 2")
     out = manifest.parent / "outputs"
     assert read_meta(out / "log_omega2.0_dt0.01")["status"] == "failed"
-    second = cli("submit", str(manifest), "-j", "2", *cmd)
+    second = cli("submit", str(manifest), "--backend", "local", "-j", "2", *cmd)
     assert second.returncode == 0, second.stderr
     assert "1 done, 0 failed, 5 already complete" in second.stderr
     meta = read_meta(out / "log_omega2.0_dt0.01")
@@ -108,9 +108,10 @@ def test_local_submit_runs_everything_and_reports_failures(manifest: Path) -> No
 
 
 def test_local_submit_subset(manifest: Path) -> None:
-    assert cli("submit", str(manifest), "--tasks", "1,4-5", "--", "true").returncode == 0
+    proc = cli("submit", str(manifest), "--backend", "local", "--tasks", "1,4-5", "--", "true")
+    assert proc.returncode == 0
     out = manifest.parent / "outputs"
-    assert sorted(p.name for p in out.iterdir()) == [
+    assert sorted(p.name for p in out.glob("log_*")) == [
         "log_omega1.0_dt0.001", "log_omega3.0_dt0.001", "log_omega3.0_dt0.01"]
 
 
@@ -118,8 +119,9 @@ def test_local_submit_subset(manifest: Path) -> None:
 def test_ctrl_c_during_a_local_sweep_leaves_nothing_running(manifest: Path,
                                                             to_group: bool) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "notata", "submit", str(manifest), "-j", "2",
-                             "--", "sleep", "60"], env=env, start_new_session=True,
+    proc = subprocess.Popen([sys.executable, "-m", "notata", "submit", str(manifest),
+                             "--backend", "local", "-j", "2",
+                             "--", "sleep", "61.5"], env=env, start_new_session=True,
                             stderr=subprocess.PIPE, text=True)
     out = manifest.parent / "outputs"
 
@@ -140,7 +142,7 @@ def test_ctrl_c_during_a_local_sweep_leaves_nothing_running(manifest: Path,
     statuses = sorted(read_meta(d)["status"] for d in out.glob("log_*"))
     assert statuses == ["cancelled", "cancelled"]
     assert "(interrupted)" in err
-    assert subprocess.run(["pgrep", "-f", "^sleep 60$"], capture_output=True).stdout == b""
+    assert subprocess.run(["pgrep", "-f", "^sleep 61.5$"], capture_output=True).stdout == b""
 
 
 BAD = ["name: x\ngrid: {a: [1, 2}\n", "name: x\ngrid: {a: [1]}\nbogus: 1\n",

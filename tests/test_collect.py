@@ -1,0 +1,143 @@
+"""The collector: classification of every kind of run, staleness, and resubmitting exactly those."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, python, read_meta, status_is, wait_for
+
+from notata import Logbook
+from notata.cli import main
+from notata.collect import Watcher, parse_duration, scan
+from notata.manifest import load
+
+SWEEP = "name: c\nrun_id: 'k{k}'\ngrid: {k: [0, 1, 2, 3, 4, 5]}\n"
+# fails on the first attempt for k in 1 and 4
+PAYLOAD = ("import os, sys; k = int(sys.argv[1]); "
+           "sys.exit(2 if k in (1, 4) and os.environ['NOTATA_ATTEMPT'] == '1' else 0)")
+
+
+def files_digest(run: Path) -> dict[str, str]:
+    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def manifest(base: Path) -> Path:
+    p = base / "sweep.yaml"
+    p.write_text(SWEEP)
+    return p
+
+
+def kill_mid_run(manifest: Path, index: int) -> None:
+    """A task whose wrapper and payload die by SIGKILL: nothing written at the end."""
+    proc = python("import sys; from notata.cli import main; sys.exit(main(sys.argv[1:]))",
+                  "exec", str(manifest), "--task", str(index), "--", "sleep", "30",
+                  start_new_session=True)
+    run = load(manifest).task(index).run_dir
+    wait_for(status_is(run, "running"), what="the task to start")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_every_kind_of_run_is_classified(manifest: Path, base: Path) -> None:
+    out = base / "outputs"
+    assert main(["submit", str(manifest), "--backend", "local", "--tasks", "0-1", "--",
+                 sys.executable, "-c", PAYLOAD, "{k}"]) == 1
+    kill_mid_run(manifest, 2)
+    holder = python("""
+        import sys, time, notata
+        log = notata.task(sys.argv[1], 3, heartbeat=0.2)
+        print("open", flush=True)
+        time.sleep(60)
+        """, str(manifest))
+    assert holder.stdout and holder.stdout.readline().strip() == "open"
+    try:
+        (out / "log_stray").mkdir()
+        with Logbook("other", out):
+            pass
+        other = read_meta(out / "log_other")
+        (out / "log_k4").mkdir()
+        (out / "log_k4" / "metadata.json").write_text(json.dumps({**other, "run_id": "k4",
+                                                                   "manifest_hash": "0" * 16}))
+        report = scan(load(manifest))
+        got = {(r.task, r.run_id): r.status for r in report.runs}
+        assert got == {(0, "k0"): "complete", (1, "k1"): "failed", (2, "k2"): "stale",
+                       (3, "k3"): "running", (4, "k4"): "mismatch", (5, "k5"): "missing",
+                       (None, "other"): "complete", (None, "stray"): "corrupt"}
+        reasons = {r.run_id: r.reason for r in report.runs}
+        assert "is gone" in reasons["k2"] and "no metadata.json" in reasons["stray"]
+        assert reasons["k1"].startswith("command exited with status 2")
+        chosen, left = report.to_resubmit(["failed", "stale", "missing", "running", "mismatch"])
+        assert chosen == [1, 2, 5]
+        assert [(r.run_id, why) for r, why in left] == [
+            ("k3", "a live process holds its lock"),
+            ("k4", "another version of the manifest wrote it")]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_heartbeat_staleness_and_clock_skew(base: Path) -> None:
+    with Logbook("r", base, heartbeat=60) as log:
+        meta = log.metadata
+        meta["host"] = "node-elsewhere"  # not this host: only the heartbeat can tell
+        meta["heartbeat"] = dict(meta["heartbeat"], unix=time.time() - 1000)
+        log._meta = meta
+        log._write_meta()
+        [r] = scan(base).runs
+        assert r.status == "stale" and "no heartbeat for" in r.reason
+        assert scan(base, stale_after=5000).runs[0].status == "running"
+        # a clock running ahead: fresh for a single scan, stale once the beat stops moving
+        meta["heartbeat"] = dict(meta["heartbeat"], unix=time.time() + 3600)
+        log._write_meta()
+        assert scan(base).runs[0].status == "running"
+        watcher = Watcher(stale_after=0.3)
+        assert watcher.scan(base).runs[0].status == "running"
+        time.sleep(0.5)
+        r = watcher.scan(base).runs[0]
+        assert r.status == "stale" and "collector's clock" in r.reason
+
+
+def test_parse_duration() -> None:
+    assert [parse_duration(t) for t in ("90s", "10m", "2h", "1d", "45")] == [
+        90, 600, 7200, 86400, 45]
+    with pytest.raises(ValueError):
+        parse_duration("soon")
+
+
+def test_resubmit_locally_runs_exactly_what_needs_it(manifest: Path, base: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    out = base / "outputs"
+    cmd = ["--", sys.executable, "-c", PAYLOAD, "{k}"]
+    assert main(["submit", str(manifest), "--backend", "local", "--tasks", "0-1,3-4", *cmd]) == 1
+    kill_mid_run(manifest, 2)  # k5 is never submitted: missing
+    before = {k: files_digest(out / f"log_k{k}") for k in (0, 3)}
+    capsys.readouterr()
+    assert main(["resubmit", str(manifest), "--backend", "local", "--dry-run"]) == 0
+    assert "resubmitting 4 task(s): 1-2,4-5" in capsys.readouterr().out
+    assert main(["resubmit", str(manifest), "--backend", "local", "--max-attempts", "1"]) == 0
+    text = capsys.readouterr()
+    assert "resubmitting 1 task(s): 5" in text.out  # 1, 2 and 4 already had one attempt
+    assert "leaving task 1 (k1, failed): already at 1 attempt(s)" in text.err
+    assert main(["resubmit", str(manifest), "--backend", "local"]) == 0  # the recorded command
+    attempts = {k: read_meta(out / f"log_k{k}")["attempt"] for k in range(6)}
+    assert attempts == {0: 1, 1: 2, 2: 2, 3: 1, 4: 2, 5: 1}
+    assert all(read_meta(out / f"log_k{k}")["status"] == "complete" for k in range(6))
+    assert read_meta(out / "log_k2")["attempts"][0]["status"] == "running"  # killed, kept
+    assert {k: files_digest(out / f"log_k{k}") for k in (0, 3)} == before
+    assert main(["resubmit", str(manifest), "--backend", "local"]) == 0
+    assert "nothing to resubmit" in capsys.readouterr().out
+    not_complete = [r for r in json.loads(
+        subprocess.run([sys.executable, "-m", "notata", "status", str(manifest), "--json"],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
+                       ).stdout)["runs"] if r["status"] != "complete"]
+    assert not_complete == []

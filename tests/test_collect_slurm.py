@@ -1,0 +1,83 @@
+"""The collector end to end on the real test cluster: status and resubmit after real failures."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import job_gone, read_meta, status_is, wait_for
+
+from notata import submissions
+from notata.cli import main
+from notata.collect import Queue, scan
+from notata.manifest import load
+from notata.slurm import queue
+
+# k1 fails on its first attempt; k2 hangs on its first attempt (to be SIGKILLed).
+PAYLOAD = """
+import os, sys, time
+k, attempt = int(sys.argv[1]), int(os.environ["NOTATA_ATTEMPT"])
+if attempt == 1 and k == 1:
+    sys.exit("k1 diverged")
+if attempt == 1 and k == 2:
+    time.sleep(300)
+"""
+
+
+def digest(run: Path) -> dict[str, str]:
+    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def test_status_and_resubmit_after_real_failures(slurm_cluster: str, base: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = base / "sweep.yaml"
+    manifest.write_text("name: e2e\nrun_id: 'k{k}'\ngrid: {k: [0, 1, 2, 3, 4, 5]}\n")
+    payload = base / "payload.py"
+    payload.write_text(PAYLOAD)
+    out = base / "outputs"
+    assert main(["submit", str(manifest), "--backend", "slurm", "--throttle", "3", "--",
+                 sys.executable, str(payload), "{k}"]) == 0
+    [record] = submissions.read(out)
+    job = record["job_ids"][0]
+    wait_for(status_is(out / "log_k2", "running"), 120, "k2 to start")
+    # while tasks are queued or running, none of them is resubmitted
+    capsys.readouterr()
+    assert main(["resubmit", str(manifest), "--backend", "slurm", "--dry-run"]) == 0
+    assert "nothing to resubmit" in capsys.readouterr().out
+    # cancel k5 while it is still pending (the throttle holds it), then SIGKILL k2's
+    # wrapper and payload outright, as the OOM killer or a dying node would
+    subprocess.run(["scancel", f"{job}_5"], check=True)
+    wrapper = psutil.Process(read_meta(out / "log_k2")["pid"])
+    for p in [wrapper, *wrapper.children(recursive=True)]:
+        p.kill()
+    wait_for(job_gone(job), 300, "the array to end")
+    capsys.readouterr()
+
+    report = scan(load(manifest), queue=Queue(queue()))
+    got = {r.run_id: (r.status, r.attempt) for r in report.runs}
+    assert got == {"k0": ("complete", 1), "k1": ("failed", 1), "k2": ("stale", 1),
+                   "k3": ("complete", 1), "k4": ("complete", 1), "k5": ("missing", 0)}
+    assert report.runs[2].reason == "its SLURM job is gone"
+    assert "k1 diverged" in (report.runs[1].reason or "")
+    complete_before = {k: digest(out / f"log_k{k}") for k in (0, 3, 4)}
+
+    assert main(["resubmit", str(manifest), "--backend", "slurm"]) == 0
+    assert "resubmitting 3 task(s): 1-2,5" in capsys.readouterr().out
+    second = submissions.read(out)[-1]
+    assert second["tasks"] == "1-2,5" and second["command"] == record["command"]
+    wait_for(lambda: all(job_gone(j)() for j in second["job_ids"]), 300, "the resubmission")
+    metas = {k: read_meta(out / f"log_k{k}") for k in range(6)}
+    assert {k: (m["status"], m["attempt"]) for k, m in metas.items()} == {
+        0: ("complete", 1), 1: ("complete", 2), 2: ("complete", 2), 3: ("complete", 1),
+        4: ("complete", 1), 5: ("complete", 1)}
+    assert [a["status"] for a in metas[1]["attempts"]] == ["failed"]
+    assert [a["status"] for a in metas[2]["attempts"]] == ["running"]  # killed: as it was left
+    assert {k: digest(out / f"log_k{k}") for k in (0, 3, 4)} == complete_before
+    # nothing is left to do
+    assert main(["resubmit", str(manifest), "--backend", "slurm"]) == 0
+    assert "nothing to resubmit" in capsys.readouterr().out
