@@ -20,6 +20,7 @@ __version__ = "0.4.0.dev0"
 from . import runinfo as _runinfo
 from . import slurm as _slurm
 from .array import task
+from .collect import Report, scan
 from .errors import (
     CorruptMetadataError,
     ManifestError,
@@ -33,8 +34,33 @@ from .logbook import Logbook
 from .manifest import Sweep, Task
 from .manifest import load as load_sweep
 from .reader import ExperimentReader, LogReader
+from .tabulate import table
 
 _runinfo.register_scheduler(_slurm.SLURM)
+
+
+def collect(target: Sweep | str, stale_after: float | None = None) -> Report:
+    """Scan a sweep (a manifest path or a :class:`Sweep`) or a base folder of runs.
+
+    Asks SLURM's queue once when ``sbatch`` is here (not when it cannot answer). The
+    report has ``counts``, ``runs`` (one record per task), ``indices(*statuses)`` and
+    ``to_resubmit(statuses, max_attempts)``; resubmit those indices with
+    ``notata resubmit`` or ``notata.submitit.submit_sweep(fn, manifest, executor,
+    tasks=indices)``.
+    """
+    import os
+
+    from .collect import Queue
+
+    if isinstance(target, str) and not os.path.isdir(target):
+        target = load_sweep(target, check_unique=True)
+    queue = None
+    if _slurm.available():
+        try:
+            queue = Queue(_slurm.queue())
+        except SchedulerError:
+            queue = None
+    return scan(target, stale_after=stale_after, queue=queue)
 
 __all__ = [
     "CorruptMetadataError",
@@ -50,6 +76,8 @@ __all__ = [
     "Sweep",
     "Task",
     "__version__",
+    "collect",
     "load_sweep",
+    "table",
     "task",
 ]

@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__, slurm, submissions
+from . import __version__, slurm, submissions, tabulate
 from .array import index_from_env
 from .collect import DEFAULT_RESUBMIT, Queue, Report, Watcher, parse_duration, scan
 from .errors import ManifestError, NotataError, SchedulerError, UsageError
@@ -238,6 +238,13 @@ def last_command(sweep: Sweep) -> list[str]:
                      "give one after --")
 
 
+def cmd_table(args: argparse.Namespace) -> int:
+    data = tabulate.rows(_target(args.path), args.artifact or (), args.status)
+    sys.stdout.write(tabulate.to_csv(data) if args.format == "csv"
+                     else tabulate.to_json_lines(data))
+    return 0
+
+
 def format_report(report: Report) -> str:
     lines = []
     if report.sweep is not None:
@@ -326,6 +333,18 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--watch", nargs="?", type=float, const=10.0, metavar="SECONDS",
                     help="scan again every SECONDS (10) until every task is terminal")
     st.set_defaults(func=cmd_status)
+
+    tb = sub.add_parser("table", help="one row per run: status, params, results",
+                        description="Print one row per run: run_id, task, status, attempt, "
+                        "runtime, the params flattened, and the scalar fields of each named "
+                        "JSON artifact (final_metrics gives final_metrics.E).")
+    tb.add_argument("path", help="a manifest or a base folder of runs")
+    tb.add_argument("--artifact", action="append", metavar="NAME",
+                    help="a JSON artifact under artifacts/ (repeatable)")
+    tb.add_argument("--format", choices=("csv", "json"), default="csv",
+                    help="csv (default) or JSON lines")
+    tb.add_argument("--status", action="append", help="only runs with this status (repeatable)")
+    tb.set_defaults(func=cmd_table)
 
     r = sub.add_parser("resubmit", help="submit failed, stale and missing tasks again",
                        usage="notata resubmit MANIFEST [selectors] [options] [-- CMD [ARGS...]]",

@@ -68,6 +68,7 @@ class RunRecord:
     run_dir: Path | None = None
     queued: str | None = None  # the scheduler's state of its job, when the queue lists it
     beat: tuple[int, float] | None = None  # (beat counter, task's own time) for --watch
+    runtime_sec: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"task": self.task, "run_id": self.run_id, "status": self.status,
@@ -194,6 +195,8 @@ def read_run(run_dir: Path, task: int | None = None, *, sweep: Sweep | None = No
     attempt = meta.get("attempt", 1)
     record = RunRecord(task, run_id, str(status), attempt if isinstance(attempt, int) else 1,
                        None, run_dir)
+    runtime = meta.get("runtime_sec")
+    record.runtime_sec = float(runtime) if isinstance(runtime, (int, float)) else None
     if status not in schema.STATUSES:
         record.status, record.reason = CORRUPT, f"unknown status {status!r}"
         return record

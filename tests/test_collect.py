@@ -21,13 +21,18 @@ from notata.manifest import load
 
 SWEEP = "name: c\nrun_id: 'k{k}'\ngrid: {k: [0, 1, 2, 3, 4, 5]}\n"
 # fails on the first attempt for k in 1 and 4
-PAYLOAD = ("import os, sys; k = int(sys.argv[1]); "
-           "sys.exit(2 if k in (1, 4) and os.environ['NOTATA_ATTEMPT'] == '1' else 0)")
+PAYLOAD = (
+    "import os, sys; k = int(sys.argv[1]); "
+    "sys.exit(2 if k in (1, 4) and os.environ['NOTATA_ATTEMPT'] == '1' else 0)"
+)
 
 
 def files_digest(run: Path) -> dict[str, str]:
-    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(run.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(run.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture
@@ -39,9 +44,17 @@ def manifest(base: Path) -> Path:
 
 def kill_mid_run(manifest: Path, index: int) -> None:
     """A task whose wrapper and payload die by SIGKILL: nothing written at the end."""
-    proc = python("import sys; from notata.cli import main; sys.exit(main(sys.argv[1:]))",
-                  "exec", str(manifest), "--task", str(index), "--", "sleep", "30",
-                  start_new_session=True)
+    proc = python(
+        "import sys; from notata.cli import main; sys.exit(main(sys.argv[1:]))",
+        "exec",
+        str(manifest),
+        "--task",
+        str(index),
+        "--",
+        "sleep",
+        "30",
+        start_new_session=True,
+    )
     run = load(manifest).task(index).run_dir
     wait_for(status_is(run, "running"), what="the task to start")
     os.killpg(proc.pid, signal.SIGKILL)
@@ -50,15 +63,34 @@ def kill_mid_run(manifest: Path, index: int) -> None:
 
 def test_every_kind_of_run_is_classified(manifest: Path, base: Path) -> None:
     out = base / "outputs"
-    assert main(["submit", str(manifest), "--backend", "local", "--tasks", "0-1", "--",
-                 sys.executable, "-c", PAYLOAD, "{k}"]) == 1
+    assert (
+        main(
+            [
+                "submit",
+                str(manifest),
+                "--backend",
+                "local",
+                "--tasks",
+                "0-1",
+                "--",
+                sys.executable,
+                "-c",
+                PAYLOAD,
+                "{k}",
+            ]
+        )
+        == 1
+    )
     kill_mid_run(manifest, 2)
-    holder = python("""
+    holder = python(
+        """
         import sys, time, notata
         log = notata.task(sys.argv[1], 3, heartbeat=0.2)
         print("open", flush=True)
         time.sleep(60)
-        """, str(manifest))
+        """,
+        str(manifest),
+    )
     assert holder.stdout and holder.stdout.readline().strip() == "open"
     try:
         (out / "log_stray").mkdir()
@@ -66,13 +98,21 @@ def test_every_kind_of_run_is_classified(manifest: Path, base: Path) -> None:
             pass
         other = read_meta(out / "log_other")
         (out / "log_k4").mkdir()
-        (out / "log_k4" / "metadata.json").write_text(json.dumps({**other, "run_id": "k4",
-                                                                   "manifest_hash": "0" * 16}))
+        (out / "log_k4" / "metadata.json").write_text(
+            json.dumps({**other, "run_id": "k4", "manifest_hash": "0" * 16})
+        )
         report = scan(load(manifest))
         got = {(r.task, r.run_id): r.status for r in report.runs}
-        assert got == {(0, "k0"): "complete", (1, "k1"): "failed", (2, "k2"): "stale",
-                       (3, "k3"): "running", (4, "k4"): "mismatch", (5, "k5"): "missing",
-                       (None, "other"): "complete", (None, "stray"): "corrupt"}
+        assert got == {
+            (0, "k0"): "complete",
+            (1, "k1"): "failed",
+            (2, "k2"): "stale",
+            (3, "k3"): "running",
+            (4, "k4"): "mismatch",
+            (5, "k5"): "missing",
+            (None, "other"): "complete",
+            (None, "stray"): "corrupt",
+        }
         reasons = {r.run_id: r.reason for r in report.runs}
         assert "is gone" in reasons["k2"] and "no metadata.json" in reasons["stray"]
         assert reasons["k1"].startswith("command exited with status 2")
@@ -80,7 +120,8 @@ def test_every_kind_of_run_is_classified(manifest: Path, base: Path) -> None:
         assert chosen == [1, 2, 5]
         assert [(r.run_id, why) for r, why in left] == [
             ("k3", "a live process holds its lock"),
-            ("k4", "another version of the manifest wrote it")]
+            ("k4", "another version of the manifest wrote it"),
+        ]
     finally:
         holder.kill()
         holder.wait()
@@ -109,13 +150,19 @@ def test_heartbeat_staleness_and_clock_skew(base: Path) -> None:
 
 def test_parse_duration() -> None:
     assert [parse_duration(t) for t in ("90s", "10m", "2h", "1d", "45")] == [
-        90, 600, 7200, 86400, 45]
+        90,
+        600,
+        7200,
+        86400,
+        45,
+    ]
     with pytest.raises(ValueError):
         parse_duration("soon")
 
 
-def test_resubmit_locally_runs_exactly_what_needs_it(manifest: Path, base: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_resubmit_locally_runs_exactly_what_needs_it(
+    manifest: Path, base: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = base / "outputs"
     cmd = ["--", sys.executable, "-c", PAYLOAD, "{k}"]
     assert main(["submit", str(manifest), "--backend", "local", "--tasks", "0-1,3-4", *cmd]) == 1
@@ -136,8 +183,74 @@ def test_resubmit_locally_runs_exactly_what_needs_it(manifest: Path, base: Path,
     assert {k: files_digest(out / f"log_k{k}") for k in (0, 3)} == before
     assert main(["resubmit", str(manifest), "--backend", "local"]) == 0
     assert "nothing to resubmit" in capsys.readouterr().out
-    not_complete = [r for r in json.loads(
-        subprocess.run([sys.executable, "-m", "notata", "status", str(manifest), "--json"],
-                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
-                       ).stdout)["runs"] if r["status"] != "complete"]
+    not_complete = [
+        r
+        for r in json.loads(
+            subprocess.run(
+                [sys.executable, "-m", "notata", "status", str(manifest), "--json"],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            ).stdout
+        )["runs"]
+        if r["status"] != "complete"
+    ]
     assert not_complete == []
+
+
+def test_table_rows_params_and_artifact_fields(
+    manifest: Path, base: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import notata
+
+    code = (
+        "import json, os, sys; d = os.environ['NOTATA_RUN_DIR'] + '/artifacts'; os.makedirs(d);"
+        " json.dump({'E': int(sys.argv[1]) * 0.5, 'nested': {'n': 1}, 'list': [1]},"
+        " open(d + '/final_metrics.json', 'w'))"
+    )
+    assert (
+        main(
+            [
+                "submit",
+                str(manifest),
+                "--backend",
+                "local",
+                "--tasks",
+                "0-2",
+                "--",
+                sys.executable,
+                "-c",
+                code,
+                "{k}",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert (
+        main(["table", str(manifest), "--artifact", "final_metrics", "--status", "complete"]) == 0
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == (
+        "run_id,task,status,attempt,runtime_sec,k,final_metrics.E,final_metrics.nested.n"
+    )
+    assert [ln.split(",")[:4] + ln.split(",")[5:] for ln in lines[1:]] == [
+        ["k0", "0", "complete", "1", "0", "0.0", "1"],
+        ["k1", "1", "complete", "1", "1", "0.5", "1"],
+        ["k2", "2", "complete", "1", "2", "1.0", "1"],
+    ]
+    assert main(["table", str(base / "outputs"), "--format", "json"]) == 0
+    rows = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    assert [(r["run_id"], r["task"], r["k"]) for r in rows] == [
+        ("k0", None, 0),
+        ("k1", None, 1),
+        ("k2", None, 2),
+    ]
+    try:
+        import pandas  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pandas"):
+            notata.table(str(manifest))
+    else:
+        df = notata.table(str(manifest), artifacts=["final_metrics"])
+        assert df["final_metrics.E"].dropna().tolist() == [0.0, 0.5, 1.0]

@@ -1,0 +1,93 @@
+"""One row per run: status, params and scalar results, for a sweep or a folder of runs.
+
+This replaces ``jq '.E' outputs/log_*/artifacts/final_metrics.json`` at any number of
+runs: ``notata table sweep.yaml --artifact final_metrics`` gives a column
+``final_metrics.E``. With a manifest the params come from the sweep itself (no file is
+read for them); for a bare folder, from each run's params file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from .collect import CORRUPT, MISSING, PENDING, scan
+from .manifest import Sweep
+from .reader import LogReader
+
+BASE_COLUMNS = ["run_id", "task", "status", "attempt", "runtime_sec"]
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    elif value is None or isinstance(value, (str, int, float, bool)):
+        out[prefix] = value
+
+
+def rows(target: Sweep | str | os.PathLike[str], artifacts: Sequence[str] = (),
+         statuses: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    """The table's rows, in task order; ``statuses`` keeps only runs with those statuses."""
+    keep = set(statuses) if statuses else None
+    sweep = target if isinstance(target, Sweep) else None
+    out = []
+    for r in scan(target).runs:
+        if keep is not None and r.status not in keep:
+            continue
+        row: dict[str, Any] = {"run_id": r.run_id, "task": r.task, "status": r.status,
+                               "attempt": r.attempt, "runtime_sec": r.runtime_sec}
+        has_meta = r.run_dir is not None and r.status not in (CORRUPT, MISSING, PENDING)
+        reader = LogReader(r.run_dir) if has_meta and r.run_dir is not None else None
+        params: dict[str, Any] = {}
+        if sweep is not None and r.task is not None:
+            _flatten("", sweep.params(r.task), params)
+        elif reader is not None:
+            _flatten("", reader.params, params)
+        row.update({k: v for k, v in params.items() if k not in row})
+        for name in artifacts:
+            try:
+                data = reader.load_json(name) if reader is not None else {}
+            except ValueError:
+                data = {}
+            _flatten(name, data if isinstance(data, Mapping) else {}, row)
+        out.append(row)
+    return out
+
+
+def columns(table: Sequence[Mapping[str, Any]]) -> list[str]:
+    cols = list(BASE_COLUMNS)
+    for row in table:
+        cols += [k for k in row if k not in cols]
+    return cols
+
+
+def to_csv(table: Sequence[Mapping[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns(table), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(table)
+    return buf.getvalue()
+
+
+def to_json_lines(table: Sequence[Mapping[str, Any]]) -> str:
+    return "".join(json.dumps(row) + "\n" for row in table)
+
+
+def table(target: Sweep | str | os.PathLike[str], artifacts: Sequence[str] = (),
+          statuses: Iterable[str] | None = None) -> Any:
+    """The table as a pandas DataFrame (pandas required); a path to a manifest or a folder."""
+    try:
+        import pandas as pd  # type: ignore[import-untyped,import-not-found,unused-ignore]
+    except ImportError as err:
+        raise ImportError("notata.table() needs pandas: pip install pandas") from err
+    if not isinstance(target, Sweep) and not os.path.isdir(target):
+        from .manifest import load
+
+        target = load(target)
+    data = rows(target, artifacts, statuses)
+    return pd.DataFrame(data, columns=columns(data))
