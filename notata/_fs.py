@@ -66,12 +66,13 @@ def atomic_write_json(path: Path, obj: Any, *, durable: bool = False) -> None:
     atomic_write_bytes(path, dumps_json(obj), durable=durable)
 
 
-def read_json_object(path: Path) -> dict[str, Any]:
+def read_json_object(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a JSON object; any problem is a :class:`CorruptMetadataError` naming the file.
 
     ``FileNotFoundError`` passes through: a missing file is not a corrupt one.
     """
-    raw = path.read_bytes()
+    with open(path, "rb") as f:
+        raw = f.read()
     try:
         obj = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as err:

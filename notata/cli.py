@@ -162,9 +162,10 @@ def submit_tasks(sweep: Sweep, indices: list[int], cmd: list[str],
 
 
 def _target(path: str) -> Sweep | str:
+    """A folder of runs, or a manifest (whose run ids the scan checks for duplicates)."""
     if os.path.isdir(path):
         return path
-    return load(path, check_unique=True)
+    return load(path)
 
 
 def ask_queue(command: str) -> Queue | None:
@@ -205,7 +206,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_resubmit(args: argparse.Namespace) -> int:
-    sweep = load(args.manifest, check_unique=True)
+    sweep = load(args.manifest)  # the scan checks duplicate run ids
     chosen = [s for s in ("failed", "stale", "missing", "timeout", "cancelled", "preempted",
                           "corrupt", "terminated") if getattr(args, s)]
     statuses = chosen or list(DEFAULT_RESUBMIT)

@@ -40,6 +40,7 @@ from typing import Any
 import psutil
 
 from . import _fs, layout, schema, submissions
+from .errors import ManifestError
 from .lock import RunLock
 from .manifest import Sweep
 
@@ -65,10 +66,14 @@ class RunRecord:
     status: str
     attempt: int
     reason: str | None = None
-    run_dir: Path | None = None
+    path: str | None = None  # the run directory (a string: a scan makes 10^5 of these)
     queued: str | None = None  # the scheduler's state of its job, when the queue lists it
     beat: tuple[int, float] | None = None  # (beat counter, task's own time) for --watch
     runtime_sec: float | None = None
+
+    @property
+    def run_dir(self) -> Path | None:
+        return Path(self.path) if self.path is not None else None
 
     def as_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"task": self.task, "run_id": self.run_id, "status": self.status,
@@ -177,16 +182,21 @@ def threshold(meta: Mapping[str, Any], stale_after: float | None) -> float:
     return STALE_BEATS * float(interval) + MARGIN_SEC
 
 
-def read_run(run_dir: Path, task: int | None = None, *, sweep: Sweep | None = None,
+def read_run(run_dir: str | os.PathLike[str], task: int | None = None, *,
+             sweep: Sweep | None = None,
              queue: Queue | None = None, stale_after: float | None = None,
-             now: float | None = None) -> RunRecord:
-    """The record of one run directory; never raises for what is on disk."""
-    run_id = run_dir.name.removeprefix(layout.RUN_PREFIX)
-    if run_dir.is_symlink():
+             now: float | None = None, symlink: bool | None = None) -> RunRecord:
+    """The record of one run directory; never raises for what is on disk.
+
+    One ``open`` (metadata.json); ``symlink`` comes from the caller's scandir when known.
+    """
+    run_dir = os.fspath(run_dir)
+    run_id = os.path.basename(run_dir).removeprefix(layout.RUN_PREFIX)
+    if os.path.islink(run_dir) if symlink is None else symlink:
         return RunRecord(task, run_id, CORRUPT, 0, "the run directory is a symlink; not followed",
                          run_dir)
     try:
-        meta = _fs.read_json_object(run_dir / layout.METADATA)
+        meta = _fs.read_json_object(os.path.join(run_dir, layout.METADATA))
     except FileNotFoundError:
         return RunRecord(task, run_id, CORRUPT, 0, f"no {layout.METADATA}", run_dir)
     except (OSError, ValueError) as err:
@@ -241,13 +251,13 @@ def _liveness(meta: Mapping[str, Any], queued: str | None, asked: bool,
     return schema.RUNNING, None
 
 
-def _run_dirs(base: Path) -> dict[str, Path]:
-    """``run_id -> path`` for every ``log_*`` entry of ``base`` (one scandir)."""
+def _run_dirs(base: Path) -> dict[str, os.DirEntry[str]]:
+    """``run_id -> entry`` for every ``log_*`` entry of ``base`` (one scandir)."""
     try:
         entries = list(os.scandir(base))
     except FileNotFoundError:
         return {}
-    return {e.name.removeprefix(layout.RUN_PREFIX): Path(e.path) for e in entries
+    return {e.name[len(layout.RUN_PREFIX):]: e for e in entries
             if e.name.startswith(layout.RUN_PREFIX) and (e.is_dir() or e.is_symlink())}
 
 
@@ -283,25 +293,34 @@ def scan(target: Sweep | str | os.PathLike[str], *, stale_after: float | None = 
     a bare base folder (every run in it). ``queue`` is the scheduler's view, asked once
     by the caller; without it runs are classified from their files alone."""
     now = time.time()
+
+    def read(entry: os.DirEntry[str], task: int | None = None,
+             sweep: Sweep | None = None) -> RunRecord:
+        return read_run(entry.path, task, sweep=sweep, queue=queue,
+                        stale_after=stale_after, now=now, symlink=entry.is_symlink())
+
     if not isinstance(target, Sweep):
         dirs = _run_dirs(Path(target))
-        return Report([read_run(dirs[rid], queue=queue, stale_after=stale_after, now=now)
-                       for rid in sorted(dirs)])
+        return Report([read(dirs[rid]) for rid in sorted(dirs)])
     sweep = target
     dirs = _run_dirs(sweep.base_dir)
     pending = queued_tasks(sweep, queue) if queue is not None else {}
     records = []
-    for t in sweep:
-        path = dirs.pop(t.run_id, None)
-        if path is not None:
-            records.append(read_run(path, t.index, sweep=sweep, queue=queue,
-                                    stale_after=stale_after, now=now))
-        elif t.index in pending:
-            records.append(RunRecord(t.index, t.run_id, PENDING, 0, queued=pending[t.index]))
+    seen: dict[str, int] = {}
+    for i in range(len(sweep)):
+        rid = sweep.run_id(i, check=False)
+        if rid in seen:  # the whole-sweep duplicate check, for free while scanning
+            raise ManifestError(str(sweep.path), f"tasks {seen[rid]} and {i} have the same "
+                                                 f"run id {rid!r}")
+        seen[rid] = i
+        entry = dirs.pop(rid, None)
+        if entry is not None:
+            records.append(read(entry, i, sweep))
+        elif i in pending:
+            records.append(RunRecord(i, rid, PENDING, 0, queued=pending[i]))
         else:
-            records.append(RunRecord(t.index, t.run_id, MISSING, 0))
-    records += [read_run(dirs[rid], queue=queue, stale_after=stale_after, now=now)
-                for rid in sorted(dirs)]
+            records.append(RunRecord(i, rid, MISSING, 0))
+    records += [read(dirs[rid]) for rid in sorted(dirs)]
     return Report(records, sweep)
 
 

@@ -124,14 +124,17 @@ class Sweep:
         out.update((k, point[k]) for k, _ in self.grid)
         return out
 
-    def run_id(self, index: int, params: Mapping[str, Any] | None = None) -> str:
-        """The run id of task ``index``."""
+    def run_id(self, index: int, params: Mapping[str, Any] | None = None, *,
+               check: bool = True) -> str:
+        """The run id of task ``index`` (``check=False``: not validated, for lookups only)."""
         p = self.params(index) if params is None else params
         if self.template is not None:
             rid = self.template.format_map(p)
         else:
             parts = [f"{k}{_UNSAFE.sub('-', _text(p[k]))}" for k in self._varying if k in p]
             rid = "_".join(parts) or f"task{index}"
+        if not check:
+            return rid
         try:
             return layout.check_run_id(rid)
         except ValueError as err:
