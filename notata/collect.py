@@ -107,7 +107,6 @@ class Report:
 
     runs: list[RunRecord]
     sweep: Sweep | None = None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -156,10 +155,7 @@ class Report:
         return chosen, left
 
     def as_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"counts": self.counts, "runs": [r.as_json() for r in self.runs]}
-        if self.notes:
-            out["notes"] = self.notes
-        return out
+        return {"counts": self.counts, "runs": [r.as_json() for r in self.runs]}
 
 
 def lock_is_held(run_dir: Path) -> bool:
