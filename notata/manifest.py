@@ -180,7 +180,9 @@ def load(path: str | os.PathLike[str], *, check_unique: bool = False) -> Sweep:
         raise ManifestError(where, f"cannot read: {getattr(err, 'strerror', None) or err}") \
             from None
     try:
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        # libyaml's safe loader when PyYAML has it: a 10^5-value grid parses 10x faster
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        data = json.loads(text) if p.suffix == ".json" else yaml.load(text, Loader=loader)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
         kind = "JSON" if p.suffix == ".json" else "YAML"
         raise ManifestError(where, f"invalid {kind}: {' '.join(str(err).split())}") from None
