@@ -254,3 +254,12 @@ def test_table_rows_params_and_artifact_fields(
     else:
         df = notata.table(str(manifest), artifacts=["final_metrics"])
         assert df["final_metrics.E"].dropna().tolist() == [0.0, 0.5, 1.0]
+
+
+def test_watch_returns_once_every_task_is_terminal(manifest: Path, base: Path) -> None:
+    assert main(["submit", str(manifest), "--backend", "local", "--", "true"]) == 0
+    proc = subprocess.run([sys.executable, "-m", "notata", "status", str(manifest), "--watch",
+                           "0.1", "--json"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0
+    assert json.loads(proc.stdout.splitlines()[-1])["counts"]["complete"] == 6
