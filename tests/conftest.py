@@ -58,6 +58,14 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "
     raise AssertionError(f"timed out waiting for {what or predicate}")
 
 
+def tree_digest(run: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``run``: to show that nothing in it changed."""
+    import hashlib
+
+    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run.rglob("*")) if p.is_file()}
+
+
 def read_meta(run: Path) -> dict[str, Any]:
     return json.loads((run / "metadata.json").read_text())
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -12,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, python, read_meta, status_is, wait_for
+from conftest import ROOT, python, read_meta, status_is, tree_digest, wait_for
 
 from notata import Logbook
 from notata.cli import main
@@ -26,13 +25,6 @@ PAYLOAD = (
     "sys.exit(2 if k in (1, 4) and os.environ['NOTATA_ATTEMPT'] == '1' else 0)"
 )
 
-
-def files_digest(run: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(run.rglob("*"))
-        if p.is_file()
-    }
 
 
 @pytest.fixture
@@ -167,7 +159,7 @@ def test_resubmit_locally_runs_exactly_what_needs_it(
     cmd = ["--", sys.executable, "-c", PAYLOAD, "{k}"]
     assert main(["submit", str(manifest), "--backend", "local", "--tasks", "0-1,3-4", *cmd]) == 1
     kill_mid_run(manifest, 2)  # k5 is never submitted: missing
-    before = {k: files_digest(out / f"log_k{k}") for k in (0, 3)}
+    before = {k: tree_digest(out / f"log_k{k}") for k in (0, 3)}
     capsys.readouterr()
     assert main(["resubmit", str(manifest), "--backend", "local", "--dry-run"]) == 0
     assert "resubmitting 4 task(s): 1-2,4-5" in capsys.readouterr().out
@@ -180,7 +172,7 @@ def test_resubmit_locally_runs_exactly_what_needs_it(
     assert attempts == {0: 1, 1: 2, 2: 2, 3: 1, 4: 2, 5: 1}
     assert all(read_meta(out / f"log_k{k}")["status"] == "complete" for k in range(6))
     assert read_meta(out / "log_k2")["attempts"][0]["status"] == "running"  # killed, kept
-    assert {k: files_digest(out / f"log_k{k}") for k in (0, 3)} == before
+    assert {k: tree_digest(out / f"log_k{k}") for k in (0, 3)} == before
     assert main(["resubmit", str(manifest), "--backend", "local"]) == 0
     assert "nothing to resubmit" in capsys.readouterr().out
     not_complete = [

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import job_gone, read_meta, status_is, wait_for
+from conftest import job_gone, read_meta, status_is, tree_digest, wait_for
 
 from notata import submissions
 from notata.cli import main
@@ -27,10 +26,6 @@ if attempt == 1 and k == 2:
     time.sleep(300)
 """
 
-
-def digest(run: Path) -> dict[str, str]:
-    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(run.rglob("*")) if p.is_file()}
 
 
 def test_status_and_resubmit_after_real_failures(slurm_cluster: str, base: Path,
@@ -64,7 +59,7 @@ def test_status_and_resubmit_after_real_failures(slurm_cluster: str, base: Path,
                    "k3": ("complete", 1), "k4": ("complete", 1), "k5": ("missing", 0)}
     assert report.runs[2].reason == "its SLURM job is gone"
     assert "k1 diverged" in (report.runs[1].reason or "")
-    complete_before = {k: digest(out / f"log_k{k}") for k in (0, 3, 4)}
+    complete_before = {k: tree_digest(out / f"log_k{k}") for k in (0, 3, 4)}
 
     assert main(["resubmit", str(manifest), "--backend", "slurm"]) == 0
     assert "resubmitting 3 task(s): 1-2,5" in capsys.readouterr().out
@@ -77,7 +72,7 @@ def test_status_and_resubmit_after_real_failures(slurm_cluster: str, base: Path,
         4: ("complete", 1), 5: ("complete", 1)}
     assert [a["status"] for a in metas[1]["attempts"]] == ["failed"]
     assert [a["status"] for a in metas[2]["attempts"]] == ["running"]  # killed: as it was left
-    assert {k: digest(out / f"log_k{k}") for k in (0, 3, 4)} == complete_before
+    assert {k: tree_digest(out / f"log_k{k}") for k in (0, 3, 4)} == complete_before
     # nothing is left to do
     assert main(["resubmit", str(manifest), "--backend", "slurm"]) == 0
     assert "nothing to resubmit" in capsys.readouterr().out
