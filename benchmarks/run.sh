@@ -8,3 +8,5 @@ cd "$(dirname "$0")/.."
 [ -d benchmarks/.notata03/notata ] || .venv/bin/pip install -q --no-deps --target benchmarks/.notata03 notata==0.3.0
 .venv/bin/python benchmarks/bench_logbook.py --notata03 benchmarks/.notata03 "$@"
 .venv/bin/python benchmarks/bench_sweep.py
+.venv/bin/python benchmarks/bench_scan.py --runs 100000 --repeats 3
+if command -v sbatch >/dev/null; then .venv/bin/python benchmarks/bench_slurm.py --tasks 500 --repeats 2; fi
