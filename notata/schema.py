@@ -23,7 +23,9 @@ Added by this notata:
   cpu_time_sec, cpu_percent, pids}``. ``beat`` counts up by one per write, so a
   reader can tell a live run from a dead one by content, not by file mtimes.
 - ``signals``: the signals the run received, ``[{signal, unix, time}]``.
-- ``manifest``/``task``/``sweep`` fields are added by sweeps.
+- Added by sweeps (``notata.task`` / ``notata exec``): ``task`` (the index), ``sweep``
+  (its name), ``manifest`` (absolute path), ``manifest_hash``, ``tasks`` (the sweep's
+  size); by ``notata exec``: ``command`` (the argv run) and ``exit_code``.
 
 Any other key a user sets with ``meta(**fields)`` is kept as is.
 """
