@@ -34,7 +34,10 @@ _LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARN
            "ERROR": logging.ERROR, "CRITICAL": logging.CRITICAL}
 # Fields of one attempt that move into ``attempts`` when the next attempt starts.
 _ATTEMPT_FIELDS = ("attempt", "status", "start_time", "end_time", "start_unix", "end_unix",
-                   "runtime_sec", "failure_reason", "host", "pid")
+                   "runtime_sec", "failure_reason", "host", "pid", "exit_code")
+# Fields that describe one attempt only: the next attempt starts without them.
+_VOLATILE = frozenset({"end_time", "end_unix", "runtime_sec", "failure_reason", "signals",
+                       "heartbeat", "slurm", "command", "exit_code"})
 _OPEN: weakref.WeakSet[Logbook] = weakref.WeakSet()
 
 
@@ -150,7 +153,7 @@ class Logbook(OutputsMixin):
         self._scheduler = sched[0] if sched else None
         self._resources = Resources(tree=track_children)
         self._meta = {
-            **{k: v for k, v in previous.items() if k not in _volatile_fields()},
+            **{k: v for k, v in previous.items() if k not in _VOLATILE},
             "schema": schema.SCHEMA_VERSION,
             "run_id": self.run_id,
             "status": schema.INITIALIZED,
@@ -237,13 +240,13 @@ class Logbook(OutputsMixin):
         """Merge ``fields`` into metadata.json (values must be YAML/JSON-able)."""
         self._set(**{k: to_plain(v, f"meta[{k!r}]") for k, v in fields.items()})
 
-    def _set(self, *, durable: bool = False, **fields: Any) -> None:
+    def _set(self, **fields: Any) -> None:
         if self.attached:
             self._hand_over(**fields)
             return
         with self._locked():
             self._meta.update(fields)
-        self._write_meta(durable=durable)
+        self._write_meta()
 
     def _hand_over(self, **fields: Any) -> None:
         """Attached: give fields to the wrapper, which merges them into metadata.json."""
@@ -549,21 +552,14 @@ def _wrapper_holds(path: Path) -> bool:
         return False
 
 
-def _volatile_fields() -> frozenset[str]:
-    """Fields that describe one attempt and start anew with the next."""
-    return frozenset({"end_time", "end_unix", "runtime_sec", "failure_reason", "signals",
-                      "heartbeat", "slurm"})
-
-
 def _history(previous: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The attempts list of a run about to start its next attempt."""
     history = list(previous.get("attempts", []))
     if previous:
         record = {k: previous[k] for k in _ATTEMPT_FIELDS if k in previous}
         record.setdefault("attempt", len(history) + 1)
-        for key in ("slurm",):
-            if key in previous:
-                record[key] = previous[key]
+        if "slurm" in previous:
+            record["slurm"] = previous["slurm"]
         history.append(record)
     return history
 
