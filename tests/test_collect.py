@@ -255,3 +255,27 @@ def test_watch_returns_once_every_task_is_terminal(manifest: Path, base: Path) -
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0
     assert json.loads(proc.stdout.splitlines()[-1])["counts"]["complete"] == 6
+
+
+def test_hostile_run_folders_are_reported_never_followed(base: Path, tmp_path: Path) -> None:
+    out = base / "outputs"
+    with Logbook("good", out):
+        pass
+    cases = {"empty": None, "truncated": b'{"status": "compl', "binary": b"\xff\xfe\x00{",
+             "nan": b'{"status": NaN, "attempt": 1}', "array": b"[1, 2]", "blank": b""}
+    for name, data in cases.items():
+        (out / f"log_{name}").mkdir()
+        if data is not None:
+            (out / f"log_{name}" / "metadata.json").write_bytes(data)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "metadata.json").write_text('{"status": "failed"}')
+    (out / "log_link").symlink_to(outside)
+    (out / ".nfs000000001234").write_text("stray")
+    report = scan(out)
+    got = {r.run_id: r.status for r in report.runs}
+    assert got == {"good": "complete", "link": "corrupt", **dict.fromkeys(cases, "corrupt")}
+    reasons = {r.run_id: r.reason for r in report.runs}
+    assert "symlink" in reasons["link"] and "not UTF-8" in reasons["binary"]
+    assert "empty file" in reasons["blank"] and "unknown status" in reasons["nan"]
+    assert report.to_resubmit(["corrupt"]) == ([], [])  # no task: never resubmitted blindly
