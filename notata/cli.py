@@ -16,7 +16,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__, slurm, submissions, tabulate
+import filelock
+
+from . import __version__, layout, slurm, submissions, tabulate
 from .array import index_from_env
 from .collect import DEFAULT_RESUBMIT, Queue, Report, Watcher, parse_duration, scan
 from .errors import ManifestError, NotataError, SchedulerError, UsageError
@@ -207,6 +209,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_resubmit(args: argparse.Namespace) -> int:
     sweep = load(args.manifest)  # the scan checks duplicate run ids
+    lock_path = sweep.base_dir / layout.SWEEP_DIR / "resubmit.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    # Two collectors at once: the second scans only after the first has submitted and
+    # recorded, so it sees those tasks queued (or, locally, finished) and takes none twice.
+    with filelock.FileLock(str(lock_path)):
+        return _resubmit(sweep, args)
+
+
+def _resubmit(sweep: Sweep, args: argparse.Namespace) -> int:
     chosen = [s for s in ("failed", "stale", "missing", "timeout", "cancelled", "preempted",
                           "corrupt", "terminated") if getattr(args, s)]
     statuses = chosen or list(DEFAULT_RESUBMIT)

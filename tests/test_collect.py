@@ -279,3 +279,19 @@ def test_hostile_run_folders_are_reported_never_followed(base: Path, tmp_path: P
     assert "symlink" in reasons["link"] and "not UTF-8" in reasons["binary"]
     assert "empty file" in reasons["blank"] and "unknown status" in reasons["nan"]
     assert report.to_resubmit(["corrupt"]) == ([], [])  # no task: never resubmitted blindly
+
+
+def test_two_collectors_at_once_resubmit_each_task_once(manifest: Path, base: Path) -> None:
+    cmd = ["--", sys.executable, "-c", PAYLOAD, "{k}"]
+    assert main(["submit", str(manifest), "--backend", "local", *cmd]) == 1  # k1, k4 fail
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-m", "notata", "resubmit", str(manifest),
+                               "--backend", "local"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert sorted(o.splitlines()[0] for o in outs) == [
+        "nothing to resubmit among: failed, timeout, preempted, stale, missing",
+        "resubmitting 2 task(s): 1,4"]
+    attempts = {k: read_meta(base / "outputs" / f"log_k{k}")["attempt"] for k in range(6)}
+    assert attempts == {0: 1, 1: 2, 2: 1, 3: 1, 4: 2, 5: 1}
