@@ -69,6 +69,7 @@ class RunRecord:
     path: str | None = None  # the run directory (a string: a scan makes 10^5 of these)
     queued: str | None = None  # the scheduler's state of its job, when the queue lists it
     beat: tuple[int, float] | None = None  # (beat counter, task's own time) for --watch
+    limit: float | None = None  # the staleness threshold that applies to this run
     runtime_sec: float | None = None
 
     @property
@@ -222,6 +223,7 @@ def read_run(run_dir: str | os.PathLike[str], task: int | None = None, *,
     hb = meta.get("heartbeat") or {}
     if isinstance(hb.get("beat"), int) and isinstance(hb.get("unix"), (int, float)):
         record.beat = (hb["beat"], float(hb["unix"]))
+    record.limit = threshold(meta, stale_after)
     record.status, record.reason = _liveness(meta, record.queued, queue is not None,
                                              stale_after, time.time() if now is None else now)
     return record
@@ -332,11 +334,11 @@ class Watcher:
     def scan(self, target: Sweep | str | os.PathLike[str], queue: Queue | None = None) -> Report:
         report = scan(target, stale_after=self.stale_after, queue=queue)
         now = time.monotonic()
-        limit = self.stale_after if self.stale_after is not None else \
-            STALE_BEATS * 30.0 + MARGIN_SEC
         for r in report.runs:
-            if r.beat is None or r.status != schema.RUNNING or r.queued == "RUNNING":
+            if r.beat is None or r.limit is None or r.status != schema.RUNNING \
+                    or r.queued == "RUNNING":
                 continue
+            limit = r.limit
             seen = self._seen.get(r.run_id)
             if seen is None or seen[0] != r.beat:
                 self._seen[r.run_id] = (r.beat, now)
