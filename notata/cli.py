@@ -137,8 +137,9 @@ def submit_tasks(sweep: Sweep, indices: list[int], cmd: list[str],
             return 0
         submissions.append(sweep.base_dir, {**record, "job_ids": []})
         progress = Progress()
-        result = run_local(sweep, indices, cmd, jobs=args.jobs or os.cpu_count() or 1,
-                           progress=progress)
+        done = set(todo)
+        result = run_local(sweep, todo, cmd, jobs=args.jobs or os.cpu_count() or 1,
+                           skipped=[i for i in indices if i not in done], progress=progress)
         print(progress.summary(result), file=sys.stderr)
         if result.interrupted:
             return 130

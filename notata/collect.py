@@ -262,20 +262,21 @@ def _run_dirs(base: Path) -> dict[str, os.DirEntry[str]]:
 def queued_tasks(sweep: Sweep, queue: Queue) -> dict[int, str]:
     """Sweep index -> queue state, for tasks that this sweep's submissions have queued."""
     out: dict[int, str] = {}
+    offsets: dict[str, int] = {}  # array job id -> the sweep index of its task 0
     for record in submissions.read(sweep.base_dir):
         if record.get("manifest_hash") != sweep.hash:
             continue
         for array in record.get("arrays", []):
-            prefix = f"{array.get('job_id')}_"
-            offset = int(array.get("offset", 0))
-            for key, state in queue.jobs.items():
-                if key.startswith(prefix) and key[len(prefix):].isdigit():
-                    out[offset + int(key[len(prefix):])] = state
+            offsets[str(array.get("job_id"))] = int(array.get("offset", 0))
         if record.get("backend", "").startswith("submitit"):
             tasks = _expand(record.get("tasks", ""))
             for job_id, index in zip(record.get("job_ids", []), tasks, strict=False):
                 if str(job_id) in queue.jobs:
                     out[index] = queue.jobs[str(job_id)]
+    for key, state in queue.jobs.items():  # one pass over the queue, however many arrays
+        job, _, task = key.partition("_")
+        if job in offsets and task.isdigit():
+            out[offsets[job] + int(task)] = state
     return out
 
 

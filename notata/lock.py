@@ -67,10 +67,6 @@ class RunLock:
         self._holder = holder
         self._lock: filelock.BaseFileLock | None = None
 
-    @property
-    def held(self) -> bool:
-        return self._lock is not None
-
     def acquire(self) -> None:
         """Take the lock now or raise :class:`RunLockedError`; a dead holder's lock is broken."""
         if self._try():

@@ -224,18 +224,16 @@ def is_complete(sweep: Sweep, index: int) -> bool:
     return meta.get("status") == schema.COMPLETE
 
 
-def run_local(sweep: Sweep, indices: Iterable[int], argv: Sequence[str], *, jobs: int,
-              progress: Any = None) -> LocalResult:
-    """Run ``notata exec`` for each task, ``jobs`` at a time; complete tasks are skipped.
+def run_local(sweep: Sweep, todo: Sequence[int], argv: Sequence[str], *, jobs: int,
+              skipped: Iterable[int] = (), progress: Any = None) -> LocalResult:
+    """Run ``notata exec`` for each task of ``todo``, ``jobs`` at a time.
 
+    The caller leaves out complete tasks (``skipped``, reported in the result).
     ``progress(result, running, total)`` is called as tasks start and end.
     Ctrl-C stops launching, lets the running wrappers record ``cancelled`` and
     returns with ``interrupted`` set.
     """
-    result = LocalResult()
-    todo: list[int] = []
-    for i in indices:
-        (result.skipped if is_complete(sweep, i) else todo).append(i)
+    result = LocalResult(skipped=list(skipped))
     total = len(todo)
     running: dict[int, subprocess.Popen[bytes]] = {}
     base = [sys.executable, "-m", "notata", "exec", str(sweep.path)]

@@ -300,11 +300,13 @@ def submit(sweep: Sweep, indices: Sequence[int], argv: Sequence[str], *,
 
 
 def queue() -> dict[str, str]:
-    """Every queued job, one ``squeue -r`` call: ``"123"`` or ``"123_4"`` -> state.
+    """This user's queued jobs, one ``squeue --me -r`` call: ``"123"`` or ``"123_4"`` -> state.
 
-    Raises :class:`SchedulerError` when squeue cannot answer.
+    Only the user's own jobs: a shared cluster's whole queue can be 10^5 lines, and a
+    sweep's jobs are its submitter's. Raises :class:`SchedulerError` when squeue cannot
+    answer.
     """
-    out = run(["squeue", "-h", "-r", "-o", "%i|%T"])
+    out = run(["squeue", "--me", "-h", "-r", "-o", "%i|%T"])
     jobs = {}
     for line in out.splitlines():
         key, _, state = line.strip().partition("|")
