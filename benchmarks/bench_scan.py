@@ -1,16 +1,19 @@
 """Scanning at scale: ``notata status`` over N runs against reading every metadata.json once.
 
-Makes N run directories (each a realistic metadata.json written by a real Logbook, copied)
-for a manifest of N tasks, then times, alternating and taking medians:
+Makes N run directories (each a realistic metadata.json written by a real Logbook, copied,
+and its record in the sweep index, written by the function the Logbook calls) for a
+manifest of N tasks (a 2-axis grid), then times, alternating and taking medians:
 
 - the floor: ``find DIR -name metadata.json -print0 | xargs -0 cat > /dev/null``;
-- ``notata status MANIFEST --json`` (every task classified, one open per run);
-- ``notata status DIR --json`` (a bare folder).
+- ``notata status MANIFEST`` (every task classified; the index spares opening complete runs);
+- ``notata status MANIFEST --full`` (one open per run, the index ignored);
+- ``notata status DIR`` (a bare folder: one open per run).
 
-It also counts the files a scan opens per run (strace, when installed) and reports the
-peak memory of the status process.
+``--fail K`` leaves every K-th run failed (not complete), so the index path still opens
+those. It also counts the files each scan opens per run (strace, when installed) and the
+peak memory of each status process.
 
-Usage: python benchmarks/bench_scan.py [--runs 100000] [--repeats 5]
+Usage: python benchmarks/bench_scan.py [--runs 100000] [--repeats 5] [--fail 100]
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -28,44 +30,49 @@ import time
 from pathlib import Path
 
 
-def make_runs(root: Path, n: int) -> Path:
-    from notata import Logbook
-
-    manifest = root / "sweep.yaml"
-    manifest.write_text(f"name: scale\nrun_id: 'r{{i}}'\ngrid: {{i: {list(range(n))}}}\n")
+def make_runs(root: Path, n: int, fail_every: int) -> Path:
+    from notata import Logbook, index
     from notata.manifest import load
 
+    b = min(n, 1000)
+    if n % b:
+        raise SystemExit("--runs must be a multiple of 1000")
+    manifest = root / "sweep.yaml"
+    manifest.write_text(f"name: scale\nrun_id: 'r{{a}}_{{b}}'\n"
+                        f"grid: {{a: {list(range(n // b))}, b: {list(range(b))}}}\n")
     sweep = load(manifest)
-    with Logbook("template", root / "tmpl", params={"i": 0}) as log:
+    with Logbook("template", root / "tmpl", params={"a": 0, "b": 0}) as log:
         log.meta(task=0, sweep="scale", manifest=str(manifest), manifest_hash=sweep.hash)
     meta = json.loads((log.path / "metadata.json").read_text())
     out = root / "outputs"
     out.mkdir()
     for i in range(n):
-        d = out / f"log_r{i}"
+        p = sweep.params(i)
+        d = out / f"log_{sweep.run_id(i)}"
         d.mkdir()
-        meta.update(run_id=f"r{i}", task=i)
+        failed = fail_every and i % fail_every == fail_every - 1
+        meta.update(run_id=d.name[4:], task=i, status="failed" if failed else "complete")
         (d / "metadata.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-        (d / "params.yaml").write_text(f"i: {i}\n")
+        (d / "params.yaml").write_text(f"a: {p['a']}\nb: {p['b']}\n")
+        index.record(out, meta)
     return manifest
 
 
-def timed(argv: list[str], shell: bool = False) -> tuple[float, int]:
+def timed(argv: list[str] | str) -> tuple[float, float]:
+    """Seconds and peak memory (MB) of one command."""
     t0 = time.perf_counter()
-    proc = subprocess.run(argv if not shell else argv[0], shell=shell, stdout=subprocess.DEVNULL,
-                          check=True)
-    assert proc.returncode == 0
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.perf_counter() - t0, usage.ru_maxrss
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M", *(
+        ["sh", "-c", argv] if isinstance(argv, str) else argv)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=True)
+    return time.perf_counter() - t0, int(proc.stderr.split()[-1]) / 1024
 
 
-def opens_per_run(manifest: Path, n: int) -> float | None:
+def opens_per_run(argv: list[str], n: int, root: Path) -> float | None:
     if not shutil.which("strace"):
         return None
-    log = manifest.parent / "strace.txt"
-    subprocess.run(["strace", "-f", "-e", "trace=open,openat", "-o", str(log), sys.executable,
-                    "-m", "notata", "status", str(manifest), "--json"], stdout=subprocess.DEVNULL,
-                   check=True)
+    log = root / "strace.txt"
+    subprocess.run(["strace", "-f", "-e", "trace=open,openat", "-o", str(log), *argv],
+                   stdout=subprocess.DEVNULL, check=True)
     opened = sum(1 for line in log.read_text().splitlines() if "/log_r" in line)
     return opened / n
 
@@ -74,30 +81,40 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=100_000)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--fail", type=int, default=100, help="every K-th run failed (0: none)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as d:
         root = Path(d)
         t0 = time.perf_counter()
-        manifest = make_runs(root, args.runs)
+        manifest = make_runs(root, args.runs, args.fail)
         print(f"made {args.runs} runs in {time.perf_counter() - t0:.0f} s")
         out = root / "outputs"
-        floor_cmd = [f"find {out} -name metadata.json -print0 | xargs -0 cat > /dev/null"]
-        status_m = [sys.executable, "-m", "notata", "status", str(manifest), "--json"]
-        status_d = [sys.executable, "-m", "notata", "status", str(out), "--json"]
-        floor, by_manifest, by_dir = [], [], []
+        status = [sys.executable, "-m", "notata", "status"]
+        commands = {
+            "find|xargs cat (floor)": f"find {out} -name metadata.json -print0 | "
+                                      "xargs -0 cat > /dev/null",
+            "notata status MANIFEST": [*status, str(manifest)],
+            "notata status MANIFEST --full": [*status, str(manifest), "--full"],
+            "notata status DIR": [*status, str(out)],
+        }
+        times: dict[str, list[float]] = {k: [] for k in commands}
+        peak: dict[str, float] = dict.fromkeys(commands, 0.0)
         for _ in range(args.repeats):
-            floor.append(timed(floor_cmd, shell=True)[0])
-            by_manifest.append(timed(status_m)[0])
-            by_dir.append(timed(status_d)[0])
-        f, m, b = (statistics.median(x) for x in (floor, by_manifest, by_dir))
-        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        print(f"{args.runs} runs, medians of {args.repeats}: find|xargs cat {f:.2f} s; "
-              f"notata status MANIFEST {m:.2f} s (ratio {m / f:.2f}); "
-              f"notata status DIR {b:.2f} s (ratio {b / f:.2f}); peak memory of the largest "
-              f"child {peak_mb:.0f} MB")
-        per_run = opens_per_run(manifest, args.runs)
-        if per_run is not None:
-            print(f"files opened per run by a scan: {per_run:.2f}")
+            for name, argv in commands.items():
+                sec, mb = timed(argv)
+                times[name].append(sec)
+                peak[name] = max(peak[name], mb)
+        floor = statistics.median(times["find|xargs cat (floor)"])
+        print(f"{args.runs} runs ({args.fail and args.runs // args.fail} failed), "
+              f"medians of {args.repeats}:")
+        for name, argv in commands.items():
+            m = statistics.median(times[name])
+            line = f"  {name:<32} {m:7.2f} s  ratio {m / floor:5.2f}  peak {peak[name]:6.0f} MB"
+            if isinstance(argv, list) and args.runs <= 100_000:  # strace is slow
+                per_run = opens_per_run(argv, args.runs, root)
+                if per_run is not None:
+                    line += f"  files opened per run {per_run:.2f}"
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -39,14 +39,16 @@ from .tabulate import table
 _runinfo.register_scheduler(_slurm.SLURM)
 
 
-def collect(target: Sweep | str, stale_after: float | None = None) -> Report:
+def collect(target: Sweep | str, stale_after: float | None = None, *,
+            full: bool = False) -> Report:
     """Scan a sweep (a manifest path or a :class:`Sweep`) or a base folder of runs.
 
     Asks SLURM's queue once when ``sbatch`` is here (not when it cannot answer). The
     report has ``counts``, ``runs`` (one record per task), ``indices(*statuses)`` and
     ``to_resubmit(statuses, max_attempts)``; resubmit those indices with
     ``notata resubmit`` or ``notata.submitit.submit_sweep(fn, manifest, executor,
-    tasks=indices)``.
+    tasks=indices)``. ``full`` reads every run's metadata.json instead of taking complete
+    tasks from the sweep index (after runs were deleted or edited by hand).
     """
     import os
 
@@ -60,7 +62,7 @@ def collect(target: Sweep | str, stale_after: float | None = None) -> Report:
             queue = Queue(_slurm.queue())
         except SchedulerError:
             queue = None
-    return scan(target, stale_after=stale_after, queue=queue)
+    return scan(target, stale_after=stale_after, queue=queue, full=full)
 
 __all__ = [
     "CorruptMetadataError",

@@ -196,7 +196,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     target = _target(args.path)
     watcher = Watcher(_stale_after(args))
     while True:
-        report = watcher.scan(target, ask_queue("status"))
+        report = watcher.scan(target, ask_queue("status"), full=args.full)
         if args.json:
             print(json.dumps(report.as_json()), flush=True)
         else:
@@ -223,7 +223,7 @@ def _resubmit(sweep: Sweep, args: argparse.Namespace) -> int:
                           "corrupt", "terminated") if getattr(args, s)]
     statuses = chosen or list(DEFAULT_RESUBMIT)
     queue = ask_queue("resubmit")
-    report = scan(sweep, stale_after=_stale_after(args), queue=queue)
+    report = scan(sweep, stale_after=_stale_after(args), queue=queue, full=args.full)
     indices, left = report.to_resubmit(statuses, args.max_attempts)
     for r, why in left:
         print(f"notata resubmit: leaving task {r.task} ({r.run_id}, {r.status}): {why}",
@@ -265,11 +265,11 @@ def format_report(report: Report) -> str:
         lines.append(f"sweep {s.name}: {len(s)} tasks, manifest hash {s.hash}, "
                      f"runs in {s.base_dir}")
     else:
-        lines.append(f"{len(report.runs)} runs")
+        lines.append(f"{len(report)} runs")
     for status, n in report.counts.items():
         if n:
             lines.append(f"  {status:<11} {n:>8}")
-    pending = [r for r in report.runs if r.status != "complete"]
+    pending = [r for r in report.read if r.status != "complete"]
     if pending:
         lines.append("not complete:")
         for r in pending:
@@ -345,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="e.g. 90s, 10m (default: 3 heartbeat intervals + 120 s)")
     st.add_argument("--watch", nargs="?", type=float, const=10.0, metavar="SECONDS",
                     help="scan again every SECONDS (10) until every task is terminal")
+    st.add_argument("--full", action="store_true",
+                    help="read every run's metadata.json, not the sweep index (after runs "
+                         "were deleted or edited by hand); also lists runs no task names")
     st.set_defaults(func=cmd_status)
 
     tb = sub.add_parser("table", help="one row per run: status, params, results",
@@ -373,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-attempts", type=int, metavar="K",
                    help="leave tasks that already had K attempts")
     r.add_argument("--stale-after", metavar="DURATION")
+    r.add_argument("--full", action="store_true",
+                   help="read every run's metadata.json, not the sweep index: after deleting "
+                        "complete runs by hand to run them again")
     add_submit_options(r)
     r.set_defaults(func=cmd_resubmit)
     return p

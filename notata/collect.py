@@ -1,8 +1,11 @@
 """The collector: what state every task of a sweep, or every run under a folder, is in.
 
-One ``scandir`` of the base folder and one ``open`` per run directory (its
-metadata.json); nothing is written. A run directory whose metadata cannot be read
-is ``corrupt`` (with the reason) and never stops the scan.
+Nothing is written. A full scan makes one ``scandir`` of the base folder and one
+``open`` per run directory (its metadata.json). A sweep's scan first reads the sweep
+index (:mod:`notata.index`, one file) and opens only the runs it does not record as
+complete, when those are at least half the tasks (else the full scan is the quicker).
+A run directory whose metadata cannot be read is ``corrupt`` (with the reason) and
+never stops the scan.
 
 Classification of a task (see :data:`SCAN_STATUSES`):
 
@@ -13,8 +16,8 @@ Classification of a task (see :data:`SCAN_STATUSES`):
   not list it), when it ran on this host and its pid is gone, or when its heartbeat is
   older than the threshold. A run whose job the queue lists as RUNNING is ``running``
   whatever its heartbeat says (the reason notes "no heartbeat");
-- no run directory: ``pending`` if a submission of this sweep has the task queued,
-  else ``missing``;
+- no run directory: ``pending`` if the queue holds the task, in an array that a recorded
+  submission of this sweep made or that one of its started tasks ran in, else ``missing``;
 - a run directory written by a different version of the manifest: ``mismatch``.
 
 Staleness threshold: ``stale_after`` seconds if given, else 3 heartbeat intervals (as
@@ -28,18 +31,21 @@ beat counter moves on the collector's own clock (:class:`Watcher`).
 
 from __future__ import annotations
 
+import heapq
 import os
 import re
 import socket
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 
-from . import _fs, layout, schema, submissions
+from . import _fs, index, layout, schema, submissions
 from .errors import ManifestError
 from .lock import RunLock
 from .manifest import Sweep
@@ -55,6 +61,7 @@ SCAN_STATUSES = (*schema.STATUSES, STALE, PENDING, MISSING, CORRUPT, MISMATCH)
 DEFAULT_RESUBMIT = (schema.FAILED, schema.TIMEOUT, schema.PREEMPTED, STALE, MISSING)
 STALE_BEATS = 3
 MARGIN_SEC = 120.0
+_NO_INDEXED = np.empty(0, dtype=index.DONE)
 
 
 @dataclass
@@ -71,6 +78,7 @@ class RunRecord:
     beat: tuple[int, float] | None = None  # (beat counter, task's own time) for --watch
     limit: float | None = None  # the staleness threshold that applies to this run
     runtime_sec: float | None = None
+    array: tuple[str, int] | None = None  # (SLURM array job id, array task id) it ran as
 
     @property
     def run_dir(self) -> Path | None:
@@ -104,29 +112,54 @@ class Queue:
 
 @dataclass
 class Report:
-    """A scan's result: ``runs`` sorted by task (runs no manifest names last, by run id)."""
+    """A scan's result.
 
-    runs: list[RunRecord]
+    ``read`` holds what the scan read from files (and the tasks with no run yet), sorted
+    by task, runs that no task of the manifest names last; ``indexed`` the tasks the
+    sweep index records as complete (fields ``task``, ``attempt``), which it did not
+    open. ``runs`` is every run, both merged (built on first use: 10^6 records are slow).
+    """
+
+    read: list[RunRecord]
     sweep: Sweep | None = None
+    indexed: np.ndarray = field(default_factory=lambda: _NO_INDEXED)
+
+    @cached_property
+    def runs(self) -> list[RunRecord]:
+        if not len(self.indexed) or self.sweep is None:
+            return self.read
+        sweep = self.sweep
+        done = [RunRecord(int(t), sweep.run_id(int(t), check=False), schema.COMPLETE, int(a))
+                for t, a in self.indexed.tolist()]
+        named = [r for r in self.read if r.task is not None]
+        return [*heapq.merge(named, done, key=lambda r: r.task or 0),
+                *(r for r in self.read if r.task is None)]
 
     @property
     def counts(self) -> dict[str, int]:
         keys = SCAN_STATUSES if self.sweep else tuple(
             s for s in SCAN_STATUSES if s not in (PENDING, MISSING, MISMATCH))
         counts = dict.fromkeys(keys, 0)
-        for r in self.runs:
+        for r in self.read:
             counts[r.status] = counts.get(r.status, 0) + 1
+        counts[schema.COMPLETE] += len(self.indexed)
         return counts
 
+    def __len__(self) -> int:
+        return len(self.read) + len(self.indexed)
+
     def indices(self, *statuses: str) -> list[int]:
-        """The task indices whose status is one of ``statuses``."""
-        return [r.task for r in self.runs if r.status in statuses and r.task is not None]
+        """The task indices whose status is one of ``statuses``, in order."""
+        got = [r.task for r in self.read if r.status in statuses and r.task is not None]
+        if schema.COMPLETE in statuses and len(self.indexed):
+            got = sorted(got + self.indexed["task"].tolist())
+        return got
 
     @property
     def terminal(self) -> bool:
         """Whether no task is still running or pending."""
         return not any(r.status in (schema.RUNNING, schema.INITIALIZED, PENDING)
-                       for r in self.runs)
+                       for r in self.read)
 
     def to_resubmit(self, statuses: Iterable[str] = DEFAULT_RESUBMIT,
                     max_attempts: int | None = None,
@@ -140,7 +173,7 @@ class Report:
         wanted = set(statuses) - {schema.COMPLETE}
         chosen: list[int] = []
         left: list[tuple[RunRecord, str]] = []
-        for r in self.runs:
+        for r in self.read:
             if r.task is None or r.status not in wanted:
                 continue
             if r.status == MISMATCH:
@@ -160,7 +193,12 @@ class Report:
 
 
 def lock_is_held(run_dir: Path) -> bool:
-    """Whether a live process holds the run's lock right now (a non-blocking try)."""
+    """Whether a live process holds the run's lock right now (a non-blocking try).
+
+    No ``.lock`` file: nobody holds it (a holder creates it), and none is created here.
+    """
+    if not (run_dir / layout.LOCK).exists():
+        return False
     probe = RunLock(run_dir, dict)
     try:
         taken = probe._try()
@@ -214,6 +252,9 @@ def read_run(run_dir: str | os.PathLike[str], task: int | None = None, *,
         return record
     if queue is not None:
         record.queued = queue.state(meta)
+        job = meta.get("slurm") or {}
+        if isinstance(job.get("array_task_id"), int) and "array_job_id" in job:
+            record.array = (str(job["array_job_id"]), job["array_task_id"])
     if status == schema.COMPLETE:
         return record
     if status not in schema.OPEN_STATUSES:
@@ -280,6 +321,23 @@ def queued_tasks(sweep: Sweep, queue: Queue) -> dict[int, str]:
     return out
 
 
+def _learn_pending(records: list[RunRecord], queue: Queue) -> None:
+    """Mark ``missing`` tasks ``pending`` when the queue holds them in an array one of whose
+    tasks has started (so a user's own ``sbatch --array`` is known too, once one task ran)."""
+    offsets = {r.array[0]: r.task - r.array[1] for r in records
+               if r.array is not None and r.task is not None}
+    if not offsets:
+        return
+    by_task: dict[int, str] = {}
+    for key, state in queue.jobs.items():
+        job, _, tid = key.partition("_")
+        if job in offsets and tid.isdigit():
+            by_task[offsets[job] + int(tid)] = state
+    for r in records:
+        if r.status == MISSING and r.task in by_task:
+            r.status, r.queued = PENDING, by_task[r.task]
+
+
 def _expand(spec: str) -> Iterable[int]:
     for part in filter(None, spec.split(",")):
         lo, _, hi = part.partition("-")
@@ -287,23 +345,54 @@ def _expand(spec: str) -> Iterable[int]:
 
 
 def scan(target: Sweep | str | os.PathLike[str], *, stale_after: float | None = None,
-         queue: Queue | None = None) -> Report:
-    """Scan a sweep (every task, plus runs in its base folder that it does not name) or
-    a bare base folder (every run in it). ``queue`` is the scheduler's view, asked once
-    by the caller; without it runs are classified from their files alone."""
+         queue: Queue | None = None, full: bool = False) -> Report:
+    """Scan a sweep or a bare base folder (every run in it).
+
+    For a sweep, every task is classified. Tasks that its index (:mod:`notata.index`)
+    records as complete are not opened unless ``full``; ``full`` (or a sweep without an
+    index) reads every run's metadata.json and also reports runs in the base folder that
+    no task names. ``queue`` is the scheduler's view, asked once by the caller; without
+    it runs are classified from their files alone.
+    """
     now = time.time()
 
-    def read(entry: os.DirEntry[str], task: int | None = None,
-             sweep: Sweep | None = None) -> RunRecord:
-        return read_run(entry.path, task, sweep=sweep, queue=queue,
-                        stale_after=stale_after, now=now, symlink=entry.is_symlink())
+    def read(path: str, task: int | None = None, sweep: Sweep | None = None,
+             symlink: bool | None = None) -> RunRecord:
+        return read_run(path, task, sweep=sweep, queue=queue, stale_after=stale_after,
+                        now=now, symlink=symlink)
 
     if not isinstance(target, Sweep):
         dirs = _run_dirs(Path(target))
-        return Report([read(dirs[rid]) for rid in sorted(dirs)])
+        return Report([read(dirs[rid].path, symlink=dirs[rid].is_symlink())
+                       for rid in sorted(dirs)])
     sweep = target
-    dirs = _run_dirs(sweep.base_dir)
     pending = queued_tasks(sweep, queue) if queue is not None else {}
+    done = None if full else index.complete_tasks(sweep.base_dir, sweep.hash, len(sweep))
+    if done is None or 2 * len(done) < len(sweep):  # then one scandir beats many lookups
+        report = _scan_all(sweep, read, pending)
+        if queue is not None:
+            _learn_pending(report.read, queue)
+        return report
+    todo = np.ones(len(sweep), dtype=bool)
+    todo[done["task"]] = False
+    records = []
+    base = os.fspath(sweep.base_dir)
+    for i in np.flatnonzero(todo).tolist():
+        rid = sweep.run_id(i, check=False)
+        path = os.path.join(base, layout.RUN_PREFIX + rid)
+        record = read(path, i, sweep)
+        if record.status == CORRUPT and not os.path.lexists(path):
+            record = (RunRecord(i, rid, PENDING, 0, queued=pending[i]) if i in pending
+                      else RunRecord(i, rid, MISSING, 0))
+        records.append(record)
+    if queue is not None:
+        _learn_pending(records, queue)
+    return Report(records, sweep, done)
+
+
+def _scan_all(sweep: Sweep, read: Callable[..., RunRecord], pending: dict[int, str]) -> Report:
+    """Every task from its files (one scandir, one open per run), plus unnamed runs."""
+    dirs = _run_dirs(sweep.base_dir)
     records = []
     seen: dict[str, int] = {}
     for i in range(len(sweep)):
@@ -314,12 +403,12 @@ def scan(target: Sweep | str | os.PathLike[str], *, stale_after: float | None = 
         seen[rid] = i
         entry = dirs.pop(rid, None)
         if entry is not None:
-            records.append(read(entry, i, sweep))
+            records.append(read(entry.path, i, sweep, entry.is_symlink()))
         elif i in pending:
             records.append(RunRecord(i, rid, PENDING, 0, queued=pending[i]))
         else:
             records.append(RunRecord(i, rid, MISSING, 0))
-    records += [read(dirs[rid]) for rid in sorted(dirs)]
+    records += [read(dirs[rid].path, symlink=dirs[rid].is_symlink()) for rid in sorted(dirs)]
     return Report(records, sweep)
 
 
@@ -332,10 +421,11 @@ class Watcher:
         self.stale_after = stale_after
         self._seen: dict[str, tuple[tuple[int, float], float]] = {}
 
-    def scan(self, target: Sweep | str | os.PathLike[str], queue: Queue | None = None) -> Report:
-        report = scan(target, stale_after=self.stale_after, queue=queue)
+    def scan(self, target: Sweep | str | os.PathLike[str], queue: Queue | None = None,
+             full: bool = False) -> Report:
+        report = scan(target, stale_after=self.stale_after, queue=queue, full=full)
         now = time.monotonic()
-        for r in report.runs:
+        for r in report.read:
             if r.beat is None or r.limit is None or r.status != schema.RUNNING \
                     or r.queued == "RUNNING":
                 continue

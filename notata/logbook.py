@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 import yaml
 
-from . import _fs, layout, runinfo, schema
+from . import _fs, index, layout, runinfo, schema
 from ._convert import to_plain
 from ._outputs import OutputsMixin
 from ._signals import SignalsMixin
@@ -120,6 +120,7 @@ class Logbook(SignalsMixin, OutputsMixin):
         self._log_fd: int | None = None
         self._closed = False
         self._meta: dict[str, Any] = {}
+        self._indexed: tuple[Any, ...] = ()  # (status, hash, task) last sent to the sweep index
         #: The sweep task this run is (set by :func:`notata.task`); ``log.task.params``.
         self.task: Task | None = None
         self._t0 = time.monotonic()
@@ -187,6 +188,8 @@ class Logbook(SignalsMixin, OutputsMixin):
     def _take_over(self, overwrite: bool) -> dict[str, Any]:
         """Under the lock: clear the run (overwrite) or read the attempt being resumed."""
         if overwrite:
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                index.forget(self.path.parent, self._read_disk_metadata())
             for entry in self.path.iterdir():
                 if entry.name == layout.LOCK:
                     continue
@@ -270,7 +273,16 @@ class Logbook(SignalsMixin, OutputsMixin):
 
     def _write_meta(self, durable: bool = False) -> None:
         with self._locked():
+            status = self._meta.get("status")
+            key = (status, self._meta.get("manifest_hash"), self._meta.get("task"))
+            changed = key != self._indexed
+            # The sweep index may say complete only while metadata.json does (index.py).
+            if changed and status != schema.COMPLETE:
+                index.record(self.path.parent, self._meta)
             _fs.atomic_write_json(self.path / layout.METADATA, self._meta, durable=durable)
+            if changed and status == schema.COMPLETE:
+                index.record(self.path.parent, self._meta)
+            self._indexed = key
 
     def _beat(self) -> None:
         sample = self._resources.sample()

@@ -36,7 +36,7 @@ def rows(target: Sweep | str | os.PathLike[str], artifacts: Sequence[str] = (),
     keep = set(statuses) if statuses else None
     sweep = target if isinstance(target, Sweep) else None
     out = []
-    for r in scan(target).runs:
+    for r in scan(target, full=True).runs:
         if keep is not None and r.status not in keep:
             continue
         row: dict[str, Any] = {"run_id": r.run_id, "task": r.task, "status": r.status,

@@ -295,3 +295,17 @@ def test_two_collectors_at_once_resubmit_each_task_once(manifest: Path, base: Pa
         "resubmitting 2 task(s): 1,4"]
     attempts = {k: read_meta(base / "outputs" / f"log_k{k}")["attempt"] for k in range(6)}
     assert attempts == {0: 1, 1: 2, 2: 1, 3: 1, 4: 2, 5: 1}
+
+
+def test_choosing_runs_to_resubmit_writes_nothing(manifest: Path, base: Path) -> None:
+    """The lock probe of to_resubmit() creates no .lock where none was (a scan writes nothing)."""
+    import notata
+
+    with pytest.raises(RuntimeError), notata.task(manifest, 1):
+        raise RuntimeError("diverged")
+    run = base / "outputs" / "log_k1"
+    (run / ".lock").unlink(missing_ok=True)
+    before = tree_digest(run)
+    chosen, left = scan(load(manifest)).to_resubmit()
+    assert 1 in chosen and not left
+    assert tree_digest(run) == before and not (run / ".lock").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +79,32 @@ def test_status_and_resubmit_after_real_failures(slurm_cluster: str, base: Path,
     # nothing is left to do
     assert main(["resubmit", str(manifest), "--backend", "slurm"]) == 0
     assert "nothing to resubmit" in capsys.readouterr().out
+
+
+def test_tasks_of_a_users_own_array_read_pending(slurm_cluster: str, base: Path) -> None:
+    """An array submitted with plain sbatch (not notata submit) that calls notata.task():
+    once one task has started, its queued siblings are pending, never missing, so resubmit
+    leaves them alone."""
+    manifest = base / "sweep.yaml"
+    manifest.write_text("name: own\nrun_id: 'k{k}'\ngrid: {k: [0, 1, 2]}\n")
+    go = base / "go"
+    script = base / "own.sbatch"
+    code = ("import os, sys, time, notata\n"
+            "with notata.task(sys.argv[1]):\n"
+            "    while not os.path.exists(sys.argv[2]): time.sleep(0.2)\n")
+    script.write_text("#!/bin/sh\nexec " + shlex.join([sys.executable, "-c", code, str(manifest),
+                                                       str(go)]) + "\n")
+    job = subprocess.run(["sbatch", "--parsable", "--array=0-2%1", f"--chdir={base}",
+                          f"--output={base}/slurm-%A_%a.out", str(script)],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    out = base / "outputs"
+    try:
+        wait_for(status_is(out / "log_k0", "running"), 120, "task 0 to start")
+        report = scan(load(manifest), queue=Queue(queue()))
+        assert [(r.status, r.queued) for r in report.runs] == [
+            ("running", "RUNNING"), ("pending", "PENDING"), ("pending", "PENDING")]
+        assert report.to_resubmit() == ([], [])
+    finally:
+        go.write_text("")
+        wait_for(job_gone(job), 120, "the array to end")
+    assert [read_meta(out / f"log_k{k}")["status"] for k in range(3)] == ["complete"] * 3

@@ -1,0 +1,116 @@
+"""The sweep index: tasks record their status in it; a scan trusts it only for ``complete``."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from notata import Logbook, index
+from notata.cli import main
+from notata.collect import scan
+from notata.manifest import Sweep, load
+
+SWEEP = "name: ix\nrun_id: 'k{k}'\ngrid: {k: [0, 1, 2, 3, 4, 5]}\n"
+FAIL_1_4 = "import sys; sys.exit(2 if int(sys.argv[1]) in (1, 4) else 0)"
+
+
+@pytest.fixture
+def sweep(base: Path) -> Sweep:
+    """Six tasks run for real through ``notata submit --backend local``: 1 and 4 fail."""
+    p = base / "sweep.yaml"
+    p.write_text(SWEEP)
+    rc = main(["submit", str(p), "--backend", "local", "--", sys.executable, "-c", FAIL_1_4,
+               "{k}"])
+    assert rc == 1
+    return load(p)
+
+
+def records(s: Sweep) -> np.ndarray:
+    raw = index.path_for(s.base_dir, s.hash).read_bytes()
+    return np.frombuffer(raw, dtype=index.DTYPE)
+
+
+def test_each_task_records_its_status(sweep: Sweep) -> None:
+    recs = records(sweep)
+    assert len(recs) == 6
+    names = [index.schema.STATUSES[c - 1] for c in recs["status"]]
+    assert names == ["complete", "failed", "complete", "complete", "failed", "complete"]
+    assert (recs["tag"] == recs["tag2"]).all() and (recs["magic"] == index.MAGIC).all()
+    done = index.complete_tasks(sweep.base_dir, sweep.hash, len(sweep))
+    assert done is not None and done["task"].tolist() == [0, 2, 3, 5]
+
+
+def test_scan_takes_complete_from_the_index_and_reads_the_rest(sweep: Sweep) -> None:
+    # Spoil a complete run's metadata.json: the index scan does not open it; --full does.
+    (sweep.task(0).run_dir / "metadata.json").write_text("{")
+    report = scan(sweep)
+    assert report.indexed["task"].tolist() == [0, 2, 3, 5]
+    assert [r.task for r in report.read] == [1, 4]  # the failed ones, read from their files
+    assert report.counts["complete"] == 4 and report.counts["failed"] == 2
+    assert [r.reason for r in report.read] == ["command exited with status 2"] * 2
+    assert [(r.task, r.run_id, r.status) for r in report.runs] == [
+        (0, "k0", "complete"), (1, "k1", "failed"), (2, "k2", "complete"),
+        (3, "k3", "complete"), (4, "k4", "failed"), (5, "k5", "complete")]
+    assert report.indices("complete") == [0, 2, 3, 5]
+    full = scan(sweep, full=True)
+    assert not len(full.indexed)
+    assert [r.status for r in full.runs][:2] == ["corrupt", "failed"]
+
+
+def test_a_deleted_run_reads_complete_until_a_full_scan(sweep: Sweep) -> None:
+    shutil.rmtree(sweep.task(2).run_dir)
+    assert scan(sweep).runs[2].status == "complete"
+    assert scan(sweep, full=True).runs[2].status == "missing"
+
+
+def test_resumed_attempts_are_recorded(sweep: Sweep) -> None:
+    rc = main(["submit", str(sweep.path), "--backend", "local", "--", sys.executable, "-c",
+               "pass"])
+    assert rc == 0
+    recs = records(sweep)
+    assert recs["attempt"].tolist() == [1, 2, 1, 1, 2, 1]
+    report = scan(sweep)
+    assert len(report.indexed) == 6 and not report.read
+    assert [(r.status, r.attempt) for r in report.runs][:2] == [("complete", 1), ("complete", 2)]
+
+
+def test_overwrite_clears_the_record_before_the_run_changes(sweep: Sweep) -> None:
+    t = sweep.task(3)
+    log = Logbook(t.run_id, sweep.base_dir, overwrite=True)
+    try:
+        r = scan(sweep).runs[3]
+        assert (r.status, r.task) == ("running", 3)  # not "complete" from a stale record
+        assert records(sweep)["status"][3] == 0
+    finally:
+        log.close()
+
+
+@pytest.mark.parametrize("spoil", ["torn", "garbage", "short"])
+def test_a_damaged_record_is_not_trusted(sweep: Sweep, spoil: str) -> None:
+    path = index.path_for(sweep.base_dir, sweep.hash)
+    raw = bytearray(path.read_bytes())
+    shutil.rmtree(sweep.task(5).run_dir)  # the index still says complete...
+    at = 5 * index.SIZE
+    if spoil == "torn":  # ...but its second tag differs from the first
+        raw[at + 28:at + 32] = (int.from_bytes(raw[at:at + 4], "little") ^ 1).to_bytes(4, "little")
+    elif spoil == "garbage":
+        raw[at:at + index.SIZE] = b"\xff" * index.SIZE
+    else:
+        del raw[at + 20:]
+    path.write_bytes(bytes(raw))
+    report = scan(sweep)
+    assert report.runs[5].status == "missing"
+    assert report.counts["complete"] == 3
+
+
+def test_no_index_and_foreign_runs(base: Path) -> None:
+    """A run outside any sweep writes no record; a bare folder scan never uses one."""
+    with Logbook("plain", base / "outputs"):
+        pass
+    assert not (base / "outputs" / ".notata").exists()
+    [r] = scan(base / "outputs").runs
+    assert (r.run_id, r.status) == ("plain", "complete")
