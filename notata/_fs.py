@@ -43,9 +43,11 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], *, durable: bool
             if durable:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.filename is None:  # e.g. disk full: name the file
+            raise OSError(err.errno, err.strerror, str(path)) from err
         raise
     if durable:
         fsync_dir(path.parent)

@@ -277,6 +277,8 @@ def format_report(report: Report) -> str:
             line = f"  {where:<10} {r.run_id}  {r.status}"
             if r.attempt:
                 line += f" (attempt {r.attempt})"
+            if r.queued and r.status not in ("pending", "running"):
+                line += f" [in the queue: {r.queued}]"
             if r.reason:
                 line += f": {r.reason.splitlines()[0]}"
             lines.append(line)

@@ -233,6 +233,9 @@ def read_run(run_dir: str | os.PathLike[str], task: int | None = None, *,
     try:
         meta = _fs.read_json_object(os.path.join(run_dir, layout.METADATA))
     except FileNotFoundError:
+        if lock_is_held(Path(run_dir)):  # caught between its lock and its first write
+            return RunRecord(task, run_id, schema.RUNNING, 0, f"starting: no {layout.METADATA} "
+                             "yet", run_dir)
         return RunRecord(task, run_id, CORRUPT, 0, f"no {layout.METADATA}", run_dir)
     except (OSError, ValueError) as err:
         return RunRecord(task, run_id, CORRUPT, 0, str(err), run_dir)
@@ -321,21 +324,25 @@ def queued_tasks(sweep: Sweep, queue: Queue) -> dict[int, str]:
     return out
 
 
-def _learn_pending(records: list[RunRecord], queue: Queue) -> None:
-    """Mark ``missing`` tasks ``pending`` when the queue holds them in an array one of whose
-    tasks has started (so a user's own ``sbatch --array`` is known too, once one task ran)."""
+def _mark_queued(records: list[RunRecord], queue: Queue, known: dict[int, str]) -> None:
+    """Note the queue's state on every task it holds: ``known`` (from the submissions
+    record) plus the arrays that a started task of this sweep ran in (so a user's own
+    ``sbatch --array`` counts once one of its tasks has started). A task with no run
+    directory becomes ``pending``; one with a run (failed, say, and submitted again) keeps
+    its status and gets ``queued``, which ``to_resubmit`` respects.
+    """
     offsets = {r.array[0]: r.task - r.array[1] for r in records
                if r.array is not None and r.task is not None}
-    if not offsets:
-        return
-    by_task: dict[int, str] = {}
+    by_task = dict(known)
     for key, state in queue.jobs.items():
         job, _, tid = key.partition("_")
         if job in offsets and tid.isdigit():
-            by_task[offsets[job] + int(tid)] = state
+            by_task.setdefault(offsets[job] + int(tid), state)
     for r in records:
-        if r.status == MISSING and r.task in by_task:
-            r.status, r.queued = PENDING, by_task[r.task]
+        if r.task in by_task and r.queued is None:
+            r.queued = by_task[r.task]
+            if r.status == MISSING:
+                r.status = PENDING
 
 
 def _expand(spec: str) -> Iterable[int]:
@@ -369,9 +376,9 @@ def scan(target: Sweep | str | os.PathLike[str], *, stale_after: float | None = 
     pending = queued_tasks(sweep, queue) if queue is not None else {}
     done = None if full else index.complete_tasks(sweep.base_dir, sweep.hash, len(sweep))
     if done is None or 2 * len(done) < len(sweep):  # then one scandir beats many lookups
-        report = _scan_all(sweep, read, pending)
+        report = _scan_all(sweep, read)
         if queue is not None:
-            _learn_pending(report.read, queue)
+            _mark_queued(report.read, queue, pending)
         return report
     todo = np.ones(len(sweep), dtype=bool)
     todo[done["task"]] = False
@@ -382,15 +389,14 @@ def scan(target: Sweep | str | os.PathLike[str], *, stale_after: float | None = 
         path = os.path.join(base, layout.RUN_PREFIX + rid)
         record = read(path, i, sweep)
         if record.status == CORRUPT and not os.path.lexists(path):
-            record = (RunRecord(i, rid, PENDING, 0, queued=pending[i]) if i in pending
-                      else RunRecord(i, rid, MISSING, 0))
+            record = RunRecord(i, rid, MISSING, 0)
         records.append(record)
     if queue is not None:
-        _learn_pending(records, queue)
+        _mark_queued(records, queue, pending)
     return Report(records, sweep, done)
 
 
-def _scan_all(sweep: Sweep, read: Callable[..., RunRecord], pending: dict[int, str]) -> Report:
+def _scan_all(sweep: Sweep, read: Callable[..., RunRecord]) -> Report:
     """Every task from its files (one scandir, one open per run), plus unnamed runs."""
     dirs = _run_dirs(sweep.base_dir)
     records = []
@@ -404,8 +410,6 @@ def _scan_all(sweep: Sweep, read: Callable[..., RunRecord], pending: dict[int, s
         entry = dirs.pop(rid, None)
         if entry is not None:
             records.append(read(entry.path, i, sweep, entry.is_symlink()))
-        elif i in pending:
-            records.append(RunRecord(i, rid, PENDING, 0, queued=pending[i]))
         else:
             records.append(RunRecord(i, rid, MISSING, 0))
     records += [read(dirs[rid].path, symlink=dirs[rid].is_symlink()) for rid in sorted(dirs)]

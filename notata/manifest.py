@@ -199,6 +199,22 @@ def load(path: str | os.PathLike[str], *, check_unique: bool = False) -> Sweep:
     return sweep
 
 
+def _find_nul(value: Any, where: str) -> str | None:
+    """The dotted path of the first string (key or value) holding a NUL, if any."""
+    if isinstance(value, str):
+        return where or "a value" if "\0" in value else None
+    items = (value.items() if isinstance(value, dict)
+             else enumerate(value) if isinstance(value, list) else ())
+    for k, v in items:
+        here = f"{where}.{k}" if where else str(k)
+        if isinstance(k, str) and "\0" in k:
+            return here.replace("\0", "\\0")
+        found = _find_nul(v, here)
+        if found is not None:
+            return found
+    return None
+
+
 def _validate(where: str, data: Any) -> dict[str, Any]:
     """Check the manifest's shape; return it with values made plain."""
 
@@ -228,6 +244,9 @@ def _validate(where: str, data: Any) -> dict[str, Any]:
         data = to_plain(data, "manifest")
     except TypeError as err:
         raise fail(str(err)) from None
+    nul = _find_nul(data, "")
+    if nul is not None:  # no argv, environment or file name can carry one
+        raise fail(f"{nul} contains a NUL character, which no command line can carry")
     for key in ("grid", "zip"):
         for name, values in data.get(key, {}).items():
             if not isinstance(values, list):

@@ -5,7 +5,8 @@ command as a child in its own process group with ``{param}`` placeholders
 replaced in its arguments (never through a shell), and records complete or
 failed from the child's exit status. SIGTERM to the wrapper is recorded (see
 :class:`~notata.Logbook`) and passed to the child's process group; SIGUSR1 is
-passed on too, so the payload can checkpoint; Ctrl-C stops the child and records
+passed on to the processes that handle it, so the payload can checkpoint (one that does
+not handle it is not killed by it: see :func:`_pass_warning`); Ctrl-C stops the child and records
 ``cancelled``.
 
 ``run_local`` is the local backend: every task through ``notata exec`` in a
@@ -27,6 +28,8 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import psutil
 
 from . import _fs, layout, schema
 from .array import ENV_TASK, open_task
@@ -162,7 +165,7 @@ def _run_command(log: Logbook, index: int, argv: Sequence[str]) -> int | None:
                 log.mark_failed(f"cannot start {cmd[0]!r}: {err.strerror or err}")
                 return None
             log.on_terminate(lambda _log, signum: _stop(proc, signum))
-            log.on_warning(lambda _log: _signal_group(proc, signal.SIGUSR1))
+            log.on_warning(lambda _log: _pass_warning(proc))
         try:
             if started.caught:
                 raise KeyboardInterrupt
@@ -200,6 +203,45 @@ def _interrupt_once(signum: int, frame: object) -> None:
 def _signal_group(proc: subprocess.Popen[bytes], signum: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signum)
+
+
+def _pass_warning(proc: subprocess.Popen[bytes]) -> list[int]:
+    """Pass SIGUSR1 to the processes of the command's group that handle it; the pids.
+
+    SIGUSR1's default action kills: a program that never asked for the warning would die
+    minutes before its time limit and read ``failed``. So only a process whose
+    ``/proc/PID/status`` shows SIGUSR1 caught (``SigCgt``) gets it. Elsewhere than Linux,
+    the whole group gets it.
+    """
+    bit = 1 << (signal.SIGUSR1 - 1)
+    sent = []
+    for pid in _group(proc.pid):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                caught = next(int(line.split()[1], 16) for line in f
+                              if line.startswith("SigCgt:"))
+        except FileNotFoundError:
+            if not os.path.isdir("/proc/self"):
+                _signal_group(proc, signal.SIGUSR1)
+                return [proc.pid]
+            continue
+        except (OSError, StopIteration, ValueError):
+            continue
+        if caught & bit:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGUSR1)
+                sent.append(pid)
+    return sent
+
+
+def _group(pgid: int) -> list[int]:
+    """The live processes of process group ``pgid``."""
+    out = []
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if os.getpgid(p.pid) == pgid:
+                out.append(p.pid)
+    return out
 
 
 # -- the local backend ---------------------------------------------------------------------------

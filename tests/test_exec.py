@@ -272,3 +272,21 @@ def test_notata_task_outside_exec_uses_the_array_index(
     with pytest.raises(notata.NotataError, match="no task index"):
         notata.task(manifest)
     assert os.environ.get("NOTATA_TASK") is None
+
+
+def test_warning_spares_a_command_that_does_not_handle_it(manifest: Path, base: Path) -> None:
+    """SIGUSR1's default action kills; a command that never asked for the time-limit warning
+    must not die of it minutes before its limit (and read failed)."""
+    proc = python(
+        "import sys; from notata.cli import main; sys.exit(main(sys.argv[1:]))",
+        "exec", str(manifest), "--task", "0", "--",
+        "sh", "-c", "echo up; sleep 1; echo survived",
+    )
+    d = run_dir(base, "plain")
+    wait_for(lambda: "up" in _lines(d / "stdout.txt"), what="the command to start")
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(30) == 0
+    assert "survived" in _lines(d / "stdout.txt")
+    meta = read_meta(d)
+    assert meta["status"] == "complete"
+    assert [s["signal"] for s in meta["signals"]] == ["SIGUSR1"]
