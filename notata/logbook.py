@@ -16,10 +16,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-import psutil
 import yaml
 
-from . import _fs, index, layout, runinfo, schema
+from . import _attach, _fs, index, layout, runinfo, schema
 from ._convert import to_plain
 from ._outputs import OutputsMixin
 from ._signals import SignalsMixin
@@ -124,7 +123,7 @@ class Logbook(SignalsMixin, OutputsMixin):
         #: The sweep task this run is (set by :func:`notata.task`); ``log.task.params``.
         self.task: Task | None = None
         self._t0 = time.monotonic()
-        self.attached = _wrapper_holds(self.path)
+        self.attached = _attach.wrapper_holds(self.path)
         if self.attached:
             self._meta = self._read_disk_metadata()
             if plain_params is not None:
@@ -245,31 +244,15 @@ class Logbook(SignalsMixin, OutputsMixin):
 
     def _set(self, **fields: Any) -> None:
         if self.attached:
-            self._hand_over(**fields)
+            _attach.hand_over(self.path, fields)
             return
         with self._locked():
             self._meta.update(fields)
         self._write_meta()
 
-    def _hand_over(self, **fields: Any) -> None:
-        """Attached: give fields to the wrapper, which merges them into metadata.json."""
-        side = self.path / layout.ATTACHED
-        try:
-            current = _fs.read_json_object(side)
-        except (FileNotFoundError, ValueError):
-            current = {}
-        _fs.atomic_write_json(side, {**current, **fields})
-
     def take_handed_over(self) -> dict[str, Any]:
-        """Wrapper side: take (read and remove) what an attached process handed over."""
-        side = self.path / layout.ATTACHED
-        try:
-            return _fs.read_json_object(side)
-        except (FileNotFoundError, ValueError):
-            return {}
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                side.unlink()
+        """Wrapper side: take what an attached process handed over (see :mod:`._attach`)."""
+        return _attach.take_handed_over(self.path)
 
     def _write_meta(self, durable: bool = False) -> None:
         with self._locked():
@@ -391,7 +374,7 @@ class Logbook(SignalsMixin, OutputsMixin):
             if not self._closed:
                 self._closed = True
                 if reason is not None:
-                    self._hand_over(failure_reason=reason)
+                    _attach.hand_over(self.path, {"failure_reason": reason})
                 if self._log_fd is not None:
                     os.close(self._log_fd)
                     self._log_fd = None
@@ -440,19 +423,6 @@ class Logbook(SignalsMixin, OutputsMixin):
             self.close()
         else:
             self._finish(schema.FAILED, str(exc) or type(exc).__name__)
-
-
-def _wrapper_holds(path: Path) -> bool:
-    """Whether a ``notata exec`` wrapper among our ancestors holds the run at ``path``."""
-    run_dir, wrapper = os.environ.get("NOTATA_RUN_DIR"), os.environ.get("NOTATA_WRAPPER_PID")
-    if not run_dir or not wrapper or not wrapper.isdigit():
-        return False
-    try:
-        if not os.path.samefile(run_dir, path):
-            return False
-        return int(wrapper) in {p.pid for p in psutil.Process().parents()}
-    except (OSError, psutil.Error):
-        return False
 
 
 def _history(previous: Mapping[str, Any]) -> list[dict[str, Any]]:

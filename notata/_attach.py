@@ -1,0 +1,55 @@
+"""Attaching: a process that ``notata exec`` runs opens the same run as its wrapper.
+
+The wrapper holds the run's lock, heartbeat and status. A Python command it runs that
+opens the same run (``notata.task`` or ``Logbook``) gets an *attached* handle: it writes
+outputs and log lines itself, and hands its ``meta()`` fields and its failure reason to
+the wrapper through ``<run>/.attached.json``, which the wrapper merges into metadata.json.
+The wrapper is recognised by ``NOTATA_RUN_DIR`` and ``NOTATA_WRAPPER_PID`` naming the same
+run and one of our ancestor processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from . import _fs, layout
+
+
+def wrapper_holds(path: Path) -> bool:
+    """Whether a ``notata exec`` wrapper among our ancestors holds the run at ``path``."""
+    run_dir, wrapper = os.environ.get("NOTATA_RUN_DIR"), os.environ.get("NOTATA_WRAPPER_PID")
+    if not run_dir or not wrapper or not wrapper.isdigit():
+        return False
+    try:
+        if not os.path.samefile(run_dir, path):
+            return False
+        return int(wrapper) in {p.pid for p in psutil.Process().parents()}
+    except (OSError, psutil.Error):
+        return False
+
+
+def hand_over(run_dir: Path, fields: dict[str, Any]) -> None:
+    """Attached side: give fields to the wrapper, which merges them into metadata.json."""
+    side = run_dir / layout.ATTACHED
+    try:
+        current = _fs.read_json_object(side)
+    except (FileNotFoundError, ValueError):
+        current = {}
+    _fs.atomic_write_json(side, {**current, **fields})
+
+
+def take_handed_over(run_dir: Path) -> dict[str, Any]:
+    """Wrapper side: take (read and remove) what an attached process handed over."""
+    side = run_dir / layout.ATTACHED
+    try:
+        return _fs.read_json_object(side)
+    except (FileNotFoundError, ValueError):
+        return {}
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            side.unlink()
