@@ -15,6 +15,10 @@ thread records liveness, and SIGTERM from a scheduler is recorded as
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+from typing import Any
+
 __version__ = "0.4.0.dev0"
 
 from . import runinfo as _runinfo
@@ -50,8 +54,6 @@ def collect(target: Sweep | str, stale_after: float | None = None, *,
     tasks=indices)``. ``full`` reads every run's metadata.json instead of taking complete
     tasks from the sweep index (after runs were deleted or edited by hand).
     """
-    import os
-
     from .collect import Queue
 
     if isinstance(target, str) and not os.path.isdir(target):
@@ -65,6 +67,7 @@ def collect(target: Sweep | str, stale_after: float | None = None, *,
     return scan(target, stale_after=stale_after, queue=queue, full=full)
 
 __all__ = [
+    "resubmit",
     "CorruptMetadataError",
     "Experiment",
     "ExperimentReader",
@@ -83,3 +86,34 @@ __all__ = [
     "table",
     "task",
 ]
+
+
+def resubmit(manifest: str | os.PathLike[str], *statuses: str,
+             max_attempts: int | None = None, command: Sequence[str] = (),
+             backend: str | None = None, dry_run: bool = False, full: bool = False,
+             **sbatch: Any) -> int:
+    """``notata resubmit`` from Python: submit again exactly the tasks that need it.
+
+    ``statuses`` are the selectors (``"failed"``, ``"stale"``, ``"cancelled"``...; none:
+    failed, timeout, preempted, stale and missing); ``sbatch`` takes the options of
+    ``notata submit`` by their Python names (``time="01:00:00"``, ``mem="4G"``,
+    ``throttle=50``). Same rules, lock and submission record as the command; returns its
+    exit status (0: the scan worked and what was chosen was submitted or ran).
+    """
+    from .cli import main
+
+    argv = ["resubmit", os.fspath(manifest), *(f"--{s}" for s in statuses)]
+    if max_attempts is not None:
+        argv += ["--max-attempts", str(max_attempts)]
+    if backend is not None:
+        argv += ["--backend", backend]
+    argv += ["--dry-run"] * dry_run + ["--full"] * full
+    known = {*_slurm.OPTIONS, "throttle", "warn_before", "sbatch_line", "jobs", "stale_after"}
+    for key, value in sbatch.items():
+        if key not in known:
+            raise TypeError(f"resubmit() got an unknown option {key!r}; "
+                            f"known: {', '.join(sorted(known))}")
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    if command:
+        argv += ["--", *command]
+    return main(argv)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, python, read_meta, status_is, tree_digest, wait_for
 
+import notata
 from notata import Logbook
 from notata.cli import main
 from notata.collect import Watcher, parse_duration, scan
@@ -163,7 +164,9 @@ def test_resubmit_locally_runs_exactly_what_needs_it(
     capsys.readouterr()
     assert main(["resubmit", str(manifest), "--backend", "local", "--dry-run"]) == 0
     assert "resubmitting 4 task(s): 1-2,4-5" in capsys.readouterr().out
-    assert main(["resubmit", str(manifest), "--backend", "local", "--max-attempts", "1"]) == 0
+    with pytest.raises(TypeError, match="unknown option 'walltime'"):
+        notata.resubmit(manifest, walltime="1:00:00")
+    assert notata.resubmit(manifest, backend="local", max_attempts=1) == 0  # the Python API
     text = capsys.readouterr()
     assert "resubmitting 1 task(s): 5" in text.out  # 1, 2 and 4 already had one attempt
     assert "leaving task 1 (k1, failed): already at 1 attempt(s)" in text.err
@@ -299,8 +302,6 @@ def test_two_collectors_at_once_resubmit_each_task_once(manifest: Path, base: Pa
 
 def test_choosing_runs_to_resubmit_writes_nothing(manifest: Path, base: Path) -> None:
     """The lock probe of to_resubmit() creates no .lock where none was (a scan writes nothing)."""
-    import notata
-
     with pytest.raises(RuntimeError), notata.task(manifest, 1):
         raise RuntimeError("diverged")
     run = base / "outputs" / "log_k1"
