@@ -185,6 +185,11 @@ log.close()
 def test_without_flock_the_soft_lock_still_excludes_and_frees_the_dead(base: Path) -> None:
     """filelock falls back to its soft lock (an O_EXCL file naming host and pid): a live
     holder still excludes a second opener; one killed on this host is taken over."""
+    from notata import Logbook
+
+    with Logbook("neighbour", base) as log:
+        log.save_text("note", "unchanged")
+    before = digests(base, "neighbour")
     holder = python(NO_FLOCK, str(base), "hold")
     assert holder.stdout and holder.stdout.readline().split() == ["open", "1"]
     second = python(NO_FLOCK, str(base), "once")
@@ -198,6 +203,7 @@ def test_without_flock_the_soft_lock_still_excludes_and_frees_the_dead(base: Pat
     assert third.returncode == 0 and said.split() == ["open", "2"]
     meta = read_meta(base / "log_r")
     assert (meta["status"], meta["attempt"]) == ("complete", 2)
+    assert digests(base, "neighbour") == before
 
 
 # -- 9. disk full --------------------------------------------------------------------------------
@@ -235,6 +241,9 @@ def test_disk_full_raises_names_the_file_and_keeps_the_old_metadata(small_disk: 
 
     from notata import Logbook
 
+    with Logbook("neighbour", small_disk) as other:
+        other.save_numpy("x", np.arange(100))
+    before_other = digests(small_disk, "neighbour")
     log = Logbook("r", small_disk, heartbeat=3600)
     log.save_numpy("small", np.arange(10))
     before = (log.path / "metadata.json").read_bytes()
@@ -252,6 +261,7 @@ def test_disk_full_raises_names_the_file_and_keeps_the_old_metadata(small_disk: 
     filler.unlink()
     log.close()
     assert read_meta(log.path)["status"] == "complete"
+    assert digests(small_disk, "neighbour") == before_other
 
 
 # -- 16. 64 processes at once, and a scan beside them --------------------------------------------
