@@ -31,6 +31,7 @@ class SignalsMixin:
     _critical_depth: int
     _pending_signal: int | None
     _closed: bool
+    attached: bool
     _meta: dict[str, Any]
     _meta_lock: threading.Lock
     _scheduler: SchedulerProvider | None
@@ -81,10 +82,10 @@ class SignalsMixin:
         self._terminate_hooks.append(hook)
         return hook
 
-    def _install_signals(self) -> None:
+    def _install_signals(self, *signums: int) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # Python delivers signals to the main thread only
-        for signum in (signal.SIGTERM, signal.SIGUSR1):
+        for signum in signums or (signal.SIGTERM, signal.SIGUSR1):
             previous = signal.getsignal(signum)
             if previous is signal.SIG_IGN:
                 continue  # the user chose to ignore it; so do we
@@ -114,7 +115,11 @@ class SignalsMixin:
         previous = self._previous_handlers.get(signum, signal.SIG_DFL)
         now = time.time()
         name = signal.Signals(signum).name
-        if not self._closed:
+        if self.attached:  # the wrapper records signals; only the hooks run here
+            if not self._closed:
+                for hook in list(self._warning_hooks):
+                    hook(self)  # type: ignore[arg-type]
+        elif not self._closed:
             signals = [*self._meta.get("signals", []),
                        {"signal": name, "unix": round(now, 3), "time": runinfo.now_iso(now)}]
             if signum == signal.SIGUSR1:

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import threading
 import time
 import weakref
@@ -128,6 +129,8 @@ class Logbook(SignalsMixin, OutputsMixin):
             self._meta = self._read_disk_metadata()
             if plain_params is not None:
                 self._write_params(plain_params, "yaml", merge=False)
+            if signals:  # the time-limit warning reaches on_warning hooks here too
+                self._install_signals(signal.SIGUSR1)
             return
 
         existed = self.path.exists()
@@ -373,6 +376,7 @@ class Logbook(SignalsMixin, OutputsMixin):
         if self.attached:  # the wrapper decides the status; pass on why we failed
             if not self._closed:
                 self._closed = True
+                self._restore_signals()
                 if reason is not None:
                     _attach.hand_over(self.path, {"failure_reason": reason})
                 if self._log_fd is not None:

@@ -290,3 +290,30 @@ def test_warning_spares_a_command_that_does_not_handle_it(manifest: Path, base: 
     meta = read_meta(d)
     assert meta["status"] == "complete"
     assert [s["signal"] for s in meta["signals"]] == ["SIGUSR1"]
+
+
+def test_attached_python_command_gets_the_warning_in_its_hooks(manifest: Path,
+                                                              base: Path) -> None:
+    payload = base / "payload.py"
+    payload.write_text(f"""
+import pathlib, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+import notata
+with notata.task(sys.argv[1]) as log:
+    log.on_warning(lambda log: log.save_text("checkpoint", "saved"))
+    print("up", flush=True)
+    while not (log.path / "artifacts" / "checkpoint.txt").exists():
+        time.sleep(0.05)
+""")
+    proc = python(
+        "import sys; from notata.cli import main; sys.exit(main(sys.argv[1:]))",
+        "exec", str(manifest), "--task", "0", "--", sys.executable, str(payload), str(manifest),
+    )
+    d = run_dir(base, "plain")
+    wait_for(lambda: "up" in _lines(d / "stdout.txt"), what="the command to start")
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(30) == 0
+    meta = read_meta(d)
+    assert meta["status"] == "complete"
+    assert [s["signal"] for s in meta["signals"]] == ["SIGUSR1"]
+    assert (d / "artifacts" / "checkpoint.txt").read_text() == "saved"
