@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 
-def make_runs(root: Path, n: int, fail_every: int) -> Path:
+def make_runs(root: Path, n: int, fail_every: int, index_only: bool = False) -> Path:
     from notata import Logbook, index
     from notata.manifest import load
 
@@ -47,14 +47,16 @@ def make_runs(root: Path, n: int, fail_every: int) -> Path:
     out = root / "outputs"
     out.mkdir()
     for i in range(n):
+        failed = fail_every and i % fail_every == fail_every - 1
+        meta.update(run_id=sweep.run_id(i), task=i, status="failed" if failed else "complete")
+        index.record(out, meta)
+        if index_only and not failed:
+            continue  # the index path never opens a complete run: no files needed for it
         p = sweep.params(i)
         d = out / f"log_{sweep.run_id(i)}"
         d.mkdir()
-        failed = fail_every and i % fail_every == fail_every - 1
-        meta.update(run_id=d.name[4:], task=i, status="failed" if failed else "complete")
         (d / "metadata.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         (d / "params.yaml").write_text(f"a: {p['a']}\nb: {p['b']}\n")
-        index.record(out, meta)
     return manifest
 
 
@@ -82,11 +84,14 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=100_000)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--fail", type=int, default=100, help="every K-th run failed (0: none)")
+    ap.add_argument("--index-only", action="store_true",
+                    help="make only the index and the non-complete runs' files; time only "
+                         "notata status MANIFEST (quick at 10^6: no floor to compare with)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as d:
         root = Path(d)
         t0 = time.perf_counter()
-        manifest = make_runs(root, args.runs, args.fail)
+        manifest = make_runs(root, args.runs, args.fail, args.index_only)
         print(f"made {args.runs} runs in {time.perf_counter() - t0:.0f} s")
         out = root / "outputs"
         status = [sys.executable, "-m", "notata", "status"]
@@ -97,6 +102,9 @@ def main() -> None:
             "notata status MANIFEST --full": [*status, str(manifest), "--full"],
             "notata status DIR": [*status, str(out)],
         }
+        if args.index_only:  # the baseline is then the start-up every notata command pays
+            commands = {"python -c 'import notata'": [sys.executable, "-c", "import notata"],
+                        "notata status MANIFEST": commands["notata status MANIFEST"]}
         times: dict[str, list[float]] = {k: [] for k in commands}
         peak: dict[str, float] = dict.fromkeys(commands, 0.0)
         for _ in range(args.repeats):
@@ -104,7 +112,7 @@ def main() -> None:
                 sec, mb = timed(argv)
                 times[name].append(sec)
                 peak[name] = max(peak[name], mb)
-        floor = statistics.median(times["find|xargs cat (floor)"])
+        floor = statistics.median(next(iter(times.values())))  # the first command: baseline
         print(f"{args.runs} runs ({args.fail and args.runs // args.fail} failed), "
               f"medians of {args.repeats}:")
         for name, argv in commands.items():
