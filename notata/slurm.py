@@ -222,6 +222,49 @@ def options_for(section: Mapping[str, Any], flags: Mapping[str, Any], where: str
     return options, extra, settings
 
 
+#: SLURM may send the ``--signal`` warning up to this much earlier than asked.
+SIGNAL_SLACK = 60
+#: Time a task needs to start (Python, imports) before it can take the warning.
+START_MARGIN = 30
+
+
+def time_limit_sec(value: str | None) -> int | None:
+    """Seconds of a ``--time`` value (``M``, ``M:S``, ``H:M:S``, ``D-H``, ``D-H:M``,
+    ``D-H:M:S``); None when unlimited, absent or not understood."""
+    if not value:
+        return None
+    days, _, rest = value.strip().rpartition("-")
+    try:
+        parts = [int(x) for x in rest.split(":")]
+        d = int(days) if days else 0
+    except ValueError:
+        return None
+    if days:  # D-H, D-H:M, D-H:M:S
+        h, m, sec = (parts + [0, 0])[:3]
+    elif len(parts) == 1:
+        h, m, sec = 0, parts[0], 0
+    elif len(parts) == 2:
+        h, m, sec = 0, parts[0], parts[1]
+    else:
+        h, m, sec = parts[:3]
+    return ((d * 24 + h) * 60 + m) * 60 + sec
+
+
+def fit_warning(warn_before: int, time_option: str | None) -> int:
+    """The warning lead time that fits the time limit (0: no warning).
+
+    SLURM may send the signal up to :data:`SIGNAL_SLACK` s earlier than asked; if that
+    lands before the task has started (:data:`START_MARGIN`), the batch shell dies of
+    SIGUSR1 before notata can record anything. So the warning is moved to at most
+    ``limit - 90`` s before the end, and dropped when that leaves under 10 s.
+    """
+    limit = time_limit_sec(time_option)
+    if not warn_before or limit is None or warn_before <= limit - SIGNAL_SLACK - START_MARGIN:
+        return warn_before
+    fitted = limit - SIGNAL_SLACK - START_MARGIN
+    return fitted if fitted >= 10 else 0
+
+
 def render(sweep: Sweep, plan: ArrayPlan, argv: Sequence[str], options: Mapping[str, str],
            extra: Sequence[str], *, throttle: int | None, warn_before: int, script: Path,
            python: str = sys.executable) -> str:
@@ -277,7 +320,13 @@ def submit(sweep: Sweep, indices: Sequence[int], argv: Sequence[str], *,
     """
     options, extra, settings = options_for(sweep.slurm, flags, str(sweep.path))
     throttle = settings.get("throttle")
-    warn = int(settings.get("warn_before", DEFAULT_WARN_BEFORE) or 0)
+    asked = int(settings.get("warn_before", DEFAULT_WARN_BEFORE) or 0)
+    warn = fit_warning(asked, options.get("time"))
+    if warn != asked:
+        print(f"notata submit: a {asked} s time-limit warning does not fit --time "
+              f"{options['time']} (SLURM may send it up to {SIGNAL_SLACK} s early, before the "
+              "task starts); " + (f"warning {warn} s before the end" if warn
+                                  else "not asking for one"), file=sys.stderr)
     plans = plan_arrays(indices, array_limit or max_array_size())
     jobs_dir = sweep.base_dir / layout.SWEEP_DIR / layout.JOBS
     stamp = time.strftime("%Y%m%dT%H%M%S")

@@ -84,7 +84,7 @@ def test_sigkilled_task_is_stale_then_resubmitted_once(base: Path,
     assert no_temporaries(out)
 
 
-# -- 3. a task that ignores SIGTERM at its time limit (real cluster) ---------------------------
+# -- 2 and 3. a task that ignores SIGTERM at its time limit, then resumed (real cluster) -------
 
 
 def test_task_ignoring_sigterm_is_killed_and_never_complete(slurm_cluster: str,
@@ -93,7 +93,8 @@ def test_task_ignoring_sigterm_is_killed_and_never_complete(slurm_cluster: str,
     manifest.write_text("name: f3\nrun_id: 'k{k}'\ngrid: {k: [0, 1]}\n")
     out = base / "outputs"
     # task 0 traps TERM and would sleep for 5 minutes; task 1 finishes at once
-    deaf = "if [ $1 = 0 ]; then trap '' TERM; echo $$ > \"$2\"/pid; sleep 300 & wait; fi"
+    deaf = ("if [ $1 = 0 ] && [ $NOTATA_ATTEMPT = 1 ]; then trap '' TERM; "
+            "echo $$ > \"$2\"/pid; sleep 300 & wait; fi")
     assert main(["submit", str(manifest), "--backend", "slurm", "--time", "1", "--", "sh", "-c",
                  deaf, "sh", "{k}", "{run_dir}"]) == 0
     [record] = submissions.read(out)
@@ -107,8 +108,15 @@ def test_task_ignoring_sigterm_is_killed_and_never_complete(slurm_cluster: str,
     assert meta["status"] in ("timeout", "running")  # never complete
     [r] = [r for r in scan(load(manifest)).runs if r.task == 0]
     assert r.status in ("timeout", "stale")
-    assert digests(out, "k1") == before
     assert no_temporaries(out)
+    # resubmission (timeout and stale are both taken by default) resumes it as attempt 2
+    assert main(["resubmit", str(manifest), "--backend", "slurm"]) == 0
+    for j in submissions.read(out)[-1]["job_ids"]:
+        wait_for(job_gone(j), 120, "the resubmission")
+    meta = read_meta(out / "log_k0")
+    assert (meta["status"], meta["attempt"]) == ("complete", 2)
+    assert [a["status"] for a in meta["attempts"]] in (["timeout"], ["running"])
+    assert digests(out, "k1") == before
 
 
 # -- 5 and 12. scancel, then two collectors at once, on the real cluster --------------------------

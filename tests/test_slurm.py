@@ -260,7 +260,7 @@ while True:
                 "--backend",
                 "slurm",
                 "--time",
-                "1",
+                "2",  # the warning must fit: 30 s + SLURM's 60 s slack + 30 s to start
                 "--warn-before",
                 "30",
                 "--",
@@ -304,3 +304,26 @@ def test_sbatch_errors_are_one_clear_line(slurm_cluster: str, base: Path) -> Non
     [line] = proc.stderr.strip().splitlines()
     assert line.startswith("notata submit: sbatch failed:") and "partition" in line.lower()
     assert submissions.read(base / "outputs") == []
+
+
+def test_a_warning_that_cannot_fit_the_time_limit_is_moved_or_dropped(
+        base: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """SLURM may send --signal up to 60 s early: at a 1-minute limit, a 120 s warning came
+    at once and killed the batch shell before notata started (seen on the test cluster)."""
+    from notata.slurm import fit_warning, time_limit_sec
+
+    assert [time_limit_sec(v) for v in ("1", "1:30", "2:00:00", "1-0", "1-2:3", "INFINITE")] \
+        == [60, 90, 7200, 86400, 93780, None]
+    assert fit_warning(120, "1") == 0 and fit_warning(120, "3") == 90
+    assert fit_warning(120, "3:30") == 120 and fit_warning(120, None) == 120
+    manifest = write_manifest(base, "name: w\nruns: [{case: a}]\n")
+    for time_limit, expected in (("1", None), ("3", "90"), ("10", "120")):
+        assert main(["submit", str(manifest), "--backend", "slurm", "--dry-run", "--time",
+                     time_limit, "--", "true"]) == 0
+        out, err = capsys.readouterr()
+        signal_lines = [line for line in out.splitlines() if line.startswith("#SBATCH --signal")]
+        if expected is None:
+            assert signal_lines == [] and "not asking for one" in err
+        else:
+            assert signal_lines == [f"#SBATCH --signal=B:USR1@{expected}"]
+            assert ("does not fit" in err) == (expected != "120")

@@ -74,7 +74,8 @@ def test_auto_executor_on_the_cluster_with_a_requeue_after_timeout(slurm_cluster
         return {"k": params["k"], "attempt": log.attempt}
 
     executor = submitit.AutoExecutor(folder=str(base / "submitit"), cluster="slurm")
-    executor.update_parameters(timeout_min=1, slurm_signal_delay_s=40)
+    # the signal must come after the task started: SLURM may send it up to 60 s early
+    executor.update_parameters(timeout_min=2, slurm_signal_delay_s=30)
     jobs = submit_sweep(simulate, manifest(base, 3), executor)
     assert [j.result() for j in jobs[1:]] == [{"k": 1, "attempt": 1}, {"k": 2, "attempt": 1}]
     assert jobs[0].result() == {"k": 0, "attempt": 2}  # after the requeue
