@@ -57,6 +57,9 @@ CORRUPT = "corrupt"
 MISMATCH = "mismatch"
 #: Every status a scan can report, in the order tables show them.
 SCAN_STATUSES = (*schema.STATUSES, STALE, PENDING, MISSING, CORRUPT, MISMATCH)
+#: Statuses ``resubmit`` can be asked to take (``--failed``...).
+SELECTORS = (schema.FAILED, STALE, MISSING, schema.TIMEOUT, schema.CANCELLED,
+             schema.PREEMPTED, CORRUPT, schema.TERMINATED)
 #: Statuses ``resubmit`` takes when none is named.
 DEFAULT_RESUBMIT = (schema.FAILED, schema.TIMEOUT, schema.PREEMPTED, STALE, MISSING)
 STALE_BEATS = 3
@@ -130,7 +133,7 @@ class Report:
             return self.read
         sweep = self.sweep
         done = [RunRecord(int(t), sweep.run_id(int(t), check=False), schema.COMPLETE, int(a))
-                for t, a in self.indexed.tolist()]
+                for t, a, *_ in self.indexed.tolist()]
         named = [r for r in self.read if r.task is not None]
         return [*heapq.merge(named, done, key=lambda r: r.task or 0),
                 *(r for r in self.read if r.task is None)]
@@ -196,6 +199,8 @@ def lock_is_held(run_dir: Path) -> bool:
     """Whether a live process holds the run's lock right now (a non-blocking try).
 
     No ``.lock`` file: nobody holds it (a holder creates it), and none is created here.
+    A free lock is held for microseconds by the try; a task starting in that instant
+    retries (:data:`notata.lock.RETRY_SEC`) rather than read it as taken.
     """
     if not (run_dir / layout.LOCK).exists():
         return False
@@ -303,10 +308,18 @@ def _run_dirs(base: Path) -> dict[str, os.DirEntry[str]]:
             if e.name.startswith(layout.RUN_PREFIX) and (e.is_dir() or e.is_symlink())}
 
 
-def queued_tasks(sweep: Sweep, queue: Queue) -> dict[int, str]:
-    """Sweep index -> queue state, for tasks that this sweep's submissions have queued."""
+def queued_tasks(sweep: Sweep, queue: Queue, arrays: Mapping[str, int] | None = None,
+                 ) -> dict[int, str]:
+    """Sweep index -> queue state, for every task of this sweep the queue holds.
+
+    A queued array task is mapped through its array's offset (the sweep index of array
+    task 0): from the recorded submissions of this sweep, else from ``arrays`` (array
+    job id -> offset, learned from tasks that already ran in it, so that a user's own
+    ``sbatch --array`` counts once one of its tasks has started). Submitit jobs are
+    mapped through the job ids their submission recorded. One pass over the queue.
+    """
     out: dict[int, str] = {}
-    offsets: dict[str, int] = {}  # array job id -> the sweep index of its task 0
+    offsets = dict(arrays or {})
     for record in submissions.read(sweep.base_dir):
         if record.get("manifest_hash") != sweep.hash:
             continue
@@ -317,29 +330,31 @@ def queued_tasks(sweep: Sweep, queue: Queue) -> dict[int, str]:
             for job_id, index in zip(record.get("job_ids", []), tasks, strict=False):
                 if str(job_id) in queue.jobs:
                     out[index] = queue.jobs[str(job_id)]
-    for key, state in queue.jobs.items():  # one pass over the queue, however many arrays
+    for key, state in queue.jobs.items():
         job, _, task = key.partition("_")
         if job in offsets and task.isdigit():
-            out[offsets[job] + int(task)] = state
+            out.setdefault(offsets[job] + int(task), state)
     return out
 
 
-def _mark_queued(records: list[RunRecord], queue: Queue, known: dict[int, str]) -> None:
-    """Note the queue's state on every task it holds: ``known`` (from the submissions
-    record) plus the arrays that a started task of this sweep ran in (so a user's own
-    ``sbatch --array`` counts once one of its tasks has started). A task with no run
-    directory becomes ``pending``; one with a run (failed, say, and submitted again) keeps
-    its status and gets ``queued``, which ``to_resubmit`` respects.
+def _array_offsets(records: list[RunRecord], done: np.ndarray) -> dict[str, int]:
+    """Array job id -> sweep index of its array task 0, from the tasks that ran in it."""
+    out = {r.array[0]: r.task - r.array[1] for r in records
+           if r.array is not None and r.task is not None}
+    ran = done[done["array_task"] >= 0]
+    jobs, first = np.unique(ran["array_job"], return_index=True)
+    for job, k in zip(jobs.tolist(), first.tolist(), strict=True):
+        out.setdefault(str(job), int(ran["task"][k] - ran["array_task"][k]))
+    return out
+
+
+def _mark_queued(records: list[RunRecord], by_task: Mapping[int, str]) -> None:
+    """Note the queue's state on every task it holds. A task with no run directory
+    becomes ``pending``; one with a run (failed, say, and submitted again) keeps its
+    status and gets ``queued``, which ``to_resubmit`` respects.
     """
-    offsets = {r.array[0]: r.task - r.array[1] for r in records
-               if r.array is not None and r.task is not None}
-    by_task = dict(known)
-    for key, state in queue.jobs.items():
-        job, _, tid = key.partition("_")
-        if job in offsets and tid.isdigit():
-            by_task.setdefault(offsets[job] + int(tid), state)
     for r in records:
-        if r.task in by_task and r.queued is None:
+        if r.task is not None and r.task in by_task and r.queued is None:
             r.queued = by_task[r.task]
             if r.status == MISSING:
                 r.status = PENDING
@@ -373,12 +388,12 @@ def scan(target: Sweep | str | os.PathLike[str], *, stale_after: float | None = 
         return Report([read(dirs[rid].path, symlink=dirs[rid].is_symlink())
                        for rid in sorted(dirs)])
     sweep = target
-    pending = queued_tasks(sweep, queue) if queue is not None else {}
     done = None if full else index.complete_tasks(sweep.base_dir, sweep.hash, len(sweep))
     if done is None or 2 * len(done) < len(sweep):  # then one scandir beats many lookups
         report = _scan_all(sweep, read)
         if queue is not None:
-            _mark_queued(report.read, queue, pending)
+            arrays = _array_offsets(report.read, _NO_INDEXED)
+            _mark_queued(report.read, queued_tasks(sweep, queue, arrays))
         return report
     todo = np.ones(len(sweep), dtype=bool)
     todo[done["task"]] = False
@@ -392,7 +407,7 @@ def scan(target: Sweep | str | os.PathLike[str], *, stale_after: float | None = 
             record = RunRecord(i, rid, MISSING, 0)
         records.append(record)
     if queue is not None:
-        _mark_queued(records, queue, pending)
+        _mark_queued(records, queued_tasks(sweep, queue, _array_offsets(records, done)))
     return Report(records, sweep, done)
 
 

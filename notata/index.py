@@ -9,12 +9,14 @@ record of that task, written by the task itself (its Logbook) at each status cha
     6       1     status   1 + its position in notata.schema.STATUSES
     7       1     version  1
     8       4     attempt
-    12      4     (zero)
+    12      4     array job  the SLURM array job id it ran in (0: not a SLURM array task)
     16      8     unix     the task's clock when it wrote the record
-    24      4     (zero)
+    24      4     array task  its SLURM array task id + 1 (0: none)
     28      4     tag
 
-Never-written records read as zeros (the file is sparse). Each record is one ``pwrite``
+The array fields let a scan that opens no complete run still map a queued array task
+(of a user's own ``sbatch --array``, which no submission record names) to its sweep
+index. Never-written records read as zeros (the file is sparse). Each record is one ``pwrite``
 of 32 bytes at a 32-byte boundary, so it never straddles a disk sector; a reader that
 catches one half-written sees the tags differ.
 
@@ -23,7 +25,9 @@ reads the files of every other task. That is sound because the index never says
 complete unless metadata.json does: a task writes ``complete`` into the index after
 its metadata.json (fsynced), and leaves complete only by ``overwrite=True``, which
 clears the record first (fsynced). What the index cannot see is a run directory
-deleted or edited by hand; ``notata status --full`` (``scan(..., full=True)``) reads
+deleted or edited by hand, or one overwritten while its metadata.json was unreadable
+(the old record cannot be found then; the new run's first write replaces it when the
+new run is the same sweep task); ``notata status --full`` (``scan(..., full=True)``) reads
 every file and ignores the index.
 """
 
@@ -47,11 +51,13 @@ SIZE = RECORD.size
 MAGIC = 0x4E54
 VERSION = 1
 DTYPE = np.dtype([("tag", "<u4"), ("magic", "<u2"), ("status", "u1"), ("version", "u1"),
-                  ("attempt", "<u4"), ("_a", "<u4"), ("unix", "<f8"), ("_b", "<u4"),
-                  ("tag2", "<u4")])
+                  ("attempt", "<u4"), ("array_job", "<u4"), ("unix", "<f8"),
+                  ("array_task", "<u4"), ("tag2", "<u4")])
 assert DTYPE.itemsize == SIZE == 32
-#: What :func:`complete_tasks` returns: task index and attempt of each complete task.
-DONE = np.dtype([("task", "<i8"), ("attempt", "<u4")])
+#: What :func:`complete_tasks` returns for each complete task: its index, attempt, and
+#: the SLURM array job and array task id it ran as (0 and -1 when not an array task).
+DONE = np.dtype([("task", "<i8"), ("attempt", "<u4"), ("array_job", "<u4"),
+                 ("array_task", "<i8")])
 
 
 def path_for(base_dir: str | os.PathLike[str], manifest_hash: str) -> Path:
@@ -87,8 +93,13 @@ def record(base_dir: Path, meta: Mapping[str, Any]) -> None:
     if slot is None or status not in schema.STATUSES:
         return
     tag = int.from_bytes(secrets.token_bytes(4), "little") | 1
+    job = meta.get("slurm") or {}
+    array_job, array_task = job.get("array_job_id"), job.get("array_task_id")
+    if not (isinstance(array_job, int) and isinstance(array_task, int)
+            and 0 < array_job < 2**32 and 0 <= array_task < 2**32 - 1):
+        array_job, array_task = 0, -1
     data = RECORD.pack(tag, MAGIC, schema.STATUSES.index(status) + 1, VERSION,
-                       int(meta.get("attempt", 1)), 0, time.time(), 0, tag)
+                       int(meta.get("attempt", 1)), array_job, time.time(), array_task + 1, tag)
     with contextlib.suppress(OSError):
         _pwrite(path_for(base_dir, slot[0]), slot[1], data, durable=False)
 
@@ -103,8 +114,8 @@ def forget(base_dir: Path, meta: Mapping[str, Any]) -> None:
 
 def complete_tasks(base_dir: str | os.PathLike[str], manifest_hash: str,
                    n_tasks: int) -> np.ndarray | None:
-    """The tasks (below ``n_tasks``) the index records as complete, with their attempts:
-    a structured array with fields ``task`` and ``attempt``; None when there is no index.
+    """The tasks (below ``n_tasks``) the index records as complete: a structured array
+    of :data:`DONE` (task, attempt, array job, array task); None when there is no index.
     """
     try:
         raw = np.fromfile(path_for(base_dir, manifest_hash), dtype=np.uint8)
@@ -118,4 +129,6 @@ def complete_tasks(base_dir: str | os.PathLike[str], manifest_hash: str,
     out = np.empty(len(tasks), dtype=DONE)
     out["task"] = tasks
     out["attempt"] = recs["attempt"][tasks]
+    out["array_job"] = recs["array_job"][tasks]
+    out["array_task"] = recs["array_task"][tasks].astype(np.int64) - 1
     return out

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import job_gone, read_meta, status_is, tree_digest, wait_for
+from conftest import job_gone, read_meta, sbatch, status_is, tree_digest, wait_for
 
 from notata import submissions
 from notata.cli import main
@@ -108,3 +108,34 @@ def test_tasks_of_a_users_own_array_read_pending(slurm_cluster: str, base: Path)
         go.write_text("")
         wait_for(job_gone(job), 120, "the array to end")
     assert [read_meta(out / f"log_k{k}")["status"] for k in range(3)] == ["complete"] * 3
+
+
+def test_a_users_own_array_is_known_when_every_started_task_is_complete(
+        slurm_cluster: str, base: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Tasks 0 and 1 of a plain sbatch array complete while 2 and 3 are held in the queue.
+    The scan takes 0 and 1 from the sweep index (opening neither run), and still maps the
+    array from their index records: 2 and 3 read pending and resubmit leaves them."""
+    manifest = base / "sweep.yaml"
+    manifest.write_text("name: held\nrun_id: 'k{k}'\ngrid: {k: [0, 1, 2, 3]}\n")
+    script = base / "own.sbatch"
+    code = "import sys, notata\nwith notata.task(sys.argv[1]):\n    pass\n"
+    script.write_text("#!/bin/sh\nexec " + shlex.join([sys.executable, "-c", code,
+                                                       str(manifest)]) + "\n")
+    job = sbatch(script, "--hold", "--array=0-3", f"--chdir={base}",
+                 f"--output={base}/slurm-%A_%a.out")
+    out = base / "outputs"
+    try:
+        subprocess.run(["scontrol", "release", f"{job}_0", f"{job}_1"], check=True)
+        wait_for(lambda: all(status_is(out / f"log_k{k}", "complete")() for k in (0, 1)), 120,
+                 "tasks 0 and 1 to complete")
+        report = scan(load(manifest), queue=Queue(queue()))
+        assert report.indexed["task"].tolist() == [0, 1]  # not opened
+        assert [(r.task, r.status, r.queued) for r in report.read] == [
+            (2, "pending", "PENDING"), (3, "pending", "PENDING")]
+        capsys.readouterr()
+        assert main(["resubmit", str(manifest), "--backend", "slurm", "--", "true"]) == 0
+        assert "nothing to resubmit" in capsys.readouterr().out
+    finally:
+        subprocess.run(["scancel", job], check=True)
+        wait_for(job_gone(job), 120, "the array to end")
+    assert not (out / "log_k2").exists() and not (out / "log_k3").exists()

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from notata import Logbook, index
+import notata
+from notata import Logbook, _fs, index
 from notata.cli import main
 from notata.collect import scan
 from notata.manifest import Sweep, load
@@ -27,6 +28,10 @@ def sweep(base: Path) -> Sweep:
                "{k}"])
     assert rc == 1
     return load(p)
+
+
+def files(root: Path) -> dict[str, bytes]:
+    return {str(q): q.read_bytes() for q in root.rglob("*") if q.is_file()}
 
 
 def records(s: Sweep) -> np.ndarray:
@@ -114,3 +119,59 @@ def test_no_index_and_foreign_runs(base: Path) -> None:
     assert not (base / "outputs" / ".notata").exists()
     [r] = scan(base / "outputs").runs
     assert (r.run_id, r.status) == ("plain", "complete")
+
+
+def test_complete_reaches_the_index_only_after_metadata_json(
+        base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If metadata.json cannot say complete (disk full at close), neither does the index."""
+    p = base / "sweep.yaml"
+    p.write_text(SWEEP)
+    real = _fs.atomic_write_json
+
+    def full_disk_at_complete(path: Path, obj: dict, **kw: object) -> None:
+        if obj.get("status") == "complete":
+            raise OSError(28, "No space left on device", str(path))
+        real(path, obj, **kw)
+
+    monkeypatch.setattr(_fs, "atomic_write_json", full_disk_at_complete)
+    with pytest.raises(OSError, match="No space left"), notata.task(p, 0):
+        pass
+    s = load(p)
+    assert index.schema.STATUSES[records(s)["status"][0] - 1] == "running"
+    assert index.complete_tasks(s.base_dir, s.hash, len(s))["task"].tolist() == []
+    assert scan(s).runs[0].status != "complete"
+
+
+def test_records_carry_the_slurm_array_task(base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A complete record names the array job and task it ran as, so a scan that opens no
+    complete run can still map a user's own array to the sweep (see test_collect_slurm)."""
+    p = base / "sweep.yaml"
+    p.write_text(SWEEP)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "4240")
+    for k in (2, 3):
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(k - 1))  # the array started at task 1
+        with notata.task(p, k):
+            pass
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID")
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
+    with notata.task(p, 4):  # not an array task
+        pass
+    s = load(p)
+    done = index.complete_tasks(s.base_dir, s.hash, len(s))
+    assert done.tolist() == [(2, 1, 4240, 1), (3, 1, 4240, 2), (4, 1, 0, -1)]
+
+
+def test_resubmit_refuses_duplicate_run_ids_even_when_the_index_answers(
+        base: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = base / "sweep.yaml"
+    p.write_text("name: d\nrun_id: 'k{k}'\ngrid: {k: [0, 1, 2, 3, '3']}\n")
+    for k in range(3):  # run one by one (a whole submit refuses the manifest at once)
+        assert main(["exec", str(p), "--task", str(k), "--", sys.executable, "-c", "pass"]) == 0
+    s = load(p)
+    assert len(index.complete_tasks(s.base_dir, s.hash, len(s))) == 3  # the index answers
+    before = files(base / "outputs")
+    assert main(["resubmit", str(p), "--backend", "local", "--", sys.executable, "-c",
+                 "pass"]) == 2
+    assert "tasks 3 and 4 have the same run id 'k3'" in capsys.readouterr().err
+    assert files(base / "outputs") == before  # nothing submitted, nothing written
