@@ -39,6 +39,9 @@ from .errors import RunLockedError
 MIN_STALE_LOCK_SEC = 600.0
 STALE_LOCK_BEATS = 10
 CONFIRM_SEC = 2.0
+#: A busy lock is tried again for this long before it counts as held: a collector's
+#: probe (:func:`notata.collect.lock_is_held`) holds it for microseconds.
+RETRY_SEC = 1.0
 
 
 def stale_threshold(holder: Mapping[str, Any]) -> float:
@@ -68,8 +71,13 @@ class RunLock:
         self._lock: filelock.BaseFileLock | None = None
 
     def acquire(self) -> None:
-        """Take the lock now or raise :class:`RunLockedError`; a dead holder's lock is broken."""
-        if self._try():
+        """Take the lock or raise :class:`RunLockedError`; a dead holder's lock is broken."""
+        deadline = time.monotonic() + RETRY_SEC
+        while not self._try():
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        else:
             return
         holder = self._read_holder()
         if holder_is_dead(holder):

@@ -291,10 +291,12 @@ def test_64_writers_and_a_scan_beside_them(base: Path) -> None:
     seen: list[tuple[str, str | None]] = []
     done = threading.Event()
 
-    def scan_until_done() -> None:
+    def scan_until_done() -> None:  # by the files and by the index, in turn
+        full = True
         while not done.is_set():
-            for r in scan(sweep, full=True).runs:
+            for r in scan(sweep, full=full).runs:
                 seen.append((r.status, r.reason))
+            full = not full
 
     scanner = threading.Thread(target=scan_until_done)
     scanner.start()
@@ -308,6 +310,7 @@ def test_64_writers_and_a_scan_beside_them(base: Path) -> None:
     assert [p.returncode for p in procs] == [0] * n, [e for e in errors if e][:3]
     report = scan(sweep, full=True)
     assert report.counts["complete"] == n
+    assert len(scan(sweep).indexed) == n  # every task recorded itself in the index
     for k in range(n):
         meta = read_meta(base / "outputs" / f"log_k{k}")
         assert meta["step"] == 19 and meta["heartbeat"]["interval_sec"] == 0.05
