@@ -97,23 +97,31 @@ def resubmit(manifest: str | os.PathLike[str], *statuses: str,
     ``statuses`` are the selectors (``"failed"``, ``"stale"``, ``"cancelled"``...; none:
     failed, timeout, preempted, stale and missing); ``sbatch`` takes the options of
     ``notata submit`` by their Python names (``time="01:00:00"``, ``mem="4G"``,
-    ``throttle=50``). Same rules, lock and submission record as the command; returns its
-    exit status (0: the scan worked and what was chosen was submitted or ran).
+    ``throttle=50``, ``sbatch_line=["--constraint=x"]``); None means not given. Same
+    rules, lock and submission record as the command; returns its exit status (0: the
+    scan worked and what was chosen was submitted or ran). An unknown status or option,
+    or a value the command would refuse, raises ValueError/TypeError before anything runs.
     """
-    from .cli import main
+    from .cli import build_parser, main
+    from .collect import SELECTORS
 
+    bad = [s for s in statuses if s not in SELECTORS]
+    if bad:
+        raise ValueError(f"resubmit(): unknown status {bad[0]!r}; known: {', '.join(SELECTORS)}")
     argv = ["resubmit", os.fspath(manifest), *(f"--{s}" for s in statuses)]
-    if max_attempts is not None:
-        argv += ["--max-attempts", str(max_attempts)]
-    if backend is not None:
-        argv += ["--backend", backend]
-    argv += ["--dry-run"] * dry_run + ["--full"] * full
-    known = {*_slurm.OPTIONS, "throttle", "warn_before", "sbatch_line", "jobs", "stale_after"}
-    for key, value in sbatch.items():
+    options = {**sbatch, "max_attempts": max_attempts, "backend": backend}
+    known = {*_slurm.OPTIONS, "throttle", "warn_before", "sbatch_line", "jobs", "stale_after",
+             "max_attempts", "backend"}
+    for key, value in options.items():
         if key not in known:
             raise TypeError(f"resubmit() got an unknown option {key!r}; "
                             f"known: {', '.join(sorted(known))}")
-        argv += [f"--{key.replace('_', '-')}", str(value)]
-    if command:
-        argv += ["--", *command]
-    return main(argv)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        argv += [x for v in values if v is not None for x in (f"--{key.replace('_', '-')}",
+                                                                str(v))]
+    argv += ["--dry-run"] * dry_run + ["--full"] * full
+    try:
+        build_parser().parse_args(argv)
+    except SystemExit:  # argparse said what is wrong on stderr
+        raise ValueError(f"resubmit(): invalid options {argv[2:]}") from None
+    return main([*argv, "--", *command] if command else argv)

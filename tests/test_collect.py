@@ -166,6 +166,11 @@ def test_resubmit_locally_runs_exactly_what_needs_it(
     assert "resubmitting 4 task(s): 1-2,4-5" in capsys.readouterr().out
     with pytest.raises(TypeError, match="unknown option 'walltime'"):
         notata.resubmit(manifest, walltime="1:00:00")
+    with pytest.raises(ValueError, match="unknown status 'complete'"):
+        notata.resubmit(manifest, "complete")
+    with pytest.raises(ValueError, match="invalid options"):
+        notata.resubmit(manifest, throttle="many")
+    assert "resubmitting" not in capsys.readouterr().out  # neither ran
     assert notata.resubmit(manifest, backend="local", max_attempts=1) == 0  # the Python API
     text = capsys.readouterr()
     assert "resubmitting 1 task(s): 5" in text.out  # 1, 2 and 4 already had one attempt
