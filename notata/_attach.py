@@ -44,12 +44,21 @@ def hand_over(run_dir: Path, fields: dict[str, Any]) -> None:
 
 
 def take_handed_over(run_dir: Path) -> dict[str, Any]:
-    """Wrapper side: take (read and remove) what an attached process handed over."""
+    """Wrapper side: take (read and remove) what an attached process handed over.
+
+    The file is first renamed to a private name, so a hand-over written after the take
+    (by a process the command left behind) stays for the next take instead of being lost.
+    """
     side = run_dir / layout.ATTACHED
+    taken = side.with_name(f"{side.name}.{os.getpid()}-taken{_fs.TMP_SUFFIX}")  # a temporary
     try:
-        return _fs.read_json_object(side)
+        os.replace(side, taken)
+    except FileNotFoundError:
+        return {}
+    try:
+        return _fs.read_json_object(taken)
     except (FileNotFoundError, ValueError):
         return {}
     finally:
         with contextlib.suppress(FileNotFoundError):
-            side.unlink()
+            taken.unlink()
