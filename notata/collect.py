@@ -119,8 +119,9 @@ class Report:
 
     ``read`` holds what the scan read from files (and the tasks with no run yet), sorted
     by task, runs that no task of the manifest names last; ``indexed`` the tasks the
-    sweep index records as complete (fields ``task``, ``attempt``), which it did not
-    open. ``runs`` is every run, both merged (built on first use: 10^6 records are slow).
+    sweep index records as complete (:data:`notata.index.DONE`: ``task``, ``attempt``,
+    ``array_job``, ``array_task``), which it did not open. ``runs`` is every run, both
+    merged (built on first use: 10^6 records are slow).
     """
 
     read: list[RunRecord]
@@ -316,7 +317,8 @@ def queued_tasks(sweep: Sweep, queue: Queue, arrays: Mapping[str, int] | None = 
     task 0): from the recorded submissions of this sweep, else from ``arrays`` (array
     job id -> offset, learned from tasks that already ran in it, so that a user's own
     ``sbatch --array`` counts once one of its tasks has started). Submitit jobs are
-    mapped through the job ids their submission recorded. One pass over the queue.
+    mapped only through the job ids their submission recorded (``map_array`` over chosen
+    tasks has no offset). One pass over the queue.
     """
     out: dict[int, str] = {}
     offsets = dict(arrays or {})
@@ -328,6 +330,7 @@ def queued_tasks(sweep: Sweep, queue: Queue, arrays: Mapping[str, int] | None = 
         if record.get("backend", "").startswith("submitit"):
             tasks = _expand(record.get("tasks", ""))
             for job_id, index in zip(record.get("job_ids", []), tasks, strict=False):
+                offsets.pop(str(job_id).partition("_")[0], None)
                 if str(job_id) in queue.jobs:
                     out[index] = queue.jobs[str(job_id)]
     for key, state in queue.jobs.items():
@@ -337,15 +340,22 @@ def queued_tasks(sweep: Sweep, queue: Queue, arrays: Mapping[str, int] | None = 
     return out
 
 
-def _array_offsets(records: list[RunRecord], done: np.ndarray) -> dict[str, int]:
-    """Array job id -> sweep index of its array task 0, from the tasks that ran in it."""
-    out = {r.array[0]: r.task - r.array[1] for r in records
-           if r.array is not None and r.task is not None}
-    ran = done[done["array_task"] >= 0]
-    jobs, first = np.unique(ran["array_job"], return_index=True)
-    for job, k in zip(jobs.tolist(), first.tolist(), strict=True):
-        out.setdefault(str(job), int(ran["task"][k] - ran["array_task"][k]))
-    return out
+def _array_offsets(records: list[RunRecord], done: np.ndarray, queue: Queue) -> dict[str, int]:
+    """Array job id -> sweep index of its array task 0, learned from the tasks that ran in
+    it, for the arrays the queue still holds. An array whose tasks disagree (sweep index
+    is not array task + a constant) has no offset and is left out."""
+    queued = {int(k.partition("_")[0]) for k in queue.jobs if k.partition("_")[2].isdigit()}
+    ran = done[(done["array_task"] >= 0) & np.isin(done["array_job"], list(queued))]
+    pairs = set(zip(ran["array_job"].tolist(), (ran["task"] - ran["array_task"]).tolist(),
+                    strict=True))
+    pairs |= {(int(r.array[0]), r.task - r.array[1]) for r in records
+              if r.array is not None and r.task is not None and r.array[0].isdigit()}
+    offsets: dict[str, int] = {}
+    mixed = set()
+    for job, offset in pairs:
+        if offsets.setdefault(str(job), offset) != offset:
+            mixed.add(str(job))
+    return {job: offset for job, offset in offsets.items() if job not in mixed}
 
 
 def _mark_queued(records: list[RunRecord], by_task: Mapping[int, str]) -> None:
@@ -392,7 +402,7 @@ def scan(target: Sweep | str | os.PathLike[str], *, stale_after: float | None = 
     if done is None or 2 * len(done) < len(sweep):  # then one scandir beats many lookups
         report = _scan_all(sweep, read)
         if queue is not None:
-            arrays = _array_offsets(report.read, _NO_INDEXED)
+            arrays = _array_offsets(report.read, _NO_INDEXED, queue)
             _mark_queued(report.read, queued_tasks(sweep, queue, arrays))
         return report
     todo = np.ones(len(sweep), dtype=bool)
@@ -407,7 +417,7 @@ def scan(target: Sweep | str | os.PathLike[str], *, stale_after: float | None = 
             record = RunRecord(i, rid, MISSING, 0)
         records.append(record)
     if queue is not None:
-        _mark_queued(records, queued_tasks(sweep, queue, _array_offsets(records, done)))
+        _mark_queued(records, queued_tasks(sweep, queue, _array_offsets(records, done, queue)))
     return Report(records, sweep, done)
 
 

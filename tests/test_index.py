@@ -12,7 +12,7 @@ import pytest
 import notata
 from notata import Logbook, _fs, index
 from notata.cli import main
-from notata.collect import scan
+from notata.collect import Queue, scan
 from notata.manifest import Sweep, load
 
 SWEEP = "name: ix\nrun_id: 'k{k}'\ngrid: {k: [0, 1, 2, 3, 4, 5]}\n"
@@ -150,7 +150,7 @@ def test_records_carry_the_slurm_array_task(base: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "4240")
     for k in (2, 3):
-        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(k - 1))  # the array started at task 1
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(k - 2))  # array task 0 is task 2
         with notata.task(p, k):
             pass
     monkeypatch.delenv("SLURM_ARRAY_JOB_ID")
@@ -159,7 +159,7 @@ def test_records_carry_the_slurm_array_task(base: Path, monkeypatch: pytest.Monk
         pass
     s = load(p)
     done = index.complete_tasks(s.base_dir, s.hash, len(s))
-    assert done.tolist() == [(2, 1, 4240, 1), (3, 1, 4240, 2), (4, 1, 0, -1)]
+    assert done.tolist() == [(2, 1, 4240, 0), (3, 1, 4240, 1), (4, 1, 0, -1)]
 
 
 def test_resubmit_refuses_duplicate_run_ids_even_when_the_index_answers(
@@ -175,3 +175,26 @@ def test_resubmit_refuses_duplicate_run_ids_even_when_the_index_answers(
                  "pass"]) == 2
     assert "tasks 3 and 4 have the same run id 'k3'" in capsys.readouterr().err
     assert files(base / "outputs") == before  # nothing submitted, nothing written
+
+
+def test_queued_array_tasks_map_only_through_a_consistent_offset(
+        base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Array 600 ran tasks 4 and 5 as its array tasks 1 and 2: its queued array task 0 is
+    sweep task 3 (pending). Array 500 ran task 1 as array task 0 and task 0 as array
+    task 2 (a map over chosen tasks, as submitit's map_array makes): no offset fits, so
+    its queued array tasks name no task (either offset would wrongly name task 2), and
+    task 2 stays missing rather than guessed."""
+    p = base / "sweep.yaml"
+    p.write_text(SWEEP)
+    monkeypatch.setenv("SLURM_JOB_ID", "1")
+    for job, array_task, k in [(600, 1, 4), (600, 2, 5), (500, 0, 1), (500, 2, 0)]:
+        monkeypatch.setenv("SLURM_ARRAY_JOB_ID", str(job))
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(array_task))
+        with notata.task(p, k):
+            pass
+    s = load(p)
+    queue = Queue({"600_0": "PENDING", "500_1": "PENDING", "500_4": "PENDING"})
+    report = scan(s, queue=queue)
+    assert report.indexed["task"].tolist() == [0, 1, 4, 5]  # the scan opened none of them
+    assert [(r.task, r.status, r.queued) for r in report.read] == [
+        (2, "missing", None), (3, "pending", "PENDING")]
