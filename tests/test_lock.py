@@ -66,7 +66,7 @@ def test_two_processes_racing_for_one_run_exactly_one_wins(base: Path) -> None:
             print("locked:", err, flush=True)
             sys.exit(3)
         print("won", flush=True)
-        time.sleep(1.5)
+        time.sleep(4)  # longer than the losers' retry (lock.RETRY_SEC) plus start-up skew
         log.mark_complete()
         """
     start = str(time.time() + 1.0)
@@ -177,3 +177,24 @@ def test_locked_error_names_the_slurm_job() -> None:
     import pickle
 
     assert str(pickle.loads(pickle.dumps(err))) == str(err)
+
+
+def test_a_lock_held_for_an_instant_is_waited_for_not_refused(base: Path) -> None:
+    """A collector's probe (collect.lock_is_held) holds a run's lock for an instant; a task
+    opening the run in that instant retries instead of failing with RunLockedError."""
+    (base / "log_run").mkdir()
+    code = """
+        import sys, time, filelock
+        lock = filelock.FileLock(sys.argv[1] + "/log_run/.lock")
+        lock.acquire()
+        print("held", flush=True)
+        time.sleep(0.3)
+        lock.release()
+        """
+    prober = python(code, str(base))
+    try:
+        assert prober.stdout and prober.stdout.readline().strip() == "held"
+        with Logbook("run", base, resume=True) as log:
+            assert log.attempt == 1
+    finally:
+        prober.wait(10)
