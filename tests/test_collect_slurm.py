@@ -11,7 +11,8 @@ import psutil
 import pytest
 from conftest import job_gone, read_meta, sbatch, status_is, tree_digest, wait_for
 
-from notata import submissions
+import notata
+from notata import index, submissions
 from notata.cli import main
 from notata.collect import Queue, scan
 from notata.manifest import load
@@ -64,10 +65,12 @@ def test_status_and_resubmit_after_real_failures(slurm_cluster: str, base: Path,
     assert "k1 diverged" in (report.runs[1].reason or "")
     complete_before = {k: tree_digest(out / f"log_k{k}") for k in (0, 3, 4)}
 
-    assert main(["resubmit", str(manifest), "--backend", "slurm"]) == 0
+    # from Python, with a list option (repeated --sbatch-line)
+    assert notata.resubmit(manifest, backend="slurm", sbatch_line=["--comment=again"]) == 0
     assert "resubmitting 3 task(s): 1-2,5" in capsys.readouterr().out
     second = submissions.read(out)[-1]
     assert second["tasks"] == "1-2,5" and second["command"] == record["command"]
+    assert "#SBATCH --comment=again" in Path(second["arrays"][0]["script"]).read_text()
     wait_for(lambda: all(job_gone(j)() for j in second["job_ids"]), 300, "the resubmission")
     metas = {k: read_meta(out / f"log_k{k}") for k in range(6)}
     assert {k: (m["status"], m["attempt"]) for k, m in metas.items()} == {
@@ -126,9 +129,11 @@ def test_a_users_own_array_is_known_when_every_started_task_is_complete(
     out = base / "outputs"
     try:
         subprocess.run(["scontrol", "release", f"{job}_0", f"{job}_1"], check=True)
-        wait_for(lambda: all(status_is(out / f"log_k{k}", "complete")() for k in (0, 1)), 120,
+        sweep = load(manifest)
+        # the index says complete just after metadata.json does: wait for the index
+        wait_for(lambda: len(index.complete_tasks(out, sweep.hash, 4) or ()) == 2, 120,
                  "tasks 0 and 1 to complete")
-        report = scan(load(manifest), queue=Queue(queue()))
+        report = scan(sweep, queue=Queue(queue()))
         assert report.indexed["task"].tolist() == [0, 1]  # not opened
         assert [(r.task, r.status, r.queued) for r in report.read] == [
             (2, "pending", "PENDING"), (3, "pending", "PENDING")]
