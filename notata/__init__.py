@@ -99,11 +99,13 @@ def resubmit(manifest: str | os.PathLike[str], *statuses: str,
     ``notata submit`` by their Python names (``time="01:00:00"``, ``mem="4G"``,
     ``throttle=50``, ``sbatch_line=["--constraint=x"]``); None means not given. Same
     rules, lock and submission record as the command; returns its exit status (0: the
-    scan worked and what was chosen was submitted or ran). An unknown status or option,
-    or a value the command would refuse, raises ValueError/TypeError before anything runs.
+    scan worked and what was chosen was submitted or ran). An unknown status or option
+    (TypeError), or a value of the wrong form (ValueError: a non-integer throttle, an
+    unknown backend, a bad duration) raises before anything runs; values only SLURM can
+    judge (a time limit, a partition) come back as the command's exit status, 1.
     """
     from .cli import build_parser, main
-    from .collect import SELECTORS
+    from .collect import SELECTORS, parse_duration
 
     bad = [s for s in statuses if s not in SELECTORS]
     if bad:
@@ -117,11 +119,15 @@ def resubmit(manifest: str | os.PathLike[str], *statuses: str,
             raise TypeError(f"resubmit() got an unknown option {key!r}; "
                             f"known: {', '.join(sorted(known))}")
         values = value if isinstance(value, (list, tuple)) else [value]
-        argv += [x for v in values if v is not None for x in (f"--{key.replace('_', '-')}",
-                                                                str(v))]
+        argv += [f"--{key.replace('_', '-')}={v}" for v in values if v is not None]
     argv += ["--dry-run"] * dry_run + ["--full"] * full
     try:
         build_parser().parse_args(argv)
     except SystemExit:  # argparse said what is wrong on stderr
         raise ValueError(f"resubmit(): invalid options {argv[2:]}") from None
+    if sbatch.get("stale_after") is not None:
+        try:
+            parse_duration(str(sbatch["stale_after"]))
+        except ValueError as err:
+            raise ValueError(f"resubmit(): stale_after: {err}") from None
     return main([*argv, "--", *command] if command else argv)

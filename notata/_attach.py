@@ -46,8 +46,9 @@ def hand_over(run_dir: Path, fields: dict[str, Any]) -> None:
 def take_handed_over(run_dir: Path) -> dict[str, Any]:
     """Wrapper side: take (read and remove) what an attached process handed over.
 
-    The file is first renamed to a private name, so a hand-over written after the take
-    (by a process the command left behind) stays for the next take instead of being lost.
+    The file is first renamed to a private name, so that a hand-over written while the
+    take reads (by a process the command left behind) is a new file, never one removed
+    unread by this take.
     """
     side = run_dir / layout.ATTACHED
     taken = side.with_name(f"{side.name}.{os.getpid()}-taken{_fs.TMP_SUFFIX}")  # a temporary

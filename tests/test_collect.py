@@ -170,6 +170,8 @@ def test_resubmit_locally_runs_exactly_what_needs_it(
         notata.resubmit(manifest, "complete")
     with pytest.raises(ValueError, match="invalid options"):
         notata.resubmit(manifest, throttle="many")
+    with pytest.raises(ValueError, match="stale_after: invalid duration 'soon'"):
+        notata.resubmit(manifest, stale_after="soon")
     assert "resubmitting" not in capsys.readouterr().out  # neither ran
     assert notata.resubmit(manifest, backend="local", max_attempts=1) == 0  # the Python API
     text = capsys.readouterr()

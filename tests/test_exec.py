@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, python, read_meta, status_is, wait_for
 
+from notata import _attach
 from notata.cli import main
 
 MANIFEST = """
@@ -317,3 +318,11 @@ with notata.task(sys.argv[1]) as log:
     assert meta["status"] == "complete"
     assert [s["signal"] for s in meta["signals"]] == ["SIGUSR1"]
     assert (d / "artifacts" / "checkpoint.txt").read_text() == "saved"
+
+
+def test_a_hand_over_is_taken_once_and_leaves_no_file(tmp_path: Path) -> None:
+    _attach.hand_over(tmp_path, {"a": 1})
+    _attach.hand_over(tmp_path, {"b": 2})  # merged with what is there
+    assert _attach.take_handed_over(tmp_path) == {"a": 1, "b": 2}
+    assert list(tmp_path.iterdir()) == []  # neither the file nor its taken copy is left
+    assert _attach.take_handed_over(tmp_path) == {}
