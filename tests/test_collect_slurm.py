@@ -131,8 +131,11 @@ def test_a_users_own_array_is_known_when_every_started_task_is_complete(
         subprocess.run(["scontrol", "release", f"{job}_0", f"{job}_1"], check=True)
         sweep = load(manifest)
         # the index says complete just after metadata.json does: wait for the index
-        wait_for(lambda: len(index.complete_tasks(out, sweep.hash, 4) or ()) == 2, 120,
-                 "tasks 0 and 1 to complete")
+        def both_indexed() -> bool:
+            done = index.complete_tasks(out, sweep.hash, 4)
+            return done is not None and len(done) == 2
+
+        wait_for(both_indexed, 120, "tasks 0 and 1 to complete")
         report = scan(sweep, queue=Queue(queue()))
         assert report.indexed["task"].tolist() == [0, 1]  # not opened
         assert [(r.task, r.status, r.queued) for r in report.read] == [
