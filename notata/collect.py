@@ -344,8 +344,9 @@ def _array_offsets(records: list[RunRecord], done: np.ndarray, queue: Queue) -> 
     """Array job id -> sweep index of its array task 0, learned from the tasks that ran in
     it, for the arrays the queue still holds. An array whose tasks disagree (sweep index
     is not array task + a constant) has no offset and is left out."""
-    queued = {int(k.partition("_")[0]) for k in queue.jobs if k.partition("_")[2].isdigit()}
-    ran = done[(done["array_task"] >= 0) & np.isin(done["array_job"], list(queued))]
+    keys = (k.partition("_") for k in queue.jobs)
+    queued = [int(job) for job, _, task in keys if job.isdigit() and task.isdigit()]
+    ran = done[(done["array_task"] >= 0) & np.isin(done["array_job"], queued)]
     pairs = set(zip(ran["array_job"].tolist(), (ran["task"] - ran["array_task"]).tolist(),
                     strict=True))
     pairs |= {(int(r.array[0]), r.task - r.array[1]) for r in records

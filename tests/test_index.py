@@ -193,7 +193,8 @@ def test_queued_array_tasks_map_only_through_a_consistent_offset(
         with notata.task(p, k):
             pass
     s = load(p)
-    queue = Queue({"600_0": "PENDING", "500_1": "PENDING", "500_4": "PENDING"})
+    queue = Queue({"600_0": "PENDING", "500_1": "PENDING", "500_4": "PENDING",
+                   "700+0": "RUNNING", "7x_1": "PENDING"})  # a het job, a key not understood
     report = scan(s, queue=queue)
     assert report.indexed["task"].tolist() == [0, 1, 4, 5]  # the scan opened none of them
     assert [(r.task, r.status, r.queued) for r in report.read] == [
