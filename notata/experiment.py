@@ -20,9 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-import filelock
-
-from . import _fs, layout
+from . import _fs, layout, lock
 from .logbook import Logbook
 
 METRICS = "artifacts/metrics.json"
@@ -70,7 +68,7 @@ class Experiment:
         return f"{self.name}_" + "_".join(f"{k}_{text(v)}" for k, v in sorted(params.items()))
 
     def _append(self, row: dict[str, Any]) -> None:
-        with filelock.FileLock(str(self.exp_dir / ".index.csv.lock")):
+        with lock.exclusive(self.exp_dir / ".index.csv.lock"):
             rows = []
             fields: list[str] = []
             if self.index_file.exists():

@@ -59,7 +59,7 @@ def test_two_processes_racing_for_one_run_exactly_one_wins(base: Path) -> None:
     code = """
         import sys, time
         from notata import Logbook, RunLockedError
-        time.sleep(float(sys.argv[3]) - time.time())
+        time.sleep(max(0.0, float(sys.argv[3]) - time.time()))
         try:
             log = Logbook(sys.argv[2], sys.argv[1], resume=True)
         except RunLockedError as err:
@@ -69,7 +69,7 @@ def test_two_processes_racing_for_one_run_exactly_one_wins(base: Path) -> None:
         time.sleep(4)  # longer than the losers' retry (lock.RETRY_SEC) plus start-up skew
         log.mark_complete()
         """
-    start = str(time.time() + 1.0)
+    start = str(time.time() + 2.0)
     procs = [python(code, str(base), "race", start) for _ in range(4)]
     results = [(p.wait(30), p.communicate()[0]) for p in procs]
     assert sorted(rc for rc, _ in results) == [0, 3, 3, 3], results
