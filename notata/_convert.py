@@ -18,10 +18,13 @@ def to_plain(value: Any, where: str = "value") -> Any:
     numpy scalars become Python numbers, small arrays lists, tuples lists, paths
     strings. Anything else raises TypeError naming ``where`` (e.g. ``params['x']``).
     """
-    if value is None or isinstance(value, (bool, int, float, str)):
+    if isinstance(value, np.generic):  # np.float64 subclasses float, but YAML refuses it
+        return to_plain(value.item(), where)
+    if value is None or type(value) in (bool, int, float, str):
         return value
-    if isinstance(value, np.generic):
-        return value.item()
+    for plain in (int, float, str):  # subclasses (IntEnum, np.str_...) as their plain value
+        if isinstance(value, plain):
+            return plain(value)
     if isinstance(value, np.ndarray):
         if value.size > MAX_PARAM_ARRAY:
             raise TypeError(

@@ -21,9 +21,12 @@ ARTIFACTS = "artifacts"
 #: A sweep's own records, under its base folder: submissions.jsonl and the job scripts.
 SWEEP_DIR = ".notata"
 SUBMISSIONS = "submissions.jsonl"
+RESUBMIT_LOCK = "resubmit.lock"
 JOBS = "jobs"
+INDEX = "index"
 
-MAX_RUN_ID_BYTES = 200
+#: A file name may have 255 bytes (ext4, XFS, Lustre, NFS); ``log_`` takes four.
+MAX_RUN_ID_BYTES = 255 - len(RUN_PREFIX)
 
 
 def run_dir(base_dir: str | os.PathLike[str], run_id: str) -> Path:

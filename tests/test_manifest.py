@@ -139,3 +139,21 @@ def test_bad_manifests_are_one_clear_error(tmp_path: Path, case: str) -> None:
 def test_invalid_json_manifest(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match="invalid JSON"):
         load(write(tmp_path, '{"name": "x", ', "s.json"))
+
+
+def test_numbers_follow_yaml_1_2(tmp_path: Path) -> None:
+    """YAML 1.1 read ``30:00`` as 1800 (sbatch got --time=1800: 30 hours) and ``1e-3`` as
+    a string beside ``1.0e-4`` as a float."""
+    p = tmp_path / "s.yaml"
+    p.write_text("name: y\ngrid:\n  lr: [1e-3, 1.0e-4, .5, 2, -3, +4.5e1, 010, 0x1f, 0o17]\n"
+                 "  tag: [30:00, 1_000, '1e-3']\nslurm: {time: 30:00, mem: 60}\n")
+    sweep = load(p)
+    lr = dict(sweep.grid)["lr"]
+    assert lr == [0.001, 0.0001, 0.5, 2, -3, 45.0, 10, 31, 15]
+    assert [type(v) for v in lr[:3]] == [float, float, float]
+    assert dict(sweep.grid)["tag"] == ["30:00", "1_000", "1e-3"]
+    assert sweep.slurm == {"time": "30:00", "mem": 60}
+    from notata import slurm
+
+    options, _, _ = slurm.options_for(sweep.slurm, {}, str(p))
+    assert options == {"time": "30:00", "mem": "60"}  # as written: 30 minutes, 60 MB
