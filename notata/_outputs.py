@@ -29,12 +29,16 @@ class OutputsMixin:
     def _saved(self, path: Path) -> None:
         raise NotImplementedError
 
+    def _check_usable(self) -> None:
+        raise NotImplementedError
+
     # -- the one writer ------------------------------------------------------------------------
 
     def _output(
         self, folder: str, category: str | None, name: str, ext: str,
         write: Callable[[IO[bytes]], Any], what: str,
     ) -> Path:
+        self._check_usable()
         layout.check_relative(name, "name")
         base = layout.check_relative(category, "category") if category is not None else Path(folder)
         rel = base / f"{name}{ext}"
@@ -148,6 +152,15 @@ class OutputsMixin:
 
     # -- paths for files the user writes ---------------------------------------------------------
 
+    def _target_dir(self, category: str | None, fallback: Path) -> Path:
+        """notata 0.3's helper (its tests call it): ``fallback``, or ``CATEGORY/`` made."""
+        if category is None:
+            return fallback
+        target = layout.inside(self.path, layout.check_relative(category, "category"),
+                               "category")
+        target.mkdir(exist_ok=True)
+        return target
+
     def artifact_path(self, *parts: str, create: bool = True) -> Path:
         """A path inside the run directory (parents made unless ``create=False``).
 
@@ -160,6 +173,7 @@ class OutputsMixin:
 
     def __getitem__(self, relative: str) -> Path:
         """notata 0.3: ``log["artifacts/x.dat"]`` is a path inside the run, parents made."""
+        self._check_usable()
         return layout.inside(self.path, relative, "path")
 
     def exists(self, relative: str) -> bool:

@@ -1,8 +1,17 @@
-"""Signals for a Logbook: SIGTERM ends the run with a recorded status, SIGUSR1 warns.
+"""Signals for a Logbook: SIGTERM and SIGHUP end a run with a recorded status, SIGUSR1 warns.
 
 Python runs signal handlers in the main thread, between bytecodes, so a handler may
 land inside the Logbook's own metadata write. :meth:`SignalsMixin._critical` marks
 such sections: a signal arriving there waits until the section ends.
+
+Order on SIGTERM or SIGHUP: the terminal status is written (fsynced) first, so that
+the SIGKILL a scheduler sends after its grace time cannot lose it; then the
+``on_terminate`` hooks run (``notata exec`` stops its command there and waits for
+it); then the previous handler is called, or SystemExit(128+N) raised. The run lock is
+released only when the run is finally closed (``__exit__``, or at interpreter exit),
+after the user's ``finally`` blocks: until then no next attempt can start beside
+code that is still writing. A second SIGTERM or SIGHUP while this goes on is ignored,
+so it cannot cut the stop short and orphan the command.
 """
 
 from __future__ import annotations
@@ -21,6 +30,10 @@ if TYPE_CHECKING:
     from .logbook import Logbook
     from .runinfo import SchedulerProvider
 
+#: The signals that end a run, and the warning.
+ENDING = (signal.SIGTERM, signal.SIGHUP)
+WARNING = signal.SIGUSR1
+
 
 class SignalsMixin:
     """Signal handling of :class:`~notata.Logbook`, which provides the state used here."""
@@ -30,6 +43,7 @@ class SignalsMixin:
     _previous_handlers: dict[int, Any]
     _critical_depth: int
     _pending_signal: int | None
+    _stopping: bool
     _closed: bool
     attached: bool
     _meta: dict[str, Any]
@@ -42,7 +56,7 @@ class SignalsMixin:
     def _set(self, **fields: Any) -> None:
         raise NotImplementedError
 
-    def _finish(self, status: str, reason: str | None) -> None:
+    def _end(self, status: str, reason: str | None) -> bool:
         raise NotImplementedError
 
     @contextlib.contextmanager
@@ -66,6 +80,16 @@ class SignalsMixin:
                 signum, self._pending_signal = self._pending_signal, None
                 self._on_signal(signum, None)
 
+    def _take_pending_signal(self) -> int | None:
+        """The signal a critical section held back, now forgotten (an open that failed)."""
+        signum, self._pending_signal = self._pending_signal, None
+        return signum
+
+    def holding_signals(self) -> contextlib.AbstractContextManager[None]:
+        """A block that SIGTERM, SIGHUP and SIGUSR1 wait for (main thread): e.g. starting a
+        command and registering the hook that stops it."""
+        return self._critical()
+
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         """Hold the metadata lock inside a critical section."""
@@ -78,17 +102,18 @@ class SignalsMixin:
         return hook
 
     def on_terminate(self, hook: Callable[[Logbook, int], Any]) -> Callable[[Logbook, int], Any]:
-        """Call ``hook(log, signum)`` after a SIGTERM's status is on disk, before the exit."""
+        """Call ``hook(log, signum)`` after a SIGTERM's or SIGHUP's status is on disk, before
+        the exit, with the run lock still held."""
         self._terminate_hooks.append(hook)
         return hook
 
     def _install_signals(self, *signums: int) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # Python delivers signals to the main thread only
-        for signum in signums or (signal.SIGTERM, signal.SIGUSR1):
+        for signum in signums or (*ENDING, WARNING):
             previous = signal.getsignal(signum)
             if previous is signal.SIG_IGN:
-                continue  # the user chose to ignore it; so do we
+                continue  # the user chose to ignore it (nohup, say); so do we
             self._previous_handlers[signum] = previous
             signal.signal(signum, self._on_signal)
 
@@ -101,47 +126,55 @@ class SignalsMixin:
         self._previous_handlers.clear()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        """SIGUSR1: record it and call the warning hooks. SIGTERM: record why, flush, exit.
+        """SIGUSR1: record it and call the warning hooks. SIGTERM, SIGHUP: record why, stop.
 
         The cause of a SIGTERM is told apart as: ``timeout`` when SIGUSR1 (the
         time-limit warning) came first or the scheduler says the time is up;
         ``cancelled`` / ``preempted`` as the scheduler reports the job; else
-        ``terminated``. After recording, the handler that was installed before
-        is called; if that was the default, the process exits with 128+signum.
+        ``terminated``. SIGHUP (a closed terminal or ssh connection) is
+        ``terminated``, reason "hangup". After recording and the ``on_terminate``
+        hooks, the handler that was installed before is called; if that was the
+        default, the process exits with 128+signum.
         """
         if self._critical_depth:
             self._pending_signal = signum  # finish the interrupted write first
             return
         previous = self._previous_handlers.get(signum, signal.SIG_DFL)
-        now = time.time()
-        name = signal.Signals(signum).name
-        if self.attached:  # the wrapper records signals; only the hooks run here
+        if signum == WARNING:
             if not self._closed:
-                for hook in list(self._warning_hooks):
-                    hook(self)  # type: ignore[arg-type]
-        elif not self._closed:
-            signals = [*self._meta.get("signals", []),
-                       {"signal": name, "unix": round(now, 3), "time": runinfo.now_iso(now)}]
-            if signum == signal.SIGUSR1:
-                self.warning("SIGUSR1 received: the time limit is near")
-                self._set(signals=signals)
-                for hook in list(self._warning_hooks):
-                    hook(self)  # type: ignore[arg-type]
-            else:
-                status = self._termination_status(now)
-                self._meta["signals"] = signals
-                self._finish(status, f"{name} received ({status})")
-                for terminate_hook in list(self._terminate_hooks):
-                    terminate_hook(self, signum)  # type: ignore[arg-type]
-        if signum == signal.SIGUSR1:
+                self._warn()
             if callable(previous):
                 previous(signum, frame)
             return
-        self._restore_signals()
+        if self._stopping:  # a second SIGTERM/SIGHUP: the first one's stop is under way
+            if callable(previous):
+                previous(signum, frame)
+            return
+        self._stopping = True
+        if not self.attached and not self._closed:  # the wrapper records an attached run
+            now = time.time()
+            name = signal.Signals(signum).name
+            self._meta["signals"] = [*self._meta.get("signals", []), _signal_record(name, now)]
+            if signum == signal.SIGHUP:
+                status, why = schema.TERMINATED, "hangup: the terminal or connection closed"
+            else:
+                status = self._termination_status(now)
+                why = status
+            self._end(status, f"{name} received ({why})")
+            for hook in list(self._terminate_hooks):
+                hook(self, signum)  # type: ignore[arg-type]
         if callable(previous):
             previous(signum, frame)
         elif previous == signal.SIG_DFL:
             raise SystemExit(128 + signum)
+
+    def _warn(self) -> None:
+        if not self.attached:  # the wrapper records signals; only the hooks run here
+            now = time.time()
+            self.warning("SIGUSR1 received: the time limit is near")
+            self._set(signals=[*self._meta.get("signals", []), _signal_record("SIGUSR1", now)])
+        for hook in list(self._warning_hooks):
+            hook(self)  # type: ignore[arg-type]
 
     def _termination_status(self, now: float) -> str:
         if any(s["signal"] == "SIGUSR1" for s in self._meta.get("signals", [])):
@@ -157,3 +190,5 @@ class SignalsMixin:
         return schema.TERMINATED
 
 
+def _signal_record(name: str, now: float) -> dict[str, Any]:
+    return {"signal": name, "unix": round(now, 3), "time": runinfo.now_iso(now)}

@@ -39,6 +39,9 @@ class RunLockedError(NotataError, BlockingIOError):
         self.holder = dict(holder or {})
 
     def __str__(self) -> str:
+        if self.holder.get("in_process"):
+            return (f"{self.run_dir} is open in this process ({self.holder['in_process']}); "
+                    "close that Logbook first")
         h = self.holder
         who = f"host {h.get('host', '?')}, pid {h.get('pid', '?')}"
         job = h.get("slurm") or {}
@@ -47,6 +50,31 @@ class RunLockedError(NotataError, BlockingIOError):
         elif "job_id" in job:
             who += f", SLURM job {job['job_id']}"
         return f"{self.run_dir} is in use by another process ({who}); it must finish first"
+
+
+class RunDirError(NotataError, ValueError):
+    """A run directory that notata will not write through: a symlink, or not a folder."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(path, problem)
+        self.path = path
+        self.problem = problem
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}; nothing was written (move it away to use this run id)"
+
+
+class RunSupersededError(NotataError, RuntimeError):
+    """A Logbook that a newer open of the same run in this process replaced; it writes nothing."""
+
+    def __init__(self, run_dir: str) -> None:
+        super().__init__(run_dir)
+        self.run_dir = run_dir
+
+    def __str__(self) -> str:
+        return (f"this Logbook of {self.run_dir} was superseded by a newer Logbook of the same "
+                "run opened in this process (overwrite=True or resume=True); "
+                "write through that one")
 
 
 class RunCompleteError(NotataError, FileExistsError):

@@ -102,6 +102,10 @@ class Heartbeat:
         if wait and self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join()
 
+    def is_current(self) -> bool:
+        """Whether the caller is the heartbeat thread itself (which cannot wait for itself)."""
+        return threading.current_thread() is self._thread
+
     def _run(self) -> None:
         warned = False
         while not self._stop.wait(self.interval):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import json
 import logging
 import os
 import shutil
 import signal
+import stat
 import threading
 import time
 import weakref
@@ -23,9 +23,10 @@ from . import _attach, _fs, index, layout, runinfo, schema
 from ._convert import to_plain
 from ._outputs import OutputsMixin
 from ._signals import SignalsMixin
-from .errors import RunCompleteError
+from .errors import RunCompleteError, RunDirError, RunLockedError, RunSupersededError
 from .heartbeat import Heartbeat, Resources, interval_from
 from .lock import RunLock
+from .reader import read_params
 
 if TYPE_CHECKING:
     from .manifest import Task
@@ -39,6 +40,8 @@ _ATTEMPT_FIELDS = ("attempt", "status", "start_time", "end_time", "start_unix", 
 _VOLATILE = frozenset({"end_time", "end_unix", "runtime_sec", "failure_reason", "signals",
                        "heartbeat", "slurm", "command", "exit_code"})
 _OPEN: weakref.WeakSet[Logbook] = weakref.WeakSet()
+#: The status an attempt's history entry gets when a newer open in the same process took over.
+SUPERSEDED = "superseded"
 
 
 class Logbook(SignalsMixin, OutputsMixin):
@@ -107,52 +110,75 @@ class Logbook(SignalsMixin, OutputsMixin):
         self.artifactsdir = self.path / layout.ARTIFACTS
         self.callback = callback
         self._level = _LEVELS[level.upper()]
-        plain_params = to_plain(dict(params), "params") if params is not None else None
+        #: notata 0.3's logger (``notata.logbook.<run_id>``, not propagated): handlers added
+        #: to it receive every line written to log.txt.
+        self.logger = logging.getLogger(f"notata.logbook.{self.run_id}")
+        self.logger.propagate = False
+        self.logger.setLevel(self._level)
+        # Everything that can refuse the params does so before anything is made.
+        params_file = _render_params(to_plain(dict(params), "params"), "yaml") \
+            if params is not None else None
         interval = interval_from(heartbeat)
 
         self._meta_lock = threading.Lock()
         self._critical_depth = 0  # main thread inside a section a signal must not cut
         self._pending_signal: int | None = None
+        self._stopping = False  # a SIGTERM/SIGHUP is being handled
         self._unsynced: set[Path] = set()
         self._warning_hooks: list[Callable[[Logbook], Any]] = [on_warning] if on_warning else []
         self._terminate_hooks: list[Callable[[Logbook, int], Any]] = []
         self._previous_handlers: dict[int, Any] = {}
         self._log_fd: int | None = None
-        self._closed = False
+        self._closed = False  # a terminal status is recorded (or the handle is attached/closed)
+        self._superseded = False
+        self._with_depth = 0  # inside ``with`` blocks of this handle
+        self._thread = threading.get_ident()
         self._meta: dict[str, Any] = {}
         self._indexed: tuple[Any, ...] = ()  # (status, hash, task) last sent to the sweep index
         #: The sweep task this run is (set by :func:`notata.task`); ``log.task.params``.
         self.task: Task | None = None
         self._t0 = time.monotonic()
+        _check_run_dir(self.path)
         self.attached = _attach.wrapper_holds(self.path)
         if self.attached:
             self._meta = self._read_disk_metadata()
-            if plain_params is not None:
-                self._write_params(plain_params, "yaml", merge=False)
+            if params_file is not None:
+                self._save_params_file(layout.PARAMS_YAML, params_file)
             if signals:  # the time-limit warning reaches on_warning hooks here too
                 self._install_signals(signal.SIGUSR1)
             return
 
-        existed = self.path.exists()
+        existed = os.path.lexists(self.path)
         if existed and not (overwrite or resume):
             raise FileExistsError(f"Run directory {self.path} already exists.")
+        superseded = _supersede(self.path) if existed else None
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
+        with contextlib.suppress(FileExistsError):
             self.path.mkdir()
-        except FileExistsError:
-            if not (overwrite or resume):
-                raise FileExistsError(f"Run directory {self.path} already exists.") from None
+        _check_run_dir(self.path)  # again: it may have been replaced since the first look
         self._lock = RunLock(self.path, self._read_disk_metadata)
         self._lock.acquire()
+        if signals:  # from here on a SIGTERM waits until the run is open, then ends it
+            self._install_signals()
         try:
-            previous = self._take_over(overwrite)
+            with self._critical():
+                self._open(overwrite, superseded, interval, params_file, preallocate,
+                           track_children)
         except BaseException:
+            signum = self._take_pending_signal()
+            self._restore_signals()
             self._lock.release()
+            if signum is not None:  # what the signal would have done, now the run is let go
+                signal.raise_signal(signum)
             raise
 
+    def _open(self, overwrite: bool, superseded: str | None, interval: float,
+              params_file: bytes | None, preallocate: bool, track_children: bool) -> None:
+        """Under the lock, with signals held: take the run over and write its first files."""
+        previous = self._take_over(overwrite)
         self._t0 = time.monotonic()
         start = time.time()
-        sched = runinfo.scheduler()
+        sched = runinfo.scheduler()  # the environment only: the first write must come first
         self._scheduler = sched[0] if sched else None
         self._resources = Resources(tree=track_children)
         self._meta = {
@@ -163,26 +189,28 @@ class Logbook(SignalsMixin, OutputsMixin):
             "start_time": runinfo.now_iso(start),
             "start_unix": round(start, 3),
             "attempt": int(previous.get("attempt", 0)) + 1,
-            "attempts": _history(previous),
+            "attempts": _history(previous, superseded),
             **runinfo.process_fields(),
             "heartbeat": {"unix": round(start, 3), "time": runinfo.now_iso(start), "beat": 0,
                           "interval_sec": interval},
         }
         if sched:
             self._meta[sched[0].name] = sched[1]
+        # The first write, before anything slow: a task killed from here on leaves a run
+        # that reads stale (its process gone), never a folder without metadata.json.
         self._write_meta()
         if preallocate:
             for d in (self.datadir, self.plotdir, self.artifactsdir):
                 d.mkdir(exist_ok=True)
-        if plain_params is not None:
-            self._write_params(plain_params, "yaml", merge=False)
+        if params_file is not None:
+            self._save_params_file(layout.PARAMS_YAML, params_file)
         self.info("Logbook initialized" if self.attempt == 1
                   else f"Logbook resumed as attempt {self.attempt}")
+        if sched:  # e.g. the job's time limit, from scontrol (up to seconds on a busy cluster)
+            self._meta[sched[0].name] = {**sched[1], **sched[0].details(sched[1])}
         self._set(status=schema.RUNNING)
         self._heartbeat = Heartbeat(interval, self._beat)
         self._heartbeat.start()
-        if signals:
-            self._install_signals()
         _OPEN.add(self)
 
     # -- opening -------------------------------------------------------------------------------
@@ -211,6 +239,22 @@ class Logbook(SignalsMixin, OutputsMixin):
 
     def _read_disk_metadata(self) -> dict[str, Any]:
         return _fs.read_json_object(self.path / layout.METADATA)
+
+    def _check_usable(self) -> None:
+        if self._superseded:
+            raise RunSupersededError(str(self.path))
+
+    def _give_up(self) -> None:
+        """Superseded by a newer open of this run in this process: stop, unlock, write no more."""
+        with self._locked():
+            self._closed = self._superseded = True
+        self._heartbeat.stop(wait=not self._heartbeat.is_current())
+        if self._log_fd is not None:
+            os.close(self._log_fd)
+            self._log_fd = None
+        self._restore_signals()
+        self._lock.release()
+        _OPEN.discard(self)
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -246,6 +290,7 @@ class Logbook(SignalsMixin, OutputsMixin):
         self._set(**{k: to_plain(v, f"meta[{k!r}]") for k, v in fields.items()})
 
     def _set(self, **fields: Any) -> None:
+        self._check_usable()
         if self.attached:
             _attach.hand_over(self.path, fields)
             return
@@ -258,28 +303,38 @@ class Logbook(SignalsMixin, OutputsMixin):
         return _attach.take_handed_over(self.path)
 
     def _write_meta(self, durable: bool = False) -> None:
+        """Write metadata.json and, when the status changed, the sweep index record.
+
+        The index may say complete only while metadata.json does (index.py): a complete
+        record is written only after a durable write of a complete metadata.json.
+        """
         with self._locked():
             status = self._meta.get("status")
             key = (status, self._meta.get("manifest_hash"), self._meta.get("task"))
             changed = key != self._indexed
-            # The sweep index may say complete only while metadata.json does (index.py).
             if changed and status != schema.COMPLETE:
                 index.record(self.path.parent, self._meta)
+                self._indexed = key
             _fs.atomic_write_json(self.path / layout.METADATA, self._meta, durable=durable)
-            if changed and status == schema.COMPLETE:
+            if changed and status == schema.COMPLETE and durable:
                 index.record(self.path.parent, self._meta)
-            self._indexed = key
+                self._indexed = key
 
     def _beat(self) -> None:
+        """The heartbeat thread's write: never a terminal status, never an index record.
+
+        The whole write happens under the metadata lock, after checking that the run is
+        still open; a terminal status is set under the same lock, so it always comes after.
+        """
         sample = self._resources.sample()
         now = time.time()
-        with self._locked():
-            if self._closed:
+        with self._meta_lock:
+            if self._closed or self._meta.get("status") not in schema.OPEN_STATUSES:
                 return
             hb = self._meta["heartbeat"]
             self._meta["heartbeat"] = {**hb, **sample, "unix": round(now, 3),
                                        "time": runinfo.now_iso(now), "beat": hb["beat"] + 1}
-        self._write_meta()
+            _fs.atomic_write_json(self.path / layout.METADATA, self._meta)
 
     def _saved(self, path: Path) -> None:
         self._unsynced.add(path)
@@ -287,44 +342,46 @@ class Logbook(SignalsMixin, OutputsMixin):
     # -- params --------------------------------------------------------------------------------
 
     def save_params(self, params: Mapping[str, Any], preferred: str = "yaml") -> None:
-        """Write ``params`` (replacing any earlier ones) as params.yaml or params.json."""
+        """Write ``params`` as params.yaml or params.json, replacing the saved params (the
+        other file, if any, is removed)."""
         self._write_params(to_plain(dict(params), "params"), preferred, merge=False)
+        other = layout.PARAMS_JSON if preferred == "yaml" else layout.PARAMS_YAML
+        with contextlib.suppress(FileNotFoundError):
+            (self.path / other).unlink()
 
     def params(self, ext: str = "yaml", **kwargs: Any) -> None:
-        """notata 0.3: merge ``kwargs`` into the saved params, written as ``params.<ext>``."""
+        """notata 0.3: merge ``kwargs`` into ``params.<ext>`` (read from that same file)."""
         self._write_params(to_plain(kwargs, "params"), ext, merge=True)
 
     def load_params(self) -> dict[str, Any]:
-        """The saved params (params.yaml, else params.json, else empty)."""
-        for name in (layout.PARAMS_YAML, layout.PARAMS_JSON):
-            p = self.path / name
-            if p.exists():
-                text = p.read_text(encoding="utf-8")
-                data = yaml.safe_load(text) if name.endswith("yaml") else json.loads(text)
-                return dict(data or {})
-        return {}
+        """The saved params: params.yaml and params.json together (JSON wins a shared key)."""
+        return read_params(self.path)
 
     def _write_params(self, values: dict[str, Any], ext: str, merge: bool) -> None:
-        if ext not in ("yaml", "json"):
+        self._check_usable()
+        name = {"yaml": layout.PARAMS_YAML, "json": layout.PARAMS_JSON}.get(ext)
+        if name is None:
             raise ValueError(f"params format must be 'yaml' or 'json', not {ext!r}")
         if merge:
-            values = {**self.load_params(), **values}
-        if ext == "yaml":
-            data = yaml.safe_dump(values, sort_keys=True, allow_unicode=True).encode()
-        else:
-            data = _fs.dumps_json(values)
-        target = self.path / (layout.PARAMS_YAML if ext == "yaml" else layout.PARAMS_JSON)
+            values = {**read_params(self.path, only=name), **values}
+        self._save_params_file(name, _render_params(values, ext))
+
+    def _save_params_file(self, name: str, data: bytes) -> None:
+        target = self.path / name
         _fs.atomic_write_bytes(target, data)
         self._saved(target)
-        self.info(f"Saved params ({ext}) in {target.name}")
+        self.info(f"Saved params ({name.rpartition('.')[2]}) in {name}")
 
     # -- messages ------------------------------------------------------------------------------
 
     def log(self, message: str, level: int | str = logging.INFO) -> None:
         """Append ``[YYYY-MM-DDTHH:MM:SS] LEVEL message`` to log.txt."""
+        self._check_usable()
         num = _LEVELS[level.upper()] if isinstance(level, str) else int(level)
         if num < self._level:
             return
+        if self.logger.handlers:  # notata 0.3 wrote through this logger: its handlers see it
+            self.logger.log(num, message)
         line = f"[{runinfo.now_iso()}] {logging.getLevelName(num)} {message}\n"
         if self._log_fd is None:
             self._log_fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT
@@ -355,8 +412,16 @@ class Logbook(SignalsMixin, OutputsMixin):
         self._finish(schema.COMPLETE, None)
 
     def mark_failed(self, reason: str) -> None:
-        """Record the run as failed with ``reason``, flushed to disk, and release it."""
-        self._finish(schema.FAILED, str(reason))
+        """Record the run as failed with ``reason``, flushed to disk, and release it.
+
+        As in notata 0.3, this also turns a run already marked complete into a failed
+        one (its sweep index record is cleared first).
+        """
+        if not self.attached and self._closed and self._meta.get("status") == schema.COMPLETE:
+            self._check_usable()
+            self._fail_after_complete(str(reason))
+        else:
+            self._finish(schema.FAILED, str(reason))
 
     def mark_timeout(self, reason: str = "time limit reached") -> None:
         """Record the run as timed out with ``reason`` (e.g. before a requeue), and release it."""
@@ -370,9 +435,12 @@ class Logbook(SignalsMixin, OutputsMixin):
         """Complete the run if nothing has ended it yet (what a clean ``with`` exit does)."""
         if not self._closed:
             self.mark_complete()
+        else:
+            self._release()
 
     def _finish(self, status: str, reason: str | None) -> None:
-        """Write the terminal status once; the first terminal status wins."""
+        """Write the terminal status once (the first terminal status wins), then release."""
+        self._check_usable()
         if self.attached:  # the wrapper decides the status; pass on why we failed
             if not self._closed:
                 self._closed = True
@@ -384,11 +452,13 @@ class Logbook(SignalsMixin, OutputsMixin):
                     self._log_fd = None
             return
         with self._critical():
-            finished = self._finish_now(status, reason)
+            finished = self._end(status, reason)
+        self._release()
         if finished and self.callback:
             self.callback(self)
 
-    def _finish_now(self, status: str, reason: str | None) -> bool:
+    def _end(self, status: str, reason: str | None) -> bool:
+        """Record a terminal status, durably, after every output; the lock stays held."""
         with self._locked():
             if self._closed:
                 return False
@@ -399,37 +469,119 @@ class Logbook(SignalsMixin, OutputsMixin):
             self._meta["heartbeat"] = {**self._meta["heartbeat"], **self._resources.sample()}
             if reason is not None:
                 self._meta["failure_reason"] = reason
-        self._heartbeat.stop(wait=threading.current_thread() is not self._heartbeat._thread)
+        self._heartbeat.stop(wait=not self._heartbeat.is_current())
         self.info(f"Marked {status}" + (f": {reason}" if reason else ""))
         _fs.fsync_paths(sorted(self._unsynced))
         self._unsynced.clear()
         self._write_meta(durable=True)
+        return True
+
+    def _release(self) -> None:
+        """Let the next attempt in: the last thing a run does. Safe to call twice."""
+        if self.attached or self._superseded or not self._closed:
+            return
         if self._log_fd is not None:
             os.close(self._log_fd)
             self._log_fd = None
         self._restore_signals()
         self._lock.release()
         _OPEN.discard(self)
-        return True
+
+    def _fail_after_complete(self, reason: str) -> None:
+        """``mark_failed`` after ``mark_complete``: the index forgets complete first."""
+        if not self._lock.held:
+            self._lock.acquire()
+        try:
+            disk = self._read_disk_metadata()
+            if (disk.get("attempt"), disk.get("start_unix")) != \
+                    (self._meta.get("attempt"), self._meta.get("start_unix")):
+                raise RunLockedError(str(self.path), disk)  # a newer attempt owns the run
+            index.forget(self.path.parent, self._meta)
+            with self._locked():
+                self._meta.update(status=schema.FAILED, failure_reason=reason)
+            self.info(f"Marked failed: {reason}")
+            self._write_meta(durable=True)
+        finally:
+            self._lock.release()
+        if self.callback:
+            self.callback(self)
 
     def __enter__(self) -> Logbook:
+        self._with_depth += 1
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._with_depth -= 1
+        if self._superseded:
+            return
         if exc is None:
             self.close()
         elif isinstance(exc, KeyboardInterrupt):
             self.mark_cancelled("KeyboardInterrupt")
-        elif isinstance(exc, SystemExit) and exc.code in (0, None):
-            self.close()
+        elif isinstance(exc, SystemExit):
+            if exc.code in (0, None):
+                self.close()
+            elif self.attached and isinstance(exc.code, int):
+                self._finish(schema.FAILED, None)  # the wrapper records the exit status
+            else:
+                self._finish(schema.FAILED, str(exc.code))  # as notata 0.3: "1"
         else:
-            self._finish(schema.FAILED, str(exc) or type(exc).__name__)
+            reason = str(exc) or type(exc).__name__
+            if self.attached:  # the last line of its traceback, as the wrapper reports it
+                reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            self._finish(schema.FAILED, reason)
 
 
-def _history(previous: Mapping[str, Any]) -> list[dict[str, Any]]:
+def _render_params(values: dict[str, Any], ext: str) -> bytes:
+    if ext == "json":
+        return _fs.dumps_json(values)
+    try:
+        return yaml.safe_dump(values, sort_keys=True, allow_unicode=True).encode()
+    except yaml.YAMLError as err:  # to_plain lets nothing through that YAML refuses
+        raise TypeError(f"params: cannot be written as YAML: {err}") from err
+
+
+def _check_run_dir(path: Path) -> None:
+    """Refuse a run directory that is a symlink or not a folder (looked at with lstat)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise RunDirError(str(path), "the run directory is a symlink, which notata never "
+                                     "follows (it would write outside the base folder)")
+    if not stat.S_ISDIR(st.st_mode):
+        raise RunDirError(str(path), "the run directory is not a folder")
+
+
+def _supersede(path: Path) -> str | None:
+    """Before an overwrite/resume open: an older Logbook of this run in this process gives
+    up the run (a notebook cell run again), unless it is inside a ``with`` block or belongs
+    to another thread (then :class:`RunLockedError`). The older one's status, if any."""
+    for old in list(_OPEN):
+        if old._superseded or not _same_dir(old.path, path):
+            continue
+        if old._with_depth:
+            raise RunLockedError(str(path), {"in_process": "inside a running with block"})
+        if old._thread != threading.get_ident():
+            raise RunLockedError(str(path), {"in_process": "opened by another thread"})
+        status = str(old._meta.get("status"))
+        old._give_up()
+        return status
+    return None
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _history(previous: Mapping[str, Any], superseded: str | None) -> list[dict[str, Any]]:
     """The attempts list of a run about to start its next attempt."""
     history = list(previous.get("attempts", []))
     if previous:
@@ -437,14 +589,17 @@ def _history(previous: Mapping[str, Any]) -> list[dict[str, Any]]:
         record.setdefault("attempt", len(history) + 1)
         if "slurm" in previous:
             record["slurm"] = previous["slurm"]
+        if superseded is not None and previous.get("status") in schema.OPEN_STATUSES:
+            record["status"] = SUPERSEDED
+            record["failure_reason"] = "superseded by a newer open of the run in the same process"
         history.append(record)
     return history
 
 
 @atexit.register
 def _close_forgotten() -> None:
-    """A run still open when the interpreter exits did not finish: say so on disk."""
+    """A run still open when the interpreter exits did not finish: say so on disk, and
+    release what a signal ended (its lock was kept for the ``finally`` blocks)."""
     for log in list(_OPEN):
         with contextlib.suppress(Exception):
             log._finish(schema.FAILED, "the process exited without marking the run complete")
-

@@ -28,6 +28,22 @@ def _visible_files(root: Path) -> Iterator[Path]:
                 yield Path(folder, name)
 
 
+def read_params(run_dir: Path, only: str | None = None) -> dict[str, Any]:
+    """A run's saved params: params.yaml, then params.json over it (or ``only`` one file)."""
+    out: dict[str, Any] = {}
+    for name in (layout.PARAMS_YAML, layout.PARAMS_JSON):
+        if only not in (None, name):
+            continue
+        try:
+            text = (run_dir / name).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            continue
+        data = yaml.safe_load(text) if name == layout.PARAMS_YAML else json.loads(text)
+        out.update(data or {})
+    return out
+
+
+
 class LogReader:
     """Read one run directory: params, metadata, arrays, artifacts, plots.
 
@@ -54,14 +70,8 @@ class LogReader:
 
     @property
     def params(self) -> dict[str, Any]:
-        """params.yaml (safe loader), else params.json, else ``{}``."""
-        yml = self.path / layout.PARAMS_YAML
-        if yml.exists():
-            return dict(yaml.safe_load(yml.read_text(encoding="utf-8")) or {})
-        jsn = self.path / layout.PARAMS_JSON
-        if jsn.exists():
-            return dict(json.loads(jsn.read_text(encoding="utf-8")))
-        return {}
+        """params.yaml (safe loader) and params.json together (JSON wins a shared key)."""
+        return read_params(self.path)
 
     @property
     def arrays(self) -> list[str]:
@@ -158,8 +168,10 @@ class ExperimentReader:
             raise FileNotFoundError(f"No such path: {self.path}")
         self.index_path = self.path / "index.csv"
         self.runs_path = self.path / "runs"
+        if not self.runs_path.is_dir():  # as notata 0.3: an Experiment folder has runs/
+            raise FileNotFoundError(f"No runs/ folder in {self.path}: not an Experiment folder")
         self.runs = sorted(
-            d for d in (self.runs_path.iterdir() if self.runs_path.is_dir() else ())
+            d for d in self.runs_path.iterdir()
             if d.is_dir() and not d.is_symlink() and (d / layout.METADATA).exists()
         )
 

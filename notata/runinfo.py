@@ -24,7 +24,12 @@ class SchedulerProvider(Protocol):
     name: str
 
     def context(self, environ: Mapping[str, str]) -> dict[str, Any] | None:
-        """Fields to record when this process runs under the scheduler, else None."""
+        """Fields to record when this process runs under the scheduler, else None.
+
+        Fast (the environment only): it is recorded in the run's first write."""
+
+    def details(self, context: Mapping[str, Any]) -> dict[str, Any]:
+        """More fields, which may need to ask the scheduler (slow); {} when it cannot answer."""
 
     def termination_status(self, context: Mapping[str, Any], now: float) -> str | None:
         """The status a SIGTERM means for this job (timeout, cancelled, preempted), or None."""
@@ -56,7 +61,8 @@ def now_iso(t: float | None = None) -> str:
     return datetime.fromtimestamp(time.time() if t is None else t).isoformat(timespec="seconds")
 
 
-def _user() -> str:
+def user() -> str:
+    """The user name of this process (its uid when there is no passwd entry)."""
     try:
         return getpass.getuser()
     except Exception:  # no passwd entry in some containers
@@ -70,7 +76,7 @@ def process_fields() -> dict[str, Any]:
     return {
         "host": socket.gethostname(),
         "pid": os.getpid(),
-        "user": _user(),
+        "user": user(),
         "cwd": os.getcwd(),
         "argv": list(sys.argv),
         "python": platform.python_version(),

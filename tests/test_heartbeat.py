@@ -67,3 +67,66 @@ def test_heartbeat_keeps_beating_during_busy_numpy_work(base: Path) -> None:
             acc += np.sin(acc + 1.0)
             assert time.monotonic() < deadline, "no heartbeat during computation"
     assert np.isfinite(acc).all()
+
+
+def test_the_heartbeat_never_writes_a_terminal_status_or_an_index_record(
+        base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guarantee 17's order (outputs fsynced, then metadata.json complete, durably, then
+    the index record) must hold against the heartbeat thread too. The window between its
+    check of the run's state and its write is widened here: a beat that wrote after the
+    run was marked complete wrote "complete" (not durable) and the index record before
+    the outputs were fsynced."""
+    import threading
+
+    from notata import _fs, index, logbook
+
+    events: list[tuple[str, str, str, object, bool]] = []
+
+    def who() -> str:
+        return threading.current_thread().name
+
+    real_write_meta = logbook.Logbook._write_meta
+    real_atomic = _fs.atomic_write_json
+    real_fsync = _fs.fsync_paths
+    real_record = index.record
+
+    def slow_write_meta(self: Logbook, durable: bool = False) -> None:
+        if who() == "notata-heartbeat":
+            time.sleep(0.02)
+        real_write_meta(self, durable)
+
+    def atomic(path: Path, obj: object, *, durable: bool = False) -> None:
+        if path.name == "metadata.json" and isinstance(obj, dict):
+            events.append(("meta", who(), path.parent.name, obj.get("status"), durable))
+        real_atomic(path, obj, durable=durable)
+
+    def fsync(paths: object) -> None:
+        events.append(("fsync", who(), "", None, True))
+        real_fsync(paths)  # type: ignore[arg-type]
+
+    def record(base_dir: Path, meta: dict) -> None:  # type: ignore[type-arg]
+        events.append(("index", who(), f"log_{meta['run_id']}", meta.get("status"), False))
+        real_record(base_dir, meta)
+
+    monkeypatch.setattr(logbook.Logbook, "_write_meta", slow_write_meta)
+    monkeypatch.setattr(_fs, "atomic_write_json", atomic)
+    monkeypatch.setattr(_fs, "fsync_paths", fsync)
+    monkeypatch.setattr(index, "record", record)
+    for i in range(25):
+        log = Logbook(f"r{i}", base, heartbeat=0.002)
+        log.meta(task=i, manifest_hash="abc123")  # a sweep task: it writes index records
+        log.save_text("out", "x")
+        time.sleep(0.005 * (i % 5))
+        log.mark_complete()
+    time.sleep(0.1)  # any late beat would show now
+    beats = [e for e in events if e[1] == "notata-heartbeat"]
+    assert beats, "the heartbeat never wrote: the test widened no window"
+    assert all(kind == "meta" and status in ("running", "initialized")
+               for kind, _, _, status, _ in beats), beats
+    for i in range(25):
+        mine = [e for e in events if e[2] in (f"log_r{i}", "")]
+        done = next(k for k, e in enumerate(mine) if e[0] == "index" and e[3] == "complete")
+        durable = next(k for k, e in enumerate(mine) if e[0] == "meta" and e[3] == "complete")
+        assert mine[durable][4] and durable < done
+        assert any(e[0] == "fsync" for e in mine[:durable])
+        assert not any(e[0] == "meta" and e[3] == "complete" and not e[4] for e in mine)

@@ -195,7 +195,7 @@ def test_params_conversion_and_refusal(base: Path) -> None:
 
 @pytest.mark.parametrize(
     "run_id",
-    ["", ".", "..", ".hidden", "-x", "a/b", "a\\b", "a\0b", "tab\there", "x" * 201, "é" * 101],
+    ["", ".", "..", ".hidden", "-x", "a/b", "a\\b", "a\0b", "tab\there", "x" * 252, "é" * 126],
 )
 def test_bad_run_ids_are_refused_and_create_nothing(base: Path, run_id: str) -> None:
     before = snapshot(base)
@@ -317,3 +317,158 @@ def test_umask_decides_file_modes(base: Path) -> None:
     old = os.umask(0)
     os.umask(old)
     assert mode == 0o666 & ~old
+
+
+def test_longest_run_id_a_file_name_can_hold(base: Path) -> None:
+    with Logbook("x" * 251, base) as log:
+        pass
+    assert log.path.is_dir()
+
+
+@pytest.mark.parametrize("how", ["overwrite", "resume", "new"])
+def test_a_run_directory_that_is_a_symlink_is_refused(base: Path, tmp_path: Path,
+                                                       how: str) -> None:
+    """Guarantee 14: a symlinked run directory is never followed (overwrite once emptied
+    its target), and nothing outside the base folder changes."""
+    from conftest import tree_digest
+
+    from notata.errors import RunDirError
+
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    (precious / "metadata.json").write_text('{"status": "failed"}')
+    (base / "log_r").symlink_to(precious)
+    before = tree_digest(precious)
+    kwargs = {"overwrite": {"overwrite": True}, "resume": {"resume": True}, "new": {}}[how]
+    with pytest.raises(RunDirError, match="symlink"):
+        Logbook("r", base, params={"a": 1}, **kwargs)
+    assert tree_digest(precious) == before
+    assert sorted(p.name for p in base.iterdir()) == ["log_r"]  # nothing else was made
+
+
+def test_a_run_path_that_is_a_file_is_refused(base: Path) -> None:
+    from notata.errors import RunDirError
+
+    (base / "log_f").write_text("not a folder")
+    with pytest.raises(RunDirError, match="not a folder"):
+        Logbook("f", base, resume=True)
+    assert (base / "log_f").read_text() == "not a folder"
+
+
+def test_numpy_scalars_in_params_are_plain_values(base: Path) -> None:
+    """np.float64 subclasses float and np.str_ str, but YAML refused them, after the
+    run directory was made; the most common sweep is ``for omega in np.linspace(...)``."""
+    import datetime
+
+    params = {"omega": np.linspace(0, 1, 3)[1], "name": np.str_("a"), "zero_d": np.array(2.5),
+              "flag": np.bool_(True), "n": np.int32(4), "items": [np.float64(1.5)]}
+    with Logbook("np", base, params=params) as log:
+        log.params(extra=np.float64(0.25))
+    text = (log.path / "params.yaml").read_text()
+    assert "!!" not in text
+    assert yaml.safe_load(text) == {"omega": 0.5, "name": "a", "zero_d": 2.5, "flag": True,
+                                    "n": 4, "items": [1.5], "extra": 0.25}
+    with pytest.raises(TypeError, match=r"params\['when'\]"):
+        Logbook("bad", base, params={"when": datetime.datetime(2026, 1, 1)})
+    assert not (base / "log_bad").exists()
+
+
+def test_params_json_merges_from_params_json_and_readers_see_every_key(base: Path) -> None:
+    with Logbook("pj", base, params={"x": 1}) as log:
+        log.params(ext="json", a=1)
+        log.params(ext="json", b=2)
+        assert json.loads((log.path / "params.json").read_text()) == {"a": 1, "b": 2}
+        assert log.load_params() == {"x": 1, "a": 1, "b": 2}
+    assert LogReader(log.path).params == {"x": 1, "a": 1, "b": 2}
+    with Logbook("pj", base, overwrite=True) as log2:
+        log2.params(ext="json", a=1)
+        log2.save_params({"only": True})  # replaces: params.json goes
+    assert LogReader(log2.path).params == {"only": True}
+
+
+def test_reopening_a_run_in_the_same_process_supersedes_the_older_handle(base: Path) -> None:
+    """A notebook cell run again: notata 0.3's own tests open ``Logbook("dup")`` and then
+    ``Logbook("dup", overwrite=True)`` in one process."""
+    from notata.errors import RunSupersededError
+
+    first = Logbook("dup", base)
+    first.info("from the first cell")
+    second = Logbook("dup", base, overwrite=True)
+    with pytest.raises(RunSupersededError, match="superseded"):
+        first.save_text("late", "x")
+    with pytest.raises(RunSupersededError):
+        first.mark_complete()
+    second.save_text("ok", "y")
+    second.mark_complete()
+    meta = LogReader(second.path).meta
+    assert meta["status"] == "complete" and meta["attempt"] == 1
+    assert not (second.artifactsdir / "late.txt").exists()
+    # resume: the older attempt is recorded as superseded
+    third = Logbook("nb", base)
+    fourth = Logbook("nb", base, resume=True)
+    fourth.close()
+    meta = LogReader(fourth.path).meta
+    assert meta["attempt"] == 2 and meta["attempts"][0]["status"] == "superseded"
+    assert third.status == "running"  # it writes nothing more, not even its own end
+
+
+def test_an_open_inside_a_with_block_or_another_thread_is_not_superseded(base: Path) -> None:
+    import threading
+
+    from notata import RunLockedError
+
+    with Logbook("w", base) as log:
+        with pytest.raises(RunLockedError, match="with block"):
+            Logbook("w", base, resume=True)
+        log.save_text("still", "mine")
+    other: list[Logbook] = []
+    t = threading.Thread(target=lambda: other.append(Logbook("t", base)))
+    t.start()
+    t.join()
+    with pytest.raises(RunLockedError, match="another thread"):
+        Logbook("t", base, overwrite=True)
+    other[0].mark_complete()
+    assert LogReader(log.path).meta["status"] == "complete"
+
+
+def test_a_superseded_handle_is_not_marked_failed_at_exit(base: Path) -> None:
+    from conftest import python
+
+    proc = python(
+        """
+        import sys
+        from notata import Logbook
+        a = Logbook("cell", sys.argv[1])
+        b = Logbook("cell", sys.argv[1], overwrite=True)
+        b.mark_complete()
+        """,
+        str(base),
+    )
+    assert proc.wait(30) == 0, proc.communicate()
+    assert LogReader(base / "log_cell").meta["status"] == "complete"
+
+
+def test_mark_failed_after_mark_complete_is_honoured(base: Path) -> None:
+    calls: list[str] = []
+    log = Logbook("mf", base, callback=lambda lb: calls.append(lb.status))
+    log.mark_complete()
+    log.mark_failed("checked the results: wrong")
+    meta = LogReader(log.path).meta
+    assert meta["status"] == "failed" and meta["failure_reason"] == "checked the results: wrong"
+    assert calls == ["complete", "failed"]
+    assert "Marked failed: checked the results: wrong" in log.log_path.read_text()
+
+
+def test_notata_03_logger_and_target_dir(base: Path) -> None:
+    import io
+
+    buf = io.StringIO()
+    with Logbook("lg", base) as log:
+        log.logger.addHandler(logging.StreamHandler(buf))
+        log.info("hello")
+        assert log._target_dir(None, log.datadir) == log.datadir
+        assert log._target_dir("diag", log.datadir) == log.path / "diag"
+        assert (log.path / "diag").is_dir()
+    assert "hello" in buf.getvalue()
+    assert "INFO hello" in log.log_path.read_text()

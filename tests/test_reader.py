@@ -116,3 +116,11 @@ def test_parallel_workers_do_not_interleave_index_rows(base: Path) -> None:
     with (base / "par" / "index.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 40 and all(r["status"] == "complete" for r in rows)
+
+
+def test_experiment_reader_needs_a_runs_folder(base: Path) -> None:
+    """As notata 0.3: a folder without runs/ is not an Experiment; an empty runs/ is."""
+    with pytest.raises(FileNotFoundError, match="runs"):
+        ExperimentReader(base)
+    (base / "runs").mkdir()
+    assert len(ExperimentReader(base)) == 0

@@ -124,3 +124,65 @@ def test_run_opened_outside_the_main_thread_installs_no_handler(base: Path) -> N
     t.join()
     assert signal.getsignal(signal.SIGTERM) == before
     logs[0].mark_complete()
+
+
+def test_after_sigterm_the_lock_is_kept_through_finally_blocks(base: Path) -> None:
+    """The status is written in the handler; the lock is released only when the run is
+    closed, after the user's finally blocks, which may still write into the run."""
+    from notata import RunLockedError
+
+    code = """
+        import sys, time
+        from notata import Logbook
+        with Logbook("run", sys.argv[1], heartbeat=0.1) as log:
+            try:
+                print("open", flush=True)
+                while True:
+                    time.sleep(0.01)
+            finally:
+                print("in finally", flush=True)
+                time.sleep(1.5)
+                log.save_text("checkpoint", "written in finally")
+        """
+    proc = python(code, str(base))
+    assert proc.stdout and proc.stdout.readline().strip() == "open"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.stdout.readline().strip() == "in finally"
+    run = base / "log_run"
+    assert read_meta(run)["status"] == "terminated"  # recorded in the handler
+    try:
+        Logbook("run", base, resume=True)
+        raise AssertionError("a next attempt opened beside code that still writes")
+    except RunLockedError:
+        pass
+    proc.communicate(timeout=30)
+    assert proc.returncode == 143
+    assert (run / "artifacts" / "checkpoint.txt").read_text() == "written in finally"
+    with Logbook("run", base, resume=True) as log:
+        assert log.attempt == 2
+
+
+def test_sighup_records_terminated_with_a_hangup(base: Path) -> None:
+    proc = python(LOOP, str(base))
+    assert proc.stdout and proc.stdout.readline().strip() == "open"
+    proc.send_signal(signal.SIGHUP)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 129 and "finally ran" in out
+    meta = read_meta(base / "log_run")
+    assert meta["status"] == "terminated" and "hangup" in meta["failure_reason"]
+
+
+def test_nohup_keeps_sighup_ignored(base: Path) -> None:
+    code = """
+        import signal, sys, time
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)   # what nohup does
+        from notata import Logbook
+        with Logbook("run", sys.argv[1]) as log:
+            print("open", flush=True)
+            time.sleep(1)
+        """
+    proc = python(code, str(base))
+    assert proc.stdout and proc.stdout.readline().strip() == "open"
+    proc.send_signal(signal.SIGHUP)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 0 and read_meta(base / "log_run")["status"] == "complete"
