@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +21,43 @@ import psutil
 
 from . import _fs, layout
 
+#: Set by ``notata exec`` for its command: the wrapper's pid and host.
+ENV_WRAPPER_PID = "NOTATA_WRAPPER_PID"
+ENV_WRAPPER_HOST = "NOTATA_WRAPPER_HOST"
+
+
+def wrapper_environment() -> dict[str, str]:
+    """What ``notata exec`` adds to its command's environment so the command can find it."""
+    return {ENV_WRAPPER_PID: str(os.getpid()), ENV_WRAPPER_HOST: socket.gethostname()}
+
+
+def under_wrapper(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the wrapper the environment names is one of our ancestors on this host.
+
+    Variables inherited from elsewhere (a job submitted from inside a task, which sbatch's
+    ``--export=ALL`` carries to another node) name a pid that is not our ancestor there.
+    """
+    env = os.environ if environ is None else environ
+    wrapper, host = env.get(ENV_WRAPPER_PID, ""), env.get(ENV_WRAPPER_HOST)
+    if not wrapper.isdigit() or host != socket.gethostname():
+        return False
+    try:
+        return int(wrapper) in {p.pid for p in psutil.Process().parents()}
+    except psutil.Error:
+        return False
+
 
 def wrapper_holds(path: Path) -> bool:
     """Whether a ``notata exec`` wrapper among our ancestors holds the run at ``path``."""
-    run_dir, wrapper = os.environ.get("NOTATA_RUN_DIR"), os.environ.get("NOTATA_WRAPPER_PID")
-    if not run_dir or not wrapper or not wrapper.isdigit():
+    run_dir = os.environ.get("NOTATA_RUN_DIR")
+    if not run_dir:
         return False
     try:
         if not os.path.samefile(run_dir, path):
             return False
-        return int(wrapper) in {p.pid for p in psutil.Process().parents()}
-    except (OSError, psutil.Error):
+    except OSError:
         return False
+    return under_wrapper()
 
 
 def hand_over(run_dir: Path, fields: dict[str, Any]) -> None:

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from . import _fs, layout
+from . import _attach, _fs, layout
 from .errors import ManifestError, NotataError, RunCompleteError
 from .logbook import Logbook
 from .manifest import Sweep, Task, load
@@ -16,18 +16,28 @@ from .manifest import Sweep, Task, load
 ENV_TASK = "NOTATA_TASK"
 #: Added to ``SLURM_ARRAY_TASK_ID`` when a sweep is split into several arrays.
 ENV_OFFSET = "NOTATA_TASK_OFFSET"
+#: What ``notata exec`` sets for one run's command; never inherited by another task or job.
+RUN_VARIABLES = frozenset({ENV_TASK, "NOTATA_RUN_DIR", "NOTATA_RUN_ID", "NOTATA_ATTEMPT",
+                           "NOTATA_PARAMS", _attach.ENV_WRAPPER_PID, _attach.ENV_WRAPPER_HOST})
 
 
 def index_from_env(environ: Mapping[str, str] | None = None) -> int:
-    """The task index: ``NOTATA_TASK``, else ``SLURM_ARRAY_TASK_ID + NOTATA_TASK_OFFSET``."""
+    """The task index.
+
+    Under a ``notata exec`` wrapper (one of our ancestors), the ``NOTATA_TASK`` it set.
+    Else, inside a SLURM job array, ``SLURM_ARRAY_TASK_ID + NOTATA_TASK_OFFSET``: a
+    ``NOTATA_TASK`` there was inherited (sbatch exports the submitter's environment, and
+    a pipeline stage may submit from inside a task) and names another task. Else
+    ``NOTATA_TASK`` (set by hand to run one task).
+    """
     env = os.environ if environ is None else environ
     raw = env.get(ENV_TASK)
-    if raw is not None:
+    array = env.get("SLURM_ARRAY_TASK_ID")
+    if raw is not None and (array is None or _attach.under_wrapper(env)):
         return _int(ENV_TASK, raw)
-    raw = env.get("SLURM_ARRAY_TASK_ID")
-    if raw is None:
+    if array is None:
         raise NotataError("no task index: pass index=/--task, or run inside a SLURM job array")
-    return _int("SLURM_ARRAY_TASK_ID", raw) + _int(ENV_OFFSET, env.get(ENV_OFFSET, "0"))
+    return _int("SLURM_ARRAY_TASK_ID", array) + _int(ENV_OFFSET, env.get(ENV_OFFSET, "0"))
 
 
 def _int(name: str, raw: str) -> int:
@@ -42,17 +52,29 @@ def sweep_of(manifest: str | os.PathLike[str] | Sweep) -> Sweep:
 
 
 def check_same_sweep(sweep: Sweep, t: Task) -> None:
-    """Refuse to resume a run that an earlier, different version of the manifest wrote."""
+    """Refuse to open a run that another task, or another version of the manifest, wrote.
+
+    A run directory recording another task index means two tasks share a run id (the
+    manifest's template does not tell them apart): the second must not read the first's
+    run as its own (say "already complete" without running).
+    """
     try:
-        recorded = _fs.read_json_object(t.run_dir / layout.METADATA).get("manifest_hash")
-    except (FileNotFoundError, ValueError):
+        meta = _fs.read_json_object(t.run_dir / layout.METADATA)
+    except (FileNotFoundError, ValueError, OSError):
         return  # a corrupt file is reported by the Logbook itself, naming it
+    recorded = meta.get("manifest_hash")
     if recorded not in (None, sweep.hash):
         raise ManifestError(
             str(sweep.path),
             f"{t.run_dir} was written by a different version of this manifest "
             f"(hash {recorded}, now {sweep.hash}); index {t.index} may now mean another task. "
             "Restore the manifest, or use a new base_dir")
+    other = meta.get("task")
+    if recorded == sweep.hash and isinstance(other, int) and other != t.index:
+        raise ManifestError(
+            str(sweep.path),
+            f"tasks {other} and {t.index} have the same run id {t.run_id!r}: its run directory "
+            f"belongs to task {other}. Give run_id a template that tells them apart")
 
 
 def open_task(sweep: Sweep, index: int, **logbook_kwargs: Any) -> Logbook:

@@ -16,6 +16,7 @@ subprocess, N at a time, so that the local and cluster paths are the same code.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import re
@@ -25,14 +26,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
 
-from . import _fs, layout, schema
-from .array import ENV_TASK, open_task
+from . import _attach, _fs, layout, schema
+from .array import ENV_TASK, RUN_VARIABLES, open_task
 from .errors import RunCompleteError, RunLockedError
 from .logbook import Logbook
 from .manifest import Sweep
@@ -57,36 +58,75 @@ def _text(value: Any) -> str:
 
 
 def _stop(proc: subprocess.Popen[bytes], signum: int, grace: float = STOP_GRACE) -> int | None:
-    """Send ``signum`` to the child's process group; wait up to ``grace``; then SIGKILL it."""
+    """Send ``signum`` to the command's process group; wait up to ``grace`` for the command
+    to exit; then SIGKILL the group and every descendant. Its exit status, once it is gone."""
     _signal_group(proc, signum)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        # os.waitpid, not proc.wait: this may run in a signal handler that interrupted proc.wait
-        try:
-            pid, status = os.waitpid(proc.pid, os.WNOHANG)
-        except ChildProcessError:
-            return proc.returncode
-        if pid:
-            return os.waitstatus_to_exitcode(status)
+        status = _reap(proc)
+        if status is not None:
+            return status
         time.sleep(0.05)
+    with contextlib.suppress(psutil.Error):  # descendants that left the group, too
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child.kill()
     _signal_group(proc, signal.SIGKILL)
+    for _ in range(100):  # SIGKILL cannot be refused; give the kernel a moment
+        status = _reap(proc)
+        if status is not None:
+            return status
+        time.sleep(0.05)
     return None
 
 
-def _last_line(path: os.PathLike[str] | str, limit: int = 4096) -> str:
+def _reap(proc: subprocess.Popen[bytes]) -> int | None:
+    """The command's exit status if it has exited (reaped here), else None."""
+    if proc.returncode is not None:
+        return proc.returncode
+    # os.waitpid, not proc.wait: this may run in a signal handler that interrupted proc.wait
+    try:
+        pid, status = os.waitpid(proc.pid, os.WNOHANG)
+    except ChildProcessError:
+        return proc.returncode if proc.returncode is not None else -signal.SIGKILL
+    if not pid:
+        return None
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode
+
+
+_TRACEBACK = "Traceback (most recent call last):"
+_ERRORISH = re.compile(r"error|exception|fatal|abort|killed|segmentation fault|core dumped"
+                       r"|out of memory|panic|denied|no such file", re.IGNORECASE)
+
+
+def telling_line(path: os.PathLike[str] | str, limit: int = 65536) -> str:
+    """The line of the command's stderr (this attempt's part) that best says why it failed.
+
+    A Python traceback's last line (``TypeError: ...``); else the last line that looks
+    like an error (``ERROR: CUDA out of memory`` before ``cleaning up...``); else the
+    last line. At most 300 characters; "" when there is nothing.
+    """
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - limit))
-            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines()]
+            lines = f.read().decode(errors="replace").splitlines()
     except OSError:
         return ""
     for k in range(len(lines) - 1, -1, -1):  # only what this attempt wrote counts
         if lines[k].startswith(_HEADER):
             lines = lines[k + 1:]
             break
-    lines = [ln for ln in lines if ln]
-    return lines[-1][:300] if lines else ""
+    chosen = ""
+    tb = max((k for k, ln in enumerate(lines) if ln.startswith(_TRACEBACK)), default=None)
+    if tb is not None:  # the exception line: the first unindented line after the frames
+        chosen = next((ln for ln in lines[tb + 1:] if ln.strip() and not ln[0].isspace()), "")
+    if not chosen:
+        chosen = next((ln for ln in reversed(lines) if _ERRORISH.search(ln)), "")
+    if not chosen:
+        chosen = next((ln for ln in reversed(lines) if ln.strip()), "")
+    return chosen.strip()[:300]
 
 
 def exec_task(sweep: Sweep, index: int, argv: Sequence[str], *,
@@ -95,7 +135,9 @@ def exec_task(sweep: Sweep, index: int, argv: Sequence[str], *,
 
     0 when the command succeeded or the task was already complete; 1 when another
     process holds the run (nothing is marked); the command's own status otherwise
-    (128+N when it died of signal N, 127 when it could not be started).
+    (128+N when it died of signal N, 127 when it could not be started). On SIGTERM or
+    SIGHUP the status is recorded, the command is stopped (SIGTERM, then SIGKILL after
+    :data:`STOP_GRACE`), and only then is the run lock released.
     """
     if not argv:
         raise ValueError("no command to run: give it after --")
@@ -109,28 +151,27 @@ def exec_task(sweep: Sweep, index: int, argv: Sequence[str], *,
     except RunLockedError as err:
         print(f"notata: task {index}: {err}", file=sys.stderr)
         return 1
-    try:
-        if interrupted.caught:
-            raise KeyboardInterrupt
-        rc = _run_command(log, index, argv)
-    except KeyboardInterrupt:
-        log.mark_cancelled("KeyboardInterrupt")
-        return 130
-    if rc is None:
-        return 127
-    handed = log.take_handed_over()
-    reason = handed.pop("failure_reason", None)
-    if handed:
-        log.meta(**handed)
-    log.meta(exit_code=rc)
-    if rc == 0:
-        log.mark_complete()
-        return 0
-    what = (f"command exited with status {rc}" if rc > 0
-            else f"command killed by {signal.Signals(-rc).name}")
-    detail = reason or _last_line(log.path / layout.STDERR)
-    log.mark_failed(f"{what}: {detail}" if detail else what)
-    return rc if rc > 0 else 128 - rc
+    with log:  # the lock is released on leaving this block: after the command has stopped
+        try:
+            if interrupted.caught:
+                raise KeyboardInterrupt
+            rc = _run_command(log, index, argv)
+        except KeyboardInterrupt:
+            log.mark_cancelled("KeyboardInterrupt")
+            return 130
+        if rc is None:
+            return 127
+        handed = log.take_handed_over()
+        reason = handed.pop("failure_reason", None)
+        log.meta(**handed, exit_code=rc)
+        if rc == 0:
+            log.mark_complete()
+            return 0
+        what = (f"command exited with status {rc}" if rc > 0
+                else f"command killed by {signal.Signals(-rc).name}")
+        detail = reason or telling_line(log.path / layout.STDERR)
+        log.mark_failed(f"{what}: {detail}" if detail else what)
+        return rc if rc > 0 else 128 - rc
 
 
 def _run_command(log: Logbook, index: int, argv: Sequence[str]) -> int | None:
@@ -144,9 +185,10 @@ def _run_command(log: Logbook, index: int, argv: Sequence[str]) -> int | None:
     cmd = substitute(argv, values)
     log.meta(command=cmd)
     log.take_handed_over()  # nothing from an earlier attempt's command may leak into this one
-    env = {**os.environ, "NOTATA_RUN_DIR": str(log.path), "NOTATA_RUN_ID": log.run_id,
-           ENV_TASK: str(index), "NOTATA_ATTEMPT": str(log.attempt),
-           "NOTATA_PARAMS": json.dumps(params), "NOTATA_WRAPPER_PID": str(os.getpid())}
+    env = {**clean_environment(os.environ), "NOTATA_RUN_DIR": str(log.path),
+           "NOTATA_RUN_ID": log.run_id, ENV_TASK: str(index),
+           "NOTATA_ATTEMPT": str(log.attempt), "NOTATA_PARAMS": json.dumps(params),
+           **_attach.wrapper_environment()}
     header = f"{_HEADER} {log.attempt}: {shlex.join(cmd)}".replace("\n", "\\n") + "\n"
     with contextlib.ExitStack() as stack:
         streams = []
@@ -156,16 +198,20 @@ def _run_command(log: Logbook, index: int, argv: Sequence[str]) -> int | None:
             f.flush()
             streams.append(f)
         started = _Deferred()
-        with started:  # never leave a started command without a way to stop it
+        # Never leave a started command without a way to stop it: Ctrl-C, SIGTERM and
+        # SIGHUP wait until the command is started and its stop hook is in place.
+        with started, log.holding_signals():
             try:
                 proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
                                         stdout=streams[0], stderr=streams[1],
-                                        start_new_session=True)
+                                        start_new_session=True,
+                                        preexec_fn=_die_with_parent(os.getpid()))
             except OSError as err:
                 log.mark_failed(f"cannot start {cmd[0]!r}: {err.strerror or err}")
                 return None
-            log.on_terminate(lambda _log, signum: _stop(proc, signum))
+            log.on_terminate(lambda _log, signum: _stopped(_log, proc))
             log.on_warning(lambda _log: _pass_warning(proc))
+            log.meta(command_pid=proc.pid)
         try:
             if started.caught:
                 raise KeyboardInterrupt
@@ -173,6 +219,39 @@ def _run_command(log: Logbook, index: int, argv: Sequence[str]) -> int | None:
         except KeyboardInterrupt:
             _stop(proc, signal.SIGINT)
             raise
+
+
+def _stopped(log: Logbook, proc: subprocess.Popen[bytes]) -> None:
+    """The wrapper's SIGTERM/SIGHUP hook: stop the command, then keep what it handed over."""
+    rc = _stop(proc, signal.SIGTERM)
+    handed = log.take_handed_over()
+    handed.pop("failure_reason", None)  # the signal's reason stands
+    log.meta(**handed, exit_code=rc)
+
+
+def _die_with_parent(parent: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel SIGKILL the command when its wrapper dies (a
+    SIGKILLed wrapper runs no code: without this its command would run on unsupervised
+    beside the next attempt). Linux only; the child calls a function resolved here,
+    before the fork."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    set_pdeathsig, kill = 1, int(signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+    def child() -> None:
+        prctl(set_pdeathsig, kill, 0, 0, 0)
+        if os.getppid() != parent:  # the wrapper died before the line above
+            os.kill(os.getpid(), kill)
+
+    return child
+
+
+def clean_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` without the variables ``notata exec`` sets for one run: a job or task
+    started from inside a task must not inherit its run, index or wrapper."""
+    return {k: v for k, v in environ.items() if k not in RUN_VARIABLES}
 
 
 class _Deferred:
@@ -255,6 +334,8 @@ class LocalResult:
     failed: list[int] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
     interrupted: bool = False
+    signal: int = 0  # the signal that stopped the run (0: Ctrl-C, or none)
+    why: str = ""  # "cancelled" (Ctrl-C), "hangup", "terminated"
 
 
 def is_complete(sweep: Sweep, index: int) -> bool:
@@ -272,25 +353,32 @@ def run_local(sweep: Sweep, todo: Sequence[int], argv: Sequence[str], *, jobs: i
 
     The caller leaves out complete tasks (``skipped``, reported in the result).
     ``progress(result, running, total)`` is called as tasks start and end.
-    Ctrl-C stops launching, lets the running wrappers record ``cancelled`` and
-    returns with ``interrupted`` set.
+    Ctrl-C, SIGTERM or SIGHUP (an ssh connection that drops) stops launching, passes the
+    signal to the running wrappers, which stop their commands and record ``cancelled``
+    or ``terminated``, waits for them, and returns with ``interrupted`` set. A sweep
+    that must outlive a logout belongs in tmux, nohup, or the SLURM backend.
     """
     result = LocalResult(skipped=list(skipped))
     total = len(todo)
     running: dict[int, subprocess.Popen[bytes]] = {}
     base = [sys.executable, "-m", "notata", "exec", str(sweep.path)]
     queue = list(reversed(todo))
+    env = clean_environment(os.environ)
 
     def report() -> None:
         if progress is not None:
             progress(result, len(running), total)
 
+    def stop(signum: int, frame: object) -> None:
+        raise _Stopped(signum)
+
+    previous = _install({signal.SIGTERM: stop, signal.SIGHUP: stop})
     try:
         while queue or running:
             while queue and len(running) < jobs:
                 i = queue.pop()
                 running[i] = subprocess.Popen([*base, "--task", str(i), "--", *argv],
-                                              stdin=subprocess.DEVNULL)
+                                              stdin=subprocess.DEVNULL, env=env)
                 report()
             time.sleep(0.05)
             for i, proc in list(running.items()):
@@ -298,14 +386,19 @@ def run_local(sweep: Sweep, todo: Sequence[int], argv: Sequence[str], *, jobs: i
                     del running[i]
                     (result.done if proc.returncode == 0 else result.failed).append(i)
                     report()
-    except KeyboardInterrupt:
-        # Each wrapper stops its command and records "cancelled" on SIGINT (a terminal's
-        # Ctrl-C reaches them already; a second one is ignored). Wait for them all, so
-        # that nothing is left "running".
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except (KeyboardInterrupt, _Stopped) as err:
+        # Each wrapper stops its command and records why (a terminal's Ctrl-C or hangup
+        # reaches them already; a second one is ignored). Wait for them all, so that
+        # nothing is left "running".
+        signum = err.signum if isinstance(err, _Stopped) else signal.SIGINT
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_IGN)
         result.interrupted = True
+        result.signal = 0 if signum == signal.SIGINT else signum
+        result.why = ("cancelled" if signum == signal.SIGINT
+                      else "hangup" if signum == signal.SIGHUP else "terminated")
         for proc in running.values():
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signum)
         for i, proc in running.items():
             try:
                 proc.wait(STOP_GRACE + 10)
@@ -314,4 +407,19 @@ def run_local(sweep: Sweep, todo: Sequence[int], argv: Sequence[str], *, jobs: i
                 proc.wait()
             result.failed.append(i)
         report()
+    finally:
+        _install(previous)
     return result
+
+
+class _Stopped(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _install(handlers: Mapping[int, Any]) -> dict[int, Any]:
+    """Install signal handlers (main thread only); return the ones they replace."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}

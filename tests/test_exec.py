@@ -250,7 +250,8 @@ with notata.task(sys.argv[1]) as log:
     d = run_dir(base, "plain")
     meta = read_meta(d)
     assert meta["status"] == "failed" and meta["attempt"] == 1 and meta["score"] == 0.5
-    assert meta["failure_reason"] == "command exited with status 1: diverged at step 7"
+    reason = "command exited with status 1: RuntimeError: diverged at step 7"
+    assert meta["failure_reason"] == reason
     assert json.loads((d / "artifacts" / "result.json").read_text()) == {"n": 3}
     assert "from the command" in (d / "log.txt").read_text()
     assert not (d / ".attached.json").exists()
@@ -326,3 +327,185 @@ def test_a_hand_over_is_taken_once_and_leaves_no_file(tmp_path: Path) -> None:
     assert _attach.take_handed_over(tmp_path) == {"a": 1, "b": 2}
     assert list(tmp_path.iterdir()) == []  # neither the file nor its taken copy is left
     assert _attach.take_handed_over(tmp_path) == {}
+
+
+TRAPS_TERM = """
+import os, signal, sys, time
+from pathlib import Path
+run = Path(os.environ["NOTATA_RUN_DIR"])
+def on_term(signum, frame):
+    (run / "term.txt").write_text(str(os.getpid()))
+    time.sleep(float(sys.argv[1]))          # a checkpoint that takes a while
+    (run / "ckpt.txt").write_text("written after SIGTERM")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, on_term)
+print("child up", os.getpid(), flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
+def _exec(manifest: Path, *cmd: str, task: int = 0) -> object:
+    return python("import sys; from notata.cli import main; sys.exit(main(sys.argv[1:]))",
+                  "exec", str(manifest), "--task", str(task), "--heartbeat", "0.2", "--", *cmd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is gone for our purposes
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _child_pid(d: Path) -> int:
+    def up() -> list[str]:
+        return [ln for ln in _lines(d / "stdout.txt") if ln.startswith("child up")]
+    wait_for(lambda: bool(up()), what="the command to start")
+    return int(up()[-1].split()[-1])
+
+
+@pytest.mark.parametrize("second", [False, True], ids=["one-sigterm", "two-sigterms"])
+def test_the_run_lock_is_held_until_the_command_has_stopped(manifest: Path, base: Path,
+                                                            second: bool) -> None:
+    """SIGTERM to the wrapper: the status is recorded, the command is stopped, and only
+    then is the lock released; nothing the command writes lands in the next attempt. A
+    second SIGTERM while the command stops neither kills the wrapper nor orphans it."""
+    from notata import Logbook, RunLockedError
+
+    proc = _exec(manifest, sys.executable, "-c", TRAPS_TERM, "2")
+    d = run_dir(base, "plain")
+    child = _child_pid(d)
+    proc.send_signal(signal.SIGTERM)  # type: ignore[attr-defined]
+    wait_for(lambda: (d / "term.txt").exists(), what="the command to get SIGTERM")
+    if second:
+        proc.send_signal(signal.SIGTERM)  # type: ignore[attr-defined]
+    wait_for(status_is(d, "terminated"), what="the status, written first")
+    assert _pid_alive(child) and not (d / "ckpt.txt").exists()
+    with pytest.raises(RunLockedError):  # the command still runs: no next attempt yet
+        Logbook("wplain", base / "outputs", resume=True)
+    assert proc.wait(30) == 143  # type: ignore[attr-defined]
+    assert (d / "ckpt.txt").read_text() == "written after SIGTERM"
+    assert not _pid_alive(child)
+    meta = read_meta(d)
+    assert meta["status"] == "terminated" and meta["exit_code"] == 0
+    with Logbook("wplain", base / "outputs", resume=True) as log:
+        assert log.attempt == 2
+
+
+def test_sighup_stops_the_command_and_records_a_hangup(manifest: Path, base: Path) -> None:
+    """An ssh connection that drops sends SIGHUP: the command must not run on unsupervised."""
+    proc = _exec(manifest, sys.executable, "-c", TRAPS_TERM, "0")
+    d = run_dir(base, "plain")
+    child = _child_pid(d)
+    proc.send_signal(signal.SIGHUP)  # type: ignore[attr-defined]
+    assert proc.wait(30) == 129  # type: ignore[attr-defined]
+    assert not _pid_alive(child)
+    meta = read_meta(d)
+    assert meta["status"] == "terminated" and "hangup" in meta["failure_reason"]
+    assert [s["signal"] for s in meta["signals"]] == ["SIGHUP"]
+
+
+def test_a_sigkilled_wrapper_takes_its_command_along(manifest: Path, base: Path) -> None:
+    """No code runs in a SIGKILLed wrapper; the kernel kills its command (PR_SET_PDEATHSIG),
+    and a process of the command that survives anyway is named, and never run beside."""
+    from notata.collect import scan
+    from notata.manifest import load
+
+    proc = _exec(manifest, sys.executable, "-c", TRAPS_TERM, "0")
+    d = run_dir(base, "plain")
+    child = _child_pid(d)
+    proc.kill()  # type: ignore[attr-defined]
+    proc.wait()  # type: ignore[attr-defined]
+    wait_for(lambda: not _pid_alive(child), 5, "the command to die with its wrapper")
+    [r] = [r for r in scan(load(manifest)).read if r.task == 0]
+    assert r.status == "stale" and not r.orphan
+
+    # a grandchild in the command's process group outlives the shell that pdeathsig kills
+    proc = _exec(manifest, "sh", "-c", "sleep 60 & echo child up $!; wait", task=1)
+    d1 = run_dir(base, "two words")
+    grandchild = _child_pid(d1)
+    proc.kill()  # type: ignore[attr-defined]
+    proc.wait()  # type: ignore[attr-defined]
+    try:
+        [r] = [r for r in scan(load(manifest)).read if r.task == 1]
+        assert r.status == "stale" and r.orphan and f"pid {grandchild}" in (r.reason or "")
+        chosen, left = scan(load(manifest)).to_resubmit()
+        assert 1 not in chosen and [x.task for x, _ in left] == [1]
+    finally:
+        os.kill(grandchild, signal.SIGKILL)
+
+
+@pytest.mark.parametrize(("code", "reason"), [
+    ("import sys; print('cleaning up...', file=sys.stderr); sys.exit(3)",
+     "command exited with status 3: cleaning up..."),
+    ("import sys; print('ERROR: CUDA out of memory', file=sys.stderr); "
+     "print('cleaning up...', file=sys.stderr); sys.exit(1)",
+     "command exited with status 1: ERROR: CUDA out of memory"),
+    ("import atexit, sys\natexit.register(lambda: print('saved partial results', "
+     "file=sys.stderr))\ndef f():\n    raise KeyError('omega')\nf()",
+     "command exited with status 1: KeyError: 'omega'"),
+    ("import sys; sys.exit(4)", "command exited with status 4"),
+])
+def test_the_failure_reason_is_the_most_telling_line(manifest: Path, base: Path, code: str,
+                                                      reason: str) -> None:
+    assert main(["exec", str(manifest), "--task", "0", "--", sys.executable, "-c", code]) != 0
+    assert read_meta(run_dir(base, "plain"))["failure_reason"] == reason
+
+
+def test_sys_exit_inside_an_attached_task_is_its_exit_status(manifest: Path, base: Path) -> None:
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import notata\n"
+            f"with notata.task(sys.argv[1]) as log:\n    sys.exit(3)")
+    assert main(["exec", str(manifest), "--task", "0", "--", sys.executable, "-c", code,
+                 str(manifest)]) == 3
+    assert read_meta(run_dir(base, "plain"))["failure_reason"] == "command exited with status 3"
+
+
+def test_an_inherited_notata_task_never_overrides_the_array_index() -> None:
+    """sbatch exports the submitter's environment: a sweep submitted from inside a task
+    carries that task's NOTATA_TASK into every array task of the next sweep."""
+    from notata.array import index_from_env
+
+    env = {"NOTATA_TASK": "0", "SLURM_ARRAY_TASK_ID": "1", "NOTATA_TASK_OFFSET": "1",
+           "NOTATA_WRAPPER_PID": str(os.getppid()), "NOTATA_WRAPPER_HOST": "elsewhere"}
+    assert index_from_env(env) == 2
+    assert index_from_env({"NOTATA_TASK": "5"}) == 5  # no array: set by hand
+    here = {**env, "NOTATA_WRAPPER_HOST": __import__("socket").gethostname()}
+    assert index_from_env(here) == 0  # our parent is the wrapper that set it
+
+
+def test_the_command_inherits_no_run_variables_of_an_outer_task(manifest: Path, base: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 ) -> None:
+    monkeypatch.setenv("NOTATA_RUN_ID", "outer")
+    monkeypatch.setenv("NOTATA_WRAPPER_HOST", "elsewhere")
+    code = ("import json, os; print(json.dumps({k: v for k, v in os.environ.items() "
+            "if k.startswith('NOTATA_')}))")
+    assert main(["exec", str(manifest), "--task", "0", "--", sys.executable, "-c", code]) == 0
+    env = json.loads(_lines(run_dir(base, "plain") / "stdout.txt")[-1])
+    assert env["NOTATA_RUN_ID"] == "wplain" and env["NOTATA_WRAPPER_HOST"] != "elsewhere"
+
+
+DUPLICATES = "name: dup\nrun_id: 'seed{seed}'\ngrid: {seed: [0, 1], lr: [0.1, 0.2]}\n"
+
+
+def test_tasks_sharing_a_run_id_refuse_to_start_and_status_says_why(
+        base: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """seed{seed} over seed x lr: task 1 once read task 0's run as its own, said "already
+    complete" and exited 0 without running; status said all four were complete."""
+    import notata
+
+    manifest = base / "dup.yaml"
+    manifest.write_text(DUPLICATES)
+    assert main(["exec", str(manifest), "--task", "0", "--", "true"]) == 0
+    assert main(["exec", str(manifest), "--task", "1", "--", "true"]) == 2
+    assert "tasks 0 and 1 have the same run id 'seed0'" in capsys.readouterr().err
+    with pytest.raises(notata.ManifestError, match="same run id"):
+        notata.task(manifest, 1)
+    assert main(["exec", str(manifest), "--task", "2", "--", "true"]) == 0
+    capsys.readouterr()
+    for args in (["status", str(manifest)], ["status", str(manifest), "--full"]):
+        assert main(args) == 2
+        assert "same run id" in capsys.readouterr().err
+    assert read_meta(base / "outputs" / "log_seed0")["task"] == 0
