@@ -32,6 +32,7 @@ from .errors import (
     RunCompleteError,
     RunLockedError,
     SchedulerError,
+    UsageError,
 )
 from .experiment import Experiment
 from .logbook import Logbook
@@ -43,28 +44,27 @@ from .tabulate import table
 _runinfo.register_scheduler(_slurm.SLURM)
 
 
-def collect(target: Sweep | str, stale_after: float | None = None, *,
+def collect(target: Sweep | str | os.PathLike[str], stale_after: float | None = None, *,
             full: bool = False) -> Report:
     """Scan a sweep (a manifest path or a :class:`Sweep`) or a base folder of runs.
 
-    Asks SLURM's queue once when ``sbatch`` is here (not when it cannot answer). The
-    report has ``counts``, ``runs`` (one record per task), ``indices(*statuses)`` and
-    ``to_resubmit(statuses, max_attempts)``; resubmit those indices with
-    ``notata resubmit`` or ``notata.submitit.submit_sweep(fn, manifest, executor,
-    tasks=indices)``. ``full`` reads every run's metadata.json instead of taking complete
-    tasks from the sweep index (after runs were deleted or edited by hand).
+    Asks SLURM's queue once when ``sbatch`` is here (not when it cannot answer), for
+    every user who submitted to the sweep. The report has ``counts``, ``runs`` (one record
+    per task), ``indices(*statuses)`` and ``to_resubmit(statuses, max_attempts)``;
+    resubmit those indices with :func:`resubmit` or ``notata.submitit.submit_sweep(fn,
+    manifest, executor, tasks=indices)``. ``full`` reads every run's metadata.json
+    instead of taking complete tasks from the sweep index (after runs were deleted or
+    edited by hand). Raises :class:`ManifestError` for a manifest that cannot be used
+    (tasks sharing a run id included).
     """
-    from .collect import Queue
+    from pathlib import Path
 
-    if isinstance(target, str) and not os.path.isdir(target):
+    if not isinstance(target, Sweep) and not os.path.isdir(target):
         target = load_sweep(target, check_unique=True)
-    queue = None
-    if _slurm.available():
-        try:
-            queue = Queue(_slurm.queue())
-        except SchedulerError:
-            queue = None
-    return scan(target, stale_after=stale_after, queue=queue, full=full)
+    base = target.base_dir if isinstance(target, Sweep) else Path(target)
+    return scan(target, stale_after=stale_after, full=full,
+                queue=_slurm.collector_queue(base, "collect"))
+
 
 __all__ = [
     "resubmit",
@@ -79,6 +79,7 @@ __all__ = [
     "RunLockedError",
     "SchedulerError",
     "Sweep",
+    "UsageError",
     "Task",
     "__version__",
     "collect",
@@ -88,46 +89,39 @@ __all__ = [
 ]
 
 
-def resubmit(manifest: str | os.PathLike[str], *statuses: str,
+def resubmit(manifest: str | os.PathLike[str] | Sweep, *statuses: str,
              max_attempts: int | None = None, command: Sequence[str] = (),
              backend: str | None = None, dry_run: bool = False, full: bool = False,
-             **sbatch: Any) -> int:
+             tasks: Sequence[int] | None = None, jobs: int | None = None,
+             stale_after: str | float | None = None, **sbatch: Any) -> int:
     """``notata resubmit`` from Python: submit again exactly the tasks that need it.
 
     ``statuses`` are the selectors (``"failed"``, ``"stale"``, ``"cancelled"``...; none:
-    failed, timeout, preempted, stale and missing); ``sbatch`` takes the options of
-    ``notata submit`` by their Python names (``time="01:00:00"``, ``mem="4G"``,
-    ``throttle=50``, ``sbatch_line=["--constraint=x"]``); None means not given. Same
-    rules, lock and submission record as the command; returns its exit status (0: the
-    scan worked and what was chosen was submitted or ran). An unknown status or option
-    (TypeError), or a value of the wrong form (ValueError: a non-integer throttle, an
-    unknown backend, a bad duration) raises before anything runs; values only SLURM can
-    judge (a time limit, a partition) come back as the command's exit status, 1.
+    failed, timeout, preempted, stale and missing); ``tasks`` narrows the choice;
+    ``command`` is a list of arguments (default: the last submission's); ``sbatch`` takes
+    the options of ``notata submit`` by their Python names (``time="01:00:00"``,
+    ``mem="4G"``, ``throttle=50``, ``sbatch_line=["--constraint=x"]``); None means not
+    given, and what is not given comes from the sweep's last submission (backend and
+    options alike). Same rules, lock and record as the command; returns its exit status
+    (0: the scan worked and what was chosen was submitted, ran, or there was nothing to
+    do). Raises before anything runs: TypeError for an unknown option;
+    :class:`~notata.errors.UsageError` (a ValueError) for an unknown status or backend, a
+    value of the wrong form, a bad duration, or a command given as one string;
+    :class:`ManifestError` for the manifest. SLURM's own refusal (a bad partition) raises
+    :class:`SchedulerError`.
     """
-    from .cli import build_parser, main
-    from .collect import SELECTORS, parse_duration
+    from . import submit as _submit
 
-    bad = [s for s in statuses if s not in SELECTORS]
-    if bad:
-        raise ValueError(f"resubmit(): unknown status {bad[0]!r}; known: {', '.join(SELECTORS)}")
-    argv = ["resubmit", os.fspath(manifest), *(f"--{s}" for s in statuses)]
-    options = {**sbatch, "max_attempts": max_attempts, "backend": backend}
-    known = {*_slurm.OPTIONS, "throttle", "warn_before", "sbatch_line", "jobs", "stale_after",
-             "max_attempts", "backend"}
-    for key, value in options.items():
-        if key not in known:
-            raise TypeError(f"resubmit() got an unknown option {key!r}; "
-                            f"known: {', '.join(sorted(known))}")
-        values = value if isinstance(value, (list, tuple)) else [value]
-        argv += [f"--{key.replace('_', '-')}={v}" for v in values if v is not None]
-    argv += ["--dry-run"] * dry_run + ["--full"] * full
-    try:
-        build_parser().parse_args(argv)
-    except SystemExit:  # argparse said what is wrong on stderr
-        raise ValueError(f"resubmit(): invalid options {argv[2:]}") from None
-    if sbatch.get("stale_after") is not None:
-        try:
-            parse_duration(str(sbatch["stale_after"]))
-        except ValueError as err:
-            raise ValueError(f"resubmit(): stale_after: {err}") from None
-    return main([*argv, "--", *command] if command else argv)
+    after = stale_after if isinstance(stale_after, (int, float)) or stale_after is None \
+        else _submit.duration(str(stale_after), "stale_after")
+    unknown = sorted(set(sbatch) - set(_submit.SCHEDULER_OPTIONS))
+    if unknown:
+        raise TypeError(f"resubmit() got an unknown option {unknown[0]!r}; known: "
+                        f"{', '.join(_submit.SCHEDULER_OPTIONS)}, jobs, tasks, stale_after")
+    if isinstance(command, (str, bytes)):
+        raise UsageError(f"resubmit(): command {command!r} is one string; give a list of "
+                         "arguments, e.g. ['python', 'sim.py'] (no shell is involved)")
+    options = _submit.Options(backend=backend, tasks=list(tasks) if tasks is not None else None,
+                              dry_run=dry_run, jobs=jobs, scheduler=dict(sbatch))
+    return _submit.resubmit(manifest, statuses, list(command), options,
+                            max_attempts=max_attempts, stale_after=after, full=full)

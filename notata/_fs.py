@@ -53,6 +53,18 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], *, durable: bool
         fsync_dir(path.parent)
 
 
+def create_exclusive(path: Path, data: bytes) -> None:
+    """Create ``path`` with ``data``, atomically, failing with FileExistsError if it exists
+    (a temporary file hard-linked into place: never half a file, never a replaced one)."""
+    tmp = _tmp_name(path)
+    atomic_write_bytes(tmp, data)
+    try:
+        os.link(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
 def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = False) -> None:
     """Atomically replace ``path`` with ``data``."""
     atomic_write(path, lambda f: f.write(data), durable=durable)

@@ -10,20 +10,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-import filelock
-
-from . import __version__, layout, slurm, submissions, tabulate
+from . import __version__, slurm, submit, tabulate
 from .array import index_from_env
-from .collect import DEFAULT_RESUBMIT, SELECTORS, Queue, Report, Watcher, parse_duration, scan
-from .errors import ManifestError, NotataError, SchedulerError, UsageError
-from .manifest import Sweep, compact, load, parse_indices
-from .runner import LocalResult, exec_task, is_complete, run_local
+from .collect import SELECTORS, Report, Watcher
+from .errors import ManifestError, NotataError, RunDirError, UsageError
+from .heartbeat import interval_from
+from .manifest import Sweep, load, parse_indices
+from .runner import LocalResult, exec_task
 
 
 def _command(args: argparse.Namespace) -> list[str]:
@@ -33,13 +32,21 @@ def _command(args: argparse.Namespace) -> list[str]:
     return cmd
 
 
+def _task(sweep: Sweep, index: int) -> int:
+    try:
+        sweep.params(index)
+    except IndexError as err:
+        raise UsageError(str(err)) from None
+    return index
+
+
 # -- sweep ---------------------------------------------------------------------------------------
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     sweep = load(args.manifest, check_unique=args.task is None)
     if args.task is not None:
-        print(json.dumps(sweep.task(args.task).as_json()))
+        print(json.dumps(sweep.task(_task(sweep, args.task)).as_json()))
     elif args.json:
         for t in sweep:
             print(json.dumps(t.as_json()))
@@ -63,11 +70,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_exec(args: argparse.Namespace) -> int:
     sweep = load(args.manifest)
-    index = args.task if args.task is not None else index_from_env()
+    index = _task(sweep, args.task if args.task is not None else index_from_env())
     try:
-        sweep.params(index)
-    except IndexError as err:
-        raise UsageError(str(err)) from None
+        interval_from(args.heartbeat)
+    except ValueError as err:
+        raise UsageError(f"--heartbeat: {err}") from None
     return exec_task(sweep, index, _command(args), heartbeat=args.heartbeat)
 
 
@@ -75,12 +82,13 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 
 class Progress:
-    """A one-line progress bar on a terminal; nothing until the summary elsewhere."""
+    """A one-line progress bar on a terminal; nothing elsewhere (the summary says it all)."""
 
     def __init__(self, stream: Any = sys.stderr) -> None:
         self.stream = stream
         self.tty = stream.isatty()
         self.t0 = time.monotonic()
+        self.drawn = False
 
     def __call__(self, result: LocalResult, running: int, total: int) -> None:
         if not self.tty:
@@ -95,15 +103,9 @@ class Progress:
             f"done {len(result.done)}  failed {len(result.failed)}  running {running}  "
             f"{_clock(elapsed)} elapsed  ETA {_clock(eta) if finished else '?'}  ")
         self.stream.flush()
-
-    def summary(self, result: LocalResult) -> str:
-        if self.tty:
+        self.drawn = True
+        if finished == total or result.interrupted:
             self.stream.write("\n")
-        text = (f"{len(result.done)} done, {len(result.failed)} failed, "
-                f"{len(result.skipped)} already complete, in {_clock(time.monotonic() - self.t0)}")
-        if result.failed:
-            text += f"; failed tasks: {compact(result.failed)}"
-        return text + (" (interrupted)" if result.interrupted else "")
 
 
 def _clock(sec: float) -> str:
@@ -111,92 +113,42 @@ def _clock(sec: float) -> str:
     return f"{sec // 3600}:{sec // 60 % 60:02d}:{sec % 60:02d}"
 
 
+def _options(args: argparse.Namespace, sweep: Sweep) -> submit.Options:
+    """The submit options of the command line, checked."""
+    if args.tasks is not None:
+        if not args.tasks.strip():
+            raise UsageError("--tasks is empty: give indices such as 3,7,10-12")
+        tasks: list[int] | None = parse_indices(args.tasks, len(sweep))
+    else:
+        tasks = None
+    scheduler = {key: getattr(args, key) for key in slurm.OPTIONS}
+    scheduler.update(throttle=args.throttle, warn_before=args.warn_before,
+                     sbatch_line=args.sbatch_line)
+    options = submit.Options(backend=args.backend, tasks=tasks, dry_run=args.dry_run,
+                             jobs=args.jobs, scheduler=scheduler)
+    options.check()
+    return options
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     sweep = load(args.manifest, check_unique=True)
-    cmd = _command(args)
-    indices = parse_indices(args.tasks, len(sweep)) if args.tasks else list(range(len(sweep)))
-    return submit_tasks(sweep, indices, cmd, args)
-
-
-def submit_tasks(sweep: Sweep, indices: list[int], cmd: list[str],
-                 args: argparse.Namespace) -> int:
-    """Submit ``indices`` with the backend and options in ``args``; record the submission."""
-    backend = args.backend
-    if backend is None:
-        backend = "slurm" if slurm.available() else "local"
-        if backend == "local":
-            print("notata submit: no sbatch here; running on this machine (--backend local)",
-                  file=sys.stderr)
-    todo = [i for i in indices if not is_complete(sweep, i)]
-    record = {"backend": backend, "manifest": str(sweep.path), "manifest_hash": sweep.hash,
-              "sweep": sweep.name, "tasks": compact(todo), "count": len(todo), "command": cmd}
-    if backend == "local":
-        if args.dry_run:
-            print(f"would run tasks {compact(todo) or '(none)'} here, {args.jobs or 'CPU count'}"
-                  " at a time")
-            return 0
-        submissions.append(sweep.base_dir, {**record, "job_ids": []})
-        progress = Progress()
-        done = set(todo)
-        result = run_local(sweep, todo, cmd, jobs=args.jobs or os.cpu_count() or 1,
-                           skipped=[i for i in indices if i not in done], progress=progress)
-        print(progress.summary(result), file=sys.stderr)
-        if result.interrupted:
-            return 130
-        return 1 if result.failed else 0
-    if len(todo) < len(indices):
-        print(f"notata submit: {len(indices) - len(todo)} task(s) already complete, skipped",
-              file=sys.stderr)
-    if not todo:
-        return 0
-    flags = {key: getattr(args, key) for key in slurm.OPTIONS}
-    flags.update(extra=args.sbatch_line, throttle=args.throttle, warn_before=args.warn_before)
-    arrays = slurm.submit(sweep, todo, cmd, flags=flags, dry_run=args.dry_run)
-    if args.dry_run:
-        return 0
-    submissions.append(sweep.base_dir, {**record, "arrays": arrays,
-                                        "job_ids": [a["job_id"] for a in arrays]})
-    for a in arrays:
-        print(f"submitted job {a['job_id']}: tasks {a['tasks']} ({a['script']})")
-    return 0
-
-
-# -- status --------------------------------------------------------------------------------------
+    return submit.submit(sweep, _command(args), _options(args, sweep), progress=Progress())
 
 
 def _target(path: str) -> Sweep | str:
-    """A folder of runs, or a manifest (a full scan also finds duplicate run ids)."""
+    """A folder of runs, or a manifest (its run ids checked once: see check_unique)."""
     if os.path.isdir(path):
         return path
-    return load(path)
-
-
-def ask_queue(command: str) -> Queue | None:
-    """The scheduler's queue, asked once; None (said once on stderr) when it cannot be."""
-    if not slurm.available():
-        return None
-    try:
-        return Queue(slurm.queue())
-    except SchedulerError as err:
-        print(f"notata {command}: SLURM cannot be asked ({err}); classifying from files alone",
-              file=sys.stderr)
-        return None
-
-
-def _stale_after(args: argparse.Namespace) -> float | None:
-    if args.stale_after is None:
-        return None
-    try:
-        return parse_duration(args.stale_after)
-    except ValueError as err:
-        raise UsageError(f"--stale-after: {err}") from None
+    return load(path, check_unique=True)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     target = _target(args.path)
-    watcher = Watcher(_stale_after(args))
+    watcher = Watcher(submit.duration(args.stale_after))
+    base = target.base_dir if isinstance(target, Sweep) else None
     while True:
-        report = watcher.scan(target, ask_queue("status"), full=args.full)
+        queue = slurm.collector_queue(base if base is not None else Path(str(target)), "status")
+        report = watcher.scan(target, queue, full=args.full)
         if args.json:
             print(json.dumps(report.as_json()), flush=True)
         else:
@@ -209,47 +161,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_resubmit(args: argparse.Namespace) -> int:
-    # Two tasks with one run id would share a run directory: refuse before submitting
-    # (an index scan does not compute every run id; ~3 s for 10^6 tasks).
     sweep = load(args.manifest, check_unique=True)
-    lock_path = sweep.base_dir / layout.SWEEP_DIR / "resubmit.lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    # Two collectors at once: the second scans only after the first has submitted and
-    # recorded, so it sees those tasks queued (or, locally, finished) and takes none twice.
-    with filelock.FileLock(str(lock_path)):
-        return _resubmit(sweep, args)
-
-
-def _resubmit(sweep: Sweep, args: argparse.Namespace) -> int:
     chosen = [s for s in SELECTORS if getattr(args, s)]
-    statuses = chosen or list(DEFAULT_RESUBMIT)
-    queue = ask_queue("resubmit")
-    report = scan(sweep, stale_after=_stale_after(args), queue=queue, full=args.full)
-    indices, left = report.to_resubmit(statuses, args.max_attempts)
-    for r, why in left:
-        print(f"notata resubmit: leaving task {r.task} ({r.run_id}, {r.status}): {why}",
-              file=sys.stderr)
-    cmd = list(args.cmd) or last_command(sweep)
-    if not indices:
-        print(f"nothing to resubmit among: {', '.join(statuses)}")
-        return 0
-    print(f"resubmitting {len(indices)} task(s): {compact(indices)}")
-    if args.dry_run and (args.backend or ("slurm" if slurm.available() else "local")) == "slurm":
-        plans = slurm.plan_arrays(indices, slurm.max_array_size())
-        for p in plans:
-            print(f"  array --array={p.spec} with NOTATA_TASK_OFFSET={p.offset}")
-        print(f"  command: {shlex.join(cmd)}")
-        return 0
-    return submit_tasks(sweep, indices, cmd, args)
-
-
-def last_command(sweep: Sweep) -> list[str]:
-    """The command of the latest recorded submission of this sweep (same manifest hash)."""
-    for record in reversed(submissions.read(sweep.base_dir)):
-        if record.get("manifest_hash") == sweep.hash and record.get("command"):
-            return list(record["command"])
-    raise UsageError(f"no earlier submission of {sweep.name} records a command; "
-                     "give one after --")
+    return submit.resubmit(sweep, chosen, list(args.cmd), _options(args, sweep),
+                           max_attempts=args.max_attempts,
+                           stale_after=submit.duration(args.stale_after), full=args.full,
+                           progress=Progress())
 
 
 def cmd_table(args: argparse.Namespace) -> int:
@@ -402,4 +319,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"notata {args.command}: {err}", file=sys.stderr)
-        return 2 if isinstance(err, (ManifestError, UsageError)) else 1
+        return 2 if isinstance(err, (ManifestError, UsageError, RunDirError)) else 1

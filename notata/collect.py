@@ -31,6 +31,8 @@ beat counter moves on the collector's own clock (:class:`Watcher`).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import heapq
 import os
 import re
@@ -47,7 +49,7 @@ import psutil
 
 from . import _fs, index, layout, schema, submissions
 from .errors import ManifestError
-from .lock import RunLock
+from .lock import is_held as lock_is_held
 from .manifest import Sweep
 
 STALE = "stale"
@@ -63,6 +65,9 @@ SELECTORS = (schema.FAILED, STALE, MISSING, schema.TIMEOUT, schema.CANCELLED,
 #: Statuses ``resubmit`` takes when none is named.
 DEFAULT_RESUBMIT = (schema.FAILED, schema.TIMEOUT, schema.PREEMPTED, STALE, MISSING)
 STALE_BEATS = 3
+#: A run whose heartbeat is younger than this many intervals is never judged gone
+#: because the queue does not list its job.
+FRESH_BEATS = 2
 MARGIN_SEC = 120.0
 _NO_INDEXED = np.empty(0, dtype=index.DONE)
 
@@ -82,6 +87,7 @@ class RunRecord:
     limit: float | None = None  # the staleness threshold that applies to this run
     runtime_sec: float | None = None
     array: tuple[str, int] | None = None  # (SLURM array job id, array task id) it ran as
+    orphan: bool = False  # its wrapper is gone but its command's processes still run here
 
     @property
     def run_dir(self) -> Path | None:
@@ -97,15 +103,50 @@ class RunRecord:
         return out
 
 
-@dataclass
 class Queue:
-    """What the scheduler has queued: job key (``"123"`` or ``"123_4"``) -> state."""
+    """What the scheduler has queued: job key (``"123"`` or ``"123_4"``) -> state.
 
-    jobs: dict[str, str] = field(default_factory=dict)
+    The queue is asked per user (a group-shared sweep holds several users' jobs):
+    ``fetch(users)`` is called once for the users given at construction and once more
+    for each user that a run's metadata names later in the scan. A user whose jobs
+    could not be listed is remembered; "its job is gone" is never concluded for them.
+    """
+
+    def __init__(self, jobs: Mapping[str, str] | None = None,
+                 fetch: Callable[[list[str]], Mapping[str, str]] | None = None,
+                 users: Iterable[str] = ()) -> None:
+        self.jobs: dict[str, str] = dict(jobs or {})
+        self._fetch = fetch
+        self.users: set[str] = set()
+        self.unknown: set[str] = set()  # users whose jobs could not be listed
+        self.include(users)
+
+    def include(self, users: Iterable[str]) -> None:
+        """Ask the scheduler for the jobs of ``users`` not asked yet (one call)."""
+        new = sorted(set(users) - self.users - self.unknown)
+        if not new or self._fetch is None:
+            return
+        try:
+            self.jobs.update(self._fetch(new))
+            self.users.update(new)
+        except Exception:  # a scheduler that cannot answer: classify from files alone
+            self.unknown.update(new)
+            if not self.users:
+                raise
+
+    def knows(self, meta: Mapping[str, Any]) -> bool:
+        """Whether the jobs of the user who ran ``meta`` were listed."""
+        user = meta.get("user")
+        if isinstance(user, str) and self._fetch is not None:
+            self.include([user])
+            return user not in self.unknown
+        return True
 
     def state(self, meta: Mapping[str, Any]) -> str | None:
         """The state of the job a run's metadata names, if queued."""
-        job = meta.get("slurm") or {}
+        job = meta.get("slurm")
+        if not isinstance(job, Mapping):
+            return None
         if "array_job_id" in job:
             return self.jobs.get(f"{job['array_job_id']}_{job.get('array_task_id')}")
         if "job_id" in job:
@@ -186,6 +227,10 @@ class Report:
                 left.append((r, f"its job is still queued ({r.queued})"))
             elif max_attempts is not None and r.attempt >= max_attempts:
                 left.append((r, f"already at {r.attempt} attempt(s)"))
+            elif r.path is not None and os.path.islink(r.path):
+                left.append((r, "its run directory is a symlink, which notata never follows"))
+            elif r.orphan:
+                left.append((r, r.reason or "a process of its command still runs"))
             elif r.run_dir is not None and lock_is_held(r.run_dir):
                 left.append((r, "a live process holds its lock"))
             else:
@@ -194,25 +239,6 @@ class Report:
 
     def as_json(self) -> dict[str, Any]:
         return {"counts": self.counts, "runs": [r.as_json() for r in self.runs]}
-
-
-def lock_is_held(run_dir: Path) -> bool:
-    """Whether a live process holds the run's lock right now (a non-blocking try).
-
-    No ``.lock`` file: nobody holds it (a holder creates it), and none is created here.
-    A free lock is held for microseconds by the try; a task starting in that instant
-    retries (:data:`notata.lock.RETRY_SEC`) rather than read it as taken.
-    """
-    if not (run_dir / layout.LOCK).exists():
-        return False
-    probe = RunLock(run_dir, dict)
-    try:
-        taken = probe._try()
-    except OSError:
-        return False
-    if taken:
-        probe.release()
-    return not taken
 
 
 def threshold(meta: Mapping[str, Any], stale_after: float | None) -> float:
@@ -230,6 +256,7 @@ def read_run(run_dir: str | os.PathLike[str], task: int | None = None, *,
     """The record of one run directory; never raises for what is on disk.
 
     One ``open`` (metadata.json); ``symlink`` comes from the caller's scandir when known.
+    Metadata that parses but has fields of the wrong shape reads ``corrupt``, with why.
     """
     run_dir = os.fspath(run_dir)
     run_id = os.path.basename(run_dir).removeprefix(layout.RUN_PREFIX)
@@ -239,18 +266,47 @@ def read_run(run_dir: str | os.PathLike[str], task: int | None = None, *,
     try:
         meta = _fs.read_json_object(os.path.join(run_dir, layout.METADATA))
     except FileNotFoundError:
-        if lock_is_held(Path(run_dir)):  # caught between its lock and its first write
+        if not os.path.isdir(run_dir):
+            return RunRecord(task, run_id, CORRUPT, 0, "not a folder", run_dir)
+        try:
+            made = os.stat(os.path.join(run_dir, layout.LOCK)).st_mtime
+        except FileNotFoundError:  # never opened by notata
+            return RunRecord(task, run_id, CORRUPT, 0, f"no {layout.METADATA}", run_dir)
+        # A start takes its lock and writes metadata.json within milliseconds; one caught
+        # in between (or whose lock file was just made) is starting. Only a free lock
+        # older than the skew margin is a start that died.
+        now_ = time.time() if now is None else now
+        if lock_is_held(Path(run_dir)) or now_ - made < MARGIN_SEC:
             return RunRecord(task, run_id, schema.RUNNING, 0, f"starting: no {layout.METADATA} "
                              "yet", run_dir)
-        return RunRecord(task, run_id, CORRUPT, 0, f"no {layout.METADATA}", run_dir)
+        return RunRecord(task, run_id, STALE, 0, f"its start died before it wrote "
+                         f"{layout.METADATA} (nothing ran)", run_dir)
     except (OSError, ValueError) as err:
         return RunRecord(task, run_id, CORRUPT, 0, str(err), run_dir)
+    try:
+        return _classify(meta, task, run_id, run_dir, sweep, queue, stale_after,
+                         time.time() if now is None else now)
+    except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as err:
+        return RunRecord(task, run_id, CORRUPT, 0, f"malformed {layout.METADATA}: {err}",
+                         run_dir)
+
+
+_SHAPES: dict[str, type | tuple[type, ...]] = {
+    "attempt": int, "heartbeat": dict, "slurm": dict, "pid": int, "host": str,
+    "runtime_sec": (int, float), "start_unix": (int, float), "failure_reason": str,
+}
+
+
+def _classify(meta: dict[str, Any], task: int | None, run_id: str, run_dir: str,
+              sweep: Sweep | None, queue: Queue | None, stale_after: float | None,
+              now: float) -> RunRecord:
     status = meta.get("status")
-    attempt = meta.get("attempt", 1)
-    record = RunRecord(task, run_id, str(status), attempt if isinstance(attempt, int) else 1,
-                       None, run_dir)
-    runtime = meta.get("runtime_sec")
-    record.runtime_sec = float(runtime) if isinstance(runtime, (int, float)) else None
+    wrong = [k for k, kind in _SHAPES.items() if k in meta and meta[k] is not None
+             and (not isinstance(meta[k], kind) or isinstance(meta[k], bool))]
+    if wrong:
+        raise TypeError(f"{', '.join(wrong)} of the wrong type")
+    record = RunRecord(task, run_id, str(status), meta.get("attempt", 1), None, run_dir)
+    record.runtime_sec = meta.get("runtime_sec")
     if status not in schema.STATUSES:
         record.status, record.reason = CORRUPT, f"unknown status {status!r}"
         return record
@@ -274,22 +330,33 @@ def read_run(run_dir: str | os.PathLike[str], task: int | None = None, *,
     if isinstance(hb.get("beat"), int) and isinstance(hb.get("unix"), (int, float)):
         record.beat = (hb["beat"], float(hb["unix"]))
     record.limit = threshold(meta, stale_after)
-    record.status, record.reason = _liveness(meta, record.queued, queue is not None,
-                                             stale_after, time.time() if now is None else now)
+    asked = queue is not None and queue.knows(meta)
+    record.status, record.reason = _liveness(meta, record.queued, asked, stale_after, now)
+    if record.status == STALE and meta.get("host") == socket.gethostname():
+        survivor = _surviving_command(meta, now)
+        if survivor is not None:
+            record.orphan = True
+            record.reason = (f"its wrapper is gone, but its command still runs here (pid "
+                             f"{survivor}); stop it before running the task again")
     return record
 
 
 def _liveness(meta: Mapping[str, Any], queued: str | None, asked: bool,
               stale_after: float | None, now: float) -> tuple[str, str | None]:
     """``running`` or ``stale`` (with why) for a run recorded as open."""
-    beat = (meta.get("heartbeat") or {}).get("unix") or meta.get("start_unix")
+    hb = meta.get("heartbeat") or {}
+    beat = hb.get("unix") or meta.get("start_unix")
     age = now - float(beat) if isinstance(beat, (int, float)) else float("inf")
     limit = threshold(meta, stale_after)
     if queued == "RUNNING":
         return schema.RUNNING, (f"no heartbeat for {age:.0f}s, but its job is running"
                                 if age > limit else None)
     if asked and meta.get("slurm") and queued is None:
-        return STALE, "its SLURM job is gone"
+        # Never over a fresh heartbeat: a queue that does not list a job that is still
+        # beating (another user's, another cluster's) is wrong, not the run.
+        interval = float(hb.get("interval_sec") or 30.0)
+        if age > FRESH_BEATS * interval:
+            return STALE, "its SLURM job is gone"
     pid = meta.get("pid")
     if meta.get("host") == socket.gethostname() and isinstance(pid, int) \
             and not psutil.pid_exists(pid):
@@ -297,6 +364,30 @@ def _liveness(meta: Mapping[str, Any], queued: str | None, asked: bool,
     if age > limit:
         return STALE, f"no heartbeat for {age:.0f}s (threshold {limit:.0f}s)"
     return schema.RUNNING, None
+
+
+def _surviving_command(meta: Mapping[str, Any], now: float) -> int | None:
+    """A live process of the command ``notata exec`` started for this run (its process
+    group, as its session leader's pid), when the run ran on this host; else None."""
+    leader = meta.get("command_pid")
+    if not isinstance(leader, int) or leader <= 1:
+        return None
+    return _process_groups(now)().get(leader)
+
+
+@functools.lru_cache(maxsize=1)
+def _process_groups(scan_time: float) -> Callable[[], dict[int, int]]:
+    """Process group -> a live member's pid, listed once per scan (``scan_time`` tells
+    scans apart): a scan of many stale runs looks at every process once, not per run."""
+    @functools.cache
+    def groups() -> dict[int, int]:
+        out: dict[int, int] = {}
+        for proc in psutil.process_iter():
+            with contextlib.suppress(psutil.Error, OSError):
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    out.setdefault(os.getpgid(proc.pid), proc.pid)
+        return out
+    return groups
 
 
 def _run_dirs(base: Path) -> dict[str, os.DirEntry[str]]:
@@ -309,30 +400,40 @@ def _run_dirs(base: Path) -> dict[str, os.DirEntry[str]]:
             if e.name.startswith(layout.RUN_PREFIX) and (e.is_dir() or e.is_symlink())}
 
 
-def queued_tasks(sweep: Sweep, queue: Queue, arrays: Mapping[str, int] | None = None,
-                 ) -> dict[int, str]:
-    """Sweep index -> queue state, for every task of this sweep the queue holds.
+#: The queue state :func:`queued_tasks` gives a task that a live local submission holds.
+LOCAL = "LOCAL"
+
+
+def queued_tasks(sweep: Sweep, queue: Queue | None,
+                 arrays: Mapping[str, int] | None = None) -> dict[int, str]:
+    """Sweep index -> queue state, for every task of this sweep that is queued.
 
     A queued array task is mapped through its array's offset (the sweep index of array
     task 0): from the recorded submissions of this sweep, else from ``arrays`` (array
     job id -> offset, learned from tasks that already ran in it, so that a user's own
     ``sbatch --array`` counts once one of its tasks has started). Submitit jobs are
     mapped only through the job ids their submission recorded (``map_array`` over chosen
-    tasks has no offset). One pass over the queue.
+    tasks has no offset). The tasks of a local submission whose process still runs on
+    this host are :data:`LOCAL`. One pass over the queue.
     """
     out: dict[int, str] = {}
     offsets = dict(arrays or {})
-    for record in submissions.read(sweep.base_dir):
-        if record.get("manifest_hash") != sweep.hash:
-            continue
+    records = [r for r in submissions.read(sweep.base_dir)
+               if r.get("manifest_hash") == sweep.hash]
+    for record in submissions.live_local(records, socket.gethostname()):
+        for i in _expand(str(record.get("tasks", ""))):
+            out[i] = LOCAL
+    if queue is None:
+        return out
+    for record in records:
         for array in record.get("arrays", []):
             offsets[str(array.get("job_id"))] = int(array.get("offset", 0))
-        if record.get("backend", "").startswith("submitit"):
+        if str(record.get("backend", "")).startswith("submitit"):
             tasks = _expand(record.get("tasks", ""))
-            for job_id, index in zip(record.get("job_ids", []), tasks, strict=False):
+            for job_id, i in zip(record.get("job_ids", []), tasks, strict=False):
                 offsets.pop(str(job_id).partition("_")[0], None)
                 if str(job_id) in queue.jobs:
-                    out[index] = queue.jobs[str(job_id)]
+                    out[i] = queue.jobs[str(job_id)]
     for key, state in queue.jobs.items():
         job, _, task = key.partition("_")
         if job in offsets and task.isdigit():
@@ -402,9 +503,8 @@ def scan(target: Sweep | str | os.PathLike[str], *, stale_after: float | None = 
     done = None if full else index.complete_tasks(sweep.base_dir, sweep.hash, len(sweep))
     if done is None or 2 * len(done) < len(sweep):  # then one scandir beats many lookups
         report = _scan_all(sweep, read)
-        if queue is not None:
-            arrays = _array_offsets(report.read, _NO_INDEXED, queue)
-            _mark_queued(report.read, queued_tasks(sweep, queue, arrays))
+        arrays = _array_offsets(report.read, _NO_INDEXED, queue) if queue is not None else None
+        _mark_queued(report.read, queued_tasks(sweep, queue, arrays))
         return report
     todo = np.ones(len(sweep), dtype=bool)
     todo[done["task"]] = False
@@ -417,8 +517,8 @@ def scan(target: Sweep | str | os.PathLike[str], *, stale_after: float | None = 
         if record.status == CORRUPT and not os.path.lexists(path):
             record = RunRecord(i, rid, MISSING, 0)
         records.append(record)
-    if queue is not None:
-        _mark_queued(records, queued_tasks(sweep, queue, _array_offsets(records, done, queue)))
+    arrays = _array_offsets(records, done, queue) if queue is not None else None
+    _mark_queued(records, queued_tasks(sweep, queue, arrays))
     return Report(records, sweep, done)
 
 

@@ -6,19 +6,22 @@ The core never imports this module; ``notata/__init__.py`` registers
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from . import _fs, layout, runinfo, schema
+from . import _fs, layout, runinfo, schema, submissions
+from .array import RUN_VARIABLES
+from .collect import Queue
 from .errors import ManifestError, SchedulerError
 from .manifest import Sweep, compact
 
@@ -69,7 +72,7 @@ class SlurmProvider:
     name = "slurm"
 
     def context(self, environ: Mapping[str, str]) -> dict[str, Any] | None:
-        """The job's fields from the environment, plus its time limit from ``scontrol``."""
+        """The job's fields from the environment."""
         if "SLURM_JOB_ID" not in environ:
             return None
         ctx: dict[str, Any] = {"restart_count": 0}
@@ -77,13 +80,15 @@ class SlurmProvider:
             if var in environ:
                 value = environ[var]
                 ctx[field] = int(value) if field in _INT_FIELDS and value.isdigit() else value
-        try:
-            record = show_job(ctx["job_id"])
-        except SchedulerError:
-            return ctx  # the controller is busy or gone: the environment still says a lot
-        if "TimeLimit" in record:
-            ctx["time_limit"] = record["TimeLimit"]
         return ctx
+
+    def details(self, context: Mapping[str, Any]) -> dict[str, Any]:
+        """The job's time limit, from ``scontrol show job`` (up to 5 s on a busy controller)."""
+        try:
+            record = show_job(context["job_id"])
+        except SchedulerError:
+            return {}  # the controller is busy or gone: the environment still says a lot
+        return {"time_limit": record["TimeLimit"]} if "TimeLimit" in record else {}
 
     def termination_status(self, context: Mapping[str, Any], now: float) -> str | None:
         """Why SLURM is ending this job, from ``scontrol show job`` at SIGTERM time.
@@ -283,6 +288,7 @@ def render(sweep: Sweep, plan: ArrayPlan, argv: Sequence[str], options: Mapping[
     values = {
         "SWEEP": sweep.name, "HASH": sweep.hash, "TIME": runinfo.now_iso(),
         "TASKS": compact(plan.indices), "SCRIPT": shlex.quote(str(script)),
+        "RUNVARS": " ".join(sorted(RUN_VARIABLES)),
         "SBATCH": "\n".join(lines), "OFFSET": str(plan.offset),
         "COMMAND": shlex.join(command).replace("\n", "'$'\\n''"),
     }
@@ -311,12 +317,17 @@ def available() -> bool:
 
 
 def submit(sweep: Sweep, indices: Sequence[int], argv: Sequence[str], *,
-           flags: Mapping[str, Any], dry_run: bool = False,
-           array_limit: int | None = None) -> list[dict[str, Any]]:
+           flags: Mapping[str, Any], dry_run: bool = False, name: str = "",
+           array_limit: int | None = None,
+           submitted: Callable[[dict[str, Any], int, int], None] | None = None,
+           ) -> list[dict[str, Any]]:
     """Write one script per array under ``<base_dir>/.notata/jobs/`` and sbatch each.
 
     Returns one ``{"job_id", "spec", "offset", "script", "tasks"}`` per array (job_id
     None in a dry run, which writes and submits nothing and prints the scripts).
+    ``submitted(entry, k, n)`` is called the moment array k of n is submitted (so it can
+    be recorded before the next one is tried). Scripts are named
+    ``<sweep>-<name>-<k>.sbatch`` (``name``: the submission id) and created exclusively.
     """
     options, extra, settings = options_for(sweep.slurm, flags, str(sweep.path))
     throttle = settings.get("throttle")
@@ -329,10 +340,10 @@ def submit(sweep: Sweep, indices: Sequence[int], argv: Sequence[str], *,
                                   else "not asking for one"), file=sys.stderr)
     plans = plan_arrays(indices, array_limit or max_array_size())
     jobs_dir = sweep.base_dir / layout.SWEEP_DIR / layout.JOBS
-    stamp = time.strftime("%Y%m%dT%H%M%S")
+    name = name or time.strftime("%Y%m%dT%H%M%S")
     arrays = []
     for k, plan in enumerate(plans):
-        script = jobs_dir / f"{sweep.name}-{stamp}-{k}.sbatch"
+        script = jobs_dir / f"{sweep.name}-{name}-{k}.sbatch"
         text = render(sweep, plan, argv, options, extra, throttle=throttle, warn_before=warn,
                       script=script)
         entry: dict[str, Any] = {"job_id": None, "spec": plan.spec, "offset": plan.offset,
@@ -341,24 +352,53 @@ def submit(sweep: Sweep, indices: Sequence[int], argv: Sequence[str], *,
             print(f"# sbatch --parsable {shlex.quote(str(script))}\n{text}")
         else:
             jobs_dir.mkdir(parents=True, exist_ok=True)
-            _fs.atomic_write_bytes(script, text.encode())
-            script.chmod(0o755)
+            _fs.create_exclusive(script, text.encode())
+            script.chmod(0o777 & ~_umask())
             entry["job_id"] = sbatch(script)
+            if submitted is not None:
+                submitted(entry, k, len(plans))
         arrays.append(entry)
     return arrays
 
 
-def queue() -> dict[str, str]:
-    """This user's queued jobs, one ``squeue --me -r`` call: ``"123"`` or ``"123_4"`` -> state.
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
-    Only the user's own jobs: a shared cluster's whole queue can be 10^5 lines, and a
-    sweep's jobs are its submitter's. Raises :class:`SchedulerError` when squeue cannot
+
+def queue(users: Sequence[str] = ()) -> dict[str, str]:
+    """Queued jobs of ``users`` (default: this user), one ``squeue -r`` call:
+    ``"123"`` or ``"123_4"`` -> state.
+
+    Only the sweep's users: a shared cluster's whole queue can be 10^5 lines, and a
+    sweep's jobs are its submitters'. Raises :class:`SchedulerError` when squeue cannot
     answer.
     """
-    out = run(["squeue", "--me", "-h", "-r", "-o", "%i|%T"])
+    who = ["-u", ",".join(users)] if users else ["--me"]
+    out = run(["squeue", *who, "-h", "-r", "-o", "%i|%T"])
     jobs = {}
     for line in out.splitlines():
         key, _, state = line.strip().partition("|")
         if key:
             jobs[key] = state
     return jobs
+
+
+def collector_queue(base_dir: Path | None, command: str) -> Queue | None:
+    """SLURM's queue for a scan of the runs under ``base_dir``: the jobs of this user and
+    of every user that recorded a submission there (a group-shared sweep), then of each
+    user a run names (see :class:`~notata.collect.Queue`). None, said once on stderr,
+    when SLURM is not here or cannot answer."""
+    if not available():
+        return None
+    users = {runinfo.user()}
+    if base_dir is not None:
+        users |= {str(r["user"]) for r in submissions.read(base_dir)
+                  if isinstance(r.get("user"), str)}
+    try:
+        return Queue(fetch=queue, users=users)
+    except SchedulerError as err:
+        print(f"notata {command}: SLURM cannot be asked ({err}); classifying from files alone",
+              file=sys.stderr)
+        return None

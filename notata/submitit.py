@@ -128,14 +128,20 @@ def submit_sweep(fn: Callable[[dict[str, Any], Logbook], Any],
     limit = _array_limit(executor) or len(todo)
     task = SweepTask(fn, sweep.path)
     jobs: list[Any] = []
-    for start in range(0, len(todo), limit):
-        jobs += executor.map_array(task, todo[start:start + limit])
-    submissions.append(sweep.base_dir, {
-        "backend": f"submitit:{type(getattr(executor, '_executor', executor)).__name__}",
-        "manifest": str(sweep.path), "manifest_hash": sweep.hash, "sweep": sweep.name,
-        "tasks": compact(todo), "count": len(todo), "job_ids": [j.job_id for j in jobs],
-        "function": getattr(fn, "__qualname__", repr(fn)),
-    })
+    sub_id = submissions.new_id()
+    chunks = [todo[start:start + limit] for start in range(0, len(todo), limit)]
+    with submissions.sweep_lock(sweep.base_dir):
+        for part, chunk in enumerate(chunks):  # each array recorded as soon as it is queued
+            submitted = executor.map_array(task, chunk)
+            jobs += submitted
+            submissions.append(sweep.base_dir, {
+                "backend": f"submitit:{type(getattr(executor, '_executor', executor)).__name__}",
+                "submission": sub_id, "part": part, "parts": len(chunks),
+                "manifest": str(sweep.path), "manifest_hash": sweep.hash, "sweep": sweep.name,
+                "tasks": compact(chunk), "count": len(chunk),
+                "job_ids": [j.job_id for j in submitted], "options": {},
+                "function": getattr(fn, "__qualname__", repr(fn)),
+            })
     return jobs
 
 

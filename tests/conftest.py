@@ -109,3 +109,47 @@ def job_gone(job_id: str) -> Callable[[], bool]:
                              text=True).stdout.strip()
         return out == ""
     return check
+
+
+SHARED_VENV = Path("/opt/notata-test/venv")
+
+
+@pytest.fixture(scope="session")
+def group_users() -> tuple[str, list[str], str]:
+    """Two users of one group (``notata-a``, ``notata-b`` in ``notata-share``) and a Python
+    they can run with this checkout's notata installed (Debian's python3, in
+    /opt/notata-test/venv: the test venv's interpreter lives where other users cannot go).
+    Made once, as root; skipped with the reason elsewhere."""
+    import shutil
+
+    if os.geteuid() != 0:
+        pytest.skip("making a second and third user needs root")
+    for cmd in (["groupadd", "-f", "notata-share"],
+                *(["useradd", "-M", "-N", "-g", "notata-share", "-s", "/bin/sh", u]
+                  for u in ("notata-a", "notata-b")
+                  if subprocess.run(["id", u], capture_output=True).returncode != 0)):
+        subprocess.run(cmd, check=True, capture_output=True)
+    system_python = shutil.which("python3", path="/usr/bin:/usr/local/bin:/bin")
+    if system_python is None:
+        pytest.skip("no system python3 that other users can run")
+    if not (SHARED_VENV / "bin" / "python").exists():
+        subprocess.run([system_python, "-m", "venv", str(SHARED_VENV)], check=True,
+                       capture_output=True)
+    subprocess.run([str(SHARED_VENV / "bin" / "pip"), "install", "-q",
+                    "--disable-pip-version-check", str(ROOT)], check=True, timeout=900)
+    SHARED_VENV.parent.chmod(0o755)
+    return str(SHARED_VENV / "bin" / "python"), ["notata-a", "notata-b"], "notata-share"
+
+
+def as_user(user: str, python_exe: str, code: str, *args: str, umask: int = 0o002,
+            **kw: Any) -> subprocess.Popen[str]:
+    """Run ``python -c code args`` as ``user`` (primary group, umask 002), from /tmp."""
+    import pwd
+
+    pw = pwd.getpwnam(user)
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": "/tmp", "USER": user,
+           "LOGNAME": user, "NOTATA_HEARTBEAT": "0.5"}
+    return subprocess.Popen([python_exe, "-c", textwrap.dedent(code), *args], env=env,
+                            cwd="/tmp", user=pw.pw_uid, group=pw.pw_gid, extra_groups=[],
+                            umask=umask, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, **kw)

@@ -141,7 +141,7 @@ def test_ctrl_c_during_a_local_sweep_leaves_nothing_running(manifest: Path,
     assert proc.returncode == 130, err
     statuses = sorted(read_meta(d)["status"] for d in out.glob("log_*"))
     assert statuses == ["cancelled", "cancelled"]
-    assert "(interrupted)" in err
+    assert "(cancelled)" in err
     assert subprocess.run(["pgrep", "-f", "^sleep 61.5$"], capture_output=True).stdout == b""
 
 
@@ -178,3 +178,58 @@ def test_help_for_each_subcommand() -> None:
     for command in ("sweep", "exec", "submit", "status"):
         proc = cli(command, "--help")
         assert proc.returncode == 0 and "usage: notata" in proc.stdout
+
+
+def test_usage_errors_are_one_line_and_change_nothing(
+        manifest: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = manifest.parent / "outputs"
+    cases = [
+        (["sweep", str(manifest), "--task", "99"], "task 99 is outside"),
+        (["exec", str(manifest), "--task", "0", "--heartbeat", "0", "--", "true"],
+         "--heartbeat: heartbeat interval must be positive"),
+        (["submit", str(manifest), "--backend", "local", "-j", "-1", "--", "true"],
+         "jobs -1: give a number of tasks at a time, at least 1"),
+        (["submit", str(manifest), "--backend", "local", "-j", "0", "--", "true"], "jobs 0"),
+        (["submit", str(manifest), "--backend", "local", "--tasks", "", "--", "true"],
+         "--tasks is empty"),
+        (["resubmit", str(manifest), "--backend", "local", "--tasks", " ", "--", "true"],
+         "--tasks is empty"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_resubmit_with_nothing_to_do_and_no_record_exits_0(
+        manifest: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import notata
+
+    for i in range(6):
+        with notata.task(manifest, i):
+            pass
+    assert main(["resubmit", str(manifest)]) == 0  # no command recorded, none needed
+    assert "nothing to resubmit" in capsys.readouterr().out
+    assert notata.collect(manifest).counts["complete"] == 6  # a Path to a manifest
+
+
+def test_a_malformed_run_is_corrupt_and_never_stops_a_scan(
+        base: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import notata
+
+    with Logbook("fine", base):
+        pass
+    for name, meta in [("hb", {"status": "running", "heartbeat": 5}),
+                       ("slurm", {"status": "running", "slurm": "x", "host": "h"}),
+                       ("attempt", {"status": "failed", "attempt": "two"}),
+                       ("pid", {"status": "running", "pid": "1", "host": "x"})]:
+        (base / f"log_{name}").mkdir()
+        (base / f"log_{name}" / "metadata.json").write_text(json.dumps(meta))
+    assert main(["status", str(base), "--json"]) == 0
+    runs = {r["run_id"]: r for r in json.loads(capsys.readouterr().out)["runs"]}
+    assert runs["fine"]["status"] == "complete"
+    for name in ("hb", "slurm", "attempt", "pid"):
+        assert runs[name]["status"] == "corrupt" and "malformed" in runs[name]["reason"], runs
+    report = notata.collect(Path(base))  # a Path works as well as a str
+    assert report.counts["corrupt"] == 4

@@ -163,19 +163,22 @@ def test_resubmit_locally_runs_exactly_what_needs_it(
     before = {k: tree_digest(out / f"log_k{k}") for k in (0, 3)}
     capsys.readouterr()
     assert main(["resubmit", str(manifest), "--backend", "local", "--dry-run"]) == 0
-    assert "resubmitting 4 task(s): 1-2,4-5" in capsys.readouterr().out
+    assert "would resubmit 4 task(s) with the local backend: 1-2,4-5" in capsys.readouterr().out
     with pytest.raises(TypeError, match="unknown option 'walltime'"):
         notata.resubmit(manifest, walltime="1:00:00")
     with pytest.raises(ValueError, match="unknown status 'complete'"):
         notata.resubmit(manifest, "complete")
-    with pytest.raises(ValueError, match="invalid options"):
+    with pytest.raises(ValueError, match="throttle 'many': give a whole number"):
         notata.resubmit(manifest, throttle="many")
+    with pytest.raises(ValueError, match="is one string; give a list"):
+        notata.resubmit(manifest, command="python sim.py")
     with pytest.raises(ValueError, match="stale_after: invalid duration 'soon'"):
         notata.resubmit(manifest, stale_after="soon")
-    assert "resubmitting" not in capsys.readouterr().out  # neither ran
+    assert "resubmit" not in capsys.readouterr().out  # neither ran
     assert notata.resubmit(manifest, backend="local", max_attempts=1) == 0  # the Python API
     text = capsys.readouterr()
-    assert "resubmitting 1 task(s): 5" in text.out  # 1, 2 and 4 already had one attempt
+    # 1, 2 and 4 already had one attempt
+    assert "resubmitting 1 task(s) with the local backend: 5" in text.out
     assert "leaving task 1 (k1, failed): already at 1 attempt(s)" in text.err
     assert main(["resubmit", str(manifest), "--backend", "local"]) == 0  # the recorded command
     attempts = {k: read_meta(out / f"log_k{k}")["attempt"] for k in range(6)}
@@ -302,7 +305,7 @@ def test_two_collectors_at_once_resubmit_each_task_once(manifest: Path, base: Pa
     assert all(p.returncode == 0 for p in procs)
     assert sorted(o.splitlines()[0] for o in outs) == [
         "nothing to resubmit among: failed, timeout, preempted, stale, missing",
-        "resubmitting 2 task(s): 1,4"]
+        "resubmitting 2 task(s) with the local backend: 1,4"]
     attempts = {k: read_meta(base / "outputs" / f"log_k{k}")["attempt"] for k in range(6)}
     assert attempts == {0: 1, 1: 2, 2: 1, 3: 1, 4: 2, 5: 1}
 
@@ -317,3 +320,100 @@ def test_choosing_runs_to_resubmit_writes_nothing(manifest: Path, base: Path) ->
     chosen, left = scan(load(manifest)).to_resubmit()
     assert 1 in chosen and not left
     assert tree_digest(run) == before and not (run / ".lock").exists()
+
+
+def test_a_task_killed_during_start_up_is_a_start_that_died(
+        manifest: Path, base: Path, tmp_path: Path) -> None:
+    """The lock is taken, then SLURM is asked for the time limit (seconds on a busy
+    controller): a SIGKILL there once left a folder with only .lock, read corrupt and
+    never resubmitted. The first write now comes before anything slow."""
+    slow = tmp_path / "bin"
+    slow.mkdir()
+    (slow / "scontrol").write_text("#!/bin/sh\nsleep 30\n")  # a controller that hangs
+    (slow / "scontrol").chmod(0o755)
+    env = {"PATH": f"{slow}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242"}
+    proc = python("import sys, notata; notata.task(sys.argv[1], 2)", str(manifest), env=env)
+    run = base / "outputs" / "log_k2"
+    wait_for(lambda: (run / "metadata.json").exists(), what="the first write")
+    time.sleep(0.3)
+    proc.kill()
+    proc.wait()
+    assert read_meta(run)["status"] == "initialized"
+    # and a folder a start left with nothing but its (free) lock
+    bare = base / "outputs" / "log_k3"
+    bare.mkdir()
+    (bare / ".lock").touch()
+    assert {r.task: r.status for r in scan(load(manifest)).runs}[3] == "running"  # starting
+    old = time.time() - 600
+    os.utime(bare / ".lock", (old, old))  # ten minutes later, still nothing
+    report = scan(load(manifest))
+    by_task = {r.task: r for r in report.runs}
+    assert by_task[2].status == "stale" and "pid" in (by_task[2].reason or "")
+    assert by_task[3].status == "stale" and "start died" in (by_task[3].reason or "")
+    chosen, _ = report.to_resubmit()
+    assert {2, 3} <= set(chosen)
+    with notata.task(manifest, 3) as log:
+        assert log.attempt == 1
+
+
+def test_a_local_sweep_stops_cleanly_on_a_hangup(manifest: Path, base: Path) -> None:
+    """An ssh connection that drops during `notata submit --backend local`: the tasks stop
+    and say so; nothing runs on unsupervised."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "notata", "submit", str(manifest),
+                             "--backend", "local", "-j", "2", "--", "sleep", "62.5"],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    out = base / "outputs"
+    wait_for(lambda: sum(status_is(d, "running")() for d in out.glob("log_*")) == 2,
+             what="two running tasks")
+    proc.send_signal(signal.SIGHUP)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 129, err
+    metas = [read_meta(d) for d in out.glob("log_*")]
+    assert sorted(m["status"] for m in metas) == ["terminated", "terminated"]
+    assert all("hangup" in m["failure_reason"] for m in metas)
+    assert "(hangup)" in err
+    assert subprocess.run(["pgrep", "-f", "^sleep 62.5$"], capture_output=True).stdout == b""
+
+
+def test_resubmit_keeps_the_backend_options_and_narrows_to_tasks(
+        manifest: Path, base: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A sweep run locally is resubmitted locally, with its recorded options, even where
+    sbatch exists; --tasks narrows the choice and names what it leaves."""
+    from notata import submissions
+
+    cmd = ["--", sys.executable, "-c", PAYLOAD, "{k}"]
+    assert main(["submit", str(manifest), "--backend", "local", "-j", "1", *cmd]) == 1
+    capsys.readouterr()
+    assert main(["resubmit", str(manifest), "--tasks", "0,4"]) == 0
+    said = capsys.readouterr()
+    assert "resubmitting 1 task(s) with the local backend (as the last submission): 4" in said.out
+    assert "task 0 is complete, which is not among" in said.err
+    attempts = {k: read_meta(base / "outputs" / f"log_k{k}")["attempt"] for k in range(6)}
+    assert attempts == {0: 1, 1: 1, 2: 1, 3: 1, 4: 2, 5: 1}  # task 1 was not asked for
+    records = [r for r in submissions.read(base / "outputs") if r.get("backend")]
+    assert [r["options"] for r in records] == [{"jobs": 1}, {"jobs": 1}]
+    assert len({r["submission"] for r in records}) == 2
+    ends = [r for r in submissions.read(base / "outputs") if r.get("ended")]
+    assert [r["submission"] for r in ends] == [r["submission"] for r in records]
+
+
+def test_job_gone_is_never_concluded_over_a_fresh_heartbeat(tmp_path: Path) -> None:
+    """A queue that does not list a job (another user's, a partial answer) is wrong about a
+    run that is still beating; one that has missed its beats is gone."""
+    from notata.collect import Queue, read_run
+
+    def run(age: float) -> dict[str, object]:
+        now = time.time()
+        return {"status": "running", "run_id": "r", "attempt": 1, "host": "node7",
+                "pid": 1234, "user": "someone", "slurm": {"job_id": 99},
+                "heartbeat": {"unix": now - age, "beat": 3, "interval_sec": 30}}
+
+    queue = Queue({})  # asked, and it lists nothing
+    for age, status, reason in [(5, "running", None), (59, "running", None),
+                                (61, "stale", "its SLURM job is gone")]:
+        d = tmp_path / f"log_r{age}"
+        d.mkdir()
+        (d / "metadata.json").write_text(json.dumps(run(age)))
+        r = read_run(d, queue=queue)
+        assert (r.status, r.reason) == (status, reason), age

@@ -61,13 +61,16 @@ def test_status_and_resubmit_after_real_failures(slurm_cluster: str, base: Path,
     got = {r.run_id: (r.status, r.attempt) for r in report.runs}
     assert got == {"k0": ("complete", 1), "k1": ("failed", 1), "k2": ("stale", 1),
                    "k3": ("complete", 1), "k4": ("complete", 1), "k5": ("missing", 0)}
-    assert report.runs[2].reason == "its SLURM job is gone"
+    # the queue no longer lists it, and on this single-node cluster its pid is gone too;
+    # "job gone" alone is not concluded while its heartbeat is fresh (test_collect.py)
+    assert report.runs[2].reason in ("its SLURM job is gone",
+                                     f"its process (pid {wrapper.pid} on this host) is gone")
     assert "k1 diverged" in (report.runs[1].reason or "")
     complete_before = {k: tree_digest(out / f"log_k{k}") for k in (0, 3, 4)}
 
     # from Python, with a list option (repeated --sbatch-line)
     assert notata.resubmit(manifest, backend="slurm", sbatch_line=["--comment=again"]) == 0
-    assert "resubmitting 3 task(s): 1-2,5" in capsys.readouterr().out
+    assert "resubmitting 3 task(s) with the slurm backend: 1-2,5" in capsys.readouterr().out
     second = submissions.read(out)[-1]
     assert second["tasks"] == "1-2,5" and second["command"] == record["command"]
     assert "#SBATCH --comment=again" in Path(second["arrays"][0]["script"]).read_text()
@@ -147,3 +150,37 @@ def test_a_users_own_array_is_known_when_every_started_task_is_complete(
         subprocess.run(["scancel", job], check=True)
         wait_for(job_gone(job), 120, "the array to end")
     assert not (out / "log_k2").exists() and not (out / "log_k3").exists()
+
+
+def test_a_colleagues_queued_and_running_tasks_read_so(
+        slurm_cluster: str, group_users: tuple[str, list[str], str]) -> None:
+    """squeue --me does not list a colleague's jobs: their RUNNING task once read "stale:
+    its SLURM job is gone" and was chosen for resubmit, their queued ones "missing". The
+    queue is now asked for every user who submitted to the sweep or ran one of its runs."""
+    import shutil
+
+    from conftest import as_user
+    from test_faults import shared_folder
+
+    py, (a, _), group = group_users
+    shared = shared_folder(group)
+    manifest = shared / "sweep.yaml"
+    out = shared / "outputs"
+    try:
+        submit = as_user(a, py, "import sys\nfrom notata.cli import main\n"
+                         "sys.exit(main(sys.argv[1:]))", "submit", str(manifest), "--backend",
+                         "slurm", "--throttle", "1", "--", "sleep", "120")
+        said, err = submit.communicate(timeout=120)
+        assert submit.returncode == 0, (said, err)
+        wait_for(status_is(out / "log_k0", "running"), 120, "the colleague's task 0 to start")
+        assert read_meta(out / "log_k0")["user"] == a
+        report = notata.collect(manifest)  # by root: another user than the submitter
+        got = {r.task: (r.status, r.queued) for r in report.runs}
+        assert got[0] == ("running", "RUNNING")
+        assert {got[k][0] for k in (1, 2, 3)} == {"pending"}, got
+        assert report.to_resubmit() == ([], [])
+    finally:
+        for r in submissions.read(out):
+            for j in r.get("job_ids", []):
+                subprocess.run(["scancel", str(j)], check=False)
+        shutil.rmtree(shared, ignore_errors=True)

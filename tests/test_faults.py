@@ -71,7 +71,7 @@ def test_sigkilled_task_is_stale_then_resubmitted_once(base: Path,
     assert "pid" in (r.reason or "")
     capsys.readouterr()
     assert main(["resubmit", str(manifest), "--backend", "local"]) == 0
-    assert "resubmitting 1 task(s): 2" in capsys.readouterr().out
+    assert "resubmitting 1 task(s) with the local backend: 2" in capsys.readouterr().out
     assert main(["resubmit", str(manifest), "--backend", "local"]) == 0
     assert "nothing to resubmit" in capsys.readouterr().out
 
@@ -153,7 +153,8 @@ def test_cancelled_stays_cancelled_and_two_collectors_resubmit_once(
     both = [python(cli, "resubmit", str(manifest), "--backend", "slurm") for _ in range(2)]
     said = [p.communicate(timeout=120)[0] for p in both]
     assert [p.returncode for p in both] == [0, 0]
-    assert sorted("resubmitting 1 task(s): 0" in s for s in said) == [False, True], said
+    took = "resubmitting 1 task(s) with the slurm backend: 0"
+    assert sorted(took in s for s in said) == [False, True], said
     resubmits = submissions.read(out)[1:]
     assert [r["tasks"] for r in resubmits] == ["0"]
     for j in resubmits[0]["job_ids"]:
@@ -317,7 +318,8 @@ def test_64_writers_and_a_scan_beside_them(base: Path) -> None:
     assert no_temporaries(base / "outputs")
     statuses = {s for s, _ in seen}
     assert statuses <= {"missing", "running", "complete", "corrupt"}, statuses
-    # never a torn file: a run can only be caught between its mkdir and its lock
+    # never a torn file: a run can only be caught between its mkdir and its lock, or
+    # between its lock and its first write ("starting")
     assert {why for s, why in seen if s == "corrupt"} <= {"no metadata.json"}
     assert len(seen) > n  # the scan really ran beside the writers
 
@@ -342,3 +344,82 @@ def test_a_manifest_cannot_smuggle_nul_or_code(base: Path, text: str, problem: s
     err = capsys.readouterr().err
     assert problem in err and len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in base.iterdir()) == before  # no outputs/, no pwned
+
+
+# -- a sweep shared by a group: two users, umask 002 --------------------------------------------
+
+
+def shared_folder(group: str) -> Path:
+    """A folder of the group, setgid, group-writable: where a group keeps a shared sweep."""
+    import grp
+    import tempfile
+
+    shared = Path(tempfile.mkdtemp(prefix="notata-shared-", dir="/tmp"))
+    os.chown(shared, -1, grp.getgrnam(group).gr_gid)
+    shared.chmod(0o2775)
+    (shared / "sweep.yaml").write_text("name: g\nrun_id: 'k{k}'\ngrid: {k: [0, 1, 2, 3]}\n")
+    (shared / "sweep.yaml").chmod(0o664)
+    return shared
+
+
+GROUP_HOLD = """
+    import sys, time, notata
+    log = notata.task(sys.argv[1], 0)
+    print("open", flush=True)
+    time.sleep(120)
+    """
+
+GROUP_SECOND = """
+    import sys, notata
+    from notata import lock
+    from notata.submit import Options, submit
+    manifest = sys.argv[1]
+    try:
+        notata.task(manifest, 0)
+        print("opened a run another user holds")
+    except notata.RunLockedError as err:
+        print("locked:", err)
+    print("held:", lock.is_held(notata.load_sweep(manifest).task(0).run_dir))
+    print("submit:", submit(manifest, ["true"], Options(backend="local", tasks=[int(sys.argv[2])])))
+    print("dry run:", notata.resubmit(manifest, backend="local", dry_run=True))
+    """
+
+
+def test_a_sweep_shared_by_a_group_works_for_every_member(
+        group_users: tuple[str, list[str], str]) -> None:
+    """Lock, index and record files honour the umask (filelock 3.13 made them 0644, and a
+    colleague got a PermissionError traceback), and one user's live run is held for all."""
+    from conftest import as_user
+
+    py, (a, b), group = group_users
+    shared = shared_folder(group)
+    try:
+        manifest = str(shared / "sweep.yaml")
+        first = as_user(a, py, GROUP_SECOND.replace("notata.task(manifest, 0)", "pass"),
+                        manifest, "1")
+        out, err = first.communicate(timeout=120)
+        assert first.returncode == 0 and "submit: 0" in out, (out, err)
+        holder = as_user(a, py, GROUP_HOLD, manifest)
+        assert holder.stdout and holder.stdout.readline().strip() == "open"
+        run = shared / "outputs" / "log_k0"
+        for made in (run / ".lock", shared / "outputs" / ".notata" / "resubmit.lock",
+                     shared / "outputs" / ".notata" / "submissions.jsonl"):
+            assert made.stat().st_mode & 0o020, f"{made} is not group-writable"
+        second = as_user(b, py, GROUP_SECOND, manifest, "2")
+        out, err = second.communicate(timeout=120)
+        assert second.returncode == 0, (out, err)
+        assert f"locked: {run} is in use by another process" in out and f"pid {holder.pid}" in out
+        assert "held: True" in out and "submit: 0" in out and "dry run: 0" in out
+        assert "Traceback" not in err
+        holder.kill()
+        holder.wait()
+        third = as_user(b, py, "import sys, notata\nwith notata.task(sys.argv[1], 0) as log:\n"
+                        "    print(log.attempt)", manifest)
+        out, err = third.communicate(timeout=60)
+        assert (third.returncode, out.strip()) == (0, "2"), err
+        statuses = {k: read_meta(shared / "outputs" / f"log_k{k}")["status"] for k in (0, 1, 2)}
+        assert statuses == {0: "complete", 1: "complete", 2: "complete"}
+        users = {r["user"] for r in submissions.read(shared / "outputs") if r.get("backend")}
+        assert users == {a, b}
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)

@@ -199,3 +199,29 @@ def test_queued_array_tasks_map_only_through_a_consistent_offset(
     assert report.indexed["task"].tolist() == [0, 1, 4, 5]  # the scan opened none of them
     assert [(r.task, r.status, r.queued) for r in report.read] == [
         (2, "missing", None), (3, "pending", "PENDING")]
+
+
+def test_a_symlinked_run_directory_reads_the_same_on_both_paths(
+        sweep: Sweep, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A task whose run directory is a symlink is refused before anything is written (it
+    once wrote its whole run, complete record included, into the link's target); the
+    index scan and the full scan agree, and resubmit --corrupt leaves it."""
+    from conftest import tree_digest
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "data.txt").write_text("not notata's")
+    link = sweep.task(1).run_dir
+    shutil.rmtree(link)
+    link.symlink_to(elsewhere)
+    before = tree_digest(elsewhere)
+    assert main(["exec", str(sweep.path), "--task", "1", "--", "true"]) == 2
+    assert "is a symlink" in capsys.readouterr().err
+    assert main(["resubmit", str(sweep.path), "--corrupt", "--backend", "local"]) == 0
+    said = capsys.readouterr()
+    assert "leaving task 1" in said.err and "symlink" in said.err
+    assert tree_digest(elsewhere) == before
+    fast, full = scan(sweep), scan(sweep, full=True)
+    assert {r.task: r.status for r in fast.runs} == {r.task: r.status for r in full.runs
+                                                     if r.task is not None}
+    assert [r.status for r in fast.runs if r.task == 1] == ["corrupt"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -71,6 +72,10 @@ def test_rendered_script_quotes_everything(base: Path) -> None:
     )
     body = re.sub(r"\), .*\.\n", "), TIME.\n", text, count=1)
     out = sweep.base_dir / ".notata" / "slurm-%A_%a.out"
+    from notata.array import RUN_VARIABLES
+
+    assert "NOTATA_TASK" in RUN_VARIABLES and "NOTATA_WRAPPER_PID" in RUN_VARIABLES
+    UNSET = " ".join(sorted(RUN_VARIABLES))  # noqa: N806
     expected = f"""#!/bin/bash
 # Written by notata submit for sweep q (manifest hash {sweep.hash}), TIME.
 # Sweep task index = SLURM_ARRAY_TASK_ID + NOTATA_TASK_OFFSET; this array covers tasks 0-10.
@@ -82,6 +87,8 @@ def test_rendered_script_quotes_everything(base: Path) -> None:
 #SBATCH --time="0:10:00"
 #SBATCH --signal=B:USR1@90
 #SBATCH --exclusive
+# A task that submits the next sweep passes on its environment: none of its run's variables.
+unset {UNSET}
 export NOTATA_TASK_OFFSET=0
 # exec: the batch shell becomes notata, so that --signal=B:USR1 reaches it.
 exec /venv/bin/python -m notata exec {shlex.quote(str(manifest))} -- {EXEC_TAIL}
@@ -193,13 +200,17 @@ def test_throttle_subset_and_split_on_the_cluster(slurm_cluster: str, base: Path
         )
         == 0
     )
-    [record] = submissions.read(base / "outputs")
-    assert [(a["offset"], a["spec"]) for a in record["arrays"]] == [(0, "0-2,1000"), (1001, "0")]
+    records = submissions.read(base / "outputs")  # one line per array, one submission
+    assert [(r["part"], r["parts"]) for r in records] == [(0, 2), (1, 2)]
+    assert len({r["submission"] for r in records}) == 1
+    assert [(a["offset"], a["spec"]) for r in records for a in r["arrays"]] == [
+        (0, "0-2,1000"), (1001, "0")]
+    job_ids = [j for r in records for j in r["job_ids"]]
     peak = 0
     deadline = time.monotonic() + 300
-    while not all(job_gone(j)() for j in record["job_ids"]):
+    while not all(job_gone(j)() for j in job_ids):
         out = subprocess.run(
-            ["squeue", "-h", "-r", "-t", "R", "-j", record["job_ids"][0], "-o", "%i"],
+            ["squeue", "-h", "-r", "-t", "R", "-j", job_ids[0], "-o", "%i"],
             capture_output=True,
             text=True,
         ).stdout
@@ -327,3 +338,108 @@ def test_a_warning_that_cannot_fit_the_time_limit_is_moved_or_dropped(
         else:
             assert signal_lines == [f"#SBATCH --signal=B:USR1@{expected}"]
             assert ("does not fit" in err) == (expected != "120")
+
+
+def _cancel(records: list[dict[str, object]]) -> None:
+    for r in records:
+        for j in r.get("job_ids", []):  # type: ignore[union-attr]
+            subprocess.run(["scancel", str(j)], check=False)
+
+
+def test_an_inherited_notata_task_never_picks_the_task(
+        slurm_cluster: str, base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pipeline stage that submits the next sweep from inside a task: sbatch's
+    --export=ALL carries NOTATA_TASK=0 into every array task, which once ran task 0
+    three times instead of tasks 0, 1 and 2."""
+    manifest = write_manifest(base, "name: inh\nrun_id: 'k{k}'\ngrid: {k: [0, 1, 2]}\n")
+    for var, value in {"NOTATA_TASK": "0", "NOTATA_RUN_DIR": "/elsewhere",
+                       "NOTATA_WRAPPER_PID": "1", "NOTATA_WRAPPER_HOST": "x"}.items():
+        monkeypatch.setenv(var, value)
+    assert main(["submit", str(manifest), "--backend", "slurm", "--", sys.executable, "-c",
+                 "import os, sys; print(os.environ['NOTATA_TASK'], sys.argv[1])", "{k}"]) == 0
+    wait_all(base, ["k0", "k1", "k2"])
+    for k in range(3):
+        assert read_meta(base / "outputs" / f"log_k{k}")["task"] == k
+        lines = (base / "outputs" / f"log_k{k}" / "stdout.txt").read_text().splitlines()
+        assert lines[-1] == f"{k} {k}"
+
+
+def test_a_submission_that_fails_halfway_records_what_it_submitted(
+        slurm_cluster: str, base: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The second of two arrays is refused (here by an sbatch in front of the real one
+    that refuses its second call, as a QOS limit would): the first, already queued, is
+    recorded, so a resubmit never takes its tasks a second time."""
+    import shutil
+
+    real = shutil.which("sbatch")
+    gate = tmp_path / "bin"
+    gate.mkdir()
+    (gate / "sbatch").write_text(
+        "#!/bin/sh\n"
+        f"if [ -e {shlex.quote(str(tmp_path / 'once'))} ]; then\n"
+        "  echo 'sbatch: error: Batch job submission failed: Job violates accounting/QOS "
+        "policy (job submit limit, user' \"'\"'s size and/or time limits)' >&2; exit 1\nfi\n"
+        f"touch {shlex.quote(str(tmp_path / 'once'))}\nexec {real} \"$@\"\n")
+    (gate / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{gate}:{os.environ['PATH']}")
+    manifest = write_manifest(base, f"name: half\ngrid: {{i: {list(range(1002))}}}\n")
+    out = base / "outputs"
+    try:
+        rc = main(["submit", str(manifest), "--backend", "slurm", "--tasks", "0-1,1001",
+                   "--sbatch-line=--hold", "--", "true"])
+        said = capsys.readouterr()
+        assert rc == 1
+        [record] = submissions.read(out)
+        assert record["tasks"] == "0-1" and record["parts"] == 2 and record["job_ids"][0]
+        assert f"submitted job {record['job_ids'][0]}: tasks 0-1" in said.out
+        assert "not submitted: tasks 1001" in said.err and "QOS policy" in said.err
+        assert main(["resubmit", str(manifest), "--tasks", "0-1,1001", "--dry-run"]) == 0
+        plan = capsys.readouterr()
+        assert "would resubmit 1 task(s) with the slurm backend (as the last submission): 1001" \
+            in plan.out, plan
+        assert "task 0 is pending" in plan.err and "task 1 is pending" in plan.err
+    finally:
+        _cancel(submissions.read(out))
+
+
+def test_two_submissions_in_one_second_write_two_scripts(slurm_cluster: str,
+                                                        base: Path) -> None:
+    manifest = write_manifest(base, "name: same\ngrid: {i: [0, 1, 2, 3]}\n")
+    out = base / "outputs"
+    try:
+        for tasks in ("0-1", "2-3"):
+            assert main(["submit", str(manifest), "--backend", "slurm", "--tasks", tasks,
+                         "--sbatch-line=--hold", "--", "true"]) == 0
+        records = submissions.read(out)
+        scripts = [r["arrays"][0]["script"] for r in records]
+        assert len(set(scripts)) == 2
+        for r, script in zip(records, scripts, strict=True):
+            assert f"this array covers tasks {r['tasks']}." in Path(script).read_text()
+    finally:
+        _cancel(submissions.read(out))
+
+
+def test_resubmit_reuses_the_recorded_options_and_dry_run_shows_the_script(
+        slurm_cluster: str, base: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = write_manifest(base, "name: opt\nrun_id: 'k{k}'\ngrid: {k: [0, 1]}\n")
+    out = base / "outputs"
+    assert main(["submit", str(manifest), "--backend", "slurm", "--time", "00:05:00",
+                 "--mem", "100M", "--", "sh", "-c", "exit {k}"]) == 0
+    [first] = submissions.read(out)
+    assert first["options"] == {"time": "00:05:00", "mem": "100M"}
+    wait_for(job_gone(first["job_ids"][0]), 300, "the array")
+    capsys.readouterr()
+    assert main(["resubmit", str(manifest), "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert plan.startswith("would resubmit 1 task(s) with the slurm backend (as the last "
+                           "submission): 1\n")
+    assert '#SBATCH --time="00:05:00"' in plan and '#SBATCH --mem="100M"' in plan
+    assert "# sbatch --parsable" in plan and "--array=0" in plan
+    assert len(submissions.read(out)) == 1  # a dry run records nothing
+    assert main(["resubmit", str(manifest), "--mem", "200M"]) == 0
+    second = submissions.read(out)[-1]
+    assert second["options"] == {"time": "00:05:00", "mem": "200M"}
+    text = Path(second["arrays"][0]["script"]).read_text()
+    assert '#SBATCH --time="00:05:00"' in text and '#SBATCH --mem="200M"' in text
+    wait_for(job_gone(second["job_ids"][0]), 300, "the resubmission")

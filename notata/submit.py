@@ -1,0 +1,311 @@
+"""Submitting a sweep's tasks, and resubmitting exactly those that need it: the Python API
+that ``notata submit`` and ``notata resubmit`` wrap.
+
+Both take the sweep's lock (:func:`notata.submissions.sweep_lock`): ``submit`` while it
+submits and records, ``resubmit`` from its scan to its record, so that two collectors,
+or a collector and a submitter, never take a task twice. A local run holds the lock
+only while it records: its tasks then count as queued for other collectors while its
+process runs (:func:`notata.submissions.live_local`).
+
+Every submission records the scheduler options it was given (``options``), its backend
+and its command; ``resubmit`` reuses those of the sweep's last submission unless told
+otherwise, and says so.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import lock, runner, slurm, submissions
+from .collect import DEFAULT_RESUBMIT, SELECTORS, Report, parse_duration, scan
+from .errors import UsageError
+from .manifest import Sweep, compact, parse_indices
+from .manifest import load as load_sweep
+
+BACKENDS = ("slurm", "local")
+#: Scheduler options by their Python names (``--cpus-per-task`` is ``cpus_per_task``).
+SCHEDULER_OPTIONS = (*slurm.OPTIONS, "throttle", "warn_before", "sbatch_line")
+#: Exit statuses: a task failed; interrupted by Ctrl-C; by a hangup or SIGTERM.
+FAILED, INTERRUPTED = 1, 130
+
+
+@dataclass
+class Options:
+    """How to submit: what ``notata submit`` and ``resubmit`` take besides the manifest.
+
+    ``scheduler`` holds sbatch options by their Python names (:data:`SCHEDULER_OPTIONS`);
+    None values mean "not given". ``backend`` None: for ``submit``, slurm where sbatch is
+    found, else local; for ``resubmit``, the backend of the sweep's last submission.
+    """
+
+    backend: str | None = None
+    tasks: Sequence[int] | None = None
+    dry_run: bool = False
+    jobs: int | None = None
+    scheduler: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        """Raise :class:`UsageError` for a value that cannot be used, before anything runs."""
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise UsageError(f"backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
+        if self.jobs is not None and (isinstance(self.jobs, bool) or not isinstance(self.jobs, int)
+                                      or self.jobs < 1):
+            raise UsageError(f"jobs {self.jobs!r}: give a number of tasks at a time, at least 1")
+        unknown = sorted(set(self.scheduler) - set(SCHEDULER_OPTIONS))
+        if unknown:
+            raise UsageError(f"unknown scheduler option {unknown[0]!r}; known: "
+                             f"{', '.join(SCHEDULER_OPTIONS)}")
+        for key in ("throttle", "warn_before"):
+            value = self.scheduler.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 0):
+                raise UsageError(f"{key} {value!r}: give a whole number, at least 0")
+        lines = self.scheduler.get("sbatch_line")
+        if lines is not None and (isinstance(lines, str) or not all(
+                isinstance(x, str) for x in lines)):
+            raise UsageError("sbatch_line: give a list of #SBATCH lines")
+
+    def given(self) -> dict[str, Any]:
+        """The options given (not None), as recorded in submissions.jsonl."""
+        out = {k: (list(v) if k == "sbatch_line" else v)
+               for k, v in self.scheduler.items() if v is not None}
+        if self.jobs is not None:
+            out["jobs"] = self.jobs
+        return out
+
+
+def submit(manifest: str | os.PathLike[str] | Sweep, command: Sequence[str],
+           options: Options | None = None, *,
+           progress: Callable[[runner.LocalResult, int, int], None] | None = None) -> int:
+    """Submit the sweep's tasks (all, or ``options.tasks``); complete tasks are left out.
+
+    Returns an exit status: 0 when submitted (or, locally, every task complete), 1 when a
+    local task failed, 130 when a local run was interrupted. Raises
+    :class:`~notata.ManifestError`, :class:`UsageError`, :class:`~notata.SchedulerError`.
+    """
+    options = options or Options()
+    options.check()
+    command = _command(command)
+    sweep = manifest if isinstance(manifest, Sweep) else load_sweep(manifest, check_unique=True)
+    indices = sorted(set(options.tasks)) if options.tasks is not None else range(len(sweep))
+    for i in indices:
+        sweep.params(i)  # an index outside the sweep fails here, before anything runs
+    backend = options.backend or _default_backend()
+    return _submit(sweep, list(indices), command, backend, options, options.given(),
+                   progress=progress, held=None)
+
+
+def resubmit(manifest: str | os.PathLike[str] | Sweep, statuses: Iterable[str] = (),
+             command: Sequence[str] = (), options: Options | None = None, *,
+             max_attempts: int | None = None, stale_after: float | None = None,
+             full: bool = False,
+             progress: Callable[[runner.LocalResult, int, int], None] | None = None) -> int:
+    """Scan the sweep and submit again exactly the tasks that need it (see the README).
+
+    ``statuses``: the selectors (none: :data:`~notata.collect.DEFAULT_RESUBMIT`);
+    ``options.tasks`` narrows the choice. The command, backend and scheduler options are
+    the sweep's last submission's unless given (given options override recorded ones
+    key by key). Returns 0 when the scan worked and what was chosen was submitted (or
+    there was nothing to do); as :func:`submit` for a local run.
+    """
+    options = options or Options()
+    options.check()
+    statuses = list(statuses) or list(DEFAULT_RESUBMIT)
+    bad = [s for s in statuses if s not in SELECTORS]
+    if bad:
+        raise UsageError(f"unknown status {bad[0]!r}; known: {', '.join(SELECTORS)}")
+    if command:
+        command = _command(command)
+    sweep = manifest if isinstance(manifest, Sweep) else load_sweep(manifest, check_unique=True)
+    for i in options.tasks or ():
+        sweep.params(i)
+    # Two tasks with one run id would share a run directory: load() refused them above
+    # (an index scan does not compute every run id; the check is cached per manifest).
+    sweep_lock = (lock.no_lock() if options.dry_run
+                  else submissions.sweep_lock(sweep.base_dir))
+    with sweep_lock as held:
+        last = last_submission(sweep)
+        backend = options.backend or _recorded_backend(last)
+        report = scan(sweep, stale_after=stale_after, full=full,
+                      queue=slurm.collector_queue(sweep.base_dir, "resubmit"))
+        indices = _choose(report, statuses, max_attempts, options.tasks)
+        if not indices:
+            print(f"nothing to resubmit among: {', '.join(statuses)}")
+            return 0
+        cmd = list(command) or list((last or {}).get("command") or [])
+        if not cmd:
+            raise UsageError(f"no earlier submission of {sweep.name} records a command; "
+                             "give one after --")
+        given = {**(last or {}).get("options", {}), **options.given()}
+        how = f"the {backend} backend" + (" (as the last submission)"
+                                          if last and not options.backend else "")
+        verb = "would resubmit" if options.dry_run else "resubmitting"
+        print(f"{verb} {len(indices)} task(s) with {how}: {compact(indices)}")
+        if options.dry_run:
+            print(f"  command: {shlex.join(cmd)}")
+        return _submit(sweep, indices, cmd, backend, options, given, progress=progress,
+                       held=held)
+
+
+def _choose(report: Report, statuses: list[str], max_attempts: int | None,
+            only: Sequence[int] | None) -> list[int]:
+    """The tasks to resubmit, saying on stderr why each selected one is left."""
+    indices, left = report.to_resubmit(statuses, max_attempts)
+    wanted = set(only) if only is not None else None
+    for r, why in left:
+        if wanted is None or r.task in wanted:
+            print(f"notata resubmit: leaving task {r.task} ({r.run_id}, {r.status}): {why}",
+                  file=sys.stderr)
+    if wanted is None:
+        return indices
+    chosen = [i for i in indices if i in wanted]
+    named = {r.task for r, _ in left}
+    by_task = {r.task: r for r in report.read}
+    for i in sorted(wanted - set(chosen) - named):
+        seen = by_task.get(i)
+        status = seen.status if seen is not None else "complete"
+        print(f"notata resubmit: task {i} is {status}, which is not among "
+              f"{', '.join(statuses)}: not resubmitted", file=sys.stderr)
+    return chosen
+
+
+def _submit(sweep: Sweep, indices: list[int], cmd: list[str], backend: str, options: Options,
+            given: Mapping[str, Any], *, progress: Any, held: lock.Exclusive | None) -> int:
+    """Submit ``indices`` (complete ones left out) and record each part as it goes, under
+    the sweep's lock (``held``: already taken by the caller)."""
+    sub_id = submissions.new_id()
+    base = {"backend": backend, "manifest": str(sweep.path), "manifest_hash": sweep.hash,
+            "sweep": sweep.name, "command": cmd, "options": dict(given),
+            "submission": sub_id}
+    flags = {k: given.get(k) for k in slurm.OPTIONS}
+    flags.update(extra=given.get("sbatch_line"), throttle=given.get("throttle"),
+                 warn_before=given.get("warn_before"))
+    if backend == "slurm":  # refuse bad options before anything is written
+        slurm.options_for(sweep.slurm, flags, str(sweep.path))
+    if options.dry_run:  # a dry run writes nothing, the sweep's lock file included
+        held = held or lock.no_lock()
+    with held or submissions.sweep_lock(sweep.base_dir) as sweep_lock:
+        todo = [i for i in indices if not runner.is_complete(sweep, i)]
+        skipped = sorted(set(indices) - set(todo))
+        if backend == "local":
+            jobs = options.jobs or given.get("jobs") or os.cpu_count() or 1
+            if options.dry_run:
+                print(f"would run tasks {compact(todo) or '(none)'} here, {jobs} at a time")
+                return 0
+            submissions.append(sweep.base_dir, {**base, "tasks": compact(todo),
+                                                "count": len(todo), "job_ids": [],
+                                                **submissions.this_process()})
+            sweep_lock.release()  # a local run may take hours; its tasks now read queued
+            return _run_here(sweep, todo, skipped, cmd, jobs, sub_id, progress)
+        if skipped:
+            print(f"notata submit: {len(skipped)} task(s) already complete, skipped",
+                  file=sys.stderr)
+        if not todo:
+            return 0
+        done: list[dict[str, Any]] = []
+
+        def record(array: dict[str, Any], part: int, parts: int) -> None:
+            submissions.append(sweep.base_dir, {
+                **base, "part": part, "parts": parts, "arrays": [array],
+                "job_ids": [array["job_id"]], "tasks": array["tasks"],
+                "count": len(parse_indices(array["tasks"], len(sweep)))})
+            done.append(array)
+            print(f"submitted job {array['job_id']}: tasks {array['tasks']} ({array['script']})")
+
+        try:
+            slurm.submit(sweep, todo, cmd, flags=flags, dry_run=options.dry_run, name=sub_id,
+                         submitted=record)
+        except Exception:
+            if done:
+                sent = {i for a in done for i in parse_indices(a["tasks"], len(sweep))}
+                jobs_sent = ", ".join(f"job {a['job_id']} (tasks {a['tasks']})" for a in done)
+                print(f"notata submit: submitted and recorded before the failure: {jobs_sent}; "
+                      f"not submitted: tasks {compact(set(todo) - sent)}", file=sys.stderr)
+            raise
+        return 0
+
+
+def _run_here(sweep: Sweep, todo: list[int], skipped: list[int], cmd: list[str], jobs: int,
+              sub_id: str, progress: Any) -> int:
+    """The local backend: run the tasks here; record the submission's end."""
+    t0 = time.monotonic()
+    try:
+        result = runner.run_local(sweep, todo, cmd, jobs=jobs, skipped=skipped,
+                                  progress=progress)
+    finally:
+        submissions.append(sweep.base_dir, {"submission": sub_id, "ended": True,
+                                            "manifest_hash": sweep.hash})
+    print(summary(result, time.monotonic() - t0), file=sys.stderr)
+    if result.interrupted:
+        return 128 + result.signal if result.signal else INTERRUPTED
+    return FAILED if result.failed else 0
+
+
+def summary(result: runner.LocalResult, elapsed: float) -> str:
+    """One line: what a local run did."""
+    sec = int(elapsed)
+    text = (f"{len(result.done)} done, {len(result.failed)} failed, "
+            f"{len(result.skipped)} already complete, in "
+            f"{sec // 3600}:{sec // 60 % 60:02d}:{sec % 60:02d}")
+    if result.failed:
+        text += f"; failed tasks: {compact(result.failed)}"
+    if result.interrupted:
+        text += f" ({result.why or 'interrupted'})"
+    return text
+
+
+def last_submission(sweep: Sweep) -> dict[str, Any] | None:
+    """The latest recorded submission of this sweep (same manifest hash), if any."""
+    for record in reversed(submissions.read(sweep.base_dir)):
+        if record.get("manifest_hash") == sweep.hash and record.get("backend"):
+            return dict(record)
+    return None
+
+
+def _recorded_backend(last: Mapping[str, Any] | None) -> str:
+    if last is None:
+        return _default_backend()
+    backend = str(last.get("backend"))
+    if backend in BACKENDS:
+        return backend
+    raise UsageError(f"the sweep was last submitted through {backend}: resubmit it from "
+                     "Python (notata.submitit.submit_sweep(fn, manifest, executor, "
+                     "tasks=notata.collect(manifest).to_resubmit()[0])), or choose --backend")
+
+
+def _default_backend() -> str:
+    if slurm.available():
+        return "slurm"
+    print("notata: no sbatch here; running on this machine (--backend local)", file=sys.stderr)
+    return "local"
+
+
+def _command(command: Sequence[str]) -> list[str]:
+    if isinstance(command, (str, bytes)):
+        raise UsageError(f"command {command!r}: give a list of arguments, e.g. "
+                         f"{shlex.split(str(command))!r} (no shell is involved)")
+    cmd = [str(c) for c in command]
+    if not cmd:
+        raise UsageError("no command given: put it after --, e.g. -- python sim.py {omega}")
+    return cmd
+
+
+def _spec(text: str) -> list[int]:
+    return parse_indices(text, sys.maxsize) if text else []
+
+
+def duration(text: str | None, what: str = "--stale-after") -> float | None:
+    """``"90s"``/``"10m"``/``"2h"`` as seconds (None stays None); a bad value is a
+    :class:`UsageError` naming ``what``."""
+    if text is None:
+        return None
+    try:
+        return parse_duration(str(text))
+    except ValueError as err:
+        raise UsageError(f"{what}: {err}") from None
