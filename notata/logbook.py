@@ -249,12 +249,7 @@ class Logbook(SignalsMixin, OutputsMixin):
         with self._locked():
             self._closed = self._superseded = True
         self._heartbeat.stop(wait=not self._heartbeat.is_current())
-        if self._log_fd is not None:
-            os.close(self._log_fd)
-            self._log_fd = None
-        self._restore_signals()
-        self._lock.release()
-        _OPEN.discard(self)
+        self._let_go()
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -480,6 +475,9 @@ class Logbook(SignalsMixin, OutputsMixin):
         """Let the next attempt in: the last thing a run does. Safe to call twice."""
         if self.attached or self._superseded or not self._closed:
             return
+        self._let_go()
+
+    def _let_go(self) -> None:
         if self._log_fd is not None:
             os.close(self._log_fd)
             self._log_fd = None

@@ -94,8 +94,7 @@ def submit(manifest: str | os.PathLike[str] | Sweep, command: Sequence[str],
     command = _command(command)
     sweep = manifest if isinstance(manifest, Sweep) else load_sweep(manifest, check_unique=True)
     indices = sorted(set(options.tasks)) if options.tasks is not None else range(len(sweep))
-    for i in indices:
-        sweep.params(i)  # an index outside the sweep fails here, before anything runs
+    _check_tasks(sweep, indices)
     backend = options.backend or _default_backend()
     return _submit(sweep, list(indices), command, backend, options, options.given(),
                    progress=progress, held=None)
@@ -123,8 +122,7 @@ def resubmit(manifest: str | os.PathLike[str] | Sweep, statuses: Iterable[str] =
     if command:
         command = _command(command)
     sweep = manifest if isinstance(manifest, Sweep) else load_sweep(manifest, check_unique=True)
-    for i in options.tasks or ():
-        sweep.params(i)
+    _check_tasks(sweep, options.tasks or ())
     # Two tasks with one run id would share a run directory: load() refused them above
     # (an index scan does not compute every run id; the check is cached per manifest).
     sweep_lock = (lock.no_lock() if options.dry_run
@@ -296,8 +294,13 @@ def _command(command: Sequence[str]) -> list[str]:
     return cmd
 
 
-def _spec(text: str) -> list[int]:
-    return parse_indices(text, sys.maxsize) if text else []
+def _check_tasks(sweep: Sweep, indices: Iterable[int]) -> None:
+    """An index outside the sweep fails here, before anything runs."""
+    for i in indices:
+        try:
+            sweep.params(i)
+        except (IndexError, TypeError) as err:
+            raise UsageError(str(err)) from None
 
 
 def duration(text: str | None, what: str = "--stale-after") -> float | None:
