@@ -19,27 +19,42 @@ from typing import Any
 
 import psutil
 
-from . import _fs, layout
+from . import _fs, layout, runinfo, schema
 
-#: Set by ``notata exec`` for its command: the wrapper's pid and host.
+#: Set by ``notata exec`` for its command: the wrapper's pid, host and scheduler job.
 ENV_WRAPPER_PID = "NOTATA_WRAPPER_PID"
 ENV_WRAPPER_HOST = "NOTATA_WRAPPER_HOST"
+ENV_WRAPPER_JOB = "NOTATA_WRAPPER_JOB"
 
 
-def wrapper_environment() -> dict[str, str]:
-    """What ``notata exec`` adds to its command's environment so the command can find it."""
-    return {ENV_WRAPPER_PID: str(os.getpid()), ENV_WRAPPER_HOST: socket.gethostname()}
+def wrapper_environment(job: object = None) -> dict[str, str]:
+    """What ``notata exec`` adds to its command's environment so the command can find it
+    (``job``: the scheduler's job id the wrapper runs in, if any)."""
+    env = {ENV_WRAPPER_PID: str(os.getpid()), ENV_WRAPPER_HOST: socket.gethostname()}
+    if job is not None:
+        env[ENV_WRAPPER_JOB] = str(job)
+    return env
 
 
 def under_wrapper(environ: Mapping[str, str] | None = None) -> bool:
-    """Whether the wrapper the environment names is one of our ancestors on this host.
+    """Whether the wrapper the environment names runs this process: one of our ancestors
+    on this host, or (a command started through ``srun`` inside the wrapper's job, which
+    slurmstepd, not the wrapper, parents, maybe on another node) the same scheduler job.
 
     Variables inherited from elsewhere (a job submitted from inside a task, which sbatch's
-    ``--export=ALL`` carries to another node) name a pid that is not our ancestor there.
+    ``--export=ALL`` carries to another node) name a pid that is not our ancestor there,
+    and another job.
     """
     env = os.environ if environ is None else environ
     wrapper, host = env.get(ENV_WRAPPER_PID, ""), env.get(ENV_WRAPPER_HOST)
-    if not wrapper.isdigit() or host != socket.gethostname():
+    if not wrapper.isdigit() or int(wrapper) <= 1:
+        return False
+    job = env.get(ENV_WRAPPER_JOB)
+    if job:
+        sched = runinfo.scheduler(env)
+        if sched is not None and str(sched[1].get("job_id")) == job:
+            return True
+    if host != socket.gethostname():
         return False
     try:
         return int(wrapper) in {p.pid for p in psutil.Process().parents()}
@@ -48,16 +63,23 @@ def under_wrapper(environ: Mapping[str, str] | None = None) -> bool:
 
 
 def wrapper_holds(path: Path) -> bool:
-    """Whether a ``notata exec`` wrapper among our ancestors holds the run at ``path``."""
-    run_dir = os.environ.get("NOTATA_RUN_DIR")
+    """Whether a ``notata exec`` wrapper of ours holds the run at ``path``: the environment
+    names the run and the wrapper (see :func:`under_wrapper`), and the run's metadata
+    names that wrapper as its live holder (variables copied by hand attach to nothing)."""
+    env = os.environ
+    run_dir = env.get("NOTATA_RUN_DIR")
     if not run_dir:
         return False
     try:
         if not os.path.samefile(run_dir, path):
             return False
-    except OSError:
+        meta = _fs.read_json_object(path / layout.METADATA)
+    except (OSError, ValueError):
         return False
-    return under_wrapper()
+    if (str(meta.get("pid")), meta.get("host")) != (env.get(ENV_WRAPPER_PID),
+                                                    env.get(ENV_WRAPPER_HOST)):
+        return False
+    return meta.get("status") in schema.OPEN_STATUSES and under_wrapper(env)
 
 
 def hand_over(run_dir: Path, fields: dict[str, Any]) -> None:

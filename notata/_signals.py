@@ -1,26 +1,37 @@
-"""Signals for a Logbook: SIGTERM and SIGHUP end a run with a recorded status, SIGUSR1 warns.
+"""Signals for Logbooks: SIGTERM and SIGHUP end the open runs with a recorded status,
+SIGUSR1 warns them.
 
-Python runs signal handlers in the main thread, between bytecodes, so a handler may
-land inside the Logbook's own metadata write. :meth:`SignalsMixin._critical` marks
-such sections: a signal arriving there waits until the section ends.
+One handler per signal for the whole process (:func:`_dispatch`), installed when the
+first Logbook opens and put back when the last one closes: runs whose lives overlap in
+any order never lose the handler that was there before them (a user's, submitit's),
+which is called after notata's work, or the process exits with 128+N if it was the
+default.
 
-Order on SIGTERM or SIGHUP: the terminal status is written (fsynced) first, so that
-the SIGKILL a scheduler sends after its grace time cannot lose it; then the
-``on_terminate`` hooks run (``notata exec`` stops its command there and waits for
-it); then the previous handler is called, or SystemExit(128+N) raised. The run lock is
-released only when the run is finally closed (``__exit__``, or at interpreter exit),
-after the user's ``finally`` blocks: until then no next attempt can start beside
-code that is still writing. A second SIGTERM or SIGHUP while this goes on is ignored,
-so it cannot cut the stop short and orphan the command.
+Python runs handlers in the main thread, between bytecodes, so one may land inside a
+Logbook's own metadata write. :func:`critical` marks such sections: signals arriving
+there queue up, in order, until the last section ends.
+
+Order on SIGTERM or SIGHUP, for each open run (the newest first): the terminal status is
+written (fsynced) first, so that the SIGKILL a scheduler sends after its grace time
+cannot lose it; then the run's ``on_terminate`` hooks run (``notata exec`` stops its
+command there and waits for it). Then the previous handler, or SystemExit. The run lock
+is released only when a run is finally closed (``__exit__``, or at interpreter exit),
+after the user's ``finally`` blocks: until then no next attempt can start beside code
+that is still writing. A second SIGTERM or SIGHUP while this goes on is ignored, so it
+cannot cut the stop short and orphan a command.
+
+A forked child inherits the handler and the parent's open runs, which are not its own:
+it forgets them (``os.register_at_fork``) and records nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -28,27 +39,135 @@ from . import runinfo, schema
 
 if TYPE_CHECKING:
     from .logbook import Logbook
-    from .runinfo import SchedulerProvider
 
 #: The signals that end a run, and the warning.
 ENDING = (signal.SIGTERM, signal.SIGHUP)
 WARNING = signal.SIGUSR1
+ALL = (*ENDING, WARNING)
+
+_previous: dict[int, Any] = {}  # the handler before ours, per signal we handle
+_listeners: dict[int, list[Logbook]] = {}  # the open runs each signal reaches
+_pending: list[int] = []  # signals held back by a critical section, in order
+_depth = 0  # critical sections open on the main thread
+_stopping = False  # an ending signal is being handled: the process is on its way out
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def listen(log: Logbook, signums: tuple[int, ...] = ALL) -> None:
+    """Let ``log`` hear ``signums`` (main thread only; a signal the user set to SIG_IGN,
+    as ``nohup`` does for SIGHUP, stays ignored)."""
+    if not _main_thread():
+        return
+    for signum in signums:
+        if signum not in _previous:
+            previous = signal.getsignal(signum)
+            if previous is signal.SIG_IGN:
+                continue
+            _previous[signum] = previous
+            signal.signal(signum, _dispatch)
+        _listeners.setdefault(signum, []).append(log)
+
+
+def forget(log: Logbook) -> None:
+    """``log`` hears nothing more; the previous handlers come back once no run listens."""
+    for signum in list(_listeners):
+        _listeners[signum] = [x for x in _listeners[signum] if x is not log]
+        if _listeners[signum]:
+            continue
+        del _listeners[signum]
+        if _main_thread():
+            previous = _previous.pop(signum)
+            if signal.getsignal(signum) is _dispatch:  # else someone replaced ours: keep theirs
+                signal.signal(signum, previous)
+        # elsewhere our dispatcher stays, with nobody to tell: it only calls the previous one
+
+
+@contextlib.contextmanager
+def critical() -> Iterator[None]:
+    """On the main thread, a section a signal must not cut: the signal waits for its end.
+
+    Otherwise a SIGTERM landing inside a metadata write or a terminal status write could
+    exit the process before the status is on disk, or deadlock on the metadata lock the
+    interrupted code holds. Signals run only on the main thread, so other threads need
+    no tracking.
+    """
+    global _depth
+    if not _main_thread():
+        yield
+        return
+    _depth += 1
+    try:
+        yield
+    finally:
+        _depth -= 1
+        while _depth == 0 and _pending:
+            _dispatch(_pending.pop(0), None)
+
+
+def _dispatch(signum: int, frame: FrameType | None) -> None:
+    """The process's handler of SIGTERM, SIGHUP and SIGUSR1 (see the module docstring)."""
+    global _stopping
+    if _depth:
+        _pending.append(signum)  # finish the interrupted write first; keep the order
+        return
+    previous = _previous.get(signum, signal.SIG_DFL)
+    runs = list(reversed(_listeners.get(signum, ())))
+    if signum == WARNING:
+        for log in runs:
+            log._warned()
+        if callable(previous):
+            previous(signum, frame)
+        return
+    if _stopping:  # a second SIGTERM/SIGHUP: the first one's stop is under way
+        if callable(previous):
+            previous(signum, frame)
+        return
+    _stopping = True
+    for log in runs:
+        log._terminated(signum)
+    if callable(previous):
+        try:
+            previous(signum, frame)
+        except BaseException:
+            raise  # the previous handler ends the process: stay stopping
+        _stopping = False  # it chose to carry on
+    elif previous == signal.SIG_DFL:
+        raise SystemExit(128 + signum)
+    else:
+        _stopping = False
+
+
+def _forget_all_in_child() -> None:
+    """After fork: the parent's runs and handlers are not the child's."""
+    global _depth, _stopping
+    _listeners.clear()
+    _pending.clear()
+    _depth, _stopping = 0, False
+    if _main_thread():
+        for signum, previous in _previous.items():
+            with contextlib.suppress(ValueError, TypeError):
+                if signal.getsignal(signum) is _dispatch:
+                    signal.signal(signum, previous)
+    _previous.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_all_in_child)
 
 
 class SignalsMixin:
-    """Signal handling of :class:`~notata.Logbook`, which provides the state used here."""
+    """What one :class:`~notata.Logbook` does when a signal reaches it."""
 
-    _warning_hooks: list[Callable[[Logbook], Any]]
-    _terminate_hooks: list[Callable[[Logbook, int], Any]]
-    _previous_handlers: dict[int, Any]
-    _critical_depth: int
-    _pending_signal: int | None
-    _stopping: bool
+    _warning_hooks: list[Any]
+    _terminate_hooks: list[Any]
     _closed: bool
     attached: bool
     _meta: dict[str, Any]
     _meta_lock: threading.Lock
-    _scheduler: SchedulerProvider | None
+    _scheduler: Any
 
     def warning(self, msg: str) -> None:
         raise NotImplementedError
@@ -59,122 +178,59 @@ class SignalsMixin:
     def _end(self, status: str, reason: str | None) -> bool:
         raise NotImplementedError
 
-    @contextlib.contextmanager
-    def _critical(self) -> Iterator[None]:
-        """On the main thread, a section a signal must not cut: the signal waits for its end.
-
-        Otherwise a SIGTERM landing inside a metadata write or a terminal status
-        write could exit the process before the status is on disk, or deadlock on
-        the metadata lock the interrupted code holds. Signals run only on the main
-        thread, so other threads need no tracking.
-        """
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        self._critical_depth += 1
-        try:
-            yield
-        finally:
-            self._critical_depth -= 1
-            if self._critical_depth == 0 and self._pending_signal is not None:
-                signum, self._pending_signal = self._pending_signal, None
-                self._on_signal(signum, None)
-
-    def _take_pending_signal(self) -> int | None:
-        """The signal a critical section held back, now forgotten (an open that failed)."""
-        signum, self._pending_signal = self._pending_signal, None
-        return signum
-
-    def holding_signals(self) -> contextlib.AbstractContextManager[None]:
-        """A block that SIGTERM, SIGHUP and SIGUSR1 wait for (main thread): e.g. starting a
-        command and registering the hook that stops it."""
-        return self._critical()
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """Hold the metadata lock inside a critical section."""
-        with self._critical(), self._meta_lock:
-            yield
-
-    def on_warning(self, hook: Callable[[Logbook], Any]) -> Callable[[Logbook], Any]:
+    def on_warning(self, hook: Any) -> Any:
         """Call ``hook(log)`` on SIGUSR1 (``sbatch --signal=B:USR1@secs``): checkpoint now."""
         self._warning_hooks.append(hook)
         return hook
 
-    def on_terminate(self, hook: Callable[[Logbook, int], Any]) -> Callable[[Logbook, int], Any]:
+    def on_terminate(self, hook: Any) -> Any:
         """Call ``hook(log, signum)`` after a SIGTERM's or SIGHUP's status is on disk, before
-        the exit, with the run lock still held."""
+        the exit, with the run lock still held (also in a command attached under
+        ``notata exec``, whose wrapper records the status)."""
         self._terminate_hooks.append(hook)
         return hook
 
-    def _install_signals(self, *signums: int) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # Python delivers signals to the main thread only
-        for signum in signums or (*ENDING, WARNING):
-            previous = signal.getsignal(signum)
-            if previous is signal.SIG_IGN:
-                continue  # the user chose to ignore it (nohup, say); so do we
-            self._previous_handlers[signum] = previous
-            signal.signal(signum, self._on_signal)
+    def holding_signals(self) -> contextlib.AbstractContextManager[None]:
+        """A block that SIGTERM, SIGHUP and SIGUSR1 wait for (main thread): e.g. starting a
+        command and registering the hook that stops it."""
+        return critical()
 
-    def _restore_signals(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the metadata lock inside a critical section."""
+        with critical(), self._meta_lock:
+            yield
+
+    def _warned(self) -> None:
+        """SIGUSR1: record it (the wrapper does, for an attached run) and call the hooks."""
+        if self._closed:
             return
-        for signum, previous in self._previous_handlers.items():
-            if signal.getsignal(signum) == self._on_signal:
-                signal.signal(signum, previous)
-        self._previous_handlers.clear()
+        if not self.attached:
+            self.warning("SIGUSR1 received: the time limit is near")
+            self._set(signals=[*self._meta.get("signals", []), _record("SIGUSR1")])
+        for hook in list(self._warning_hooks):
+            hook(self)
 
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        """SIGUSR1: record it and call the warning hooks. SIGTERM, SIGHUP: record why, stop.
+    def _terminated(self, signum: int) -> None:
+        """SIGTERM or SIGHUP: record why (not for an attached run), then the hooks.
 
-        The cause of a SIGTERM is told apart as: ``timeout`` when SIGUSR1 (the
-        time-limit warning) came first or the scheduler says the time is up;
-        ``cancelled`` / ``preempted`` as the scheduler reports the job; else
-        ``terminated``. SIGHUP (a closed terminal or ssh connection) is
-        ``terminated``, reason "hangup". After recording and the ``on_terminate``
-        hooks, the handler that was installed before is called; if that was the
-        default, the process exits with 128+signum.
+        The cause of a SIGTERM is told apart as: ``timeout`` when SIGUSR1 (the time-limit
+        warning) came first or the scheduler says the time is up; ``cancelled`` /
+        ``preempted`` as the scheduler reports the job; else ``terminated``. SIGHUP (a
+        closed terminal or ssh connection) is ``terminated``, reason "hangup".
         """
-        if self._critical_depth:
-            self._pending_signal = signum  # finish the interrupted write first
+        if self._closed and not self.attached:
             return
-        previous = self._previous_handlers.get(signum, signal.SIG_DFL)
-        if signum == WARNING:
-            if not self._closed:
-                self._warn()
-            if callable(previous):
-                previous(signum, frame)
-            return
-        if self._stopping:  # a second SIGTERM/SIGHUP: the first one's stop is under way
-            if callable(previous):
-                previous(signum, frame)
-            return
-        self._stopping = True
-        if not self.attached and not self._closed:  # the wrapper records an attached run
-            now = time.time()
+        if not self.attached:
             name = signal.Signals(signum).name
-            self._meta["signals"] = [*self._meta.get("signals", []), _signal_record(name, now)]
+            self._meta["signals"] = [*self._meta.get("signals", []), _record(name)]
             if signum == signal.SIGHUP:
                 status, why = schema.TERMINATED, "hangup: the terminal or connection closed"
             else:
-                status = self._termination_status(now)
-                why = status
+                status = why = self._termination_status(time.time())
             self._end(status, f"{name} received ({why})")
-            for hook in list(self._terminate_hooks):
-                hook(self, signum)  # type: ignore[arg-type]
-        if callable(previous):
-            previous(signum, frame)
-        elif previous == signal.SIG_DFL:
-            raise SystemExit(128 + signum)
-
-    def _warn(self) -> None:
-        if not self.attached:  # the wrapper records signals; only the hooks run here
-            now = time.time()
-            self.warning("SIGUSR1 received: the time limit is near")
-            self._set(signals=[*self._meta.get("signals", []), _signal_record("SIGUSR1", now)])
-        for hook in list(self._warning_hooks):
-            hook(self)  # type: ignore[arg-type]
+        for hook in list(self._terminate_hooks):
+            hook(self, signum)
 
     def _termination_status(self, now: float) -> str:
         if any(s["signal"] == "SIGUSR1" for s in self._meta.get("signals", [])):
@@ -186,9 +242,10 @@ class SignalsMixin:
             except Exception:  # the scheduler cannot be asked: say what we know
                 status = None
             if status in schema.SIGNAL_STATUSES:
-                return status
+                return str(status)
         return schema.TERMINATED
 
 
-def _signal_record(name: str, now: float) -> dict[str, Any]:
+def _record(name: str) -> dict[str, Any]:
+    now = time.time()
     return {"signal": name, "unix": round(now, 3), "time": runinfo.now_iso(now)}

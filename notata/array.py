@@ -7,7 +7,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from . import _attach, _fs, layout
+from . import _attach, runinfo
 from .errors import ManifestError, NotataError, RunCompleteError
 from .logbook import Logbook
 from .manifest import Sweep, Task, load
@@ -17,27 +17,37 @@ ENV_TASK = "NOTATA_TASK"
 #: Added to ``SLURM_ARRAY_TASK_ID`` when a sweep is split into several arrays.
 ENV_OFFSET = "NOTATA_TASK_OFFSET"
 #: What ``notata exec`` sets for one run's command; never inherited by another task or job.
-RUN_VARIABLES = frozenset({ENV_TASK, "NOTATA_RUN_DIR", "NOTATA_RUN_ID", "NOTATA_ATTEMPT",
-                           "NOTATA_PARAMS", _attach.ENV_WRAPPER_PID, _attach.ENV_WRAPPER_HOST})
+RUN_VARIABLES = frozenset({ENV_TASK, ENV_OFFSET, "NOTATA_RUN_DIR", "NOTATA_RUN_ID",
+                           "NOTATA_ATTEMPT",
+                           "NOTATA_PARAMS", _attach.ENV_WRAPPER_PID, _attach.ENV_WRAPPER_HOST,
+                           _attach.ENV_WRAPPER_JOB})
 
 
 def index_from_env(environ: Mapping[str, str] | None = None) -> int:
-    """The task index.
+    """The task index (see :func:`task_index`)."""
+    return task_index(environ)[0]
+
+
+def task_index(environ: Mapping[str, str] | None = None) -> tuple[int, bool]:
+    """The task index, and whether it came from the job array's index.
 
     Under a ``notata exec`` wrapper (one of our ancestors), the ``NOTATA_TASK`` it set.
-    Else, inside a SLURM job array, ``SLURM_ARRAY_TASK_ID + NOTATA_TASK_OFFSET``: a
+    Else, inside a job array, the array's task id + ``NOTATA_TASK_OFFSET``: a
     ``NOTATA_TASK`` there was inherited (sbatch exports the submitter's environment, and
     a pipeline stage may submit from inside a task) and names another task. Else
-    ``NOTATA_TASK`` (set by hand to run one task).
+    ``NOTATA_TASK`` (set by hand to run one task). A plain job submitted from inside an
+    array task inherits the array's variables too: when both are set, the scheduler is
+    asked whether this job really is an array task.
     """
     env = os.environ if environ is None else environ
     raw = env.get(ENV_TASK)
-    array = env.get("SLURM_ARRAY_TASK_ID")
-    if raw is not None and (array is None or _attach.under_wrapper(env)):
-        return _int(ENV_TASK, raw)
+    array = runinfo.array_task(env)
+    if raw is not None and (array is None or _attach.under_wrapper(env)
+                            or not runinfo.is_array_task(env)):
+        return _int(ENV_TASK, raw), False
     if array is None:
-        raise NotataError("no task index: pass index=/--task, or run inside a SLURM job array")
-    return _int("SLURM_ARRAY_TASK_ID", array) + _int(ENV_OFFSET, env.get(ENV_OFFSET, "0"))
+        raise NotataError("no task index: pass index=/--task, or run inside a job array")
+    return array + _int(ENV_OFFSET, env.get(ENV_OFFSET, "0")), True
 
 
 def _int(name: str, raw: str) -> int:
@@ -51,17 +61,14 @@ def sweep_of(manifest: str | os.PathLike[str] | Sweep) -> Sweep:
     return manifest if isinstance(manifest, Sweep) else load(manifest)
 
 
-def check_same_sweep(sweep: Sweep, t: Task) -> None:
+def check_same_sweep(sweep: Sweep, t: Task, meta: Mapping[str, Any]) -> None:
     """Refuse to open a run that another task, or another version of the manifest, wrote.
 
     A run directory recording another task index means two tasks share a run id (the
     manifest's template does not tell them apart): the second must not read the first's
-    run as its own (say "already complete" without running).
+    run as its own (say "already complete" without running, or resume its failed attempt).
+    Called by the Logbook under the run's lock, so two such tasks cannot race past it.
     """
-    try:
-        meta = _fs.read_json_object(t.run_dir / layout.METADATA)
-    except (FileNotFoundError, ValueError, OSError):
-        return  # a corrupt file is reported by the Logbook itself, naming it
     recorded = meta.get("manifest_hash")
     if recorded not in (None, sweep.hash):
         raise ManifestError(
@@ -77,18 +84,22 @@ def check_same_sweep(sweep: Sweep, t: Task) -> None:
             f"belongs to task {other}. Give run_id a template that tells them apart")
 
 
-def open_task(sweep: Sweep, index: int, **logbook_kwargs: Any) -> Logbook:
-    """Open task ``index``'s Logbook with resume semantics and the sweep's fields in metadata.
+def open_task(sweep: Sweep, index: int, *, from_array: bool = False,
+              **logbook_kwargs: Any) -> Logbook:
+    """Open task ``index``'s Logbook with resume semantics and the sweep's fields in metadata
+    (``task_from``: ``array`` when the index is the job array's own, else ``given``; a
+    collector learns a user's own array's offset only from the former).
 
     Raises :class:`RunCompleteError` for a complete task, and what :class:`Logbook` raises.
     """
     t = sweep.task(index)
-    check_same_sweep(sweep, t)
-    log = Logbook(t.run_id, sweep.base_dir, params=t.params, resume=True, **logbook_kwargs)
+    log = Logbook(t.run_id, sweep.base_dir, params=t.params, resume=True,
+                  _check=lambda meta: check_same_sweep(sweep, t, meta), **logbook_kwargs)
     log.task = t
     if not log.attached:
-        log.meta(task=t.index, sweep=sweep.name, manifest=str(sweep.path),
-                 manifest_hash=sweep.hash, tasks=len(sweep))
+        log._set(task=t.index, sweep=sweep.name, manifest=str(sweep.path),
+                 manifest_hash=sweep.hash, tasks=len(sweep),
+                 task_from="array" if from_array else "given")
     return log
 
 
@@ -106,9 +117,9 @@ def task(manifest: str | os.PathLike[str] | Sweep, index: int | None = None, *,
     Inside ``notata exec`` for the same task this attaches to the wrapper's run.
     """
     sweep = sweep_of(manifest)
-    i = index_from_env() if index is None else index
+    i, from_array = task_index() if index is None else (index, False)
     try:
-        return open_task(sweep, i, **logbook_kwargs)
+        return open_task(sweep, i, from_array=from_array, **logbook_kwargs)
     except RunCompleteError as err:
         if not exit_if_complete:
             raise

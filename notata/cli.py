@@ -8,6 +8,7 @@ operation that failed; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, slurm, submit, tabulate
-from .array import index_from_env
+from .array import task_index
 from .collect import SELECTORS, Report, Watcher
 from .errors import ManifestError, NotataError, RunDirError, UsageError
 from .heartbeat import interval_from
@@ -70,12 +71,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_exec(args: argparse.Namespace) -> int:
     sweep = load(args.manifest)
-    index = _task(sweep, args.task if args.task is not None else index_from_env())
+    index, from_array = (args.task, False) if args.task is not None else task_index()
+    _task(sweep, index)
     try:
         interval_from(args.heartbeat)
     except ValueError as err:
         raise UsageError(f"--heartbeat: {err}") from None
-    return exec_task(sweep, index, _command(args), heartbeat=args.heartbeat)
+    return exec_task(sweep, index, _command(args), heartbeat=args.heartbeat,
+                     from_array=from_array)
 
 
 # -- submit --------------------------------------------------------------------------------------
@@ -131,7 +134,7 @@ def _options(args: argparse.Namespace, sweep: Sweep) -> submit.Options:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    sweep = load(args.manifest, check_unique=True)
+    sweep = load(args.manifest)  # submit checks the run ids (and a dry run writes nothing)
     return submit.submit(sweep, _command(args), _options(args, sweep), progress=Progress())
 
 
@@ -143,6 +146,8 @@ def _target(path: str) -> Sweep | str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.watch is not None and not args.watch >= 0:
+        raise UsageError(f"--watch {args.watch}: give seconds between scans, at least 0")
     target = _target(args.path)
     watcher = Watcher(submit.duration(args.stale_after))
     base = target.base_dir if isinstance(target, Sweep) else None
@@ -161,7 +166,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_resubmit(args: argparse.Namespace) -> int:
-    sweep = load(args.manifest, check_unique=True)
+    sweep = load(args.manifest)  # resubmit checks the run ids (and a dry run writes nothing)
     chosen = [s for s in SELECTORS if getattr(args, s)]
     return submit.resubmit(sweep, chosen, list(args.cmd), _options(args, sweep),
                            max_attempts=args.max_attempts,
@@ -320,3 +325,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"notata {args.command}: {err}", file=sys.stderr)
         return 2 if isinstance(err, (ManifestError, UsageError, RunDirError)) else 1
+    except OSError as err:
+        if args.debug or err.errno not in _ENVIRONMENT:
+            raise  # a bug keeps its traceback
+        # a full disk, a quota, a folder this user may not write: the system's words
+        print(f"notata {args.command}: {err.filename or ''}: {err.strerror}", file=sys.stderr)
+        return 1
+
+
+#: OSErrors that come from the machine, not from notata: one line, exit 1.
+_ENVIRONMENT = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
+                          errno.EIO})

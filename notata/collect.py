@@ -47,8 +47,9 @@ from typing import Any
 import numpy as np
 import psutil
 
-from . import _fs, index, layout, schema, submissions
+from . import _attach, _fs, index, layout, schema, submissions
 from .errors import ManifestError
+from .lock import SOFT_SUFFIX, LockFileError
 from .lock import is_held as lock_is_held
 from .manifest import Sweep
 
@@ -65,6 +66,11 @@ SELECTORS = (schema.FAILED, STALE, MISSING, schema.TIMEOUT, schema.CANCELLED,
 #: Statuses ``resubmit`` takes when none is named.
 DEFAULT_RESUBMIT = (schema.FAILED, schema.TIMEOUT, schema.PREEMPTED, STALE, MISSING)
 STALE_BEATS = 3
+#: Queue states of a job that is alive: its run is never stale while the queue says so.
+ALIVE_STATES = frozenset({"RUNNING", "SUSPENDED", "COMPLETING", "CONFIGURING", "STOPPED",
+                          "RESIZING", "SIGNALING", "STAGE_OUT"})
+#: At most this many arrays that runs ran in are asked for by id in one scan (the newest).
+MAX_ASKED_ARRAYS = 1000
 #: A run whose heartbeat is younger than this many intervals is never judged gone
 #: because the queue does not list its job.
 FRESH_BEATS = 2
@@ -103,23 +109,37 @@ class RunRecord:
         return out
 
 
+Row = tuple[str, str, str]  # (job key "123" or "123_4", state, comment)
+
+
 class Queue:
-    """What the scheduler has queued: job key (``"123"`` or ``"123_4"``) -> state.
+    """What the scheduler has queued: job key (``"123"`` or ``"123_4"``) -> state, and
+    array job id -> the tag notata put in its comment (``notata:<submission>-<k>``).
 
     The queue is asked per user (a group-shared sweep holds several users' jobs):
-    ``fetch(users)`` is called once for the users given at construction and once more
-    for each user that a run's metadata names later in the scan. A user whose jobs
-    could not be listed is remembered; "its job is gone" is never concluded for them.
+    ``fetch(users, jobs)`` is called once for the users given at construction, once more
+    for each user that a run's metadata names later in the scan, and once for the arrays
+    that runs ran in and that no user asked about lists (a colleague's own array). A user
+    whose jobs could not be listed is remembered; "its job is gone" is never concluded
+    for them.
     """
 
     def __init__(self, jobs: Mapping[str, str] | None = None,
-                 fetch: Callable[[list[str]], Mapping[str, str]] | None = None,
+                 fetch: Callable[[list[str], list[str]], list[Row]] | None = None,
                  users: Iterable[str] = ()) -> None:
         self.jobs: dict[str, str] = dict(jobs or {})
+        self.tags: dict[str, str] = {}
         self._fetch = fetch
         self.users: set[str] = set()
         self.unknown: set[str] = set()  # users whose jobs could not be listed
+        self._asked_jobs: set[str] = set()
         self.include(users)
+
+    def _add(self, rows: list[Row]) -> None:
+        for key, state, comment in rows:
+            self.jobs[key] = state
+            if comment.startswith(submissions.TAG_PREFIX):
+                self.tags[key.partition("_")[0]] = comment[len(submissions.TAG_PREFIX):]
 
     def include(self, users: Iterable[str]) -> None:
         """Ask the scheduler for the jobs of ``users`` not asked yet (one call)."""
@@ -127,15 +147,25 @@ class Queue:
         if not new or self._fetch is None:
             return
         try:
-            self.jobs.update(self._fetch(new))
+            self._add(self._fetch(new, []))
             self.users.update(new)
         except Exception:  # a scheduler that cannot answer: classify from files alone
             self.unknown.update(new)
             if not self.users:
                 raise
 
+    def include_jobs(self, job_ids: Iterable[str]) -> None:
+        """Ask for these array jobs, whoever submitted them, unless already listed."""
+        listed = {k.partition("_")[0] for k in self.jobs}
+        new = sorted(set(job_ids) - listed - self._asked_jobs)
+        if not new or self._fetch is None:
+            return
+        self._asked_jobs.update(new)
+        with contextlib.suppress(Exception):
+            self._add(self._fetch([], new))
+
     def knows(self, meta: Mapping[str, Any]) -> bool:
-        """Whether the jobs of the user who ran ``meta`` were listed."""
+        """Whether the jobs of the user who ran ``meta`` were listed (asking now if not)."""
         user = meta.get("user")
         if isinstance(user, str) and self._fetch is not None:
             self.include([user])
@@ -231,7 +261,7 @@ class Report:
                 left.append((r, "its run directory is a symlink, which notata never follows"))
             elif r.orphan:
                 left.append((r, r.reason or "a process of its command still runs"))
-            elif r.run_dir is not None and lock_is_held(r.run_dir):
+            elif r.run_dir is not None and _held(r.run_dir):
                 left.append((r, "a live process holds its lock"))
             else:
                 chosen.append(r.task)
@@ -239,6 +269,13 @@ class Report:
 
     def as_json(self) -> dict[str, Any]:
         return {"counts": self.counts, "runs": [r.as_json() for r in self.runs]}
+
+
+def _held(run_dir: Path) -> bool:
+    try:
+        return lock_is_held(run_dir)
+    except LockFileError:
+        return True  # not a lock notata can take: never run beside whatever it is
 
 
 def threshold(meta: Mapping[str, Any], stale_after: float | None) -> float:
@@ -266,21 +303,7 @@ def read_run(run_dir: str | os.PathLike[str], task: int | None = None, *,
     try:
         meta = _fs.read_json_object(os.path.join(run_dir, layout.METADATA))
     except FileNotFoundError:
-        if not os.path.isdir(run_dir):
-            return RunRecord(task, run_id, CORRUPT, 0, "not a folder", run_dir)
-        try:
-            made = os.stat(os.path.join(run_dir, layout.LOCK)).st_mtime
-        except FileNotFoundError:  # never opened by notata
-            return RunRecord(task, run_id, CORRUPT, 0, f"no {layout.METADATA}", run_dir)
-        # A start takes its lock and writes metadata.json within milliseconds; one caught
-        # in between (or whose lock file was just made) is starting. Only a free lock
-        # older than the skew margin is a start that died.
-        now_ = time.time() if now is None else now
-        if lock_is_held(Path(run_dir)) or now_ - made < MARGIN_SEC:
-            return RunRecord(task, run_id, schema.RUNNING, 0, f"starting: no {layout.METADATA} "
-                             "yet", run_dir)
-        return RunRecord(task, run_id, STALE, 0, f"its start died before it wrote "
-                         f"{layout.METADATA} (nothing ran)", run_dir)
+        return _without_metadata(run_dir, task, run_id, time.time() if now is None else now)
     except (OSError, ValueError) as err:
         return RunRecord(task, run_id, CORRUPT, 0, str(err), run_dir)
     try:
@@ -289,6 +312,37 @@ def read_run(run_dir: str | os.PathLike[str], task: int | None = None, *,
     except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as err:
         return RunRecord(task, run_id, CORRUPT, 0, f"malformed {layout.METADATA}: {err}",
                          run_dir)
+
+
+def _without_metadata(run_dir: str, task: int | None, run_id: str, now: float) -> RunRecord:
+    """A run folder with no metadata.json: a start (in progress, or one that died), or not
+    notata's at all.
+
+    A start makes the folder, takes its lock and writes metadata.json within
+    milliseconds; one caught in between is ``running`` ("starting"). A folder holding
+    nothing but its free lock (or nothing at all), made more than :data:`MARGIN_SEC` ago
+    by the file system's clock, is a start that died: ``stale``, resubmitted, resumed.
+    A folder with other files and no lock was never opened by notata: ``corrupt``.
+    """
+    if not os.path.isdir(run_dir):
+        return RunRecord(task, run_id, CORRUPT, 0, "not a folder", run_dir)
+    try:
+        names = {n for n in os.listdir(run_dir) if not n.endswith(_fs.TMP_SUFFIX)}
+        held = lock_is_held(Path(run_dir))
+        made = max([os.stat(run_dir).st_mtime,
+                    *(os.stat(os.path.join(run_dir, n)).st_mtime for n in names)])
+    except LockFileError as err:
+        return RunRecord(task, run_id, CORRUPT, 0, f"its {layout.LOCK} is {err.strerror}",
+                         run_dir)
+    except OSError as err:
+        return RunRecord(task, run_id, CORRUPT, 0, str(err), run_dir)
+    if names - {layout.LOCK, layout.LOCK + SOFT_SUFFIX}:
+        return RunRecord(task, run_id, CORRUPT, 0, f"no {layout.METADATA}", run_dir)
+    if held or now - made < MARGIN_SEC:
+        return RunRecord(task, run_id, schema.RUNNING, 0, f"starting: no {layout.METADATA} "
+                         "yet", run_dir)
+    return RunRecord(task, run_id, STALE, 0, f"its start died before it wrote "
+                     f"{layout.METADATA} (nothing ran)", run_dir)
 
 
 _SHAPES: dict[str, type | tuple[type, ...]] = {
@@ -315,12 +369,19 @@ def _classify(meta: dict[str, Any], task: int | None, run_id: str, run_dir: str,
         record.status = MISMATCH
         record.reason = f"written by manifest hash {recorded}, not {sweep.hash}"
         return record
+    asked = queue is not None and queue.knows(meta)  # whoever ran it: their jobs are listed
     if queue is not None:
         record.queued = queue.state(meta)
         job = meta.get("slurm") or {}
-        if isinstance(job.get("array_task_id"), int) and "array_job_id" in job:
+        if isinstance(job.get("array_task_id"), int) and "array_job_id" in job \
+                and meta.get("task_from", "array") == "array":
             record.array = (str(job["array_job_id"]), job["array_task_id"])
     if status == schema.COMPLETE:
+        return record
+    try:  # a run that may be run again: its lock must be one notata can take
+        lock_is_held(Path(run_dir), probe=False)
+    except LockFileError as err:
+        record.status, record.reason = CORRUPT, f"its {layout.LOCK} is {err.strerror}"
         return record
     if status not in schema.OPEN_STATUSES:
         reason = meta.get("failure_reason")
@@ -330,14 +391,22 @@ def _classify(meta: dict[str, Any], task: int | None, run_id: str, run_dir: str,
     if isinstance(hb.get("beat"), int) and isinstance(hb.get("unix"), (int, float)):
         record.beat = (hb["beat"], float(hb["unix"]))
     record.limit = threshold(meta, stale_after)
-    asked = queue is not None and queue.knows(meta)
     record.status, record.reason = _liveness(meta, record.queued, asked, stale_after, now)
-    if record.status == STALE and meta.get("host") == socket.gethostname():
-        survivor = _surviving_command(meta, now)
+    if record.status != STALE:
+        return record
+    if _held(Path(run_dir)):  # a live process holds its lock: alive, whatever else says
+        record.status = schema.RUNNING
+        record.reason = f"{record.reason}, but a live process holds its lock"
+        return record
+    pid = meta.get("pid")
+    if meta.get("host") == socket.gethostname() and isinstance(pid, int) \
+            and not psutil.pid_exists(pid):
+        survivor = _surviving_command(meta, run_dir, now)
         if survivor is not None:
             record.orphan = True
-            record.reason = (f"its wrapper is gone, but its command still runs here (pid "
-                             f"{survivor}); stop it before running the task again")
+            record.reason = (f"its wrapper (pid {pid}) is gone, but a process of its command "
+                             f"still runs here (pid {survivor}); stop it before running the "
+                             "task again")
     return record
 
 
@@ -348,46 +417,51 @@ def _liveness(meta: Mapping[str, Any], queued: str | None, asked: bool,
     beat = hb.get("unix") or meta.get("start_unix")
     age = now - float(beat) if isinstance(beat, (int, float)) else float("inf")
     limit = threshold(meta, stale_after)
-    if queued == "RUNNING":
-        return schema.RUNNING, (f"no heartbeat for {age:.0f}s, but its job is running"
-                                if age > limit else None)
+    pid = meta.get("pid")
+    if meta.get("host") == socket.gethostname() and isinstance(pid, int) \
+            and not psutil.pid_exists(pid):  # certain, whatever the queue says of its job
+        return STALE, f"its process (pid {pid} on this host) is gone"
+    if queued in ALIVE_STATES:
+        return schema.RUNNING, (f"no heartbeat for {age:.0f}s, but its job is "
+                                f"{queued.lower()}" if age > limit else None)
     if asked and meta.get("slurm") and queued is None:
         # Never over a fresh heartbeat: a queue that does not list a job that is still
         # beating (another user's, another cluster's) is wrong, not the run.
         interval = float(hb.get("interval_sec") or 30.0)
         if age > FRESH_BEATS * interval:
             return STALE, "its SLURM job is gone"
-    pid = meta.get("pid")
-    if meta.get("host") == socket.gethostname() and isinstance(pid, int) \
-            and not psutil.pid_exists(pid):
-        return STALE, f"its process (pid {pid} on this host) is gone"
     if age > limit:
         return STALE, f"no heartbeat for {age:.0f}s (threshold {limit:.0f}s)"
     return schema.RUNNING, None
 
 
-def _surviving_command(meta: Mapping[str, Any], now: float) -> int | None:
-    """A live process of the command ``notata exec`` started for this run (its process
-    group, as its session leader's pid), when the run ran on this host; else None."""
-    leader = meta.get("command_pid")
-    if not isinstance(leader, int) or leader <= 1:
-        return None
-    return _process_groups(now)().get(leader)
+def _surviving_command(meta: Mapping[str, Any], run_dir: str, now: float) -> int | None:
+    """A live process that the dead wrapper of this run (on this host) left behind: one
+    whose environment names this run and that wrapper (its command and whatever the
+    command started, a daemon that left the group included; a recycled pid of another
+    program has another environment); else None."""
+    return _processes(now)().get((os.path.realpath(run_dir), str(meta.get("pid"))))
 
 
 @functools.lru_cache(maxsize=1)
-def _process_groups(scan_time: float) -> Callable[[], dict[int, int]]:
-    """Process group -> a live member's pid, listed once per scan (``scan_time`` tells
-    scans apart): a scan of many stale runs looks at every process once, not per run."""
+def _processes(scan_time: float) -> Callable[[], dict[tuple[str, str], int]]:
+    """This host's live processes by the run and wrapper their environment names, listed
+    once per scan (``scan_time`` tells scans apart): a scan of many stale runs looks at
+    every process once, not once per run."""
     @functools.cache
-    def groups() -> dict[int, int]:
-        out: dict[int, int] = {}
+    def listing() -> dict[tuple[str, str], int]:
+        runs: dict[tuple[str, str], int] = {}
         for proc in psutil.process_iter():
             with contextlib.suppress(psutil.Error, OSError):
-                if proc.status() != psutil.STATUS_ZOMBIE:
-                    out.setdefault(os.getpgid(proc.pid), proc.pid)
-        return out
-    return groups
+                if proc.status() == psutil.STATUS_ZOMBIE:
+                    continue
+                env = proc.environ()
+                if "NOTATA_RUN_DIR" in env:
+                    key = (os.path.realpath(env["NOTATA_RUN_DIR"]),
+                           env.get(_attach.ENV_WRAPPER_PID, ""))
+                    runs.setdefault(key, proc.pid)
+        return runs
+    return listing
 
 
 def _run_dirs(base: Path) -> dict[str, os.DirEntry[str]]:
@@ -409,31 +483,42 @@ def queued_tasks(sweep: Sweep, queue: Queue | None,
     """Sweep index -> queue state, for every task of this sweep that is queued.
 
     A queued array task is mapped through its array's offset (the sweep index of array
-    task 0): from the recorded submissions of this sweep, else from ``arrays`` (array
-    job id -> offset, learned from tasks that already ran in it, so that a user's own
-    ``sbatch --array`` counts once one of its tasks has started). Submitit jobs are
-    mapped only through the job ids their submission recorded (``map_array`` over chosen
-    tasks has no offset). The tasks of a local submission whose process still runs on
-    this host are :data:`LOCAL`. One pass over the queue.
+    task 0): from the recorded submissions of this manifest file (of any version of it:
+    a queued array runs the manifest as it is when it starts), found by job id or, for an
+    array whose job id was never recorded, by the tag in its comment; else from
+    ``arrays`` (array job id -> offset, learned from tasks that already ran in it, so
+    that a user's own ``sbatch --array`` counts once one of its tasks has started).
+    Submitit jobs are mapped only through the job ids their submission recorded
+    (``map_array`` over chosen tasks has no offset). The tasks of a local submission whose
+    process still runs (on this host, or in a SLURM job the queue lists as running) are
+    :data:`LOCAL`. One pass over the queue.
     """
     out: dict[int, str] = {}
     offsets = dict(arrays or {})
     records = [r for r in submissions.read(sweep.base_dir)
-               if r.get("manifest_hash") == sweep.hash]
-    for record in submissions.live_local(records, socket.gethostname()):
+               if r.get("manifest_hash") == sweep.hash or r.get("manifest") == str(sweep.path)]
+    running_jobs = {k for k, v in queue.jobs.items() if v == "RUNNING"} if queue else set()
+    for record in submissions.live_local(records, socket.gethostname(), running_jobs):
         for i in _expand(str(record.get("tasks", ""))):
             out[i] = LOCAL
     if queue is None:
         return out
+    by_tag = {}
     for record in records:
         for array in record.get("arrays", []):
-            offsets[str(array.get("job_id"))] = int(array.get("offset", 0))
+            if array.get("job_id") is not None:
+                offsets[str(array["job_id"])] = int(array.get("offset", 0))
+            if array.get("tag"):
+                by_tag[str(array["tag"])] = int(array.get("offset", 0))
         if str(record.get("backend", "")).startswith("submitit"):
             tasks = _expand(record.get("tasks", ""))
             for job_id, i in zip(record.get("job_ids", []), tasks, strict=False):
                 offsets.pop(str(job_id).partition("_")[0], None)
                 if str(job_id) in queue.jobs:
                     out[i] = queue.jobs[str(job_id)]
+    for job, tag in queue.tags.items():
+        if tag in by_tag:
+            offsets.setdefault(job, by_tag[tag])
     for key, state in queue.jobs.items():
         job, _, task = key.partition("_")
         if job in offsets and task.isdigit():
@@ -443,11 +528,17 @@ def queued_tasks(sweep: Sweep, queue: Queue | None,
 
 def _array_offsets(records: list[RunRecord], done: np.ndarray, queue: Queue) -> dict[str, int]:
     """Array job id -> sweep index of its array task 0, learned from the tasks that ran in
-    it, for the arrays the queue still holds. An array whose tasks disagree (sweep index
-    is not array task + a constant) has no offset and is left out."""
+    it (by their array index, not a ``--task`` of their own), for the arrays the queue
+    still holds; arrays no asked user's listing shows (a colleague's) are asked for by
+    id. An array whose tasks disagree (sweep index is not array task + a constant) has
+    no offset and is left out."""
+    ran = done[done["array_task"] >= 0]
+    seen = {str(j) for j in np.unique(ran["array_job"]).tolist()}
+    seen |= {r.array[0] for r in records if r.array is not None and r.array[0].isdigit()}
+    queue.include_jobs(sorted(seen, key=int)[-MAX_ASKED_ARRAYS:])
     keys = (k.partition("_") for k in queue.jobs)
     queued = [int(job) for job, _, task in keys if job.isdigit() and task.isdigit()]
-    ran = done[(done["array_task"] >= 0) & np.isin(done["array_job"], queued)]
+    ran = ran[np.isin(ran["array_job"], queued)]
     pairs = set(zip(ran["array_job"].tolist(), (ran["task"] - ran["array_task"]).tolist(),
                     strict=True))
     pairs |= {(int(r.array[0]), r.task - r.array[1]) for r in records
@@ -563,7 +654,7 @@ class Watcher:
             seen = self._seen.get(r.run_id)
             if seen is None or seen[0] != r.beat:
                 self._seen[r.run_id] = (r.beat, now)
-            elif now - seen[1] > limit:
+            elif now - seen[1] > limit and not (r.run_dir is not None and _held(r.run_dir)):
                 r.status = STALE
                 r.reason = f"heartbeat unchanged for {now - seen[1]:.0f}s of this collector's clock"
         return report

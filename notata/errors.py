@@ -77,6 +77,19 @@ class RunSupersededError(NotataError, RuntimeError):
                 "write through that one")
 
 
+class RunLostError(NotataError, RuntimeError):
+    """The run directory was moved, deleted and made again, replaced, or its lock broken
+    while this process had it open: the run is no longer this process's to write."""
+
+    def __init__(self, run_dir: str) -> None:
+        super().__init__(run_dir)
+        self.run_dir = run_dir
+
+    def __str__(self) -> str:
+        return (f"{self.run_dir} was moved, replaced or its lock broken while this process "
+                "had it open; this process writes nothing more there")
+
+
 class RunCompleteError(NotataError, FileExistsError):
     """``resume=True`` found the run already complete: it is not run again."""
 

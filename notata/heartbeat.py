@@ -22,6 +22,9 @@ import psutil
 logger = logging.getLogger("notata")
 
 DEFAULT_INTERVAL = 30.0
+#: Bounds of the interval: faster rewrites metadata.json in a loop; slower (or infinite)
+#: makes a dead run on another host never stale.
+MIN_INTERVAL, MAX_INTERVAL = 0.001, 86400.0
 ENV_INTERVAL = "NOTATA_HEARTBEAT"
 
 
@@ -35,8 +38,9 @@ def interval_from(value: float | None) -> float:
             value = float(raw)
         except ValueError:
             raise ValueError(f"{ENV_INTERVAL}={raw!r} is not a number of seconds") from None
-    if not value > 0:
-        raise ValueError(f"heartbeat interval must be positive seconds, got {value!r}")
+    if not MIN_INTERVAL <= value <= MAX_INTERVAL:  # NaN fails both
+        raise ValueError(f"heartbeat interval must be positive seconds, between "
+                         f"{MIN_INTERVAL} and {MAX_INTERVAL:.0f} (a day), got {value!r}")
     return float(value)
 
 

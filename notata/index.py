@@ -95,6 +95,8 @@ def record(base_dir: Path, meta: Mapping[str, Any]) -> None:
     tag = int.from_bytes(secrets.token_bytes(4), "little") | 1
     job = meta.get("slurm") or {}
     array_job, array_task = job.get("array_job_id"), job.get("array_task_id")
+    if meta.get("task_from", "array") != "array":  # its own --task: says nothing of the array
+        array_job = array_task = None
     if not (isinstance(array_job, int) and isinstance(array_task, int)
             and 0 < array_job < 2**32 and 0 <= array_task < 2**32 - 1):
         array_job, array_task = 0, -1

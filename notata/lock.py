@@ -32,6 +32,7 @@ import errno
 import fcntl
 import os
 import socket
+import stat
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -76,20 +77,64 @@ def holder_is_dead(holder: Mapping[str, Any], now: float | None = None) -> bool:
     return now - beat > stale_threshold(holder)
 
 
-def _flock(path: Path, blocking: bool) -> int | None:
-    """A descriptor holding an exclusive flock on ``path`` (made if missing, with the mode
-    the umask gives), or None when another process holds it. Raises :class:`_Unsupported`."""
-    created = False
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-        created = True
-    except FileExistsError:
+class LockFileError(OSError):
+    """The lock's path is not a plain file (a symlink, a folder): never followed."""
+
+
+_OPEN_FLAGS = os.O_CLOEXEC | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0)
+
+
+def _open(path: Path, folder_too: bool) -> tuple[int, bool] | None:
+    """Open (or make, with the mode the umask gives) the lock file, never through a
+    symlink (``folder_too``: nor through a folder that is one, as a run directory swapped
+    for a symlink while its lock was busy); ``(fd, made)``, or None when it vanished in
+    between (renamed aside)."""
+    where = None
+    if folder_too:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            where = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                            | os.O_CLOEXEC)
+        except OSError as err:
+            if err.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise LockFileError(err.errno, "in a folder that is a symlink",
+                                    str(path)) from None
+            raise
+    name = path.name if where is not None else str(path)
+    try:
+        try:
+            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, 0o666,
+                         dir_fd=where)
+            return fd, True
+        except FileExistsError:
+            pass
+        try:
+            fd = os.open(name, os.O_RDWR | _OPEN_FLAGS, dir_fd=where)
         except PermissionError:  # another user's file without group write: flock still works
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None  # renamed aside in between: the caller tries again
+            fd = os.open(name, os.O_RDONLY | _OPEN_FLAGS, dir_fd=where)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        if isinstance(err, IsADirectoryError) or err.errno == errno.ELOOP:
+            raise LockFileError(err.errno, "not a plain file (a symlink or a folder)",
+                                str(path)) from None
+        raise
+    finally:
+        if where is not None:
+            os.close(where)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise LockFileError(errno.EINVAL, "not a plain file", str(path))
+    return fd, False
+
+
+def _flock(path: Path, blocking: bool, folder_too: bool = False) -> int | None:
+    """A descriptor holding an exclusive flock on ``path`` (made if missing, with the mode
+    the umask gives), or None when another process holds it. Raises :class:`_Unsupported`,
+    :class:`LockFileError`."""
+    opened = _open(path, folder_too)
+    if opened is None:
+        return None  # renamed aside in between: the caller tries again
+    fd, created = opened
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
     except BlockingIOError:
@@ -117,7 +162,30 @@ def _soft(path: Path) -> filelock.BaseFileLock:
     warnings.warn(f"{path.parent}: this filesystem does not support flock; using a soft lock "
                   "(a file naming host and pid), which cannot see a dead holder on another host",
                   UserWarning, stacklevel=3)
-    return filelock.SoftFileLock(str(path), timeout=0)
+    # Its own file: the flock file, left behind by every run where flock works, would
+    # read as a holder forever to a soft lock.
+    return filelock.SoftFileLock(str(path.with_name(path.name + SOFT_SUFFIX)), timeout=0)
+
+
+#: The soft lock's file is the lock's name with this suffix (``.lock.soft``).
+SOFT_SUFFIX = ".soft"
+
+
+def _stamp(fd: int) -> None:
+    """Write who holds the lock into the lock file (host, pid, time), at once: a breaker
+    on another host reads it before breaking (see :meth:`RunLock.acquire`)."""
+    text = f"{socket.gethostname()} {os.getpid()} {time.time():.3f}\n".encode()
+    with contextlib.suppress(OSError):  # a read-only descriptor: the metadata must do
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, text, 0)
+
+
+def _stamp_of(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            return f.read(256).decode(errors="replace").strip()
+    except OSError:
+        return ""
 
 
 class RunLock:
@@ -146,29 +214,51 @@ class RunLock:
             return
         holder = self._read_holder()
         if holder_is_dead(holder):
+            # A new holder may have taken the lock and not yet written its record: it has
+            # stamped the lock file, so a stamp that changes or names another holder than
+            # the dead one's record means the lock is taken.
+            stamp = _stamp_of(self.path)
             time.sleep(CONFIRM_SEC)
-            if self._read_holder() != holder:
+            again = _stamp_of(self.path)
+            named = again.split()[:2]
+            if (self._read_holder() != holder or again != stamp
+                    or (named and named != [str(holder.get("host")), str(holder.get("pid"))])):
                 raise RunLockedError(str(self.run_dir), self._read_holder())
-            stamp = time.strftime("%Y%m%dT%H%M%S")
+            when = time.strftime("%Y%m%dT%H%M%S")
             with contextlib.suppress(FileNotFoundError):
-                os.replace(self.path, self.path.with_name(f"{layout.LOCK}.broken-{stamp}"))
+                os.replace(self.path, self.path.with_name(f"{layout.LOCK}.broken-{when}"))
             if self.try_acquire():
                 return
         raise RunLockedError(str(self.run_dir), holder)
 
-    def try_acquire(self) -> bool:
-        """Take the lock if it is free, without waiting."""
+    def try_acquire(self, stamp: bool = True) -> bool:
+        """Take the lock if it is free, without waiting (``stamp``: say who holds it, in
+        the file; a collector's probe does not)."""
         if self._soft is None:
             try:
-                self._fd = _flock(self.path, blocking=False)
-                return self._fd is not None
+                self._fd = _flock(self.path, blocking=False, folder_too=True)
             except _Unsupported:
                 self._soft = _soft(self.path)
+            else:
+                if self._fd is not None and stamp:
+                    _stamp(self._fd)
+                return self._fd is not None
         try:
             self._soft.acquire(timeout=0)
         except filelock.Timeout:
             return False
         return True
+
+    def still_ours(self) -> bool:
+        """Whether ``.lock`` is still the file this object locked: false once the run
+        directory was moved, deleted and made again, replaced, or its lock broken."""
+        if self._fd is None:
+            return True  # not held here, or a soft lock (no descriptor to compare)
+        try:
+            now, held = os.stat(self.path), os.fstat(self._fd)
+        except OSError:
+            return False
+        return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
 
     def release(self) -> None:
         """Let the next attempt in. Safe to call twice. The file stays (see the module doc)."""
@@ -185,22 +275,33 @@ class RunLock:
             return {}
 
 
-def is_held(run_dir: Path) -> bool:
+def is_held(run_dir: Path, probe: bool = True) -> bool:
     """Whether a live process holds the run's lock right now (a non-blocking try).
 
     No ``.lock`` file: nobody holds it (a holder creates it), and none is created here.
     A free lock is held for microseconds by the try; a task starting in that instant
-    retries (:data:`RETRY_SEC`) rather than read it as taken.
+    retries (:data:`RETRY_SEC`) rather than read it as taken. Raises
+    :class:`LockFileError` when ``.lock`` is a symlink or a folder. ``probe=False``:
+    only that check, no try.
     """
-    if not (run_dir / layout.LOCK).exists():
-        return False
-    probe = RunLock(run_dir, dict)
     try:
-        taken = probe.try_acquire()
+        kind = os.lstat(run_dir / layout.LOCK).st_mode
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(kind):
+        raise LockFileError(errno.EINVAL, "not a plain file (a symlink or a folder)",
+                            str(run_dir / layout.LOCK))
+    if not probe:  # only the file's kind was asked about
+        return False
+    lock = RunLock(run_dir, dict)
+    try:
+        taken = lock.try_acquire(stamp=False)
+    except LockFileError:
+        raise
     except OSError:
         return False
     if taken:
-        probe.release()
+        lock.release()
     return not taken
 
 

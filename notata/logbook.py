@@ -7,29 +7,36 @@ import contextlib
 import logging
 import os
 import shutil
-import signal
 import stat
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from . import _attach, _fs, index, layout, runinfo, schema
+from . import _attach, _fs, _signals, index, layout, runinfo, schema
 from ._convert import to_plain
 from ._outputs import OutputsMixin
 from ._signals import SignalsMixin
-from .errors import RunCompleteError, RunDirError, RunLockedError, RunSupersededError
-from .heartbeat import Heartbeat, Resources, interval_from
-from .lock import RunLock
+from .errors import (
+    NotataError,
+    RunCompleteError,
+    RunDirError,
+    RunLockedError,
+    RunLostError,
+    RunSupersededError,
+)
+from .heartbeat import Heartbeat, Resources, interval_from, logger
+from .lock import LockFileError, RunLock
 from .reader import read_params
 
 if TYPE_CHECKING:
     from .manifest import Task
+    from .runinfo import SchedulerProvider
 
 _LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING,
            "ERROR": logging.ERROR, "CRITICAL": logging.CRITICAL}
@@ -96,6 +103,7 @@ class Logbook(SignalsMixin, OutputsMixin):
         on_warning: Callable[[Logbook], Any] | None = None,
         level: str = "INFO",
         track_children: bool = False,
+        _check: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         if isinstance(base_dir, Mapping):
             raise TypeError("Logbook's second argument is base_dir (as in notata 0.3); "
@@ -121,18 +129,18 @@ class Logbook(SignalsMixin, OutputsMixin):
         interval = interval_from(heartbeat)
 
         self._meta_lock = threading.Lock()
-        self._critical_depth = 0  # main thread inside a section a signal must not cut
-        self._pending_signal: int | None = None
-        self._stopping = False  # a SIGTERM/SIGHUP is being handled
         self._unsynced: set[Path] = set()
         self._warning_hooks: list[Callable[[Logbook], Any]] = [on_warning] if on_warning else []
         self._terminate_hooks: list[Callable[[Logbook, int], Any]] = []
-        self._previous_handlers: dict[int, Any] = {}
         self._log_fd: int | None = None
         self._closed = False  # a terminal status is recorded (or the handle is attached/closed)
         self._superseded = False
+        self._handed: str | None = None  # the status an attached handle handed over
         self._with_depth = 0  # inside ``with`` blocks of this handle
         self._thread = threading.get_ident()
+        self._pid = os.getpid()  # a forked child inherits the handle, not the run
+        self._lost = False  # the run directory or its lock was replaced under this handle
+        self._scheduler: SchedulerProvider | None = None
         self._meta: dict[str, Any] = {}
         self._indexed: tuple[Any, ...] = ()  # (status, hash, task) last sent to the sweep index
         #: The sweep task this run is (set by :func:`notata.task`); ``log.task.params``.
@@ -144,8 +152,8 @@ class Logbook(SignalsMixin, OutputsMixin):
             self._meta = self._read_disk_metadata()
             if params_file is not None:
                 self._save_params_file(layout.PARAMS_YAML, params_file)
-            if signals:  # the time-limit warning reaches on_warning hooks here too
-                self._install_signals(signal.SIGUSR1)
+            if signals:  # hooks and finally blocks run; the wrapper records the status
+                _signals.listen(self)
             return
 
         existed = os.path.lexists(self.path)
@@ -157,24 +165,38 @@ class Logbook(SignalsMixin, OutputsMixin):
             self.path.mkdir()
         _check_run_dir(self.path)  # again: it may have been replaced since the first look
         self._lock = RunLock(self.path, self._read_disk_metadata)
-        self._lock.acquire()
-        if signals:  # from here on a SIGTERM waits until the run is open, then ends it
-            self._install_signals()
         try:
-            with self._critical():
-                self._open(overwrite, superseded, interval, params_file, preallocate,
-                           track_children)
+            self._lock.acquire()
+        except LockFileError as err:
+            raise RunDirError(str(self.path), f"its {layout.LOCK} is {err.strerror}") from err
+        try:
+            # From here on a signal waits until the run is open, then ends it.
+            with _signals.critical():
+                if signals:
+                    _signals.listen(self)
+                try:
+                    # Looked at again under the lock: the folder may have been swapped for a
+                    # symlink while the lock was busy; nothing is emptied or written before.
+                    _check_run_dir(self.path)
+                    self._open(overwrite, superseded, interval, params_file, preallocate,
+                               track_children, _check)
+                except BaseException:
+                    _signals.forget(self)
+                    raise
         except BaseException:
-            signum = self._take_pending_signal()
-            self._restore_signals()
             self._lock.release()
-            if signum is not None:  # what the signal would have done, now the run is let go
-                signal.raise_signal(signum)
             raise
 
     def _open(self, overwrite: bool, superseded: str | None, interval: float,
-              params_file: bytes | None, preallocate: bool, track_children: bool) -> None:
-        """Under the lock, with signals held: take the run over and write its first files."""
+              params_file: bytes | None, preallocate: bool, track_children: bool,
+              check: Callable[[dict[str, Any]], None] | None) -> None:
+        """Under the lock, with signals held: take the run over and write its first files.
+
+        ``check(previous metadata)`` may refuse the run before anything is written (a
+        sweep task refuses a run directory that another task wrote)."""
+        if check is not None and not overwrite:
+            with contextlib.suppress(FileNotFoundError):
+                check(self._read_disk_metadata())
         previous = self._take_over(overwrite)
         self._t0 = time.monotonic()
         start = time.time()
@@ -207,7 +229,7 @@ class Logbook(SignalsMixin, OutputsMixin):
         self.info("Logbook initialized" if self.attempt == 1
                   else f"Logbook resumed as attempt {self.attempt}")
         if sched:  # e.g. the job's time limit, from scontrol (up to seconds on a busy cluster)
-            self._meta[sched[0].name] = {**sched[1], **sched[0].details(sched[1])}
+            self._meta[sched[0].name] = sched[0].details(sched[1])
         self._set(status=schema.RUNNING)
         self._heartbeat = Heartbeat(interval, self._beat)
         self._heartbeat.start()
@@ -241,8 +263,28 @@ class Logbook(SignalsMixin, OutputsMixin):
         return _fs.read_json_object(self.path / layout.METADATA)
 
     def _check_usable(self) -> None:
+        """Refuse a write through a handle that no longer owns its run."""
         if self._superseded:
             raise RunSupersededError(str(self.path))
+        if self._lost or (not self.attached and not self._lock.still_ours()):
+            self._lost = True
+            raise RunLostError(str(self.path))
+        if self.attached or os.getpid() != self._pid or self._lock.held:
+            return
+        try:  # closed and let go: the run may have been opened again since
+            disk = self._read_disk_metadata()
+        except (OSError, ValueError):
+            return
+        if (disk.get("attempt"), disk.get("start_unix")) != \
+                (self._meta.get("attempt"), self._meta.get("start_unix")):
+            raise RunSupersededError(str(self.path))
+
+    def _check_owner(self, what: str) -> None:
+        """The run's metadata and status are the opening process's, not a forked child's."""
+        if os.getpid() != self._pid:
+            raise NotataError(f"{self.path}: {what} is for the process that opened the run "
+                              f"(pid {self._pid}); a forked process (pid {os.getpid()}) may "
+                              "save outputs, not change its metadata or status")
 
     def _give_up(self) -> None:
         """Superseded by a newer open of this run in this process: stop, unlock, write no more."""
@@ -270,6 +312,14 @@ class Logbook(SignalsMixin, OutputsMixin):
         return int(self._meta["attempt"])
 
     @property
+    def job_id(self) -> object:
+        """The scheduler's id of the job this run runs in (SLURM_JOB_ID), else None."""
+        if self._scheduler is None:
+            return None
+        ctx = self._meta.get(self._scheduler.name)
+        return ctx.get("job_id") if isinstance(ctx, Mapping) else None
+
+    @property
     def elapsed(self) -> float:
         """Seconds since this attempt started."""
         return time.monotonic() - self._t0
@@ -281,7 +331,17 @@ class Logbook(SignalsMixin, OutputsMixin):
             return dict(self._meta)
 
     def meta(self, **fields: Any) -> None:
-        """Merge ``fields`` into metadata.json (values must be YAML/JSON-able)."""
+        """Merge ``fields`` into metadata.json (values must be YAML/JSON-able).
+
+        notata's own fields (``status``, ``attempt``, ``heartbeat``...:
+        :data:`notata.schema.RESERVED`) are refused with ValueError: a status is set with
+        :meth:`mark_complete` / :meth:`mark_failed`.
+        """
+        reserved = sorted(set(fields) & (schema.RESERVED | runinfo.scheduler_names()))
+        if reserved:
+            raise ValueError(f"meta({reserved[0]}=...): {reserved[0]!r} is notata's own "
+                             "metadata field; choose another name (a status is set with "
+                             "mark_complete() or mark_failed())")
         self._set(**{k: to_plain(v, f"meta[{k!r}]") for k, v in fields.items()})
 
     def _set(self, **fields: Any) -> None:
@@ -289,9 +349,30 @@ class Logbook(SignalsMixin, OutputsMixin):
         if self.attached:
             _attach.hand_over(self.path, fields)
             return
-        with self._locked():
-            self._meta.update(fields)
-        self._write_meta()
+        self._check_owner("meta()")
+        with self._taken_back():
+            with self._locked():
+                self._meta.update(fields)
+            self._write_meta()
+
+    @contextlib.contextmanager
+    def _taken_back(self) -> Iterator[None]:
+        """For a write after the run was let go (a ``meta()`` or ``mark_failed()`` after
+        ``close()``): take the lock again for the write, if this attempt still owns the run."""
+        if not self._closed or self._lock.held:
+            yield
+            return
+        self._lock.acquire()  # RunLockedError: another process has the run now
+        try:
+            if not self._lock.still_ours():
+                raise RunLostError(str(self.path))
+            disk = self._read_disk_metadata()
+            if (disk.get("attempt"), disk.get("start_unix")) != \
+                    (self._meta.get("attempt"), self._meta.get("start_unix")):
+                raise RunSupersededError(str(self.path))  # a newer attempt owns the run
+            yield
+        finally:
+            self._lock.release()
 
     def take_handed_over(self) -> dict[str, Any]:
         """Wrapper side: take what an attached process handed over (see :mod:`._attach`)."""
@@ -324,7 +405,12 @@ class Logbook(SignalsMixin, OutputsMixin):
         sample = self._resources.sample()
         now = time.time()
         with self._meta_lock:
-            if self._closed or self._meta.get("status") not in schema.OPEN_STATUSES:
+            if self._closed or self._lost or self._meta.get("status") not in schema.OPEN_STATUSES:
+                return
+            if not self._lock.still_ours():
+                self._lost = True
+                logger.warning("notata: %s was moved, replaced or its lock broken while this "
+                               "process had it open; it writes nothing more there", self.path)
                 return
             hb = self._meta["heartbeat"]
             self._meta["heartbeat"] = {**hb, **sample, "unix": round(now, 3),
@@ -414,6 +500,7 @@ class Logbook(SignalsMixin, OutputsMixin):
         """
         if not self.attached and self._closed and self._meta.get("status") == schema.COMPLETE:
             self._check_usable()
+            self._check_owner("mark_failed()")
             self._fail_after_complete(str(reason))
         else:
             self._finish(schema.FAILED, str(reason))
@@ -436,21 +523,33 @@ class Logbook(SignalsMixin, OutputsMixin):
     def _finish(self, status: str, reason: str | None) -> None:
         """Write the terminal status once (the first terminal status wins), then release."""
         self._check_usable()
-        if self.attached:  # the wrapper decides the status; pass on why we failed
-            if not self._closed:
-                self._closed = True
-                self._restore_signals()
-                if reason is not None:
-                    _attach.hand_over(self.path, {"failure_reason": reason})
-                if self._log_fd is not None:
-                    os.close(self._log_fd)
-                    self._log_fd = None
+        if self.attached:
+            self._hand_over_end(status, reason)
             return
-        with self._critical():
+        self._check_owner(f"mark_{status}()")
+        with _signals.critical():
             finished = self._end(status, reason)
         self._release()
         if finished and self.callback:
             self.callback(self)
+
+    def _hand_over_end(self, status: str | None, reason: str | None) -> None:
+        """An attached run: the wrapper decides the status; hand over what this process
+        marked (``status`` None: nothing, the wrapper has the exit status). A failure
+        marked after complete still counts, as for a run of its own."""
+        if self._closed and not (status == schema.FAILED and self._handed == schema.COMPLETE):
+            return
+        self._closed = True
+        if status is not None:
+            self._handed = status
+            fields = {"status": status}
+            if reason is not None:
+                fields["failure_reason"] = reason
+            _attach.hand_over(self.path, fields)
+        _signals.forget(self)
+        if self._log_fd is not None:
+            os.close(self._log_fd)
+            self._log_fd = None
 
     def _end(self, status: str, reason: str | None) -> bool:
         """Record a terminal status, durably, after every output; the lock stays held."""
@@ -465,6 +564,9 @@ class Logbook(SignalsMixin, OutputsMixin):
             if reason is not None:
                 self._meta["failure_reason"] = reason
         self._heartbeat.stop(wait=not self._heartbeat.is_current())
+        if self._lost or not self._lock.still_ours():  # nothing of ours to write into now
+            self._lost = True
+            raise RunLostError(str(self.path))
         self.info(f"Marked {status}" + (f": {reason}" if reason else ""))
         _fs.fsync_paths(sorted(self._unsynced))
         self._unsynced.clear()
@@ -481,26 +583,18 @@ class Logbook(SignalsMixin, OutputsMixin):
         if self._log_fd is not None:
             os.close(self._log_fd)
             self._log_fd = None
-        self._restore_signals()
+        _signals.forget(self)
         self._lock.release()
         _OPEN.discard(self)
 
     def _fail_after_complete(self, reason: str) -> None:
         """``mark_failed`` after ``mark_complete``: the index forgets complete first."""
-        if not self._lock.held:
-            self._lock.acquire()
-        try:
-            disk = self._read_disk_metadata()
-            if (disk.get("attempt"), disk.get("start_unix")) != \
-                    (self._meta.get("attempt"), self._meta.get("start_unix")):
-                raise RunLockedError(str(self.path), disk)  # a newer attempt owns the run
+        with self._taken_back():
             index.forget(self.path.parent, self._meta)
             with self._locked():
                 self._meta.update(status=schema.FAILED, failure_reason=reason)
             self.info(f"Marked failed: {reason}")
             self._write_meta(durable=True)
-        finally:
-            self._lock.release()
         if self.callback:
             self.callback(self)
 
@@ -513,8 +607,8 @@ class Logbook(SignalsMixin, OutputsMixin):
         tb: TracebackType | None,
     ) -> None:
         self._with_depth -= 1
-        if self._superseded:
-            return
+        if self._superseded or os.getpid() != self._pid:
+            return  # a forked child leaving the block: the run is not its to end
         if exc is None:
             self.close()
         elif isinstance(exc, KeyboardInterrupt):
@@ -523,7 +617,7 @@ class Logbook(SignalsMixin, OutputsMixin):
             if exc.code in (0, None):
                 self.close()
             elif self.attached and isinstance(exc.code, int):
-                self._finish(schema.FAILED, None)  # the wrapper records the exit status
+                self._hand_over_end(None, None)  # the wrapper records the exit status
             else:
                 self._finish(schema.FAILED, str(exc.code))  # as notata 0.3: "1"
         else:
@@ -599,5 +693,11 @@ def _close_forgotten() -> None:
     """A run still open when the interpreter exits did not finish: say so on disk, and
     release what a signal ended (its lock was kept for the ``finally`` blocks)."""
     for log in list(_OPEN):
+        if log._pid != os.getpid():
+            continue  # a forked child's copy of its parent's run
         with contextlib.suppress(Exception):
             log._finish(schema.FAILED, "the process exited without marking the run complete")
+
+
+if hasattr(os, "register_at_fork"):  # a forked child has no run of its own to end at exit
+    os.register_at_fork(after_in_child=_OPEN.clear)

@@ -130,7 +130,11 @@ class Sweep:
         """The run id of task ``index`` (``check=False``: not validated, for lookups only)."""
         p = self.params(index) if params is None else params
         if self.template is not None:
-            rid = self.template.format_map(p)
+            try:
+                rid = self.template.format_map(p)
+            except (KeyError, IndexError, AttributeError, ValueError, TypeError) as err:
+                raise ManifestError(str(self.path), f"task {index}: run_id template "
+                                    f"{self.template!r} fails: {err!r}") from None
         else:
             parts = [f"{k}{_UNSAFE.sub('-', _text(p[k]))}" for k in self._varying if k in p]
             rid = "_".join(parts) or f"task{index}"
@@ -147,13 +151,14 @@ class Sweep:
         rid = self.run_id(index, p)
         return Task(int(index), rid, p, self.base_dir / f"{layout.RUN_PREFIX}{rid}")
 
-    def check_unique(self) -> None:
+    def check_unique(self, remember: bool = True) -> None:
         """Raise :class:`ManifestError` naming two tasks that share a run id.
 
         Keeps 8 bytes per task (hashes in a numpy array), so 10^7 tasks need ~80 MB, and
         takes about 3 s at 10^6 tasks. The answer depends only on the manifest's hash
         (and notata's version), so a sweep that passed once is remembered in
-        ``<base_dir>/.notata/index/<hash>.unique`` (written where ``.notata/`` exists).
+        ``<base_dir>/.notata/index/<hash>.unique`` (written where ``.notata/`` exists and
+        ``remember``; a dry run writes nothing).
         """
         from . import __version__
 
@@ -164,7 +169,7 @@ class Sweep:
         except (OSError, UnicodeDecodeError):
             pass
         self._check_unique()
-        if marker.parent.parent.is_dir():
+        if remember and marker.parent.parent.is_dir():
             with contextlib.suppress(OSError):
                 marker.parent.mkdir(exist_ok=True)
                 _fs.atomic_write_bytes(marker, f"{__version__}\n".encode())
@@ -189,6 +194,10 @@ def _text(value: Any) -> str:
         value, (dict, list)) else str(value)
 
 
+#: The largest sweep notata takes: its whole-sweep checks keep 8 bytes per task.
+MAX_TASKS = 10**8
+
+
 def load(path: str | os.PathLike[str], *, check_unique: bool = False) -> Sweep:
     """Read and validate a manifest; every problem is a :class:`ManifestError` naming the file."""
     p = Path(path)
@@ -206,6 +215,9 @@ def load(path: str | os.PathLike[str], *, check_unique: bool = False) -> Sweep:
     sweep = Sweep(p.resolve(), _validate(where, data))
     if len(sweep) == 0:
         raise ManifestError(where, "the sweep is empty (a grid or zip list has no values)")
+    if len(sweep) > MAX_TASKS:
+        raise ManifestError(where, f"the sweep has {len(sweep):.3g} tasks; notata takes at most "
+                                   f"{MAX_TASKS:.0e} (split it into several manifests)")
     if sweep.template is not None:
         try:
             sweep.run_id(0)
@@ -250,6 +262,20 @@ def _construct_int(loader: Any, node: yaml.ScalarNode) -> int:
 
 
 _Loader.add_constructor(_INT, _construct_int)
+
+
+def _construct_mapping(loader: Any, node: yaml.MappingNode) -> dict[Any, Any]:
+    """A mapping whose keys are unique: ``grid:`` written twice is an error, not the last
+    one silently winning."""
+    keys = [loader.construct_object(k, deep=True) for k, _ in node.value]
+    dup = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+    if dup is not None:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"key {dup!r} appears twice in one mapping", node.start_mark)
+    return dict(loader.construct_pairs(node, deep=True))
+
+
+_Loader.add_constructor("tag:yaml.org,2002:map", _construct_mapping)
 
 
 def _find_nul(value: Any, where: str) -> str | None:

@@ -29,7 +29,18 @@ class SchedulerProvider(Protocol):
         Fast (the environment only): it is recorded in the run's first write."""
 
     def details(self, context: Mapping[str, Any]) -> dict[str, Any]:
-        """More fields, which may need to ask the scheduler (slow); {} when it cannot answer."""
+        """The context completed (or corrected) by asking the scheduler (slow); the context
+        as it is when it cannot answer."""
+
+    def array_task(self, environ: Mapping[str, str]) -> int | None:
+        """This job's task id in its job array, by the environment, else None."""
+
+    def is_array_task(self, environ: Mapping[str, str]) -> bool:
+        """Whether this job really is an array task (asks the scheduler: an inherited
+        environment may say so wrongly); True when it cannot answer."""
+
+    def job_key(self, context: Mapping[str, Any]) -> str | None:
+        """How the scheduler's queue names this job (``"123"``, or ``"123_4"`` in an array)."""
 
     def termination_status(self, context: Mapping[str, Any], now: float) -> str | None:
         """The status a SIGTERM means for this job (timeout, cancelled, preempted), or None."""
@@ -42,6 +53,25 @@ def register_scheduler(provider: SchedulerProvider) -> None:
     """Make ``provider`` known to every Logbook opened from now on."""
     if all(p.name != provider.name for p in _PROVIDERS):
         _PROVIDERS.append(provider)
+
+
+def array_task(environ: Mapping[str, str]) -> int | None:
+    """The job array task id the scheduler's environment gives this process, if any."""
+    for provider in _PROVIDERS:
+        task = provider.array_task(environ)
+        if task is not None:
+            return task
+    return None
+
+
+def is_array_task(environ: Mapping[str, str]) -> bool:
+    """Whether the array task id of the environment is this job's own (scheduler asked)."""
+    return all(p.is_array_task(environ) for p in _PROVIDERS if p.array_task(environ) is not None)
+
+
+def scheduler_names() -> frozenset[str]:
+    """The names of the registered schedulers (the metadata keys they fill)."""
+    return frozenset(p.name for p in _PROVIDERS)
 
 
 def scheduler(

@@ -40,6 +40,9 @@ from .manifest import Sweep
 
 #: Seconds the wrapper gives its command to exit after passing on SIGTERM or Ctrl-C.
 STOP_GRACE = 20.0
+#: ``notata exec``'s exit status when another process holds the run (EX_TEMPFAIL): told
+#: apart from a command that failed, so a local sweep beside another one counts it apart.
+IN_USE = 75
 _HEADER = "=== notata attempt"
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -58,41 +61,56 @@ def _text(value: Any) -> str:
 
 
 def _stop(proc: subprocess.Popen[bytes], signum: int, grace: float = STOP_GRACE) -> int | None:
-    """Send ``signum`` to the command's process group; wait up to ``grace`` for the command
-    to exit; then SIGKILL the group and every descendant. Its exit status, once it is gone."""
-    _signal_group(proc, signum)
+    """Stop the command and everything it started: ``signum`` to its process group and to
+    every descendant (the wrapper is their subreaper, so a daemon that left the group is
+    still one); wait up to ``grace`` for all of them to exit; then SIGKILL what is left
+    and wait for it. The command's exit status (None if it could not be told)."""
+    _signal_all(proc, signum)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        status = _reap(proc)
-        if status is not None:
-            return status
+    while _remaining(proc) and time.monotonic() < deadline:
         time.sleep(0.05)
-    with contextlib.suppress(psutil.Error):  # descendants that left the group, too
-        for child in psutil.Process(proc.pid).children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                child.kill()
-    _signal_group(proc, signal.SIGKILL)
-    for _ in range(100):  # SIGKILL cannot be refused; give the kernel a moment
-        status = _reap(proc)
-        if status is not None:
-            return status
-        time.sleep(0.05)
-    return None
-
-
-def _reap(proc: subprocess.Popen[bytes]) -> int | None:
-    """The command's exit status if it has exited (reaped here), else None."""
-    if proc.returncode is not None:
-        return proc.returncode
-    # os.waitpid, not proc.wait: this may run in a signal handler that interrupted proc.wait
-    try:
-        pid, status = os.waitpid(proc.pid, os.WNOHANG)
-    except ChildProcessError:
-        return proc.returncode if proc.returncode is not None else -signal.SIGKILL
-    if not pid:
-        return None
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    if _remaining(proc):
+        _signal_all(proc, signal.SIGKILL)
+        deadline = time.monotonic() + 10  # SIGKILL cannot be refused; the kernel may lag
+        while _remaining(proc) and time.monotonic() < deadline:
+            time.sleep(0.05)
     return proc.returncode
+
+
+def _remaining(proc: subprocess.Popen[bytes]) -> list[int]:
+    """The live processes of the command: its group and this process's descendants.
+    Reaps those that have exited (the command itself included)."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if not pid:
+            break
+        if pid == proc.pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+    alive = set(_group(proc.pid))
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if child.status() != psutil.STATUS_ZOMBIE:
+                    alive.add(child.pid)
+    return sorted(alive)
+
+
+def _signal_all(proc: subprocess.Popen[bytes], signum: int) -> None:
+    _signal_group(proc, signum)
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error, ProcessLookupError, PermissionError):
+                os.kill(child.pid, signum)
+
+
+def _become_subreaper() -> None:
+    """Orphans of the command are re-parented to this wrapper (not to init), so that it can
+    stop them before it lets the run go. Linux 3.4+; elsewhere the group must do."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
 
 
 _TRACEBACK = "Traceback (most recent call last):"
@@ -130,11 +148,11 @@ def telling_line(path: os.PathLike[str] | str, limit: int = 65536) -> str:
 
 
 def exec_task(sweep: Sweep, index: int, argv: Sequence[str], *,
-              heartbeat: float | None = None) -> int:
+              heartbeat: float | None = None, from_array: bool = False) -> int:
     """Run ``argv`` as task ``index`` of ``sweep``; return the exit status for the wrapper.
 
-    0 when the command succeeded or the task was already complete; 1 when another
-    process holds the run (nothing is marked); the command's own status otherwise
+    0 when the command succeeded or the task was already complete; :data:`IN_USE` (75)
+    when another process holds the run (nothing is marked); the command's own status otherwise
     (128+N when it died of signal N, 127 when it could not be started). On SIGTERM or
     SIGHUP the status is recorded, the command is stopped (SIGTERM, then SIGKILL after
     :data:`STOP_GRACE`), and only then is the run lock released.
@@ -144,13 +162,15 @@ def exec_task(sweep: Sweep, index: int, argv: Sequence[str], *,
     interrupted = _Deferred()
     try:
         with interrupted:  # a Ctrl-C here must not leave a half-opened run behind
-            log = open_task(sweep, index, heartbeat=heartbeat, track_children=True)
+            log = open_task(sweep, index, heartbeat=heartbeat, track_children=True,
+                            from_array=from_array)
     except RunCompleteError as err:
         print(f"notata: task {index}: {err}", file=sys.stderr)
         return 0
     except RunLockedError as err:
         print(f"notata: task {index}: {err}", file=sys.stderr)
-        return 1
+        return IN_USE
+    _become_subreaper()
     with log:  # the lock is released on leaving this block: after the command has stopped
         try:
             if interrupted.caught:
@@ -162,8 +182,12 @@ def exec_task(sweep: Sweep, index: int, argv: Sequence[str], *,
         if rc is None:
             return 127
         handed = log.take_handed_over()
-        reason = handed.pop("failure_reason", None)
-        log.meta(**handed, exit_code=rc)
+        marked, reason = handed.pop("status", None), handed.pop("failure_reason", None)
+        log._set(**_plain_fields(handed), exit_code=rc)
+        if rc == 0 and marked in (schema.FAILED, schema.TIMEOUT, schema.CANCELLED):
+            log._finish(marked, f"the command marked the run {marked}"
+                        + (f": {reason}" if reason else ""))
+            return 0
         if rc == 0:
             log.mark_complete()
             return 0
@@ -172,6 +196,11 @@ def exec_task(sweep: Sweep, index: int, argv: Sequence[str], *,
         detail = reason or telling_line(log.path / layout.STDERR)
         log.mark_failed(f"{what}: {detail}" if detail else what)
         return rc if rc > 0 else 128 - rc
+
+
+def _plain_fields(handed: Mapping[str, Any]) -> dict[str, Any]:
+    """What an attached command handed over, less notata's own fields."""
+    return {k: v for k, v in handed.items() if k not in schema.RESERVED}
 
 
 def _run_command(log: Logbook, index: int, argv: Sequence[str]) -> int | None:
@@ -183,12 +212,12 @@ def _run_command(log: Logbook, index: int, argv: Sequence[str]) -> int | None:
     values = {"run_dir": str(log.path), "run_id": log.run_id, "task": index,
               "attempt": log.attempt, **params}
     cmd = substitute(argv, values)
-    log.meta(command=cmd)
+    log._set(command=cmd)
     log.take_handed_over()  # nothing from an earlier attempt's command may leak into this one
     env = {**clean_environment(os.environ), "NOTATA_RUN_DIR": str(log.path),
            "NOTATA_RUN_ID": log.run_id, ENV_TASK: str(index),
            "NOTATA_ATTEMPT": str(log.attempt), "NOTATA_PARAMS": json.dumps(params),
-           **_attach.wrapper_environment()}
+           **_attach.wrapper_environment(log.job_id)}
     header = f"{_HEADER} {log.attempt}: {shlex.join(cmd)}".replace("\n", "\\n") + "\n"
     with contextlib.ExitStack() as stack:
         streams = []
@@ -211,22 +240,29 @@ def _run_command(log: Logbook, index: int, argv: Sequence[str]) -> int | None:
                 return None
             log.on_terminate(lambda _log, signum: _stopped(_log, proc))
             log.on_warning(lambda _log: _pass_warning(proc))
-            log.meta(command_pid=proc.pid)
+            log._set(command_pid=proc.pid)
         try:
             if started.caught:
                 raise KeyboardInterrupt
-            return proc.wait()
+            rc = proc.wait()
         except KeyboardInterrupt:
             _stop(proc, signal.SIGINT)
             raise
+        left = _remaining(proc)
+        if left:  # it ended, but left processes running in the run: they end with it
+            log.warning(f"the command left {len(left)} process(es) running "
+                        f"({', '.join(map(str, left[:5]))}); stopping them")
+            _stop(proc, signal.SIGTERM)
+        return rc
 
 
 def _stopped(log: Logbook, proc: subprocess.Popen[bytes]) -> None:
-    """The wrapper's SIGTERM/SIGHUP hook: stop the command, then keep what it handed over."""
+    """The wrapper's SIGTERM/SIGHUP hook: stop the command (Ctrl-C cannot cut that short),
+    then keep what it handed over (the signal's status and reason stand)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     rc = _stop(proc, signal.SIGTERM)
     handed = log.take_handed_over()
-    handed.pop("failure_reason", None)  # the signal's reason stands
-    log.meta(**handed, exit_code=rc)
+    log._set(**_plain_fields(handed), exit_code=rc)
 
 
 def _die_with_parent(parent: int) -> Callable[[], None] | None:
@@ -333,6 +369,7 @@ class LocalResult:
     done: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
+    busy: list[int] = field(default_factory=list)  # held by another process: not run here
     interrupted: bool = False
     signal: int = 0  # the signal that stopped the run (0: Ctrl-C, or none)
     why: str = ""  # "cancelled" (Ctrl-C), "hangup", "terminated"
@@ -384,7 +421,9 @@ def run_local(sweep: Sweep, todo: Sequence[int], argv: Sequence[str], *, jobs: i
             for i, proc in list(running.items()):
                 if proc.poll() is not None:
                     del running[i]
-                    (result.done if proc.returncode == 0 else result.failed).append(i)
+                    outcome = {0: result.done, IN_USE: result.busy}.get(proc.returncode,
+                                                                        result.failed)
+                    outcome.append(i)
                     report()
     except (KeyboardInterrupt, _Stopped) as err:
         # Each wrapper stops its command and records why (a terminal's Ctrl-C or hangup

@@ -55,3 +55,11 @@ OPEN_STATUSES: Final = frozenset({INITIALIZED, RUNNING})
 TERMINAL_STATUSES: Final = frozenset(STATUSES) - OPEN_STATUSES
 #: Terminal statuses that a signal (scheduler or user) caused.
 SIGNAL_STATUSES: Final = frozenset({TIMEOUT, CANCELLED, PREEMPTED, TERMINATED})
+
+#: Metadata fields notata itself keeps: ``Logbook.meta()`` refuses to set them.
+RESERVED: Final = frozenset({
+    "schema", "run_id", "status", "attempt", "attempts", "start_time", "start_unix",
+    "end_time", "end_unix", "runtime_sec", "failure_reason", "heartbeat", "signals", "host",
+    "pid", "user", "task", "sweep", "manifest", "manifest_hash", "tasks", "command",
+    "command_pid", "exit_code", "task_from",
+})

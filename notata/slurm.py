@@ -82,13 +82,47 @@ class SlurmProvider:
                 ctx[field] = int(value) if field in _INT_FIELDS and value.isdigit() else value
         return ctx
 
+    def job_key(self, context: Mapping[str, Any]) -> str | None:
+        """``"<array job>_<task>"`` for an array task (as ``squeue -r`` names it), else the
+        job id."""
+        if "array_job_id" in context and "array_task_id" in context:
+            return f"{context['array_job_id']}_{context['array_task_id']}"
+        job = context.get("job_id")
+        return None if job is None else str(job)
+
     def details(self, context: Mapping[str, Any]) -> dict[str, Any]:
-        """The job's time limit, from ``scontrol show job`` (up to 5 s on a busy controller)."""
+        """The job's time limit, from ``scontrol show job`` (up to 5 s on a busy controller);
+        array fields that the job's record does not have are dropped: a plain job
+        submitted from inside an array task inherits them (sbatch exports the submitter's
+        environment), and would be taken for that array task."""
+        ctx = dict(context)
         try:
-            record = show_job(context["job_id"])
+            record = show_job(ctx["job_id"])
         except SchedulerError:
-            return {}  # the controller is busy or gone: the environment still says a lot
-        return {"time_limit": record["TimeLimit"]} if "TimeLimit" in record else {}
+            return ctx  # the controller is busy or gone: the environment still says a lot
+        if "TimeLimit" in record:
+            ctx["time_limit"] = record["TimeLimit"]
+        if "ArrayTaskId" not in record:
+            ctx.pop("array_job_id", None)
+            ctx.pop("array_task_id", None)
+        return ctx
+
+    def array_task(self, environ: Mapping[str, str]) -> int | None:
+        raw = environ.get("SLURM_ARRAY_TASK_ID")
+        try:
+            return int(raw) if raw is not None else None
+        except ValueError:
+            raise SchedulerError(["SLURM_ARRAY_TASK_ID"], None,
+                                 f"SLURM_ARRAY_TASK_ID={raw!r} is not an integer") from None
+
+    def is_array_task(self, environ: Mapping[str, str]) -> bool:
+        job = environ.get("SLURM_JOB_ID")
+        if not job:
+            return True
+        try:
+            return "ArrayTaskId" in show_job(job)
+        except SchedulerError:
+            return True  # cannot ask: trust the environment
 
     def termination_status(self, context: Mapping[str, Any], now: float) -> str | None:
         """Why SLURM is ending this job, from ``scontrol show job`` at SIGTERM time.
@@ -198,6 +232,9 @@ def options_for(section: Mapping[str, Any], flags: Mapping[str, Any], where: str
     for raw_key, value in section.items():
         key = raw_key.replace("-", "_")
         if key in OPTIONS:
+            if isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
+                raise ManifestError(where, f"slurm.{raw_key}: {value!r} is not an sbatch value "
+                                           "(YAML reads no/yes/on/off as booleans: quote it)")
             options[key] = str(value)
         elif key == "extra":
             if not isinstance(value, list):
@@ -224,6 +261,15 @@ def options_for(section: Mapping[str, Any], flags: Mapping[str, Any], where: str
     for line in extra:
         if "\n" in line or "\r" in line:
             raise ManifestError(where, f"slurm extra line {line!r} contains a newline")
+        if re.search(r"(^|\s)(--array|-a)\b", line):
+            raise ManifestError(where, f"slurm extra line {line!r}: notata sets the job "
+                                       "array itself (use --tasks and --throttle)")
+    for key, least in (("throttle", 1), ("warn_before", 0)):
+        value = settings.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < least):
+            raise ManifestError(where, f"slurm {key} {value!r}: give a whole number, at least "
+                                       f"{least}")
     return options, extra, settings
 
 
@@ -272,9 +318,21 @@ def fit_warning(warn_before: int, time_option: str | None) -> int:
 
 def render(sweep: Sweep, plan: ArrayPlan, argv: Sequence[str], options: Mapping[str, str],
            extra: Sequence[str], *, throttle: int | None, warn_before: int, script: Path,
-           python: str = sys.executable) -> str:
-    """The job script of one array. Every value that reaches the shell is quoted."""
+           python: str = sys.executable, tag: str = "") -> str:
+    """The job script of one array. Every value that reaches the shell is quoted; a path
+    that cannot sit on a line of the script (a newline, a quote) is refused.
+
+    ``tag`` goes into the job's comment (``notata:<tag>``): a collector finds the array
+    in the queue by it even when its job id was never recorded (sbatch did not answer in
+    time, the submitter was killed, the disk filled before the record)."""
+    for what, path in (("base_dir", sweep.base_dir), ("the job script", script),
+                       ("the interpreter", python)):
+        if any(c in str(path) for c in '"\\\n\r'):
+            raise ManifestError(str(sweep.path), f"{what} {str(path)!r} holds a newline, a "
+                                "quote or a backslash, which cannot sit in a job script")
     lines = [f"#SBATCH --array={plan.spec}" + (f"%{throttle}" if throttle else "")]
+    if tag:
+        lines.append(f'#SBATCH --comment="{submissions.TAG_PREFIX}{tag}"')
     defaults = {"job_name": sweep.name,
                 "output": str(sweep.base_dir / layout.SWEEP_DIR / "slurm-%A_%a.out")}
     for key, value in {**defaults, **options}.items():
@@ -305,9 +363,14 @@ def template(name: str) -> str:
     return resources.files("notata.templates").joinpath(name).read_text(encoding="utf-8")
 
 
+#: sbatch on a busy controller can take minutes; giving up early risks an array that is
+#: queued but not recorded (the tag still finds it).
+SBATCH_TIMEOUT = 300.0
+
+
 def sbatch(script: Path) -> str:
     """Submit ``script``; return its job id. sbatch's own message reaches the user on failure."""
-    out = run(["sbatch", "--parsable", str(script)])
+    out = run(["sbatch", "--parsable", str(script)], timeout=SBATCH_TIMEOUT)
     return out.strip().split(";")[0]
 
 
@@ -319,15 +382,18 @@ def available() -> bool:
 def submit(sweep: Sweep, indices: Sequence[int], argv: Sequence[str], *,
            flags: Mapping[str, Any], dry_run: bool = False, name: str = "",
            array_limit: int | None = None,
+           intended: Callable[[dict[str, Any], int, int], None] | None = None,
            submitted: Callable[[dict[str, Any], int, int], None] | None = None,
            ) -> list[dict[str, Any]]:
     """Write one script per array under ``<base_dir>/.notata/jobs/`` and sbatch each.
 
-    Returns one ``{"job_id", "spec", "offset", "script", "tasks"}`` per array (job_id
-    None in a dry run, which writes and submits nothing and prints the scripts).
-    ``submitted(entry, k, n)`` is called the moment array k of n is submitted (so it can
-    be recorded before the next one is tried). Scripts are named
-    ``<sweep>-<name>-<k>.sbatch`` (``name``: the submission id) and created exclusively.
+    Returns one ``{"job_id", "spec", "offset", "script", "tasks", "tag"}`` per array
+    (job_id None in a dry run, which writes and submits nothing and prints the scripts).
+    ``intended(entry, k, n)`` is called just before array k of n is handed to sbatch, and
+    ``submitted(entry, k, n)`` the moment it is queued (so each can be recorded before
+    the next step). Scripts are named ``<sweep>-<name>-<k>.sbatch`` (``name``: the
+    submission id, ``<name>-<k>`` the array's tag) and created exclusively; the script
+    of an array sbatch refused is removed.
     """
     options, extra, settings = options_for(sweep.slurm, flags, str(sweep.path))
     throttle = settings.get("throttle")
@@ -344,19 +410,29 @@ def submit(sweep: Sweep, indices: Sequence[int], argv: Sequence[str], *,
     arrays = []
     for k, plan in enumerate(plans):
         script = jobs_dir / f"{sweep.name}-{name}-{k}.sbatch"
+        tag = f"{name}-{k}"
         text = render(sweep, plan, argv, options, extra, throttle=throttle, warn_before=warn,
-                      script=script)
+                      script=script, tag=tag)
         entry: dict[str, Any] = {"job_id": None, "spec": plan.spec, "offset": plan.offset,
-                                 "script": str(script), "tasks": compact(plan.indices)}
+                                 "script": str(script), "tasks": compact(plan.indices),
+                                 "tag": tag}
         if dry_run:
             print(f"# sbatch --parsable {shlex.quote(str(script))}\n{text}")
-        else:
-            jobs_dir.mkdir(parents=True, exist_ok=True)
-            _fs.create_exclusive(script, text.encode())
-            script.chmod(0o777 & ~_umask())
+            arrays.append(entry)
+            continue
+        jobs_dir.mkdir(parents=True, exist_ok=True)
+        _fs.create_exclusive(script, text.encode())
+        script.chmod(0o777 & ~_umask())
+        if intended is not None:
+            intended(entry, k, len(plans))
+        try:
             entry["job_id"] = sbatch(script)
-            if submitted is not None:
-                submitted(entry, k, len(plans))
+        except SchedulerError as err:
+            if err.returncode is not None:  # refused: nothing was queued from it
+                script.unlink(missing_ok=True)
+            raise
+        if submitted is not None:
+            submitted(entry, k, len(plans))
         arrays.append(entry)
     return arrays
 
@@ -367,29 +443,39 @@ def _umask() -> int:
     return mask
 
 
-def queue(users: Sequence[str] = ()) -> dict[str, str]:
-    """Queued jobs of ``users`` (default: this user), one ``squeue -r`` call:
-    ``"123"`` or ``"123_4"`` -> state.
+def queue(users: Sequence[str] = (), jobs: Sequence[str] = ()) -> list[tuple[str, str, str]]:
+    """Queued jobs, one ``squeue -r`` call: ``(key, state, comment)`` rows, the key
+    ``"123"`` or ``"123_4"``. ``users`` (default: this user), or the array ``jobs`` named
+    (whoever submitted them).
 
     Only the sweep's users: a shared cluster's whole queue can be 10^5 lines, and a
     sweep's jobs are its submitters'. Raises :class:`SchedulerError` when squeue cannot
     answer.
     """
-    who = ["-u", ",".join(users)] if users else ["--me"]
-    out = run(["squeue", *who, "-h", "-r", "-o", "%i|%T"])
-    jobs = {}
+    who = ["-j", ",".join(jobs)] if jobs else ["-u", ",".join(users)] if users else ["--me"]
+    try:
+        out = run(["squeue", *who, "-h", "-r", "-o", "%i|%T|%k"])
+    except SchedulerError as err:
+        if jobs and "Invalid job id" in err.stderr:  # every one of them has left the queue
+            return []
+        raise
+    rows = []
     for line in out.splitlines():
-        key, _, state = line.strip().partition("|")
+        key, _, rest = line.strip().partition("|")
+        state, _, comment = rest.partition("|")
         if key:
-            jobs[key] = state
-    return jobs
+            rows.append((key, state, comment))
+    return rows
 
 
-def collector_queue(base_dir: Path | None, command: str) -> Queue | None:
+def collector_queue(base_dir: Path | None, command: str, *,
+                    required: bool = False) -> Queue | None:
     """SLURM's queue for a scan of the runs under ``base_dir``: the jobs of this user and
     of every user that recorded a submission there (a group-shared sweep), then of each
-    user a run names (see :class:`~notata.collect.Queue`). None, said once on stderr,
-    when SLURM is not here or cannot answer."""
+    user a run names and each array a run ran in (see :class:`~notata.collect.Queue`).
+    None when SLURM is not here. When it cannot answer: None, said once on stderr, or,
+    if ``required`` (resubmit: it must not take a task that is still queued), a
+    :class:`SchedulerError`."""
     if not available():
         return None
     users = {runinfo.user()}
@@ -399,6 +485,11 @@ def collector_queue(base_dir: Path | None, command: str) -> Queue | None:
     try:
         return Queue(fetch=queue, users=users)
     except SchedulerError as err:
+        if required:
+            raise SchedulerError(err.argv, err.returncode,
+                                 f"{err}: SLURM's queue cannot be read, so the tasks it still "
+                                 "holds cannot be told apart; nothing was submitted, try "
+                                 "again") from err
         print(f"notata {command}: SLURM cannot be asked ({err}); classifying from files alone",
               file=sys.stderr)
         return None

@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
 import secrets
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +35,13 @@ import psutil
 
 from . import layout, lock, runinfo
 
+logger = logging.getLogger("notata")
+
 SCHEMA = 2
+#: The start of the comment notata gives the arrays it submits (``notata:<tag>``, the tag
+#: being ``<submission>-<k>``): a collector finds an array by it in the queue even when
+#: its job id was never recorded.
+TAG_PREFIX = "notata:"
 
 
 def path(base_dir: Path) -> Path:
@@ -60,8 +69,11 @@ def append(base_dir: Path, entry: dict[str, Any]) -> dict[str, Any]:
     target.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n").encode()
     with lock.exclusive(target.with_name(target.name + ".lock")):
-        fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        fd = os.open(target, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
         try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = b"\n" + line  # a line a crash cut short stays alone on its line
             os.write(fd, line)
             os.fsync(fd)
         finally:
@@ -70,33 +82,80 @@ def append(base_dir: Path, entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def read(base_dir: Path) -> list[dict[str, Any]]:
-    """Every readable record, oldest first."""
+    """Every readable record, oldest first. A line that is not JSON, or whose fields have
+    the wrong shape (a hand edit, another tool's line), is skipped, with one warning."""
     try:
         text = path(base_dir).read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         return []
     out = []
+    bad = 0
     for line in text.splitlines():
         try:
             obj = json.loads(line)
         except ValueError:
+            bad += bool(line.strip())
             continue
-        if isinstance(obj, dict):
+        if isinstance(obj, dict) and _well_formed(obj):
             out.append(obj)
+        else:
+            bad += 1
+    if bad:
+        logger.warning("notata: %s: %d line(s) skipped (not a submission record notata can "
+                       "read)", path(base_dir), bad)
     return out
 
 
+def _well_formed(r: dict[str, Any]) -> bool:
+    """The fields readers use have the shapes notata writes."""
+    def kind(key: str, types: type | tuple[type, ...]) -> bool:
+        return key not in r or r[key] is None or isinstance(r[key], types)
+
+    if not all(kind(k, t) for k, t in (("tasks", str), ("backend", str), ("command", list),
+                                       ("options", dict), ("job_ids", list), ("arrays", list),
+                                       ("user", str), ("host", str), ("manifest", str),
+                                       ("manifest_hash", str))):
+        return False
+    if not all(isinstance(c, str) for c in r.get("command") or []):
+        return False
+    if r.get("tasks") and not _TASKS.fullmatch(r["tasks"]):
+        return False
+    for a in r.get("arrays") or []:
+        if not (isinstance(a, dict) and isinstance(a.get("offset", 0), int)
+                and isinstance(a.get("job_id"), (str, int, type(None)))):
+            return False
+    return True
+
+
+_TASKS = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")
+
+
 def this_process() -> dict[str, Any]:
-    """``pid`` and ``pid_start`` of this process, for a local submission's record."""
-    return {"pid": os.getpid(), "pid_start": psutil.Process().create_time()}
+    """``pid`` and ``pid_start`` of this process, and the scheduler job it runs in, for a
+    local submission's record."""
+    fields: dict[str, Any] = {"pid": os.getpid(), "pid_start": psutil.Process().create_time()}
+    sched = runinfo.scheduler()
+    key = sched[0].job_key(sched[1]) if sched is not None else None
+    if key is not None:
+        fields["job_id"] = key
+    return fields
 
 
-def live_local(records: list[dict[str, Any]], host: str) -> list[dict[str, Any]]:
-    """The local submissions on ``host`` whose process still runs them (not ended)."""
+def live_local(records: list[dict[str, Any]], host: str,
+               running_jobs: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """The local submissions whose process still runs them (not ended): on ``host``, by
+    its pid and start time; on another host, when it ran inside a SLURM job (``job_id``)
+    that the queue lists as running (``running_jobs``), as a pool inside an allocation,
+    seen from the login node."""
     ended = {r.get("submission") for r in records if r.get("ended")}
+    jobs = set(running_jobs)
     out = []
     for r in records:
-        if r.get("backend") != "local" or r.get("host") != host or r.get("submission") in ended:
+        if r.get("backend") != "local" or r.get("submission") in ended:
+            continue
+        if r.get("host") != host:
+            if r.get("job_id") is not None and str(r["job_id"]) in jobs:
+                out.append(r)
             continue
         pid, start = r.get("pid"), r.get("pid_start")
         if not isinstance(pid, int) or not isinstance(start, (int, float)):

@@ -14,6 +14,7 @@ otherwise, and says so.
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
 import sys
@@ -22,9 +23,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import lock, runner, slurm, submissions
-from .collect import DEFAULT_RESUBMIT, SELECTORS, Report, parse_duration, scan
-from .errors import UsageError
+from . import lock, runner, schema, slurm, submissions
+from .collect import DEFAULT_RESUBMIT, PENDING, SELECTORS, Report, parse_duration, scan
+from .errors import SchedulerError, UsageError
 from .manifest import Sweep, compact, parse_indices
 from .manifest import load as load_sweep
 
@@ -61,11 +62,11 @@ class Options:
         if unknown:
             raise UsageError(f"unknown scheduler option {unknown[0]!r}; known: "
                              f"{', '.join(SCHEDULER_OPTIONS)}")
-        for key in ("throttle", "warn_before"):
+        for key, least in (("throttle", 1), ("warn_before", 0)):
             value = self.scheduler.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < 0):
-                raise UsageError(f"{key} {value!r}: give a whole number, at least 0")
+                                      or value < least):
+                raise UsageError(f"{key} {value!r}: give a whole number, at least {least}")
         lines = self.scheduler.get("sbatch_line")
         if lines is not None and (isinstance(lines, str) or not all(
                 isinstance(x, str) for x in lines)):
@@ -83,16 +84,19 @@ class Options:
 def submit(manifest: str | os.PathLike[str] | Sweep, command: Sequence[str],
            options: Options | None = None, *,
            progress: Callable[[runner.LocalResult, int, int], None] | None = None) -> int:
-    """Submit the sweep's tasks (all, or ``options.tasks``); complete tasks are left out.
+    """Submit the sweep's tasks (all, or ``options.tasks``). Complete tasks are left out,
+    and so are tasks still queued or running (a second ``submit``, or one beside a
+    ``resubmit``, never runs a task twice); it says so.
 
     Returns an exit status: 0 when submitted (or, locally, every task complete), 1 when a
-    local task failed, 130 when a local run was interrupted. Raises
-    :class:`~notata.ManifestError`, :class:`UsageError`, :class:`~notata.SchedulerError`.
+    local task failed, 130 when a local run was interrupted (129, 143: a hangup or
+    SIGTERM). Raises :class:`~notata.ManifestError`, :class:`UsageError`,
+    :class:`~notata.SchedulerError`.
     """
     options = options or Options()
     options.check()
     command = _command(command)
-    sweep = manifest if isinstance(manifest, Sweep) else load_sweep(manifest, check_unique=True)
+    sweep = _sweep(manifest, remember=not options.dry_run)
     indices = sorted(set(options.tasks)) if options.tasks is not None else range(len(sweep))
     _check_tasks(sweep, indices)
     backend = options.backend or _default_backend()
@@ -110,8 +114,10 @@ def resubmit(manifest: str | os.PathLike[str] | Sweep, statuses: Iterable[str] =
     ``statuses``: the selectors (none: :data:`~notata.collect.DEFAULT_RESUBMIT`);
     ``options.tasks`` narrows the choice. The command, backend and scheduler options are
     the sweep's last submission's unless given (given options override recorded ones
-    key by key). Returns 0 when the scan worked and what was chosen was submitted (or
-    there was nothing to do); as :func:`submit` for a local run.
+    key by key), and it says what it reused. Where SLURM is but its queue cannot be read,
+    it refuses (:class:`~notata.SchedulerError`): it could not tell which tasks are still
+    queued. Returns 0 when the scan worked and what was chosen was submitted (or there
+    was nothing to do); as :func:`submit` for a local run.
     """
     options = options or Options()
     options.check()
@@ -119,36 +125,54 @@ def resubmit(manifest: str | os.PathLike[str] | Sweep, statuses: Iterable[str] =
     bad = [s for s in statuses if s not in SELECTORS]
     if bad:
         raise UsageError(f"unknown status {bad[0]!r}; known: {', '.join(SELECTORS)}")
+    if max_attempts is not None and (isinstance(max_attempts, bool)
+                                     or not isinstance(max_attempts, int) or max_attempts < 1):
+        raise UsageError(f"max_attempts {max_attempts!r}: give a whole number, at least 1")
+    if stale_after is not None and not (isinstance(stale_after, (int, float))
+                                        and math.isfinite(stale_after) and stale_after >= 0):
+        raise UsageError(f"stale_after {stale_after!r}: give a number of seconds, at least 0")
     if command:
         command = _command(command)
-    sweep = manifest if isinstance(manifest, Sweep) else load_sweep(manifest, check_unique=True)
+    # Two tasks with one run id would share a run directory: refused here (an index scan
+    # does not compute every run id; the check is remembered per manifest hash).
+    sweep = _sweep(manifest, remember=not options.dry_run)
     _check_tasks(sweep, options.tasks or ())
-    # Two tasks with one run id would share a run directory: load() refused them above
-    # (an index scan does not compute every run id; the check is cached per manifest).
     sweep_lock = (lock.no_lock() if options.dry_run
                   else submissions.sweep_lock(sweep.base_dir))
     with sweep_lock as held:
         last = last_submission(sweep)
-        backend = options.backend or _recorded_backend(last)
         report = scan(sweep, stale_after=stale_after, full=full,
-                      queue=slurm.collector_queue(sweep.base_dir, "resubmit"))
+                      queue=slurm.collector_queue(sweep.base_dir, "resubmit", required=True))
         indices = _choose(report, statuses, max_attempts, options.tasks)
         if not indices:
             print(f"nothing to resubmit among: {', '.join(statuses)}")
             return 0
+        backend = options.backend or _recorded_backend(last)
         cmd = list(command) or list((last or {}).get("command") or [])
         if not cmd:
             raise UsageError(f"no earlier submission of {sweep.name} records a command; "
                              "give one after --")
-        given = {**(last or {}).get("options", {}), **options.given()}
-        how = f"the {backend} backend" + (" (as the last submission)"
-                                          if last and not options.backend else "")
+        recorded = dict((last or {}).get("options") or {})
+        given = {**recorded, **options.given()}
         verb = "would resubmit" if options.dry_run else "resubmitting"
-        print(f"{verb} {len(indices)} task(s) with {how}: {compact(indices)}")
-        if options.dry_run:
+        print(f"{verb} {len(indices)} task(s) with the {backend} backend: {compact(indices)}")
+        if last is not None:
+            reused = [f"the {backend} backend"] if not options.backend else []
+            reused += [] if command else [f"the command {shlex.join(cmd)}"]
+            reused += [f"{k}={v}" for k, v in recorded.items() if k not in options.given()]
+            if reused:
+                print(f"  from the last submission ({last.get('time', '?')}): "
+                      f"{', '.join(reused)}")
+        elif options.dry_run:
             print(f"  command: {shlex.join(cmd)}")
         return _submit(sweep, indices, cmd, backend, options, given, progress=progress,
-                       held=held)
+                       held=held, again=True)
+
+
+def _sweep(manifest: str | os.PathLike[str] | Sweep, remember: bool) -> Sweep:
+    sweep = manifest if isinstance(manifest, Sweep) else load_sweep(manifest)
+    sweep.check_unique(remember=remember)
+    return sweep
 
 
 def _choose(report: Report, statuses: list[str], max_attempts: int | None,
@@ -173,10 +197,23 @@ def _choose(report: Report, statuses: list[str], max_attempts: int | None,
     return chosen
 
 
+def _not_to_submit(sweep: Sweep, indices: list[int]) -> dict[int, str]:
+    """Task -> why it is left out of a submit: complete, or still queued or running."""
+    report = scan(sweep, queue=slurm.collector_queue(sweep.base_dir, "submit"))
+    wanted = set(indices)
+    out = {i: "complete" for i in report.indices(schema.COMPLETE) if i in wanted}
+    for r in report.read:
+        if r.task in wanted and (r.queued or r.status in (schema.RUNNING, PENDING)):
+            out[r.task] = f"still {'queued: ' + r.queued if r.queued else r.status}"
+    return out
+
+
 def _submit(sweep: Sweep, indices: list[int], cmd: list[str], backend: str, options: Options,
-            given: Mapping[str, Any], *, progress: Any, held: lock.Exclusive | None) -> int:
-    """Submit ``indices`` (complete ones left out) and record each part as it goes, under
-    the sweep's lock (``held``: already taken by the caller)."""
+            given: Mapping[str, Any], *, progress: Any, held: lock.Exclusive | None,
+            again: bool = False) -> int:
+    """Submit ``indices`` (``again``: chosen by resubmit, else the complete, queued and
+    running ones left out) and record each part as it goes, under the sweep's lock
+    (``held``: already taken by the caller)."""
     sub_id = submissions.new_id()
     base = {"backend": backend, "manifest": str(sweep.path), "manifest_hash": sweep.hash,
             "sweep": sweep.name, "command": cmd, "options": dict(given),
@@ -189,8 +226,17 @@ def _submit(sweep: Sweep, indices: list[int], cmd: list[str], backend: str, opti
     if options.dry_run:  # a dry run writes nothing, the sweep's lock file included
         held = held or lock.no_lock()
     with held or submissions.sweep_lock(sweep.base_dir) as sweep_lock:
-        todo = [i for i in indices if not runner.is_complete(sweep, i)]
-        skipped = sorted(set(indices) - set(todo))
+        if again:
+            left: dict[int, str] = {i: "complete" for i in indices
+                                    if runner.is_complete(sweep, i)}
+        else:
+            left = _not_to_submit(sweep, indices)
+        todo = [i for i in indices if i not in left]
+        skipped = sorted(i for i, why in left.items() if why == "complete")
+        busy = sorted(set(left) - set(skipped))
+        if busy:
+            print(f"notata submit: {len(busy)} task(s) still queued or running, left out: "
+                  f"{compact(busy)}", file=sys.stderr)
         if backend == "local":
             jobs = options.jobs or given.get("jobs") or os.cpu_count() or 1
             if options.dry_run:
@@ -206,27 +252,65 @@ def _submit(sweep: Sweep, indices: list[int], cmd: list[str], backend: str, opti
                   file=sys.stderr)
         if not todo:
             return 0
-        done: list[dict[str, Any]] = []
+        return _sbatch(sweep, todo, cmd, flags, options.dry_run, base)
 
-        def record(array: dict[str, Any], part: int, parts: int) -> None:
-            submissions.append(sweep.base_dir, {
-                **base, "part": part, "parts": parts, "arrays": [array],
-                "job_ids": [array["job_id"]], "tasks": array["tasks"],
-                "count": len(parse_indices(array["tasks"], len(sweep)))})
-            done.append(array)
-            print(f"submitted job {array['job_id']}: tasks {array['tasks']} ({array['script']})")
 
-        try:
-            slurm.submit(sweep, todo, cmd, flags=flags, dry_run=options.dry_run, name=sub_id,
-                         submitted=record)
-        except Exception:
-            if done:
-                sent = {i for a in done for i in parse_indices(a["tasks"], len(sweep))}
-                jobs_sent = ", ".join(f"job {a['job_id']} (tasks {a['tasks']})" for a in done)
-                print(f"notata submit: submitted and recorded before the failure: {jobs_sent}; "
-                      f"not submitted: tasks {compact(set(todo) - sent)}", file=sys.stderr)
-            raise
-        return 0
+def _sbatch(sweep: Sweep, todo: list[int], cmd: list[str], flags: Mapping[str, Any],
+            dry_run: bool, base: dict[str, Any]) -> int:
+    """The SLURM backend: one array per plan, each recorded as intended (with the tag its
+    comment carries) before sbatch and as queued (with its job id) after."""
+    done: list[dict[str, Any]] = []
+    trying: list[dict[str, Any]] = []
+    sub_id = base["submission"]
+
+    def intended(array: dict[str, Any], part: int, parts: int) -> None:
+        submissions.append(sweep.base_dir, {
+            "submission": sub_id, "part": part, "parts": parts, "intent": True,
+            "manifest": base["manifest"], "manifest_hash": base["manifest_hash"],
+            "arrays": [array], "tasks": array["tasks"]})
+        trying[:] = [array]
+
+    def submitted(array: dict[str, Any], part: int, parts: int) -> None:
+        print(f"submitted job {array['job_id']}: tasks {array['tasks']} ({array['script']})")
+        done.append(array)
+        submissions.append(sweep.base_dir, {
+            **base, "part": part, "parts": parts, "arrays": [array],
+            "job_ids": [array["job_id"]], "tasks": array["tasks"],
+            "count": len(parse_indices(array["tasks"], len(sweep)))})
+        trying.clear()
+
+    try:
+        slurm.submit(sweep, todo, cmd, flags=flags, dry_run=dry_run, name=sub_id,
+                     intended=intended, submitted=submitted)
+    except BaseException as err:
+        _say_what_was_submitted(sweep, todo, done, trying, err)
+        raise
+    return 0
+
+
+def _say_what_was_submitted(sweep: Sweep, todo: list[int], done: list[dict[str, Any]],
+                            trying: list[dict[str, Any]], err: BaseException) -> None:
+    """After a failure halfway: which arrays are queued, which may be, which are not."""
+    sent = {i for a in done for i in parse_indices(a["tasks"], len(sweep))}
+    parts = []
+    if done:
+        parts.append("submitted: " + ", ".join(
+            f"job {a['job_id']} (tasks {a['tasks']})" for a in done))
+    for a in trying:
+        if a.get("job_id") is not None:  # queued, but its record could not be written
+            parts.append(f"job {a['job_id']} (tasks {a['tasks']}) was queued but could not be "
+                         f"recorded; its comment notata:{a['tag']} lets status and resubmit "
+                         "find it")
+        elif not (isinstance(err, SchedulerError) and err.returncode is not None):
+            parts.append(f"tasks {a['tasks']} may have been queued (sbatch did not answer); "
+                         f"if so, their comment notata:{a['tag']} lets status and resubmit "
+                         "find them")
+        sent |= set(parse_indices(a["tasks"], len(sweep)))
+    rest = sorted(set(todo) - sent)
+    if rest:
+        parts.append(f"not submitted: tasks {compact(rest)}")
+    if done or trying:
+        print("notata submit: " + "; ".join(parts), file=sys.stderr)
 
 
 def _run_here(sweep: Sweep, todo: list[int], skipped: list[int], cmd: list[str], jobs: int,
@@ -251,6 +335,8 @@ def summary(result: runner.LocalResult, elapsed: float) -> str:
     text = (f"{len(result.done)} done, {len(result.failed)} failed, "
             f"{len(result.skipped)} already complete, in "
             f"{sec // 3600}:{sec // 60 % 60:02d}:{sec % 60:02d}")
+    if result.busy:
+        text += f", {len(result.busy)} run by another process ({compact(result.busy)})"
     if result.failed:
         text += f"; failed tasks: {compact(result.failed)}"
     if result.interrupted:
@@ -288,7 +374,9 @@ def _command(command: Sequence[str]) -> list[str]:
     if isinstance(command, (str, bytes)):
         raise UsageError(f"command {command!r}: give a list of arguments, e.g. "
                          f"{shlex.split(str(command))!r} (no shell is involved)")
-    cmd = [str(c) for c in command]
+    if not all(isinstance(c, str) for c in command):
+        raise UsageError(f"command {list(command)!r}: every argument must be a string")
+    cmd = list(command)
     if not cmd:
         raise UsageError("no command given: put it after --, e.g. -- python sim.py {omega}")
     return cmd

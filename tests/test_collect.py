@@ -87,6 +87,7 @@ def test_every_kind_of_run_is_classified(manifest: Path, base: Path) -> None:
     assert holder.stdout and holder.stdout.readline().strip() == "open"
     try:
         (out / "log_stray").mkdir()
+        (out / "log_stray" / "notes.txt").write_text("not a run")  # never opened by notata
         with Logbook("other", out):
             pass
         other = read_meta(out / "log_other")
@@ -121,24 +122,38 @@ def test_every_kind_of_run_is_classified(manifest: Path, base: Path) -> None:
 
 
 def test_heartbeat_staleness_and_clock_skew(base: Path) -> None:
+    """A run that another host recorded (its last writer gone: nobody holds its lock)."""
     with Logbook("r", base, heartbeat=60) as log:
-        meta = log.metadata
-        meta["host"] = "node-elsewhere"  # not this host: only the heartbeat can tell
-        meta["heartbeat"] = dict(meta["heartbeat"], unix=time.time() - 1000)
-        log._meta = meta
-        log._write_meta()
-        [r] = scan(base).runs
-        assert r.status == "stale" and "no heartbeat for" in r.reason
-        assert scan(base, stale_after=5000).runs[0].status == "running"
-        # a clock running ahead: fresh for a single scan, stale once the beat stops moving
-        meta["heartbeat"] = dict(meta["heartbeat"], unix=time.time() + 3600)
-        log._write_meta()
-        assert scan(base).runs[0].status == "running"
-        watcher = Watcher(stale_after=0.3)
+        pass
+    meta = read_meta(log.path)
+    meta.update(status="running", host="node-elsewhere")  # only the heartbeat can tell
+    meta["heartbeat"] = dict(meta["heartbeat"], unix=time.time() - 1000)
+    (log.path / "metadata.json").write_text(json.dumps(meta))
+    [r] = scan(base).runs
+    assert r.status == "stale" and "no heartbeat for" in r.reason
+    assert scan(base, stale_after=5000).runs[0].status == "running"
+    # a clock running ahead: fresh for a single scan, stale once the beat stops moving
+    meta["heartbeat"] = dict(meta["heartbeat"], unix=time.time() + 3600)
+    (log.path / "metadata.json").write_text(json.dumps(meta))
+    assert scan(base).runs[0].status == "running"
+    watcher = Watcher(stale_after=0.3)
+    assert watcher.scan(base).runs[0].status == "running"
+    time.sleep(0.5)
+    r = watcher.scan(base).runs[0]
+    assert r.status == "stale" and "collector's clock" in r.reason
+
+
+def test_a_run_whose_lock_a_live_process_holds_is_never_stale(base: Path) -> None:
+    """Whatever its heartbeat says (a suspended job, a short --stale-after), a run whose
+    lock a live process holds is running, and nobody is told to stop its command."""
+    with Logbook("held", base, heartbeat=60) as log:
+        [r] = scan(base, stale_after=0).runs
+        assert r.status == "running" and "holds its lock" in (r.reason or "")
+        watcher = Watcher(stale_after=0.1)
+        watcher.scan(base)
+        time.sleep(0.3)
         assert watcher.scan(base).runs[0].status == "running"
-        time.sleep(0.5)
-        r = watcher.scan(base).runs[0]
-        assert r.status == "stale" and "collector's clock" in r.reason
+        assert scan(base, stale_after=0).to_resubmit(["stale"]) == ([], [])
 
 
 def test_parse_duration() -> None:
@@ -280,6 +295,9 @@ def test_hostile_run_folders_are_reported_never_followed(base: Path, tmp_path: P
         (out / f"log_{name}").mkdir()
         if data is not None:
             (out / f"log_{name}" / "metadata.json").write_bytes(data)
+    (out / "log_young").mkdir()  # a start between its mkdir and its lock
+    old = time.time() - 600
+    os.utime(out / "log_empty", (old, old))  # a start that died there, long ago
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     (outside / "metadata.json").write_text('{"status": "failed"}')
@@ -287,7 +305,8 @@ def test_hostile_run_folders_are_reported_never_followed(base: Path, tmp_path: P
     (out / ".nfs000000001234").write_text("stray")
     report = scan(out)
     got = {r.run_id: r.status for r in report.runs}
-    assert got == {"good": "complete", "link": "corrupt", **dict.fromkeys(cases, "corrupt")}
+    assert got == {"good": "complete", "link": "corrupt", "young": "running",
+                   **dict.fromkeys(cases, "corrupt"), "empty": "stale"}
     reasons = {r.run_id: r.reason for r in report.runs}
     assert "symlink" in reasons["link"] and "not UTF-8" in reasons["binary"]
     assert "empty file" in reasons["blank"] and "unknown status" in reasons["nan"]
@@ -345,7 +364,8 @@ def test_a_task_killed_during_start_up_is_a_start_that_died(
     (bare / ".lock").touch()
     assert {r.task: r.status for r in scan(load(manifest)).runs}[3] == "running"  # starting
     old = time.time() - 600
-    os.utime(bare / ".lock", (old, old))  # ten minutes later, still nothing
+    for made in (bare / ".lock", bare):
+        os.utime(made, (old, old))  # ten minutes later, still nothing
     report = scan(load(manifest))
     by_task = {r.task: r for r in report.runs}
     assert by_task[2].status == "stale" and "pid" in (by_task[2].reason or "")
@@ -387,7 +407,8 @@ def test_resubmit_keeps_the_backend_options_and_narrows_to_tasks(
     capsys.readouterr()
     assert main(["resubmit", str(manifest), "--tasks", "0,4"]) == 0
     said = capsys.readouterr()
-    assert "resubmitting 1 task(s) with the local backend (as the last submission): 4" in said.out
+    assert "resubmitting 1 task(s) with the local backend: 4" in said.out
+    assert "from the last submission" in said.out and "jobs=1" in said.out
     assert "task 0 is complete, which is not among" in said.err
     attempts = {k: read_meta(base / "outputs" / f"log_k{k}")["attempt"] for k in range(6)}
     assert attempts == {0: 1, 1: 1, 2: 1, 3: 1, 4: 2, 5: 1}  # task 1 was not asked for

@@ -188,7 +188,8 @@ def test_heartbeat_reports_the_whole_process_tree(manifest: Path, base: Path) ->
     d = run_dir(base, "two words")
     try:
         wait_for(
-            lambda: d.exists() and read_meta(d)["heartbeat"].get("rss_bytes", 0) > 80_000_000,
+            lambda: (d / "metadata.json").exists()
+            and read_meta(d)["heartbeat"].get("rss_bytes", 0) > 80_000_000,
             what="the child's memory in the heartbeat",
         )
         assert read_meta(d)["heartbeat"]["pids"] >= 2
@@ -206,7 +207,7 @@ def test_second_wrapper_for_a_running_task_marks_nothing(
     try:
         wait_for(status_is(d, "running"), what="the first wrapper")
         before = read_meta(d)
-        assert main(["exec", str(manifest), "--task", "0", "--", "true"]) == 1
+        assert main(["exec", str(manifest), "--task", "0", "--", "true"]) == 75  # IN_USE
         assert "in use by another process" in capsys.readouterr().err
         after = read_meta(d)
         assert (after["pid"], after["attempt"], after["status"]) == (

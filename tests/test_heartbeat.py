@@ -114,7 +114,7 @@ def test_the_heartbeat_never_writes_a_terminal_status_or_an_index_record(
     monkeypatch.setattr(index, "record", record)
     for i in range(25):
         log = Logbook(f"r{i}", base, heartbeat=0.002)
-        log.meta(task=i, manifest_hash="abc123")  # a sweep task: it writes index records
+        log._set(task=i, manifest_hash="abc123")  # a sweep task: it writes index records
         log.save_text("out", "x")
         time.sleep(0.005 * (i % 5))
         log.mark_complete()

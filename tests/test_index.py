@@ -147,19 +147,22 @@ def test_records_carry_the_slurm_array_task(base: Path, monkeypatch: pytest.Monk
     complete run can still map a user's own array to the sweep (see test_collect_slurm)."""
     p = base / "sweep.yaml"
     p.write_text(SWEEP)
-    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_JOB_ID", "999999")  # a job the test cluster does not know
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "4240")
+    monkeypatch.setenv("NOTATA_TASK_OFFSET", "2")
     for k in (2, 3):
         monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(k - 2))  # array task 0 is task 2
-        with notata.task(p, k):
+        with notata.task(p):
             pass
+    with notata.task(p, 5):  # in the array, but by an index of its own: says nothing of it
+        pass
     monkeypatch.delenv("SLURM_ARRAY_JOB_ID")
     monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
     with notata.task(p, 4):  # not an array task
         pass
     s = load(p)
     done = index.complete_tasks(s.base_dir, s.hash, len(s))
-    assert done.tolist() == [(2, 1, 4240, 0), (3, 1, 4240, 1), (4, 1, 0, -1)]
+    assert done.tolist() == [(2, 1, 4240, 0), (3, 1, 4240, 1), (4, 1, 0, -1), (5, 1, 0, -1)]
 
 
 def test_resubmit_refuses_duplicate_run_ids_even_when_the_index_answers(
@@ -179,19 +182,25 @@ def test_resubmit_refuses_duplicate_run_ids_even_when_the_index_answers(
 
 def test_queued_array_tasks_map_only_through_a_consistent_offset(
         base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Array 600 ran tasks 4 and 5 as its array tasks 1 and 2: its queued array task 0 is
-    sweep task 3 (pending). Array 500 ran task 1 as array task 0 and task 0 as array
-    task 2 (a map over chosen tasks, as submitit's map_array makes): no offset fits, so
-    its queued array tasks name no task (either offset would wrongly name task 2), and
-    task 2 stays missing rather than guessed."""
+    """Array 600 ran tasks 4 and 5 as its array tasks 1 and 2 (by their array index, with
+    NOTATA_TASK_OFFSET=3): its queued array task 0 is sweep task 3 (pending). Array 500 ran
+    task 1 as array task 0 and task 0 as array task 2, each by an index of its own (a map
+    over chosen tasks, as submitit's map_array makes, or a user's --task $((2*ID))): no
+    offset is learned from it, so its queued array tasks name no task (either guess would
+    wrongly name task 2), and task 2 stays missing rather than guessed."""
     p = base / "sweep.yaml"
     p.write_text(SWEEP)
-    monkeypatch.setenv("SLURM_JOB_ID", "1")
+    monkeypatch.setenv("SLURM_JOB_ID", "999999")  # a job the test cluster does not know
     for job, array_task, k in [(600, 1, 4), (600, 2, 5), (500, 0, 1), (500, 2, 0)]:
         monkeypatch.setenv("SLURM_ARRAY_JOB_ID", str(job))
         monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(array_task))
-        with notata.task(p, k):
-            pass
+        if job == 600:
+            monkeypatch.setenv("NOTATA_TASK_OFFSET", "3")
+            with notata.task(p):
+                pass
+        else:
+            with notata.task(p, k):
+                pass
     s = load(p)
     queue = Queue({"600_0": "PENDING", "500_1": "PENDING", "500_4": "PENDING",
                    "700+0": "RUNNING", "7x_1": "PENDING"})  # a het job, a key not understood

@@ -106,6 +106,8 @@ def test_stale_holder_on_another_host_is_broken_after_the_threshold(
         meta["heartbeat"] = dict(meta["heartbeat"], unix=time.time() - 3600)
         log._meta = meta
         log._write_meta()
+        # what the holder on that node stamped into the lock file when it took it
+        (log.path / ".lock").write_text(f"lost-node-17 {meta['pid']} {time.time() - 3600}")
         print("open", flush=True)
         time.sleep(60)
         """
@@ -198,3 +200,35 @@ def test_a_lock_held_for_an_instant_is_waited_for_not_refused(base: Path) -> Non
             assert log.attempt == 1
     finally:
         prober.wait(10)
+
+
+def test_a_new_holder_is_never_taken_for_the_dead_one_it_replaced(
+        base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run's record still names a node that died 20 minutes ago; a new holder has just
+    taken the lock and not yet written its record (a slow start, a suspended job). The
+    breaker once read the stale record twice, broke the lock, and two processes ran."""
+    run = base / "log_run"
+    run.mkdir()
+    dead = {"run_id": "run", "status": "running", "host": "lost-node-17", "pid": 4242,
+            "attempt": 1, "heartbeat": {"unix": time.time() - 1200, "interval_sec": 30}}
+    (run / "metadata.json").write_text(json.dumps(dead))
+    (run / ".lock").write_text(f"lost-node-17 4242 {time.time() - 1300}")
+    holder = python("""
+        import sys, time
+        from pathlib import Path
+        from notata.lock import RunLock
+        lock = RunLock(Path(sys.argv[1]), dict)
+        lock.acquire()                 # taken, stamped; its metadata not written yet
+        print("held", flush=True)
+        time.sleep(60)
+        """, str(run))
+    try:
+        assert holder.stdout and holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(lockmod, "CONFIRM_SEC", 0.2)
+        with pytest.raises(RunLockedError):
+            Logbook("run", base, resume=True)
+        assert not list(run.glob(".lock.broken-*"))
+        assert json.loads((run / "metadata.json").read_text()) == dead
+    finally:
+        holder.kill()
+        holder.wait()
