@@ -267,7 +267,7 @@ class Logbook(SignalsMixin, OutputsMixin):
         if self._superseded:
             raise RunSupersededError(str(self.path))
         if self._lost or (not self.attached and not self._lock.still_ours()):
-            self._lost = True
+            self._lose()
             raise RunLostError(str(self.path))
         if self.attached or os.getpid() != self._pid or self._lock.held:
             return
@@ -278,6 +278,13 @@ class Logbook(SignalsMixin, OutputsMixin):
         if (disk.get("attempt"), disk.get("start_unix")) != \
                 (self._meta.get("attempt"), self._meta.get("start_unix")):
             raise RunSupersededError(str(self.path))
+
+    def _lose(self) -> None:
+        """The run is no longer this handle's: stop, let go of what it holds, write no more."""
+        self._lost = self._closed = True
+        if not self._heartbeat.is_current():
+            self._heartbeat.stop(wait=True)
+        self._let_go()
 
     def _check_owner(self, what: str) -> None:
         """The run's metadata and status are the opening process's, not a forked child's."""
@@ -411,7 +418,7 @@ class Logbook(SignalsMixin, OutputsMixin):
                 self._lost = True
                 logger.warning("notata: %s was moved, replaced or its lock broken while this "
                                "process had it open; it writes nothing more there", self.path)
-                return
+                return  # the next write through the handle lets the run go (_lose)
             hb = self._meta["heartbeat"]
             self._meta["heartbeat"] = {**hb, **sample, "unix": round(now, 3),
                                        "time": runinfo.now_iso(now), "beat": hb["beat"] + 1}
@@ -565,7 +572,7 @@ class Logbook(SignalsMixin, OutputsMixin):
                 self._meta["failure_reason"] = reason
         self._heartbeat.stop(wait=not self._heartbeat.is_current())
         if self._lost or not self._lock.still_ours():  # nothing of ours to write into now
-            self._lost = True
+            self._lose()
             raise RunLostError(str(self.path))
         self.info(f"Marked {status}" + (f": {reason}" if reason else ""))
         _fs.fsync_paths(sorted(self._unsynced))

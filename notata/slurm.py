@@ -428,7 +428,7 @@ def submit(sweep: Sweep, indices: Sequence[int], argv: Sequence[str], *,
         try:
             entry["job_id"] = sbatch(script)
         except SchedulerError as err:
-            if err.returncode is not None:  # refused: nothing was queued from it
+            if err.returncode is not None and err.returncode > 0:  # refused: nothing queued
                 script.unlink(missing_ok=True)
             raise
         if submitted is not None:

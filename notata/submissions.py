@@ -106,6 +106,12 @@ def read(base_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
+def submitted(base_dir: Path) -> list[dict[str, Any]]:
+    """The records of what was submitted (one per array, or per local run), oldest first:
+    not the intent lines written before each sbatch, nor the end lines of local runs."""
+    return [r for r in read(base_dir) if r.get("backend") and not r.get("intent")]
+
+
 def _well_formed(r: dict[str, Any]) -> bool:
     """The fields readers use have the shapes notata writes."""
     def kind(key: str, types: type | tuple[type, ...]) -> bool:

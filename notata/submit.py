@@ -96,9 +96,10 @@ def submit(manifest: str | os.PathLike[str] | Sweep, command: Sequence[str],
     options = options or Options()
     options.check()
     command = _command(command)
-    sweep = _sweep(manifest, remember=not options.dry_run)
+    sweep = manifest if isinstance(manifest, Sweep) else load_sweep(manifest)
     indices = sorted(set(options.tasks)) if options.tasks is not None else range(len(sweep))
     _check_tasks(sweep, indices)
+    sweep.check_unique(remember=not options.dry_run)
     backend = options.backend or _default_backend()
     return _submit(sweep, list(indices), command, backend, options, options.given(),
                    progress=progress, held=None)
@@ -135,8 +136,9 @@ def resubmit(manifest: str | os.PathLike[str] | Sweep, statuses: Iterable[str] =
         command = _command(command)
     # Two tasks with one run id would share a run directory: refused here (an index scan
     # does not compute every run id; the check is remembered per manifest hash).
-    sweep = _sweep(manifest, remember=not options.dry_run)
+    sweep = manifest if isinstance(manifest, Sweep) else load_sweep(manifest)
     _check_tasks(sweep, options.tasks or ())
+    sweep.check_unique(remember=not options.dry_run)
     sweep_lock = (lock.no_lock() if options.dry_run
                   else submissions.sweep_lock(sweep.base_dir))
     with sweep_lock as held:
@@ -167,12 +169,6 @@ def resubmit(manifest: str | os.PathLike[str] | Sweep, statuses: Iterable[str] =
             print(f"  command: {shlex.join(cmd)}")
         return _submit(sweep, indices, cmd, backend, options, given, progress=progress,
                        held=held, again=True)
-
-
-def _sweep(manifest: str | os.PathLike[str] | Sweep, remember: bool) -> Sweep:
-    sweep = manifest if isinstance(manifest, Sweep) else load_sweep(manifest)
-    sweep.check_unique(remember=remember)
-    return sweep
 
 
 def _choose(report: Report, statuses: list[str], max_attempts: int | None,
@@ -291,6 +287,7 @@ def _sbatch(sweep: Sweep, todo: list[int], cmd: list[str], flags: Mapping[str, A
 def _say_what_was_submitted(sweep: Sweep, todo: list[int], done: list[dict[str, Any]],
                             trying: list[dict[str, Any]], err: BaseException) -> None:
     """After a failure halfway: which arrays are queued, which may be, which are not."""
+    refused = isinstance(err, SchedulerError) and (err.returncode or 0) > 0
     sent = {i for a in done for i in parse_indices(a["tasks"], len(sweep))}
     parts = []
     if done:
@@ -301,15 +298,17 @@ def _say_what_was_submitted(sweep: Sweep, todo: list[int], done: list[dict[str, 
             parts.append(f"job {a['job_id']} (tasks {a['tasks']}) was queued but could not be "
                          f"recorded; its comment notata:{a['tag']} lets status and resubmit "
                          "find it")
-        elif not (isinstance(err, SchedulerError) and err.returncode is not None):
+        elif not refused:
             parts.append(f"tasks {a['tasks']} may have been queued (sbatch did not answer); "
                          f"if so, their comment notata:{a['tag']} lets status and resubmit "
                          "find them")
+        else:
+            continue
         sent |= set(parse_indices(a["tasks"], len(sweep)))
     rest = sorted(set(todo) - sent)
-    if rest:
-        parts.append(f"not submitted: tasks {compact(rest)}")
-    if done or trying:
+    if parts:
+        if rest:
+            parts.append(f"not submitted: tasks {compact(rest)}")
         print("notata submit: " + "; ".join(parts), file=sys.stderr)
 
 

@@ -146,7 +146,7 @@ def test_heartbeat_staleness_and_clock_skew(base: Path) -> None:
 def test_a_run_whose_lock_a_live_process_holds_is_never_stale(base: Path) -> None:
     """Whatever its heartbeat says (a suspended job, a short --stale-after), a run whose
     lock a live process holds is running, and nobody is told to stop its command."""
-    with Logbook("held", base, heartbeat=60) as log:
+    with Logbook("held", base, heartbeat=60):
         [r] = scan(base, stale_after=0).runs
         assert r.status == "running" and "holds its lock" in (r.reason or "")
         watcher = Watcher(stale_after=0.1)
@@ -412,7 +412,7 @@ def test_resubmit_keeps_the_backend_options_and_narrows_to_tasks(
     assert "task 0 is complete, which is not among" in said.err
     attempts = {k: read_meta(base / "outputs" / f"log_k{k}")["attempt"] for k in range(6)}
     assert attempts == {0: 1, 1: 1, 2: 1, 3: 1, 4: 2, 5: 1}  # task 1 was not asked for
-    records = [r for r in submissions.read(base / "outputs") if r.get("backend")]
+    records = [r for r in submissions.submitted(base / "outputs") if r.get("backend")]
     assert [r["options"] for r in records] == [{"jobs": 1}, {"jobs": 1}]
     assert len({r["submission"] for r in records}) == 2
     ends = [r for r in submissions.read(base / "outputs") if r.get("ended")]
@@ -438,3 +438,117 @@ def test_job_gone_is_never_concluded_over_a_fresh_heartbeat(tmp_path: Path) -> N
         (d / "metadata.json").write_text(json.dumps(run(age)))
         r = read_run(d, queue=queue)
         assert (r.status, r.reason) == (status, reason), age
+
+
+def test_the_submission_record_survives_a_torn_line_and_odd_lines(
+        manifest: Path, base: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A line a full disk cut short once swallowed the next record; a well-formed line of
+    the wrong shape (a hand edit, another tool) crashed status and resubmit."""
+    from notata import submissions
+
+    out = base / "outputs"
+    first = submissions.append(out, {"backend": "slurm", "submission": "a",
+                                     "manifest_hash": "x", "tasks": "0-1", "job_ids": ["7"]})
+    path = submissions.path(out)
+    path.write_bytes(path.read_bytes()[:-20])  # the last write cut short
+    second = submissions.append(out, {"backend": "slurm", "submission": "b",
+                                      "manifest_hash": "x", "tasks": "2-3", "job_ids": ["8"]})
+    assert [r["submission"] for r in submissions.read(out)] == ["b"]
+    assert first["submission"] == "a" and second["submission"] == "b"
+    with path.open("a") as f:
+        for odd in ({"arrays": [{"job_id": "1", "offset": None}]}, {"arrays": "0-1"},
+                    {"tasks": [0, 1]}, {"tasks": "x-y"}, {"options": [1]},
+                    {"command": "echo hi"}, {"command": [1, 2]}):
+            f.write(json.dumps({"backend": "local", "manifest_hash": "y", **odd}) + "\n")
+    assert [r["submission"] for r in submissions.read(out)] == ["b"]
+    assert main(["status", str(manifest)]) == 0
+    assert main(["resubmit", str(manifest), "--backend", "local", "--dry-run", "--",
+                 "true"]) == 0
+
+
+def test_a_dead_process_on_this_host_is_stale_whatever_its_job_says(tmp_path: Path) -> None:
+    """Two tasks in one job, one SIGKILLed (the OOM killer): its job still runs, for the
+    other task, but its own pid is gone here. And a process that happens to have the dead
+    command's pid (recycled) is not taken for a survivor."""
+    import socket
+
+    from notata.collect import Queue, read_run
+
+    d = tmp_path / "log_r"
+    d.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    meta = {"status": "running", "run_id": "r", "attempt": 1, "host": socket.gethostname(),
+            "pid": int(dead), "command_pid": os.getpid(), "user": "someone",
+            "slurm": {"job_id": 99}, "heartbeat": {"unix": time.time(), "beat": 1,
+                                                   "interval_sec": 30}}
+    (d / "metadata.json").write_text(json.dumps(meta))
+    r = read_run(d, queue=Queue({"99": "RUNNING"}))
+    assert r.status == "stale" and "is gone" in (r.reason or "") and not r.orphan
+
+
+def test_bad_values_are_one_line_and_write_nothing(
+        base: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cases = {
+        "name: h\ngrid: {" + ", ".join(f"k{i}: [{', '.join(map(str, range(10)))}]"
+                                        for i in range(13)) + "}\n": "notata takes at most",
+        "name: t\nrun_id: 'r{x[5]}'\nruns: [{x: [1, 2, 3, 4, 5, 6]}, {x: [1]}]\n":
+            "run_id template",
+        "name: d\ngrid: {a: [1]}\ngrid: {b: [2]}\n": "appears twice",
+        "name: s\ngrid: {a: [1]}\nslurm: {warn_before: soon}\n": "warn_before 'soon'",
+        "name: s\ngrid: {a: [1]}\nslurm: {throttle: -1}\n": "throttle -1",
+        "name: s\ngrid: {a: [1]}\nslurm: {partition: no}\n": "quote it",
+        "name: s\ngrid: {a: [1]}\nslurm: {extra: ['#SBATCH --array=0-99']}\n":
+            "notata sets the job array",
+    }
+    for i, (text, message) in enumerate(cases.items()):
+        m = base / f"m{i}.yaml"
+        m.write_text(text)
+        for argv in (["status", str(m)],
+                     ["submit", str(m), "--backend", "slurm", "--dry-run", "--", "true"]):
+            rc = main(argv)
+            err = capsys.readouterr().err
+            if message in err:
+                assert rc == 2 and len(err.strip().splitlines()) == 1, (argv, err)
+                break
+        else:
+            raise AssertionError(f"{text!r}: no one-line error saying {message!r}")
+    m = base / "ok.yaml"
+    m.write_text("name: ok\ngrid: {a: [1, 2]}\n")
+    for argv, message in [(["exec", str(m), "--task", "0", "--heartbeat", "inf", "--", "true"],
+                           "heartbeat"),
+                          (["status", str(m), "--watch", "-1"], "--watch")]:
+        assert main(argv) == 2 and message in capsys.readouterr().err
+    assert not (base / "outputs").exists()
+
+
+def test_resubmit_from_python_refuses_bad_values_before_anything_runs(
+        manifest: Path, base: Path) -> None:
+    cmd = ["--", sys.executable, "-c", PAYLOAD, "{k}"]
+    assert main(["submit", str(manifest), "--backend", "local", *cmd]) == 1
+    before = tree_digest(base / "outputs")
+    for kwargs in ({"max_attempts": "3"}, {"max_attempts": 0}, {"stale_after": -5},
+                   {"stale_after": float("nan")}, {"tasks": [99]}, {"command": ["true", 1]}):
+        with pytest.raises(ValueError):
+            notata.resubmit(manifest, backend="local", **kwargs)  # type: ignore[arg-type]
+    assert tree_digest(base / "outputs") == before
+    hashes = list((base / "outputs" / ".notata" / "index").glob("*.unique"))
+    [h.unlink() for h in hashes]
+    assert notata.resubmit(manifest, backend="local", dry_run=True) == 0
+    assert not list((base / "outputs" / ".notata" / "index").glob("*.unique"))
+
+
+def test_submit_leaves_out_what_is_still_running(
+        manifest: Path, base: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A second submit (or one beside a resubmit) never runs a task twice."""
+    holder = python("import sys, time, notata\nlog = notata.task(sys.argv[1], 2)\n"
+                    "print('open', flush=True)\ntime.sleep(30)\n", str(manifest))
+    try:
+        assert holder.stdout and holder.stdout.readline().strip() == "open"
+        assert main(["submit", str(manifest), "--backend", "local", "--", "true"]) == 0
+        err = capsys.readouterr().err
+        assert "1 task(s) still queued or running, left out: 2" in err
+        assert read_meta(base / "outputs" / "log_k2")["pid"] == holder.pid
+    finally:
+        holder.kill()
+        holder.wait()

@@ -14,9 +14,9 @@ from conftest import job_gone, read_meta, sbatch, status_is, tree_digest, wait_f
 import notata
 from notata import index, submissions
 from notata.cli import main
-from notata.collect import Queue, scan
+from notata.collect import scan
 from notata.manifest import load
-from notata.slurm import queue
+from notata.slurm import collector_queue
 
 # k1 fails on its first attempt; k2 hangs on its first attempt (to be SIGKILLed).
 PAYLOAD = """
@@ -39,12 +39,12 @@ def test_status_and_resubmit_after_real_failures(slurm_cluster: str, base: Path,
     out = base / "outputs"
     assert main(["submit", str(manifest), "--backend", "slurm", "--throttle", "3", "--",
                  sys.executable, str(payload), "{k}"]) == 0
-    [record] = submissions.read(out)
+    [record] = submissions.submitted(out)
     job = record["job_ids"][0]
     wait_for(status_is(out / "log_k2", "running"), 120, "k2 to start")
     # while tasks are queued or running, none of them is resubmitted (k1 may have failed
     # already: it fails at once, and is then rightly chosen)
-    live = scan(load(manifest), queue=Queue(queue()))
+    live = scan(load(manifest), queue=collector_queue(out, "test"))
     chosen, _ = live.to_resubmit()
     assert set(chosen) <= {1}, [(r.run_id, r.status, r.queued) for r in live.runs]
     assert {r.run_id: r.status for r in live.runs}["k2"] == "running"
@@ -57,7 +57,7 @@ def test_status_and_resubmit_after_real_failures(slurm_cluster: str, base: Path,
     wait_for(job_gone(job), 300, "the array to end")
     capsys.readouterr()
 
-    report = scan(load(manifest), queue=Queue(queue()))
+    report = scan(load(manifest), queue=collector_queue(out, "test"))
     got = {r.run_id: (r.status, r.attempt) for r in report.runs}
     assert got == {"k0": ("complete", 1), "k1": ("failed", 1), "k2": ("stale", 1),
                    "k3": ("complete", 1), "k4": ("complete", 1), "k5": ("missing", 0)}
@@ -71,7 +71,7 @@ def test_status_and_resubmit_after_real_failures(slurm_cluster: str, base: Path,
     # from Python, with a list option (repeated --sbatch-line)
     assert notata.resubmit(manifest, backend="slurm", sbatch_line=["--comment=again"]) == 0
     assert "resubmitting 3 task(s) with the slurm backend: 1-2,5" in capsys.readouterr().out
-    second = submissions.read(out)[-1]
+    second = submissions.submitted(out)[-1]
     assert second["tasks"] == "1-2,5" and second["command"] == record["command"]
     assert "#SBATCH --comment=again" in Path(second["arrays"][0]["script"]).read_text()
     wait_for(lambda: all(job_gone(j)() for j in second["job_ids"]), 300, "the resubmission")
@@ -106,7 +106,7 @@ def test_tasks_of_a_users_own_array_read_pending(slurm_cluster: str, base: Path)
     out = base / "outputs"
     try:
         wait_for(status_is(out / "log_k0", "running"), 120, "task 0 to start")
-        report = scan(load(manifest), queue=Queue(queue()))
+        report = scan(load(manifest), queue=collector_queue(out, "test"))
         assert [(r.status, r.queued) for r in report.runs] == [
             ("running", "RUNNING"), ("pending", "PENDING"), ("pending", "PENDING")]
         assert report.to_resubmit() == ([], [])
@@ -139,7 +139,7 @@ def test_a_users_own_array_is_known_when_every_started_task_is_complete(
             return done is not None and len(done) == 2
 
         wait_for(both_indexed, 120, "tasks 0 and 1 to complete")
-        report = scan(sweep, queue=Queue(queue()))
+        report = scan(sweep, queue=collector_queue(out, "test"))
         assert report.indexed["task"].tolist() == [0, 1]  # not opened
         assert [(r.task, r.status, r.queued) for r in report.read] == [
             (2, "pending", "PENDING"), (3, "pending", "PENDING")]
@@ -180,7 +180,45 @@ def test_a_colleagues_queued_and_running_tasks_read_so(
         assert {got[k][0] for k in (1, 2, 3)} == {"pending"}, got
         assert report.to_resubmit() == ([], [])
     finally:
-        for r in submissions.read(out):
+        for r in submissions.submitted(out):
             for j in r.get("job_ids", []):
                 subprocess.run(["scancel", str(j)], check=False)
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_a_colleagues_own_array_reads_pending(
+        slurm_cluster: str, group_users: tuple[str, list[str], str]) -> None:
+    """A colleague's own `sbatch --array` (no submission of hers recorded): once some of
+    its tasks have completed, its held tasks read pending for another user too, and are
+    never resubmitted beside hers (her jobs are not in `squeue -u` of anyone asked)."""
+    import shutil
+
+    from conftest import as_user
+    from test_faults import shared_folder
+
+    py, (_, b), group = group_users
+    shared = shared_folder(group)
+    manifest = shared / "sweep.yaml"
+    script = shared / "own.sbatch"
+    script.write_text(f"#!/bin/sh\nexec {py} -m notata exec {manifest} -- true\n")
+    script.chmod(0o775)
+    job = None
+    try:
+        sub = as_user(b, py, "import subprocess, sys\nprint(subprocess.run(['sbatch', "
+                      "'--parsable', '--hold', '--array=0-3', '--output=' + sys.argv[2], "
+                      "sys.argv[1]], capture_output=True, text=True, check=True).stdout)",
+                      str(script), f"{shared}/slurm-%A_%a.out")
+        out, err = sub.communicate(timeout=60)
+        assert sub.returncode == 0, err
+        job = out.strip().split(";")[0]
+        subprocess.run(["scontrol", "release", f"{job}_0", f"{job}_1"], check=True)
+        for k in (0, 1):
+            wait_for(status_is(shared / "outputs" / f"log_k{k}", "complete"), 120, f"task {k}")
+        report = notata.collect(manifest)  # by root
+        got = {r.task: r.status for r in report.runs}
+        assert got == {0: "complete", 1: "complete", 2: "pending", 3: "pending"}, got
+        assert report.to_resubmit() == ([], [])
+    finally:
+        if job:
+            subprocess.run(["scancel", job], check=False)
         shutil.rmtree(shared, ignore_errors=True)

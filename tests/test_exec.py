@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -481,11 +483,13 @@ def test_the_command_inherits_no_run_variables_of_an_outer_task(manifest: Path, 
                                                                  ) -> None:
     monkeypatch.setenv("NOTATA_RUN_ID", "outer")
     monkeypatch.setenv("NOTATA_WRAPPER_HOST", "elsewhere")
+    monkeypatch.setenv("NOTATA_TASK_OFFSET", "2")  # an outer array's: never the next stage's
     code = ("import json, os; print(json.dumps({k: v for k, v in os.environ.items() "
             "if k.startswith('NOTATA_')}))")
     assert main(["exec", str(manifest), "--task", "0", "--", sys.executable, "-c", code]) == 0
     env = json.loads(_lines(run_dir(base, "plain") / "stdout.txt")[-1])
     assert env["NOTATA_RUN_ID"] == "wplain" and env["NOTATA_WRAPPER_HOST"] != "elsewhere"
+    assert "NOTATA_TASK_OFFSET" not in env
 
 
 DUPLICATES = "name: dup\nrun_id: 'seed{seed}'\ngrid: {seed: [0, 1], lr: [0.1, 0.2]}\n"
@@ -510,3 +514,117 @@ def test_tasks_sharing_a_run_id_refuse_to_start_and_status_says_why(
         assert main(args) == 2
         assert "same run id" in capsys.readouterr().err
     assert read_meta(base / "outputs" / "log_seed0")["task"] == 0
+
+
+TRAPPED_PAYLOAD = """
+import os, signal, sys, time
+from pathlib import Path
+run = Path(os.environ["NOTATA_RUN_DIR"])
+def on_term(signum, frame):
+    time.sleep(1.5)
+    (run / "ckpt.txt").write_text("written after SIGTERM")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, on_term)
+print("child up", os.getpid(), flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
+def test_the_lock_waits_for_every_process_of_the_command(manifest: Path, base: Path) -> None:
+    """The usual shell script around Python: the shell dies at once on SIGTERM, the Python
+    payload it started checkpoints for a while. The lock once went with the shell."""
+    from notata import Logbook, RunLockedError
+
+    payload = base / "payload.py"
+    payload.write_text(TRAPPED_PAYLOAD)
+    proc = _exec(manifest, "bash", "-c",
+                 f"{shlex.quote(sys.executable)} {shlex.quote(str(payload))}; true")
+    d = run_dir(base, "plain")
+    child = _child_pid(d)
+    proc.send_signal(signal.SIGTERM)  # type: ignore[attr-defined]
+    wait_for(status_is(d, "terminated"), what="the status")
+    time.sleep(0.3)
+    assert _pid_alive(child)
+    with pytest.raises(RunLockedError):
+        Logbook("wplain", base / "outputs", resume=True)
+    assert proc.wait(30) == 143  # type: ignore[attr-defined]
+    assert (d / "ckpt.txt").exists() and not _pid_alive(child)
+
+
+@pytest.mark.parametrize("leftover", ["sleep 60 &", "setsid sleep 60 &"],
+                         ids=["background", "daemon"])
+def test_what_a_command_leaves_running_ends_with_it(manifest: Path, base: Path,
+                                                   leftover: str) -> None:
+    """A command that exits 0 but leaves a process behind (in its group, or a daemon in a
+    session of its own): the wrapper, its subreaper, stops it before letting the run go."""
+    assert main(["exec", str(manifest), "--task", "0", "--", "sh", "-c",
+                 f"{leftover} echo child up $!"]) == 0
+    d = run_dir(base, "plain")
+    left = int(next(ln for ln in _lines(d / "stdout.txt")
+                    if ln.startswith("child up")).split()[-1])
+    assert not _pid_alive(left)
+    assert read_meta(d)["status"] == "complete"
+    assert "left 1 process(es) running" in (d / "log.txt").read_text()
+
+
+ATTACHED_CHECKPOINT = f"""
+import sys, time
+sys.path.insert(0, {str(ROOT)!r})
+import notata
+with notata.task(sys.argv[1]) as log:
+    log.on_terminate(lambda log, signum: log.save_text("hook", "ran"))
+    try:
+        print("child up 0", flush=True)
+        while True:
+            time.sleep(0.05)
+    finally:
+        log.save_text("finally", "ran")
+"""
+
+
+def test_an_attached_command_runs_its_hooks_and_finally_blocks_on_sigterm(
+        manifest: Path, base: Path) -> None:
+    proc = _exec(manifest, sys.executable, "-c", ATTACHED_CHECKPOINT, str(manifest))
+    d = run_dir(base, "plain")
+    _child_pid(d)
+    proc.send_signal(signal.SIGTERM)  # type: ignore[attr-defined]
+    assert proc.wait(30) == 143  # type: ignore[attr-defined]
+    assert (d / "artifacts" / "hook.txt").read_text() == "ran"
+    assert (d / "artifacts" / "finally.txt").read_text() == "ran"
+    assert read_meta(d)["status"] == "terminated"
+
+
+def test_an_attached_mark_failed_counts(manifest: Path, base: Path) -> None:
+    """The same script gives the same status with and without the wrapper."""
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import notata\n"
+            "log = notata.task(sys.argv[1])\nlog.mark_complete()\n"
+            "log.mark_failed('validation: energy is NaN')\n")
+    assert main(["exec", str(manifest), "--task", "0", "--", sys.executable, "-c", code,
+                 str(manifest)]) == 0
+    meta = read_meta(run_dir(base, "plain"))
+    assert meta["status"] == "failed"
+    assert meta["failure_reason"] == "the command marked the run failed: validation: energy is NaN"
+
+
+def test_variables_copied_by_hand_attach_to_nothing(manifest: Path, base: Path) -> None:
+    """NOTATA_WRAPPER_PID=1 (everyone's ancestor) and the run's folder, set by hand beside a
+    live holder: no attach, the lock refuses."""
+    import socket
+
+    from notata import RunLockedError
+
+    proc = _exec(manifest, sys.executable, "-c", TRAPS_TERM, "0")
+    d = run_dir(base, "plain")
+    _child_pid(d)
+    try:
+        env = {"NOTATA_RUN_DIR": str(d), "NOTATA_WRAPPER_PID": "1",
+               "NOTATA_WRAPPER_HOST": socket.gethostname(), "NOTATA_TASK": "0"}
+        other = python("import sys, notata\ntry:\n    notata.task(sys.argv[1], 0)\n"
+                       "except notata.RunLockedError:\n    print('refused')\n",
+                       str(manifest), env=env)
+        assert other.communicate(timeout=30)[0].strip() == "refused"
+        assert RunLockedError  # the class the refusal is
+    finally:
+        proc.send_signal(signal.SIGTERM)  # type: ignore[attr-defined]
+        proc.wait(30)  # type: ignore[attr-defined]

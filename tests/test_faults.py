@@ -97,7 +97,7 @@ def test_task_ignoring_sigterm_is_killed_and_never_complete(slurm_cluster: str,
             "echo $$ > \"$2\"/pid; sleep 300 & wait; fi")
     assert main(["submit", str(manifest), "--backend", "slurm", "--time", "1", "--", "sh", "-c",
                  deaf, "sh", "{k}", "{run_dir}"]) == 0
-    [record] = submissions.read(out)
+    [record] = submissions.submitted(out)
     wait_for(lambda: (out / "log_k0" / "pid").exists(), 120, "task 0 to start")
     pid = int((out / "log_k0" / "pid").read_text())
     wait_for(status_is(out / "log_k1", "complete"), 120, "task 1 to finish")
@@ -111,7 +111,7 @@ def test_task_ignoring_sigterm_is_killed_and_never_complete(slurm_cluster: str,
     assert no_temporaries(out)
     # resubmission (timeout and stale are both taken by default) resumes it as attempt 2
     assert main(["resubmit", str(manifest), "--backend", "slurm"]) == 0
-    for j in submissions.read(out)[-1]["job_ids"]:
+    for j in submissions.submitted(out)[-1]["job_ids"]:
         wait_for(job_gone(j), 120, "the resubmission")
     meta = read_meta(out / "log_k0")
     assert (meta["status"], meta["attempt"]) == ("complete", 2)
@@ -140,7 +140,7 @@ def test_cancelled_stays_cancelled_and_two_collectors_resubmit_once(
     out = base / "outputs"
     assert main(["submit", str(manifest), "--backend", "slurm", "--", sys.executable,
                  str(payload), "{k}"]) == 0
-    job = submissions.read(out)[0]["job_ids"][0]
+    job = submissions.submitted(out)[0]["job_ids"][0]
     wait_for(status_is(out / "log_k1", "running"), 120, "task 1 to start")
     subprocess.run(["scancel", f"{job}_1"], check=True)
     wait_for(job_gone(job), 120, "the array to end")
@@ -155,7 +155,7 @@ def test_cancelled_stays_cancelled_and_two_collectors_resubmit_once(
     assert [p.returncode for p in both] == [0, 0]
     took = "resubmitting 1 task(s) with the slurm backend: 0"
     assert sorted(took in s for s in said) == [False, True], said
-    resubmits = submissions.read(out)[1:]
+    resubmits = submissions.submitted(out)[1:]
     assert [r["tasks"] for r in resubmits] == ["0"]
     for j in resubmits[0]["job_ids"]:
         wait_for(job_gone(j), 120, "the resubmission")
@@ -163,7 +163,7 @@ def test_cancelled_stays_cancelled_and_two_collectors_resubmit_once(
     assert digests(out, "k1", "k2", "k3") == before  # the cancelled run was not taken
 
     assert main(["resubmit", str(manifest), "--backend", "slurm", "--cancelled"]) == 0
-    for j in submissions.read(out)[-1]["job_ids"]:
+    for j in submissions.submitted(out)[-1]["job_ids"]:
         wait_for(job_gone(j), 120, "the resubmission of the cancelled task")
     meta = read_meta(out / "log_k1")
     assert (meta["status"], meta["attempt"]) == ("complete", 2)
@@ -199,6 +199,8 @@ def test_without_flock_the_soft_lock_still_excludes_and_frees_the_dead(base: Pat
     with Logbook("neighbour", base) as log:
         log.save_text("note", "unchanged")
     before = digests(base, "neighbour")
+    (base / "log_r").mkdir()
+    (base / "log_r" / ".lock").touch()  # what a run opened where flock works leaves behind
     holder = python(NO_FLOCK, str(base), "hold")
     assert holder.stdout and holder.stdout.readline().split() == ["open", "1"]
     second = python(NO_FLOCK, str(base), "once")
@@ -419,7 +421,7 @@ def test_a_sweep_shared_by_a_group_works_for_every_member(
         assert (third.returncode, out.strip()) == (0, "2"), err
         statuses = {k: read_meta(shared / "outputs" / f"log_k{k}")["status"] for k in (0, 1, 2)}
         assert statuses == {0: "complete", 1: "complete", 2: "complete"}
-        users = {r["user"] for r in submissions.read(shared / "outputs") if r.get("backend")}
+        users = {r["user"] for r in submissions.submitted(shared / "outputs") if r.get("backend")}
         assert users == {a, b}
     finally:
         shutil.rmtree(shared, ignore_errors=True)

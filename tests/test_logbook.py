@@ -472,3 +472,106 @@ def test_notata_03_logger_and_target_dir(base: Path) -> None:
         assert (log.path / "diag").is_dir()
     assert "hello" in buf.getvalue()
     assert "INFO hello" in log.log_path.read_text()
+
+
+def test_a_run_moved_aside_while_open_is_no_longer_written(base: Path) -> None:
+    """A careless `mv` (or `rm -rf`) of a live run and a new start: the old handle once
+    went on writing into the new run, its "complete" included."""
+    from notata.errors import RunLostError
+
+    old = Logbook("mv", base, heartbeat=0.05)
+    (base / "log_mv").rename(base / "aside")
+    with Logbook("mv", base) as new:
+        with pytest.raises(RunLostError, match="moved, replaced"):
+            old.save_text("late", "x")
+        with pytest.raises(RunLostError):
+            old.mark_complete()
+        new.save_text("mine", "y")
+    meta = LogReader(new.path).meta
+    assert meta["pid"] == os.getpid() and meta["status"] == "complete"
+    assert not (new.artifactsdir / "late.txt").exists()
+
+
+def test_a_closed_handle_writes_nothing_into_a_newer_attempt(base: Path) -> None:
+    from notata.errors import RunSupersededError
+
+    first = Logbook("c", base)
+    first.close()
+    first.meta(note="after close, before anyone else")  # still its run: allowed
+    assert LogReader(first.path).meta["note"] == "after close, before anyone else"
+    second = Logbook("c", base, overwrite=True)
+    for write in (lambda: first.meta(note="late"), lambda: first.save_json("x", {})):
+        with pytest.raises(RunSupersededError):
+            write()
+    second.close()
+    assert "note" not in LogReader(second.path).meta
+
+
+def test_a_forked_child_never_ends_its_parents_run(base: Path) -> None:
+    """A worker forked inside a `with` block leaves it by sys.exit, and returns through the
+    interpreter's exit hooks: the parent's run once read complete, or failed."""
+    import atexit
+
+    with Logbook("fork", base, heartbeat=0.05) as log:
+        pid = os.fork()
+        if pid == 0:  # the child: whatever happens, it never returns into pytest
+            try:
+                log.save_text("from_child", "outputs are allowed")
+                log.__exit__(SystemExit, SystemExit(0), None)  # the inherited block, left
+                atexit._run_exitfuncs()
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        assert LogReader(log.path).meta["status"] == "running"
+    assert LogReader(log.path).meta["status"] == "complete"
+    assert (log.artifactsdir / "from_child.txt").exists()
+
+
+def test_meta_refuses_notatas_own_fields(base: Path) -> None:
+    with Logbook("m", base) as log:
+        for field in ("status", "heartbeat", "attempt", "task", "user"):
+            with pytest.raises(ValueError, match=f"{field!r} is notata's own"):
+                log.meta(**{field: "converged"})
+        log.meta(solver_status="converged")
+    assert LogReader(log.path).meta["solver_status"] == "converged"
+
+
+def test_runs_whose_lives_overlap_keep_the_users_handler(base: Path) -> None:
+    import signal
+
+    def mine(signum: int, frame: object) -> None:
+        pass
+
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        b = Logbook("b", base)
+        a = Logbook("a", base)
+        b.close()
+        a.close()
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+@pytest.mark.parametrize("kind", ["folder", "dangling", "outside"])
+def test_a_lock_path_that_is_not_a_plain_file_is_refused(base: Path, tmp_path: Path,
+                                                         kind: str) -> None:
+    from notata.errors import RunDirError
+
+    with pytest.raises(ValueError), Logbook("odd", base):
+        raise ValueError("fails")
+    lock = base / "log_odd" / ".lock"
+    lock.unlink()
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not notata's")
+    if kind == "folder":
+        lock.mkdir()
+    else:
+        lock.symlink_to(tmp_path / "nothing" if kind == "dangling" else outside)
+    with pytest.raises(RunDirError, match="not a plain file"):
+        Logbook("odd", base, resume=True)
+    assert outside.read_text() == "not notata's" and not (tmp_path / "nothing").exists()
+    from notata.collect import scan
+
+    [r] = scan(base).runs
+    assert r.status == "corrupt" and ".lock" in (r.reason or "")

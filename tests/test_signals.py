@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from conftest import python, read_meta, status_is, wait_for
 
 from notata import Logbook
@@ -186,3 +187,43 @@ def test_nohup_keeps_sighup_ignored(base: Path) -> None:
     proc.send_signal(signal.SIGHUP)
     proc.communicate(timeout=30)
     assert proc.returncode == 0 and read_meta(base / "log_run")["status"] == "complete"
+
+
+SLOW_OPEN = """
+    import sys, time
+    from notata import Logbook
+    print("opening", flush=True)
+    with Logbook("run", sys.argv[1], heartbeat=60) as log:   # scontrol answers in 1.5 s
+        print("open", flush=True)
+        time.sleep(5)
+    """
+
+
+@pytest.mark.parametrize(("first", "then", "status"), [
+    (signal.SIGTERM, signal.SIGUSR1, "terminated"),
+    (signal.SIGUSR1, signal.SIGTERM, "timeout"),
+])
+def test_signals_that_arrive_while_the_run_opens_are_all_kept_in_order(
+        base: Path, tmp_path: Path, first: int, then: int, status: str) -> None:
+    """A slow open (a busy SLURM controller): a SIGTERM followed by the warning once lost
+    the SIGTERM (the run completed), the warning followed by SIGTERM the warning."""
+    slow = tmp_path / "bin"
+    slow.mkdir()
+    (slow / "scontrol").write_text("#!/bin/sh\nsleep 1.5\nexit 1\n")
+    (slow / "scontrol").chmod(0o755)
+    import os
+
+    proc = python(SLOW_OPEN, str(base), env={"PATH": f"{slow}:{os.environ['PATH']}",
+                                             "SLURM_JOB_ID": "999999"})
+    assert proc.stdout and proc.stdout.readline().strip() == "opening"
+    wait_for(lambda: (base / "log_run" / "metadata.json").exists(), what="the first write")
+    proc.send_signal(first)
+    time.sleep(0.05)
+    proc.send_signal(then)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 143
+    meta = read_meta(base / "log_run")
+    assert meta["status"] == status
+    assert [s["signal"] for s in meta["signals"]] == [signal.Signals(first).name,
+                                                      signal.Signals(then).name][
+        : 2 if first == signal.SIGUSR1 else 1]

@@ -164,7 +164,7 @@ def test_a_sweep_of_20_through_sbatch(slurm_cluster: str, base: Path) -> None:
         )
         == 0
     )
-    [record] = submissions.read(base / "outputs")
+    [record] = submissions.submitted(base / "outputs")
     job = record["job_ids"][0]
     assert record["backend"] == "slurm" and record["tasks"] == "0-19" and record["count"] == 20
     wait_all(base, [f"i{i}" for i in range(20)])
@@ -200,7 +200,7 @@ def test_throttle_subset_and_split_on_the_cluster(slurm_cluster: str, base: Path
         )
         == 0
     )
-    records = submissions.read(base / "outputs")  # one line per array, one submission
+    records = submissions.submitted(base / "outputs")  # one line per array, one submission
     assert [(r["part"], r["parts"]) for r in records] == [(0, 2), (1, 2)]
     assert len({r["submission"] for r in records}) == 1
     assert [(a["offset"], a["spec"]) for r in records for a in r["arrays"]] == [
@@ -281,7 +281,7 @@ while True:
         )
         == 0
     )
-    [record] = submissions.read(base / "outputs")
+    [record] = submissions.submitted(base / "outputs")
     limit, cancel = (base / "outputs" / f"log_case{c}" for c in ("limit", "cancel"))
     wait_for(status_is(cancel, "running"), 120, "the task to start")
     subprocess.run(["scancel", f"{record['job_ids'][0]}_1"], check=True)
@@ -314,7 +314,7 @@ def test_sbatch_errors_are_one_clear_line(slurm_cluster: str, base: Path) -> Non
     assert proc.returncode == 1
     [line] = proc.stderr.strip().splitlines()
     assert line.startswith("notata submit: sbatch failed:") and "partition" in line.lower()
-    assert submissions.read(base / "outputs") == []
+    assert submissions.submitted(base / "outputs") == []
 
 
 def test_a_warning_that_cannot_fit_the_time_limit_is_moved_or_dropped(
@@ -390,17 +390,16 @@ def test_a_submission_that_fails_halfway_records_what_it_submitted(
                    "--sbatch-line=--hold", "--", "true"])
         said = capsys.readouterr()
         assert rc == 1
-        [record] = submissions.read(out)
+        [record] = submissions.submitted(out)
         assert record["tasks"] == "0-1" and record["parts"] == 2 and record["job_ids"][0]
         assert f"submitted job {record['job_ids'][0]}: tasks 0-1" in said.out
         assert "not submitted: tasks 1001" in said.err and "QOS policy" in said.err
         assert main(["resubmit", str(manifest), "--tasks", "0-1,1001", "--dry-run"]) == 0
         plan = capsys.readouterr()
-        assert "would resubmit 1 task(s) with the slurm backend (as the last submission): 1001" \
-            in plan.out, plan
+        assert "would resubmit 1 task(s) with the slurm backend: 1001" in plan.out, plan
         assert "task 0 is pending" in plan.err and "task 1 is pending" in plan.err
     finally:
-        _cancel(submissions.read(out))
+        _cancel(submissions.submitted(out))
 
 
 def test_two_submissions_in_one_second_write_two_scripts(slurm_cluster: str,
@@ -411,13 +410,13 @@ def test_two_submissions_in_one_second_write_two_scripts(slurm_cluster: str,
         for tasks in ("0-1", "2-3"):
             assert main(["submit", str(manifest), "--backend", "slurm", "--tasks", tasks,
                          "--sbatch-line=--hold", "--", "true"]) == 0
-        records = submissions.read(out)
+        records = submissions.submitted(out)
         scripts = [r["arrays"][0]["script"] for r in records]
         assert len(set(scripts)) == 2
         for r, script in zip(records, scripts, strict=True):
             assert f"this array covers tasks {r['tasks']}." in Path(script).read_text()
     finally:
-        _cancel(submissions.read(out))
+        _cancel(submissions.submitted(out))
 
 
 def test_resubmit_reuses_the_recorded_options_and_dry_run_shows_the_script(
@@ -426,20 +425,155 @@ def test_resubmit_reuses_the_recorded_options_and_dry_run_shows_the_script(
     out = base / "outputs"
     assert main(["submit", str(manifest), "--backend", "slurm", "--time", "00:05:00",
                  "--mem", "100M", "--", "sh", "-c", "exit {k}"]) == 0
-    [first] = submissions.read(out)
+    [first] = submissions.submitted(out)
     assert first["options"] == {"time": "00:05:00", "mem": "100M"}
     wait_for(job_gone(first["job_ids"][0]), 300, "the array")
     capsys.readouterr()
     assert main(["resubmit", str(manifest), "--dry-run"]) == 0
     plan = capsys.readouterr().out
-    assert plan.startswith("would resubmit 1 task(s) with the slurm backend (as the last "
-                           "submission): 1\n")
+    assert plan.startswith("would resubmit 1 task(s) with the slurm backend: 1\n"
+                           "  from the last submission (")
+    assert "time=00:05:00" in plan.splitlines()[1] and "mem=100M" in plan.splitlines()[1]
     assert '#SBATCH --time="00:05:00"' in plan and '#SBATCH --mem="100M"' in plan
     assert "# sbatch --parsable" in plan and "--array=0" in plan
-    assert len(submissions.read(out)) == 1  # a dry run records nothing
+    assert len(submissions.submitted(out)) == 1  # a dry run records nothing
     assert main(["resubmit", str(manifest), "--mem", "200M"]) == 0
-    second = submissions.read(out)[-1]
+    second = submissions.submitted(out)[-1]
     assert second["options"] == {"time": "00:05:00", "mem": "200M"}
     text = Path(second["arrays"][0]["script"]).read_text()
     assert '#SBATCH --time="00:05:00"' in text and '#SBATCH --mem="200M"' in text
     wait_for(job_gone(second["job_ids"][0]), 300, "the resubmission")
+
+
+def _shim(tmp_path: Path, name: str, body: str) -> Path:
+    """A command in front of the real one (it calls the real one by its full path)."""
+    import shutil
+
+    real = shutil.which(name)
+    folder = tmp_path / "bin"
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_text(f"#!/bin/sh\nREAL={shlex.quote(str(real))}\n{body}\n")
+    (folder / name).chmod(0o755)
+    return folder
+
+
+def test_an_array_queued_but_never_recorded_is_still_found(
+        slurm_cluster: str, base: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """sbatch queued the array but answered too late (a busy controller), or the submitter
+    was killed while it ran: no job id was recorded. The tag in the job's comment, recorded
+    before sbatch ran, still lets status see the tasks queued and resubmit leave them."""
+    from notata import slurm
+
+    folder = _shim(tmp_path, "sbatch", 'out=$("$REAL" "$@"); sleep 5; echo "$out"')
+    monkeypatch.setenv("PATH", f"{folder}:{os.environ['PATH']}")
+    monkeypatch.setattr(slurm, "SBATCH_TIMEOUT", 2.0)
+    manifest = write_manifest(base, "name: late\nrun_id: 'k{k}'\ngrid: {k: [0, 1, 2]}\n")
+    out = base / "outputs"
+    try:
+        assert main(["submit", str(manifest), "--backend", "slurm", "--sbatch-line=--hold",
+                     "--", "true"]) == 1
+        err = capsys.readouterr().err
+        assert "may have been queued" in err and "notata:" in err
+        assert submissions.submitted(out) == []  # no job id came back
+        monkeypatch.setenv("PATH", os.environ["PATH"].split(":", 1)[1])
+        wait_for(lambda: bool(subprocess.run(["squeue", "--me", "-h", "-o", "%k"],
+                                             capture_output=True, text=True).stdout.strip()),
+                 30, "the late array in the queue")
+        import notata
+
+        report = notata.collect(manifest)
+        assert {r.task: r.status for r in report.runs} == {0: "pending", 1: "pending",
+                                                           2: "pending"}
+        assert main(["resubmit", str(manifest), "--dry-run", "--", "true"]) == 0
+        assert "nothing to resubmit" in capsys.readouterr().out
+    finally:
+        tags = [r["arrays"][0]["tag"] for r in submissions.read(out) if r.get("intent")]
+        for line in subprocess.run(["squeue", "--me", "-h", "-o", "%i|%k"], capture_output=True,
+                                   text=True).stdout.splitlines():
+            job, _, comment = line.partition("|")
+            if comment.removeprefix("notata:") in tags:
+                subprocess.run(["scancel", job], check=False)
+
+
+def test_resubmit_refuses_when_the_queue_cannot_be_read(
+        slurm_cluster: str, base: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """squeue timed out once and resubmit went on "from files alone", queuing every task a
+    second time beside the first."""
+    manifest = write_manifest(base, "name: blind\nrun_id: 'k{k}'\ngrid: {k: [0, 1]}\n")
+    out = base / "outputs"
+    try:
+        assert main(["submit", str(manifest), "--backend", "slurm", "--sbatch-line=--hold",
+                     "--", "true"]) == 0
+        folder = _shim(tmp_path, "squeue",
+                       "echo 'squeue: error: Socket timed out on send/recv operation' >&2; exit 1")
+        monkeypatch.setenv("PATH", f"{folder}:{os.environ['PATH']}")
+        capsys.readouterr()
+        assert main(["resubmit", str(manifest)]) == 1
+        assert "cannot be read" in capsys.readouterr().err
+        assert len(submissions.submitted(out)) == 1
+        assert main(["status", str(manifest)]) == 0  # status says so and goes on
+    finally:
+        _cancel(submissions.submitted(out))
+
+
+def test_a_queued_array_of_an_earlier_manifest_version_counts(
+        slurm_cluster: str, base: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The array runs the manifest as it is when it starts: after an edit, its tasks are
+    still queued, not missing."""
+    manifest = write_manifest(base, "name: ed\nrun_id: 'k{k}'\ngrid: {k: [0, 1]}\n"
+                                    "params: {steps: 1000}\n")
+    out = base / "outputs"
+    try:
+        assert main(["submit", str(manifest), "--backend", "slurm", "--sbatch-line=--hold",
+                     "--", "true"]) == 0
+        manifest.write_text(manifest.read_text().replace("1000", "2000"))
+        capsys.readouterr()
+        assert main(["resubmit", str(manifest), "--dry-run", "--", "true"]) == 0
+        assert "nothing to resubmit" in capsys.readouterr().out
+    finally:
+        _cancel(submissions.submitted(out))
+
+
+def test_a_plain_job_submitted_from_an_array_task_is_not_that_task(
+        slurm_cluster: str, base: Path) -> None:
+    """sbatch exports the submitter's SLURM_ARRAY_* into a plain job: its NOTATA_TASK must
+    win, and its run must not be filed under the outer array's task."""
+    manifest = write_manifest(base, "name: pl\nrun_id: 'k{k}'\ngrid: {k: [0, 1, 2, 3]}\n")
+    job = subprocess.run(
+        ["sbatch", "--parsable", "--export=ALL,SLURM_ARRAY_TASK_ID=3,SLURM_ARRAY_JOB_ID=1,"
+         "NOTATA_TASK=1", f"--output={base}/plain.out", "--wrap",
+         shlex.join([sys.executable, "-m", "notata", "exec", str(manifest), "--", "true"])],
+        capture_output=True, text=True, check=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    ).stdout.strip()
+    wait_for(job_gone(job), 120, "the plain job")
+    meta = read_meta(base / "outputs" / "log_k1")
+    assert meta["task"] == 1 and meta["status"] == "complete"
+    assert "array_task_id" not in meta["slurm"] and "array_job_id" not in meta["slurm"]
+
+
+def test_a_command_started_through_srun_attaches_to_its_wrappers_run(
+        slurm_cluster: str, base: Path) -> None:
+    """The usual MPI launch: `notata exec ... -- srun python payload.py`. srun's task is
+    slurmstepd's child, not the wrapper's; it once failed on its own wrapper's lock."""
+    manifest = write_manifest(base, "name: sr\nrun_id: 'k{k}'\ngrid: {k: [0]}\n")
+    payload = base / "payload.py"
+    payload.write_text("import sys, notata\nwith notata.task(sys.argv[1]) as log:\n"
+                       "    log.save_text('from_srun', 'attached')\n")
+    assert main(["submit", str(manifest), "--backend", "slurm", "--", "srun", "-n", "1",
+                 sys.executable, str(payload), str(manifest)]) == 0
+    [record] = submissions.submitted(base / "outputs")
+    wait_for(job_gone(record["job_ids"][0]), 120, "the job")
+    run = base / "outputs" / "log_k0"
+    assert read_meta(run)["status"] == "complete", (run / "stderr.txt").read_text()
+    assert (run / "artifacts" / "from_srun.txt").read_text() == "attached"
+
+
+def test_a_base_dir_that_cannot_sit_in_a_job_script_is_refused(
+        base: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = write_manifest(base, 'name: nl\ngrid: {a: [1]}\nbase_dir: "out\\ntouch PWNED #"\n')
+    assert main(["submit", str(manifest), "--backend", "slurm", "--dry-run", "--", "true"]) == 2
+    assert "cannot sit in a job script" in capsys.readouterr().err
+    assert not list(base.glob("out*")) and not (base / "PWNED").exists()

@@ -181,24 +181,31 @@ def check(w: Walk) -> None:
             assert m is not None and m["status"] == "complete", (t, m)
     # nothing outside the base folder changed
     assert tree_digest(w.outside) == w.outside_digest
-    # statuses a human would agree with
-    ours = {t for t, _, _ in w.live()}
+    # statuses a human would agree with: a run whose lock a live process holds is not
+    # stale; one recorded open whose writer is gone (its pid dead here, nobody holding
+    # its lock) is
     full = bool(w.rng.getrandbits(1))
     report = scan(w.sweep, full=full)
     by_task = {r.task: r for r in report.runs}
     for i in range(TASKS):
         r = by_task[i]
+        m = metas[i]
         if held[i]:
             assert r.status != "stale", (i, r, held[i])
-        elif i not in ours and metas[i] is not None and metas[i]["status"] in (
-                "running", "initialized"):
+        elif m is not None and m["status"] in ("running", "initialized") \
+                and not psutil.pid_exists(int(m["pid"])):  # type: ignore[call-overload]
             assert r.status == "stale", (i, r)
     chosen, _ = report.to_resubmit()
-    for i in chosen:
-        assert not held[i], f"resubmit chose task {i}, whose lock {held[i]} holds"
-        m = metas[i]
-        assert m is None or m["status"] != "complete", f"resubmit chose complete task {i}"
-    assert not (set(chosen) & {i for i, m in metas.items() if m and m["status"] == "complete"})
+    after = flock_holders()
+    for i in chosen:  # a holder before and after the choice held it throughout
+        still = held[i] & holder_of(w.sweep.task(i).run_dir, after)
+        assert not still, f"resubmit chose task {i}, whose lock {still} held throughout"
+        run = w.sweep.task(i).run_dir
+        now = json.loads((run / "metadata.json").read_text()) if not run.is_symlink() and (
+            run / "metadata.json").exists() else None
+        both = [m for m in (metas[i], now) if m is not None and m["status"] == "complete"]
+        assert len(both) < 2 or both[0]["attempt"] != both[1]["attempt"], \
+            f"resubmit chose task {i}, complete before and after"
 
 
 # -- steps -------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def test_debug_executor_runs_the_sweep_in_process(base: Path) -> None:
     out = base / "outputs"
     assert read_meta(out / "log_k2")["status"] == "complete"
     assert (out / "log_k2" / "artifacts" / "result.json").read_text().strip().endswith("}")
-    [record] = submissions.read(out)
+    [record] = submissions.submitted(out)
     assert record["backend"] == "submitit:DebugExecutor" and record["tasks"] == "0-2"
     # complete tasks are not submitted again
     assert submit_sweep(square, manifest(base), executor, tasks=[0, 1, 2]) == []
@@ -59,7 +59,7 @@ def test_index_outside_the_sweep_submits_nothing(base: Path) -> None:
     executor = submitit.DebugExecutor(folder=str(base / "submitit"))
     with pytest.raises(IndexError):
         submit_sweep(square, manifest(base), executor, tasks=[0, 9])
-    assert submissions.read(base / "outputs") == []
+    assert submissions.submitted(base / "outputs") == []
 
 
 def test_auto_executor_on_the_cluster_with_a_requeue_after_timeout(slurm_cluster: str,
@@ -85,5 +85,5 @@ def test_auto_executor_on_the_cluster_with_a_requeue_after_timeout(slurm_cluster
     assert meta["slurm"]["restart_count"] == 1
     checkpoint = base / "outputs" / "log_k0" / "artifacts" / "checkpoint.txt"
     assert checkpoint.read_text() == "state of attempt 1"
-    [record] = submissions.read(base / "outputs")
+    [record] = submissions.submitted(base / "outputs")
     assert record["backend"] == "submitit:SlurmExecutor" and len(record["job_ids"]) == 3
