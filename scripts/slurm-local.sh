@@ -25,6 +25,8 @@ install() {
   fi
 }
 
+changed=0
+
 write_config() {
   if [ -f "$conf" ] && ! head -n 1 "$conf" | grep -qF "$marker"; then
     die "$conf exists and was not written by this script; refusing to replace it"
@@ -32,6 +34,7 @@ write_config() {
   mkdir -p /etc/slurm "$run" "$state/ctld" "$state/d"
   sed -e "s|@HOST@|$host|g" -e "s|@STATE@|$state|g" -e "s|@RUN@|$run|g" \
     "$root/slurm/slurm.conf.in" > "$conf.tmp"
+  if [ -f "$conf" ] && ! cmp -s "$conf.tmp" "$conf"; then changed=1; fi
   mv "$conf.tmp" "$conf"
   # cgroup.conf is read even with proctrack/linuxproc in some builds; keep it harmless
   [ -f /etc/slurm/cgroup.conf ] || echo "CgroupPlugin=autodetect" > /etc/slurm/cgroup.conf
@@ -41,6 +44,9 @@ start() {
   [ "$(id -u)" = 0 ] || die "starting the test cluster needs root"
   install
   write_config
+  # A running cluster started from an older template: restart it on the new one (some
+  # settings, the credential lifetime among them, are read only at start).
+  if [ "$changed" = 1 ]; then stop; fi
   mkdir -p /run/munge /var/log/munge /var/lib/munge
   if [ ! -s /etc/munge/munge.key ]; then
     (command -v mungekey >/dev/null && mungekey --create --keyfile=/etc/munge/munge.key) \
