@@ -11,6 +11,10 @@ Python runs handlers in the main thread, between bytecodes, so one may land insi
 Logbook's own metadata write. :func:`critical` marks such sections: signals arriving
 there queue up, in order, until the last section ends.
 
+Signals that reach the process in the same instant are handled in the order CPython runs
+pending handlers, by signal number (SIGHUP, then SIGUSR1, then SIGTERM); later ones in
+the order they arrive.
+
 Order on SIGTERM or SIGHUP, for each open run (the newest first): the terminal status is
 written (fsynced) first, so that the SIGKILL a scheduler sends after its grace time
 cannot lose it; then the run's ``on_terminate`` hooks run (``notata exec`` stops its
@@ -27,6 +31,7 @@ it forgets them (``os.register_at_fork``) and records nothing.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import threading
@@ -36,6 +41,8 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from . import runinfo, schema
+
+logger = logging.getLogger("notata")
 
 if TYPE_CHECKING:
     from .logbook import Logbook
@@ -58,15 +65,18 @@ def _main_thread() -> bool:
 
 def listen(log: Logbook, signums: tuple[int, ...] = ALL) -> None:
     """Let ``log`` hear ``signums`` (main thread only; a signal the user set to SIG_IGN,
-    as ``nohup`` does for SIGHUP, stays ignored)."""
+    as ``nohup`` does for SIGHUP, stays ignored). A handler someone installed over ours
+    while other runs were open is kept as the one to call after ours."""
+    global _stopping
     if not _main_thread():
         return
+    _stopping = False  # a run opening: the process carried on after any earlier stop
     for signum in signums:
-        if signum not in _previous:
-            previous = signal.getsignal(signum)
-            if previous is signal.SIG_IGN:
+        current = signal.getsignal(signum)
+        if current is not _dispatch:
+            if current is signal.SIG_IGN:
                 continue
-            _previous[signum] = previous
+            _previous[signum] = current
             signal.signal(signum, _dispatch)
         _listeners.setdefault(signum, []).append(log)
 
@@ -126,8 +136,11 @@ def _dispatch(signum: int, frame: FrameType | None) -> None:
             previous(signum, frame)
         return
     _stopping = True
-    for log in runs:
-        log._terminated(signum)
+    for log in runs:  # one run that cannot record (moved aside) must not stop the others
+        try:
+            log._terminated(signum)
+        except Exception as err:
+            logger.warning("notata: %s: %s", signal.Signals(signum).name, err)
     if callable(previous):
         try:
             previous(signum, frame)

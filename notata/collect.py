@@ -138,8 +138,9 @@ class Queue:
     def _add(self, rows: list[Row]) -> None:
         for key, state, comment in rows:
             self.jobs[key] = state
-            if comment.startswith(submissions.TAG_PREFIX):
-                self.tags[key.partition("_")[0]] = comment[len(submissions.TAG_PREFIX):]
+            if comment.startswith(submissions.TAG_PREFIX):  # the user's comment may follow
+                tag = comment[len(submissions.TAG_PREFIX):].split(" ", 1)[0]
+                self.tags[key.partition("_")[0]] = tag
 
     def include(self, users: Iterable[str]) -> None:
         """Ask the scheduler for the jobs of ``users`` not asked yet (one call)."""
@@ -436,31 +437,47 @@ def _liveness(meta: Mapping[str, Any], queued: str | None, asked: bool,
 
 
 def _surviving_command(meta: Mapping[str, Any], run_dir: str, now: float) -> int | None:
-    """A live process that the dead wrapper of this run (on this host) left behind: one
-    whose environment names this run and that wrapper (its command and whatever the
-    command started, a daemon that left the group included; a recycled pid of another
-    program has another environment); else None."""
-    return _processes(now)().get((os.path.realpath(run_dir), str(meta.get("pid"))))
+    """A live process that the dead wrapper of this run (on this host) left behind, else
+    None: one whose environment names this run and that wrapper (the command, whatever it
+    started, a daemon that left the group), or, for one that cleared its environment or
+    belongs to another user, a member of the command's process group that was started
+    while the run was alive (a recycled pid, after a reboot say, is a later process)."""
+    by_env, by_group = _processes(now)()
+    found = by_env.get((os.path.realpath(run_dir), str(meta.get("pid"))))
+    if found is not None:
+        return found
+    leader, start = meta.get("command_pid"), meta.get("start_unix")
+    hb = meta.get("heartbeat") or {}
+    last = hb.get("unix") if isinstance(hb.get("unix"), (int, float)) else start
+    if not isinstance(leader, int) or not isinstance(start, (int, float)) or last is None:
+        return None
+    until = float(last) + float(hb.get("interval_sec") or 30.0) + 5
+    return next((pid for pid, made in by_group.get(leader, ())
+                 if start - 1 <= made <= until), None)
 
 
 @functools.lru_cache(maxsize=1)
-def _processes(scan_time: float) -> Callable[[], dict[tuple[str, str], int]]:
-    """This host's live processes by the run and wrapper their environment names, listed
-    once per scan (``scan_time`` tells scans apart): a scan of many stale runs looks at
-    every process once, not once per run."""
+def _processes(scan_time: float) -> Callable[[], tuple[dict[tuple[str, str], int],
+                                                       dict[int, list[tuple[int, float]]]]]:
+    """This host's live processes by the run and wrapper their environment names, and by
+    process group (pid, start time), listed once per scan (``scan_time`` tells scans
+    apart): a scan of many stale runs looks at every process once, not once per run."""
     @functools.cache
-    def listing() -> dict[tuple[str, str], int]:
-        runs: dict[tuple[str, str], int] = {}
+    def listing() -> tuple[dict[tuple[str, str], int], dict[int, list[tuple[int, float]]]]:
+        by_env: dict[tuple[str, str], int] = {}
+        by_group: dict[int, list[tuple[int, float]]] = {}
         for proc in psutil.process_iter():
             with contextlib.suppress(psutil.Error, OSError):
                 if proc.status() == psutil.STATUS_ZOMBIE:
                     continue
+                by_group.setdefault(os.getpgid(proc.pid), []).append(
+                    (proc.pid, proc.create_time()))
                 env = proc.environ()
                 if "NOTATA_RUN_DIR" in env:
                     key = (os.path.realpath(env["NOTATA_RUN_DIR"]),
                            env.get(_attach.ENV_WRAPPER_PID, ""))
-                    runs.setdefault(key, proc.pid)
-        return runs
+                    by_env.setdefault(key, proc.pid)
+        return by_env, by_group
     return listing
 
 
@@ -495,10 +512,12 @@ def queued_tasks(sweep: Sweep, queue: Queue | None,
     """
     out: dict[int, str] = {}
     offsets = dict(arrays or {})
-    records = [r for r in submissions.read(sweep.base_dir)
+    every = submissions.read(sweep.base_dir)
+    records = [r for r in every
                if r.get("manifest_hash") == sweep.hash or r.get("manifest") == str(sweep.path)]
     running_jobs = {k for k, v in queue.jobs.items() if v == "RUNNING"} if queue else set()
-    for record in submissions.live_local(records, socket.gethostname(), running_jobs):
+    ended = {r.get("submission") for r in every if r.get("ended")}
+    for record in submissions.live_local(records, socket.gethostname(), running_jobs, ended):
         for i in _expand(str(record.get("tasks", ""))):
             out[i] = LOCAL
     if queue is None:

@@ -260,6 +260,14 @@ class RunLock:
             return False
         return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
 
+    def drop_in_child(self) -> None:
+        """In a forked child: close the child's copy of the lock's descriptor, so that the
+        lock goes when the process that took it goes, whatever the child does."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
     def release(self) -> None:
         """Let the next attempt in. Safe to call twice. The file stays (see the module doc)."""
         fd, self._fd = self._fd, None

@@ -242,8 +242,18 @@ class Logbook(SignalsMixin, OutputsMixin):
         if overwrite:
             with contextlib.suppress(FileNotFoundError, ValueError):
                 index.forget(self.path.parent, self._read_disk_metadata())
+            # First say, durably, that this run starts afresh: a kill while the old files
+            # go leaves a run that reads stale (its process gone), never the old "complete"
+            # over half its outputs, nor a folder without metadata.json.
+            now = time.time()
+            _fs.atomic_write_json(self.path / layout.METADATA, {
+                "schema": schema.SCHEMA_VERSION, "run_id": self.run_id,
+                "status": schema.INITIALIZED, "attempt": 1, "start_unix": round(now, 3),
+                "start_time": runinfo.now_iso(now), **runinfo.process_fields(),
+                "failure_reason": "overwrite: the earlier run's files are being removed"},
+                durable=True)
             for entry in self.path.iterdir():
-                if entry.name == layout.LOCK:
+                if entry.name in (layout.LOCK, layout.METADATA):
                     continue
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry)
@@ -534,11 +544,13 @@ class Logbook(SignalsMixin, OutputsMixin):
             self._hand_over_end(status, reason)
             return
         self._check_owner(f"mark_{status}()")
+        # A signal waits until the run is recorded, let go and its callback has run (an
+        # Experiment's index row): it cannot cut the end of a run in two.
         with _signals.critical():
             finished = self._end(status, reason)
-        self._release()
-        if finished and self.callback:
-            self.callback(self)
+            self._release()
+            if finished and self.callback:
+                self.callback(self)
 
     def _hand_over_end(self, status: str | None, reason: str | None) -> None:
         """An attached run: the wrapper decides the status; hand over what this process
@@ -706,5 +718,14 @@ def _close_forgotten() -> None:
             log._finish(schema.FAILED, "the process exited without marking the run complete")
 
 
-if hasattr(os, "register_at_fork"):  # a forked child has no run of its own to end at exit
-    os.register_at_fork(after_in_child=_OPEN.clear)
+def _forget_runs_in_child() -> None:
+    """After fork: the parent's runs are not the child's to end, nor to keep locked (a
+    worker that outlives the parent must not hold the run's lock)."""
+    for log in list(_OPEN):
+        with contextlib.suppress(Exception):
+            log._lock.drop_in_child()
+    _OPEN.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_runs_in_child)

@@ -43,6 +43,9 @@ STOP_GRACE = 20.0
 #: ``notata exec``'s exit status when another process holds the run (EX_TEMPFAIL): told
 #: apart from a command that failed, so a local sweep beside another one counts it apart.
 IN_USE = 75
+#: Seconds of SIGKILLs after which a command that will not die (stuck in the kernel) is
+#: given up on, and the run let go anyway (said on stderr).
+KILL_GIVE_UP = 30.0
 _HEADER = "=== notata attempt"
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -63,18 +66,33 @@ def _text(value: Any) -> str:
 def _stop(proc: subprocess.Popen[bytes], signum: int, grace: float = STOP_GRACE) -> int | None:
     """Stop the command and everything it started: ``signum`` to its process group and to
     every descendant (the wrapper is their subreaper, so a daemon that left the group is
-    still one); wait up to ``grace`` for all of them to exit; then SIGKILL what is left
-    and wait for it. The command's exit status (None if it could not be told)."""
+    still one); wait up to ``grace`` for all of them to exit; then SIGKILL what is left,
+    again and again (a process forked meanwhile, or one that keeps changing its pid),
+    until nothing is left or :data:`KILL_GIVE_UP` seconds have passed (a process stuck in
+    the kernel). The command's exit status (None if it could not be told)."""
     _signal_all(proc, signum)
     deadline = time.monotonic() + grace
-    while _remaining(proc) and time.monotonic() < deadline:
+    while not _gone(proc) and time.monotonic() < deadline:
         time.sleep(0.05)
-    if _remaining(proc):
+    deadline = time.monotonic() + KILL_GIVE_UP
+    while not _gone(proc):
         _signal_all(proc, signal.SIGKILL)
-        deadline = time.monotonic() + 10  # SIGKILL cannot be refused; the kernel may lag
-        while _remaining(proc) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        if time.monotonic() > deadline:
+            print(f"notata: processes {_remaining(proc)} of the command would not die; "
+                  "letting the run go", file=sys.stderr)
+            break
+        time.sleep(0.05)
     return proc.returncode
+
+
+def _gone(proc: subprocess.Popen[bytes]) -> bool:
+    """Whether nothing of the command is left: three listings in a row, 20 ms apart,
+    find nothing (one listing can miss a process that is changing its pid)."""
+    for _ in range(3):
+        if _remaining(proc):
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def _remaining(proc: subprocess.Popen[bytes]) -> list[int]:
@@ -248,9 +266,9 @@ def _run_command(log: Logbook, index: int, argv: Sequence[str]) -> int | None:
         except KeyboardInterrupt:
             _stop(proc, signal.SIGINT)
             raise
-        left = _remaining(proc)
-        if left:  # it ended, but left processes running in the run: they end with it
-            log.warning(f"the command left {len(left)} process(es) running "
+        if not _gone(proc):  # it ended, but left processes running in the run: they end with it
+            left = _remaining(proc)
+            log.warning(f"the command left {len(left) or 'some'} process(es) running "
                         f"({', '.join(map(str, left[:5]))}); stopping them")
             _stop(proc, signal.SIGTERM)
         return rc

@@ -25,9 +25,15 @@ Added by this notata:
 - ``signals``: the signals the run received, ``[{signal, unix, time}]``.
 - Added by sweeps (``notata.task`` / ``notata exec``): ``task`` (the index), ``sweep``
   (its name), ``manifest`` (absolute path), ``manifest_hash``, ``tasks`` (the sweep's
-  size); by ``notata exec``: ``command`` (the argv run) and ``exit_code``.
+  size), ``task_from`` (``array``: the index is the job array's own, task id + offset;
+  ``given``: passed in, so it says nothing of the array); by ``notata exec``:
+  ``command`` (the argv run), ``command_pid`` (its process, the leader of its group) and
+  ``exit_code``.
+- In ``attempts``, an attempt that a newer open of the run in the same process took over
+  has the status ``superseded``.
 
-Any other key a user sets with ``meta(**fields)`` is kept as is.
+Any other key a user sets with ``meta(**fields)`` is kept as is; notata's own keys
+(:data:`RESERVED`) are refused there.
 """
 
 from __future__ import annotations

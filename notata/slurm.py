@@ -331,8 +331,13 @@ def render(sweep: Sweep, plan: ArrayPlan, argv: Sequence[str], options: Mapping[
             raise ManifestError(str(sweep.path), f"{what} {str(path)!r} holds a newline, a "
                                 "quote or a backslash, which cannot sit in a job script")
     lines = [f"#SBATCH --array={plan.spec}" + (f"%{throttle}" if throttle else "")]
-    if tag:
-        lines.append(f'#SBATCH --comment="{submissions.TAG_PREFIX}{tag}"')
+    if tag:  # a comment of the user's own (accounting, say) is kept after the tag
+        theirs = [m for m in map(_COMMENT.match, extra) if m]
+        extra = [line for line in extra if not _COMMENT.match(line)]
+        mine = f"{submissions.TAG_PREFIX}{tag}"
+        if theirs:
+            mine += " " + theirs[-1].group(1).strip().strip("\"'")
+        lines.append(f'#SBATCH --comment="{mine}"')
     defaults = {"job_name": sweep.name,
                 "output": str(sweep.base_dir / layout.SWEEP_DIR / "slurm-%A_%a.out")}
     for key, value in {**defaults, **options}.items():
@@ -352,6 +357,9 @@ def render(sweep: Sweep, plan: ArrayPlan, argv: Sequence[str], options: Mapping[
     }
     # One pass, so that a value holding "@NAME@" is never substituted again.
     return re.sub(r"@([A-Z]+)@", lambda m: values[m.group(1)], text)
+
+
+_COMMENT = re.compile(r"^\s*(?:#SBATCH\s+)?--comment(?:=|\s+)(.*)$")
 
 
 def template(name: str) -> str:

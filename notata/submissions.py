@@ -147,13 +147,14 @@ def this_process() -> dict[str, Any]:
     return fields
 
 
-def live_local(records: list[dict[str, Any]], host: str,
-               running_jobs: Iterable[str] = ()) -> list[dict[str, Any]]:
-    """The local submissions whose process still runs them (not ended): on ``host``, by
-    its pid and start time; on another host, when it ran inside a SLURM job (``job_id``)
-    that the queue lists as running (``running_jobs``), as a pool inside an allocation,
-    seen from the login node."""
-    ended = {r.get("submission") for r in records if r.get("ended")}
+def live_local(records: list[dict[str, Any]], host: str, running_jobs: Iterable[str] = (),
+               ended: Iterable[Any] = ()) -> list[dict[str, Any]]:
+    """The local submissions whose process still runs them (not ended: no end line in
+    ``records`` or among the ``ended`` submission ids): on ``host``, by its pid and start
+    time; on another host, when it ran inside a SLURM job (``job_id``) that the queue
+    lists as running (``running_jobs``), as a pool inside an allocation, seen from the
+    login node."""
+    ended = {*ended, *(r.get("submission") for r in records if r.get("ended"))}
     jobs = set(running_jobs)
     out = []
     for r in records:

@@ -194,8 +194,13 @@ def _choose(report: Report, statuses: list[str], max_attempts: int | None,
 
 
 def _not_to_submit(sweep: Sweep, indices: list[int]) -> dict[int, str]:
-    """Task -> why it is left out of a submit: complete, or still queued or running."""
-    report = scan(sweep, queue=slurm.collector_queue(sweep.base_dir, "submit"))
+    """Task -> why it is left out of a submit: complete, or still queued or running. Once
+    this manifest has been submitted, a queue that cannot be read is refused (it could
+    not tell which tasks are still queued)."""
+    earlier = any(r.get("manifest") == str(sweep.path)
+                  for r in submissions.submitted(sweep.base_dir))
+    report = scan(sweep, queue=slurm.collector_queue(sweep.base_dir, "submit",
+                                                     required=earlier))
     wanted = set(indices)
     out = {i: "complete" for i in report.indices(schema.COMPLETE) if i in wanted}
     for r in report.read:
@@ -321,7 +326,8 @@ def _run_here(sweep: Sweep, todo: list[int], skipped: list[int], cmd: list[str],
                                   progress=progress)
     finally:
         submissions.append(sweep.base_dir, {"submission": sub_id, "ended": True,
-                                            "manifest_hash": sweep.hash})
+                                            "manifest_hash": sweep.hash,
+                                            "manifest": str(sweep.path)})
     print(summary(result, time.monotonic() - t0), file=sys.stderr)
     if result.interrupted:
         return 128 + result.signal if result.signal else INTERRUPTED

@@ -552,3 +552,17 @@ def test_submit_leaves_out_what_is_still_running(
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_an_ended_local_run_of_an_earlier_manifest_version_is_not_running(
+        base: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A driver (a notebook) that submits, edits the manifest, and submits again: the first
+    submission, long ended, once kept the new version's tasks "queued" for ever."""
+    m = base / "v.yaml"
+    m.write_text("name: v\nrun_id: 'x{x}'\ngrid: {x: [1, 2]}\n")
+    assert main(["submit", str(m), "--backend", "local", "--", "true"]) == 0
+    m.write_text("name: v\nrun_id: 'x{x}'\ngrid: {x: [3, 4, 5]}\n")
+    capsys.readouterr()
+    assert main(["submit", str(m), "--backend", "local", "--", "true"]) == 0
+    assert "left out" not in capsys.readouterr().err
+    assert {r.status for r in notata.collect(m).runs} == {"complete"}

@@ -439,6 +439,18 @@ def test_a_sigkilled_wrapper_takes_its_command_along(manifest: Path, base: Path)
     finally:
         os.kill(grandchild, signal.SIGKILL)
 
+    # one that cleared its environment (env -i, Popen(env=...)) is found by its group
+    proc = _exec(manifest, "sh", "-c", "env -i sleep 60 & echo child up $!; wait", task=2)
+    d2 = run_dir(base, "$(id) `id`; echo 'q' \"dq\" #x")
+    quiet = _child_pid(d2)
+    proc.kill()  # type: ignore[attr-defined]
+    proc.wait()  # type: ignore[attr-defined]
+    try:
+        [r] = [r for r in scan(load(manifest)).read if r.task == 2]
+        assert r.status == "stale" and r.orphan and f"pid {quiet}" in (r.reason or "")
+    finally:
+        os.kill(quiet, signal.SIGKILL)
+
 
 @pytest.mark.parametrize(("code", "reason"), [
     ("import sys; print('cleaning up...', file=sys.stderr); sys.exit(3)",

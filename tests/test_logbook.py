@@ -575,3 +575,67 @@ def test_a_lock_path_that_is_not_a_plain_file_is_refused(base: Path, tmp_path: P
 
     [r] = scan(base).runs
     assert r.status == "corrupt" and ".lock" in (r.reason or "")
+
+
+def test_an_overwrite_killed_while_it_clears_the_old_run_never_reads_complete(
+        base: Path) -> None:
+    """overwrite=True deletes the old files before its first write; a kill in between once
+    left the old "complete" over half the outputs."""
+    from conftest import python
+
+    from notata.collect import scan
+
+    with Logbook("o", base) as log:
+        for i in range(20):
+            log.save_text(f"out{i}", "old")
+    proc = python("""
+        import pathlib, sys, time
+        real = pathlib.Path.unlink
+        def slow_unlink(self, *a, **k):
+            real(self, *a, **k)
+            print("deleting", flush=True)
+            time.sleep(30)
+        pathlib.Path.unlink = slow_unlink
+        import notata, shutil
+        shutil.rmtree = lambda p, *a, **k: slow_unlink(pathlib.Path(p))
+        notata.Logbook("o", sys.argv[1], overwrite=True)
+        """, str(base))
+    assert proc.stdout and proc.stdout.readline().strip() == "deleting"
+    proc.kill()
+    proc.wait()
+    assert read_meta_status(log.path) == "initialized"
+    [r] = scan(base).runs
+    assert r.status == "stale"
+
+
+def read_meta_status(run: Path) -> str:
+    return str(json.loads((run / "metadata.json").read_text())["status"])
+
+
+def test_a_forked_worker_never_keeps_its_parents_run_locked(base: Path) -> None:
+    from conftest import python
+
+    from notata import lock
+
+    proc = python("""
+        import os, sys, time
+        from notata import Logbook
+        log = Logbook("w", sys.argv[1])
+        worker = os.fork()
+        if worker == 0:
+            time.sleep(60)  # a worker that outlives its parent
+            os._exit(0)
+        print("open", worker, flush=True)
+        time.sleep(60)
+        """, str(base))
+    assert proc.stdout
+    said, worker = proc.stdout.readline().split()
+    assert said == "open"
+    proc.kill()  # the run's process dies; its forked worker lives on
+    proc.wait()
+    try:
+        assert not lock.is_held(base / "log_w")
+        with Logbook("w", base, resume=True) as log:
+            assert log.attempt == 2
+    finally:
+        os.kill(int(worker), 9)

@@ -227,3 +227,75 @@ def test_signals_that_arrive_while_the_run_opens_are_all_kept_in_order(
     assert [s["signal"] for s in meta["signals"]] == [signal.Signals(first).name,
                                                       signal.Signals(then).name][
         : 2 if first == signal.SIGUSR1 else 1]
+
+
+def _run(code: str, base: Path) -> tuple[int, str, str]:
+    proc = python(code, str(base))
+    out, err = proc.communicate(timeout=60)
+    return proc.returncode, out, err
+
+
+def test_a_caught_sigterm_does_not_deafen_the_process(base: Path) -> None:
+    """A worker loop that catches SystemExit per run: the next run still hears SIGTERM."""
+    rc, out, err = _run("""
+        import os, signal, sys
+        from notata import Logbook
+        for name in ("first", "second"):
+            try:
+                with Logbook(name, sys.argv[1]):
+                    os.kill(os.getpid(), signal.SIGTERM)
+            except SystemExit as exit:
+                print(name, exit.code, flush=True)
+        """, base)
+    assert out.split() == ["first", "143", "second", "143"], (out, err)
+    assert read_meta(base / "log_second")["status"] == "terminated"
+
+
+def test_a_sigterm_during_the_end_of_a_run_waits_for_its_callback(base: Path) -> None:
+    """The signal, held while the status is written, used to exit before the callback: an
+    Experiment's index.csv lost the row of a complete run."""
+    rc, out, err = _run("""
+        import os, signal, sys
+        from notata import Experiment, _fs
+        real = _fs.fsync_paths
+        def fsync_and_get_killed(paths):
+            os.kill(os.getpid(), signal.SIGTERM)   # lands in the middle of the end
+            real(paths)
+        _fs.fsync_paths = fsync_and_get_killed
+        exp = Experiment("e", sys.argv[1])
+        with exp.add(a=1) as log:
+            log.json("metrics", {"loss": 1.0})
+        """, base)
+    assert rc == 143, err
+    rows = (base / "e" / "index.csv").read_text().splitlines()
+    assert len(rows) == 2 and ",complete," in rows[1]
+
+
+def test_a_handler_installed_while_a_run_is_open_hides_nothing(base: Path) -> None:
+    rc, out, err = _run("""
+        import os, signal, sys
+        from notata import Logbook
+        a = Logbook("a", sys.argv[1])
+        signal.signal(signal.SIGTERM, lambda s, f: print("library handler", flush=True))
+        b = Logbook("b", sys.argv[1])
+        os.kill(os.getpid(), signal.SIGTERM)
+        print("carried on", flush=True)
+        """, base)
+    assert "library handler" in out and "carried on" in out, (out, err)
+    assert read_meta(base / "log_b")["status"] == "terminated"
+    assert read_meta(base / "log_a")["status"] == "terminated"
+
+
+def test_one_run_moved_aside_does_not_keep_sigterm_from_the_others(base: Path) -> None:
+    rc, out, err = _run("""
+        import os, signal, sys, time
+        from notata import Logbook
+        base = sys.argv[1]
+        a = Logbook("a", base)
+        b = Logbook("b", base)
+        os.rename(os.path.join(base, "log_b"), os.path.join(base, "aside"))
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        """, base)
+    assert rc == 143 and "Traceback" not in err, err
+    assert read_meta(base / "log_a")["status"] == "terminated"

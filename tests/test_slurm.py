@@ -577,3 +577,36 @@ def test_a_base_dir_that_cannot_sit_in_a_job_script_is_refused(
     assert main(["submit", str(manifest), "--backend", "slurm", "--dry-run", "--", "true"]) == 2
     assert "cannot sit in a job script" in capsys.readouterr().err
     assert not list(base.glob("out*")) and not (base / "PWNED").exists()
+
+
+def test_a_users_own_comment_keeps_notatas_tag(base: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Many sites ask for --comment (accounting): it once replaced the tag that finds an
+    array queued but never recorded."""
+    manifest = write_manifest(base, "name: cm\ngrid: {a: [1]}\n")
+    assert main(["submit", str(manifest), "--backend", "slurm", "--dry-run",
+                 "--sbatch-line=--comment=project42", "--", "true"]) == 0
+    script = capsys.readouterr().out
+    comments = [ln for ln in script.splitlines() if "--comment" in ln]
+    assert len(comments) == 1 and re.fullmatch(r'#SBATCH --comment="notata:\S+ project42"',
+                                               comments[0]), comments
+
+
+def test_submit_refuses_when_the_queue_cannot_be_read(
+        slurm_cluster: str, base: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Once a manifest has been submitted, a second submit that cannot read the queue once
+    queued every task again."""
+    manifest = write_manifest(base, "name: sb\nrun_id: 'k{k}'\ngrid: {k: [0, 1]}\n")
+    out = base / "outputs"
+    try:
+        assert main(["submit", str(manifest), "--backend", "slurm", "--sbatch-line=--hold",
+                     "--", "true"]) == 0
+        folder = _shim(tmp_path, "squeue", "echo 'squeue: error: Socket timed out' >&2; exit 1")
+        monkeypatch.setenv("PATH", f"{folder}:{os.environ['PATH']}")
+        capsys.readouterr()
+        assert main(["submit", str(manifest), "--backend", "slurm", "--", "true"]) == 1
+        assert "cannot be read" in capsys.readouterr().err
+        assert len(submissions.submitted(out)) == 1
+    finally:
+        _cancel(submissions.submitted(out))
