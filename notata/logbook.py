@@ -547,8 +547,10 @@ class Logbook(SignalsMixin, OutputsMixin):
         # A signal waits until the run is recorded, let go and its callback has run (an
         # Experiment's index row): it cannot cut the end of a run in two.
         with _signals.critical():
-            finished = self._end(status, reason)
-            self._release()
+            try:
+                finished = self._end(status, reason)
+            finally:  # a status that cannot be written (a full disk) still lets the run go
+                self._release()
             if finished and self.callback:
                 self.callback(self)
 

@@ -69,11 +69,13 @@ def test_status_and_resubmit_after_real_failures(slurm_cluster: str, base: Path,
     complete_before = {k: tree_digest(out / f"log_k{k}") for k in (0, 3, 4)}
 
     # from Python, with a list option (repeated --sbatch-line)
-    assert notata.resubmit(manifest, backend="slurm", sbatch_line=["--comment=again"]) == 0
+    assert notata.resubmit(manifest, backend="slurm",
+                           sbatch_line=["--comment=again", "--nice=1"]) == 0
     assert "resubmitting 3 task(s) with the slurm backend: 1-2,5" in capsys.readouterr().out
     second = submissions.submitted(out)[-1]
     assert second["tasks"] == "1-2,5" and second["command"] == record["command"]
-    assert "#SBATCH --comment=again" in Path(second["arrays"][0]["script"]).read_text()
+    text = Path(second["arrays"][0]["script"]).read_text()
+    assert "#SBATCH --nice=1" in text and ' again"' in text  # the comment follows the tag
     wait_for(lambda: all(job_gone(j)() for j in second["job_ids"]), 300, "the resubmission")
     metas = {k: read_meta(out / f"log_k{k}") for k in range(6)}
     assert {k: (m["status"], m["attempt"]) for k, m in metas.items()} == {

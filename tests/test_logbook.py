@@ -623,14 +623,16 @@ def test_a_forked_worker_never_keeps_its_parents_run_locked(base: Path) -> None:
         log = Logbook("w", sys.argv[1])
         worker = os.fork()
         if worker == 0:
+            print("worker", os.getpid(), flush=True)
             time.sleep(60)  # a worker that outlives its parent
             os._exit(0)
-        print("open", worker, flush=True)
+        print("open", flush=True)
         time.sleep(60)
         """, str(base))
     assert proc.stdout
-    said, worker = proc.stdout.readline().split()
-    assert said == "open"
+    lines = [proc.stdout.readline().split() for _ in range(2)]  # both ready, in any order
+    assert ["open"] in lines
+    [worker] = [words[1] for words in lines if words[0] == "worker"]
     proc.kill()  # the run's process dies; its forked worker lives on
     proc.wait()
     try:
