@@ -68,6 +68,7 @@ def collect(target: Sweep | str | os.PathLike[str], stale_after: float | None = 
 
 __all__ = [
     "resubmit",
+    "submit",
     "CorruptMetadataError",
     "Experiment",
     "ExperimentReader",
@@ -110,18 +111,46 @@ def resubmit(manifest: str | os.PathLike[str] | Sweep, *statuses: str,
     :class:`ManifestError` for the manifest. SLURM's own refusal (a bad partition) raises
     :class:`SchedulerError`.
     """
-    from . import submit as _submit
+    from . import submission
 
     after = stale_after if isinstance(stale_after, (int, float)) or stale_after is None \
-        else _submit.duration(str(stale_after), "stale_after")
-    unknown = sorted(set(sbatch) - set(_submit.SCHEDULER_OPTIONS))
+        else submission.duration(str(stale_after), "stale_after")
+    options = _options("resubmit", command, backend, tasks, dry_run, jobs, sbatch)
+    return submission.resubmit(manifest, statuses, list(command), options,
+                               max_attempts=max_attempts, stale_after=after, full=full)
+
+
+def submit(manifest: str | os.PathLike[str] | Sweep, command: Sequence[str], *,
+           backend: str | None = None, dry_run: bool = False,
+           tasks: Sequence[int] | None = None, jobs: int | None = None, **sbatch: Any) -> int:
+    """``notata submit`` from Python: submit the sweep's tasks (all, or ``tasks``).
+
+    ``command`` is a list of arguments (``{param}`` placeholders are filled per task, no
+    shell is involved); ``backend`` "slurm" or "local" (None: slurm where sbatch is found);
+    ``sbatch`` takes the options of ``notata submit`` by their Python names, as
+    :func:`resubmit` does. Complete tasks and tasks still queued or running are left out.
+    Returns the command's exit status (0: submitted, or locally every task complete; 1: a
+    local task failed). Raises as :func:`resubmit` does.
+    """
+    from . import submission
+
+    options = _options("submit", command, backend, tasks, dry_run, jobs, sbatch)
+    return submission.submit(manifest, list(command), options)
+
+
+def _options(name: str, command: Sequence[str], backend: str | None,
+             tasks: Sequence[int] | None, dry_run: bool, jobs: int | None,
+             sbatch: dict[str, Any]) -> Any:
+    """The typed options of :func:`submit` and :func:`resubmit`, checked before anything runs."""
+    from . import submission
+
+    unknown = sorted(set(sbatch) - set(submission.SCHEDULER_OPTIONS))
     if unknown:
-        raise TypeError(f"resubmit() got an unknown option {unknown[0]!r}; known: "
-                        f"{', '.join(_submit.SCHEDULER_OPTIONS)}, jobs, tasks, stale_after")
+        raise TypeError(f"{name}() got an unknown option {unknown[0]!r}; known: "
+                        f"{', '.join(submission.SCHEDULER_OPTIONS)}, jobs, tasks"
+                        + (", stale_after" if name == "resubmit" else ""))
     if isinstance(command, (str, bytes)):
-        raise UsageError(f"resubmit(): command {command!r} is one string; give a list of "
+        raise UsageError(f"{name}(): command {command!r} is one string; give a list of "
                          "arguments, e.g. ['python', 'sim.py'] (no shell is involved)")
-    options = _submit.Options(backend=backend, tasks=list(tasks) if tasks is not None else None,
+    return submission.Options(backend=backend, tasks=list(tasks) if tasks is not None else None,
                               dry_run=dry_run, jobs=jobs, scheduler=dict(sbatch))
-    return _submit.resubmit(manifest, statuses, list(command), options,
-                            max_attempts=max_attempts, stale_after=after, full=full)

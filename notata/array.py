@@ -7,7 +7,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from . import _attach, runinfo
+from . import _attach, _fs, layout, runinfo, schema
 from .errors import ManifestError, NotataError, RunCompleteError
 from .logbook import Logbook
 from .manifest import Sweep, Task, load
@@ -125,3 +125,11 @@ def task(manifest: str | os.PathLike[str] | Sweep, index: int | None = None, *,
             raise
         print(f"notata: task {i}: {err}", file=sys.stderr)
         raise SystemExit(0) from None
+
+def is_complete(sweep: Sweep, index: int) -> bool:
+    """Whether task ``index`` has a run directory recorded as complete."""
+    try:
+        meta = _fs.read_json_object(sweep.task(index).run_dir / layout.METADATA)
+    except (FileNotFoundError, ValueError):
+        return False
+    return meta.get("status") == schema.COMPLETE

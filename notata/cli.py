@@ -17,13 +17,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__, slurm, submit, tabulate
+from . import __version__, slurm, submission, tabulate
 from .array import task_index
 from .collect import SELECTORS, Report, Watcher
 from .errors import ManifestError, NotataError, RunDirError, UsageError
 from .heartbeat import interval_from
+from .local import LocalResult
 from .manifest import Sweep, load, parse_indices
-from .runner import LocalResult, exec_task
+from .runner import exec_task
 
 
 def _command(args: argparse.Namespace) -> list[str]:
@@ -116,7 +117,7 @@ def _clock(sec: float) -> str:
     return f"{sec // 3600}:{sec // 60 % 60:02d}:{sec % 60:02d}"
 
 
-def _options(args: argparse.Namespace, sweep: Sweep) -> submit.Options:
+def _options(args: argparse.Namespace, sweep: Sweep) -> submission.Options:
     """The submit options of the command line, checked."""
     if args.tasks is not None:
         if not args.tasks.strip():
@@ -127,7 +128,7 @@ def _options(args: argparse.Namespace, sweep: Sweep) -> submit.Options:
     scheduler = {key: getattr(args, key) for key in slurm.OPTIONS}
     scheduler.update(throttle=args.throttle, warn_before=args.warn_before,
                      sbatch_line=args.sbatch_line)
-    options = submit.Options(backend=args.backend, tasks=tasks, dry_run=args.dry_run,
+    options = submission.Options(backend=args.backend, tasks=tasks, dry_run=args.dry_run,
                              jobs=args.jobs, scheduler=scheduler)
     options.check()
     return options
@@ -135,7 +136,7 @@ def _options(args: argparse.Namespace, sweep: Sweep) -> submit.Options:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     sweep = load(args.manifest)  # submit checks the run ids (and a dry run writes nothing)
-    return submit.submit(sweep, _command(args), _options(args, sweep), progress=Progress())
+    return submission.submit(sweep, _command(args), _options(args, sweep), progress=Progress())
 
 
 def _target(path: str) -> Sweep | str:
@@ -149,7 +150,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.watch is not None and not args.watch >= 0:
         raise UsageError(f"--watch {args.watch}: give seconds between scans, at least 0")
     target = _target(args.path)
-    watcher = Watcher(submit.duration(args.stale_after))
+    watcher = Watcher(submission.duration(args.stale_after))
     base = target.base_dir if isinstance(target, Sweep) else None
     while True:
         queue = slurm.collector_queue(base if base is not None else Path(str(target)), "status")
@@ -168,9 +169,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_resubmit(args: argparse.Namespace) -> int:
     sweep = load(args.manifest)  # resubmit checks the run ids (and a dry run writes nothing)
     chosen = [s for s in SELECTORS if getattr(args, s)]
-    return submit.resubmit(sweep, chosen, list(args.cmd), _options(args, sweep),
+    return submission.resubmit(sweep, chosen, list(args.cmd), _options(args, sweep),
                            max_attempts=args.max_attempts,
-                           stale_after=submit.duration(args.stale_after), full=args.full,
+                           stale_after=submission.duration(args.stale_after), full=args.full,
                            progress=Progress())
 
 

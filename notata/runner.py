@@ -1,4 +1,4 @@
-"""Running a task's command under its Logbook (``notata exec``), and a sweep on this machine.
+"""Running a task's command under its Logbook (``notata exec``).
 
 ``exec_task`` opens the task's Logbook (lock, heartbeat, signals), runs the
 command as a child in its own process group with ``{param}`` placeholders
@@ -9,8 +9,7 @@ passed on to the processes that handle it, so the payload can checkpoint (one th
 not handle it is not killed by it: see :func:`_pass_warning`); Ctrl-C stops the child and records
 ``cancelled``.
 
-``run_local`` is the local backend: every task through ``notata exec`` in a
-subprocess, N at a time, so that the local and cluster paths are the same code.
+The local backend (:mod:`notata.local`) runs every task through this wrapper.
 """
 
 from __future__ import annotations
@@ -26,13 +25,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import psutil
 
-from . import _attach, _fs, layout, schema
+from . import _attach, layout, schema
 from .array import ENV_TASK, RUN_VARIABLES, open_task
 from .errors import RunCompleteError, RunLockedError
 from .logbook import Logbook
@@ -375,108 +373,3 @@ def _group(pgid: int) -> list[int]:
             if os.getpgid(p.pid) == pgid:
                 out.append(p.pid)
     return out
-
-
-# -- the local backend ---------------------------------------------------------------------------
-
-
-@dataclass
-class LocalResult:
-    """What a local sweep did: task indices by outcome."""
-
-    done: list[int] = field(default_factory=list)
-    failed: list[int] = field(default_factory=list)
-    skipped: list[int] = field(default_factory=list)
-    busy: list[int] = field(default_factory=list)  # held by another process: not run here
-    interrupted: bool = False
-    signal: int = 0  # the signal that stopped the run (0: Ctrl-C, or none)
-    why: str = ""  # "cancelled" (Ctrl-C), "hangup", "terminated"
-
-
-def is_complete(sweep: Sweep, index: int) -> bool:
-    """Whether task ``index`` has a run directory recorded as complete."""
-    try:
-        meta = _fs.read_json_object(sweep.task(index).run_dir / layout.METADATA)
-    except (FileNotFoundError, ValueError):
-        return False
-    return meta.get("status") == schema.COMPLETE
-
-
-def run_local(sweep: Sweep, todo: Sequence[int], argv: Sequence[str], *, jobs: int,
-              skipped: Iterable[int] = (), progress: Any = None) -> LocalResult:
-    """Run ``notata exec`` for each task of ``todo``, ``jobs`` at a time.
-
-    The caller leaves out complete tasks (``skipped``, reported in the result).
-    ``progress(result, running, total)`` is called as tasks start and end.
-    Ctrl-C, SIGTERM or SIGHUP (an ssh connection that drops) stops launching, passes the
-    signal to the running wrappers, which stop their commands and record ``cancelled``
-    or ``terminated``, waits for them, and returns with ``interrupted`` set. A sweep
-    that must outlive a logout belongs in tmux, nohup, or the SLURM backend.
-    """
-    result = LocalResult(skipped=list(skipped))
-    total = len(todo)
-    running: dict[int, subprocess.Popen[bytes]] = {}
-    base = [sys.executable, "-m", "notata", "exec", str(sweep.path)]
-    queue = list(reversed(todo))
-    env = clean_environment(os.environ)
-
-    def report() -> None:
-        if progress is not None:
-            progress(result, len(running), total)
-
-    def stop(signum: int, frame: object) -> None:
-        raise _Stopped(signum)
-
-    previous = _install({signal.SIGTERM: stop, signal.SIGHUP: stop})
-    try:
-        while queue or running:
-            while queue and len(running) < jobs:
-                i = queue.pop()
-                running[i] = subprocess.Popen([*base, "--task", str(i), "--", *argv],
-                                              stdin=subprocess.DEVNULL, env=env)
-                report()
-            time.sleep(0.05)
-            for i, proc in list(running.items()):
-                if proc.poll() is not None:
-                    del running[i]
-                    outcome = {0: result.done, IN_USE: result.busy}.get(proc.returncode,
-                                                                        result.failed)
-                    outcome.append(i)
-                    report()
-    except (KeyboardInterrupt, _Stopped) as err:
-        # Each wrapper stops its command and records why (a terminal's Ctrl-C or hangup
-        # reaches them already; a second one is ignored). Wait for them all, so that
-        # nothing is left "running".
-        signum = err.signum if isinstance(err, _Stopped) else signal.SIGINT
-        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(s, signal.SIG_IGN)
-        result.interrupted = True
-        result.signal = 0 if signum == signal.SIGINT else signum
-        result.why = ("cancelled" if signum == signal.SIGINT
-                      else "hangup" if signum == signal.SIGHUP else "terminated")
-        for proc in running.values():
-            proc.send_signal(signum)
-        for i, proc in running.items():
-            try:
-                proc.wait(STOP_GRACE + 10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            result.failed.append(i)
-        report()
-    finally:
-        _install(previous)
-    return result
-
-
-class _Stopped(Exception):
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _install(handlers: Mapping[int, Any]) -> dict[int, Any]:
-    """Install signal handlers (main thread only); return the ones they replace."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    return {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}

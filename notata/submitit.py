@@ -31,11 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from . import layout, submissions
-from .array import open_task, sweep_of
+from .array import is_complete, open_task, sweep_of
 from .errors import RunCompleteError
 from .logbook import Logbook
 from .manifest import Sweep, compact
-from .runner import is_complete
 
 RESULT = "result"
 

@@ -374,7 +374,7 @@ GROUP_HOLD = """
 GROUP_SECOND = """
     import sys, notata
     from notata import lock
-    from notata.submit import Options, submit
+    from notata.submission import Options, submit
     manifest = sys.argv[1]
     try:
         notata.task(manifest, 0)

@@ -23,7 +23,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import lock, runner, schema, slurm, submissions
+from . import local, lock, schema, slurm, submissions
+from .array import is_complete
 from .collect import DEFAULT_RESUBMIT, PENDING, SELECTORS, Report, parse_duration, scan
 from .errors import SchedulerError, UsageError
 from .manifest import Sweep, compact, parse_indices
@@ -83,7 +84,7 @@ class Options:
 
 def submit(manifest: str | os.PathLike[str] | Sweep, command: Sequence[str],
            options: Options | None = None, *,
-           progress: Callable[[runner.LocalResult, int, int], None] | None = None) -> int:
+           progress: Callable[[local.LocalResult, int, int], None] | None = None) -> int:
     """Submit the sweep's tasks (all, or ``options.tasks``). Complete tasks are left out,
     and so are tasks still queued or running (a second ``submit``, or one beside a
     ``resubmit``, never runs a task twice); it says so.
@@ -109,7 +110,7 @@ def resubmit(manifest: str | os.PathLike[str] | Sweep, statuses: Iterable[str] =
              command: Sequence[str] = (), options: Options | None = None, *,
              max_attempts: int | None = None, stale_after: float | None = None,
              full: bool = False,
-             progress: Callable[[runner.LocalResult, int, int], None] | None = None) -> int:
+             progress: Callable[[local.LocalResult, int, int], None] | None = None) -> int:
     """Scan the sweep and submit again exactly the tasks that need it (see the README).
 
     ``statuses``: the selectors (none: :data:`~notata.collect.DEFAULT_RESUBMIT`);
@@ -229,7 +230,7 @@ def _submit(sweep: Sweep, indices: list[int], cmd: list[str], backend: str, opti
     with held or submissions.sweep_lock(sweep.base_dir) as sweep_lock:
         if again:
             left: dict[int, str] = {i: "complete" for i in indices
-                                    if runner.is_complete(sweep, i)}
+                                    if is_complete(sweep, i)}
         else:
             left = _not_to_submit(sweep, indices)
         todo = [i for i in indices if i not in left]
@@ -322,7 +323,7 @@ def _run_here(sweep: Sweep, todo: list[int], skipped: list[int], cmd: list[str],
     """The local backend: run the tasks here; record the submission's end."""
     t0 = time.monotonic()
     try:
-        result = runner.run_local(sweep, todo, cmd, jobs=jobs, skipped=skipped,
+        result = local.run_local(sweep, todo, cmd, jobs=jobs, skipped=skipped,
                                   progress=progress)
     finally:
         submissions.append(sweep.base_dir, {"submission": sub_id, "ended": True,
@@ -334,7 +335,7 @@ def _run_here(sweep: Sweep, todo: list[int], skipped: list[int], cmd: list[str],
     return FAILED if result.failed else 0
 
 
-def summary(result: runner.LocalResult, elapsed: float) -> str:
+def summary(result: local.LocalResult, elapsed: float) -> str:
     """One line: what a local run did."""
     sec = int(elapsed)
     text = (f"{len(result.done)} done, {len(result.failed)} failed, "
