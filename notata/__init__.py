@@ -21,10 +21,10 @@ from typing import Any
 
 __version__ = "0.4.0.dev0"
 
-from . import runinfo as _runinfo
+from . import scheduler as _scheduler
 from . import slurm as _slurm
 from .array import task
-from .collect import Report, scan
+from .collector import Report, scan
 from .errors import (
     CorruptMetadataError,
     ManifestError,
@@ -41,7 +41,7 @@ from .manifest import load as load_sweep
 from .reader import ExperimentReader, LogReader
 from .tabulate import table
 
-_runinfo.register_scheduler(_slurm.SLURM)
+_scheduler.register(_slurm.SLURM)
 
 
 def collect(target: Sweep | str | os.PathLike[str], stale_after: float | None = None, *,

@@ -13,13 +13,14 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from . import _fs, layout, runinfo, schema
+from . import _fs, layout, scheduler, schema
 
 #: Set by ``notata exec`` for its command: the wrapper's pid, host and scheduler job.
 ENV_WRAPPER_PID = "NOTATA_WRAPPER_PID"
@@ -51,8 +52,8 @@ def under_wrapper(environ: Mapping[str, str] | None = None) -> bool:
         return False
     job = env.get(ENV_WRAPPER_JOB)
     if job:
-        sched = runinfo.scheduler(env)
-        if sched is not None and str(sched[1].get("job_id")) == job:
+        sched = scheduler.current(env)
+        if sched is not None and sched[0].job_id(sched[1]) == job:
             return True
     if host != socket.gethostname():
         return False
@@ -112,3 +113,86 @@ def take_handed_over(run_dir: Path) -> dict[str, Any]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             taken.unlink()
+
+
+class AttachedRun:
+    """A run as an attached process sees it (the wrapper owns the lock and the status).
+
+    The same small interface as :class:`notata._run.OwnedRun`, so that the Logbook never
+    asks which it has: fields and an ending status are handed over; nothing is locked,
+    beaten or recorded here; the user's hooks and ``finally`` blocks still run on a
+    signal, and the wrapper records its status.
+    """
+
+    superseded = False  # an attached handle is never superseded: it takes no lock
+    scheduler = None
+    job_id = None
+
+    def __init__(self, path: Path, on_let_go: Callable[[], None]) -> None:
+        self.path = path
+        self._on_let_go = on_let_go
+        self.meta = _fs.read_json_object(path / layout.METADATA)
+        self.pid = os.getpid()
+        self.closed = False
+        self._handed: str | None = None  # the status handed over, if any
+        self._t0 = time.monotonic()
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self._t0
+
+    @property
+    def status(self) -> str:
+        return str(_fs.read_json_object(self.path / layout.METADATA).get("status",
+                                                                           schema.RUNNING))
+
+    def metadata(self) -> dict[str, Any]:
+        return dict(self.meta)
+
+    def saved(self, path: Path) -> None:
+        """Outputs are the wrapper's to fsync when it ends the run."""
+
+    def check_usable(self) -> None:
+        """Always usable: the wrapper decides when the run ends."""
+
+    def set(self, **fields: Any) -> None:
+        hand_over(self.path, fields)
+
+    def finish(self, status: str | None, reason: str | None) -> bool:
+        """Hand over what this process marked (``status`` None: nothing, the wrapper has
+        the exit status). A failure marked after complete still counts, as for a run of
+        its own. False: the Logbook's callback is the wrapper's to run."""
+        if self.closed and not (status == schema.FAILED and self._handed == schema.COMPLETE):
+            return False
+        self.closed = True
+        if status is not None:
+            self._handed = status
+            fields = {"status": status}
+            if reason is not None:
+                fields["failure_reason"] = reason
+            hand_over(self.path, fields)
+        self._on_let_go()
+        return False
+
+    def fail(self, reason: str) -> bool:
+        return self.finish(schema.FAILED, reason)
+
+    def exited(self, code: object) -> bool:
+        """``sys.exit(code)``: the wrapper records an int exit status itself."""
+        return self.finish(None if isinstance(code, int) else schema.FAILED, str(code))
+
+    def release(self) -> None:
+        """Nothing to release: the wrapper holds the lock."""
+
+    @staticmethod
+    def failure_reason(exc: BaseException) -> str:
+        """The last line of its traceback, as the wrapper reports it."""
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+    def warned(self) -> bool:
+        """SIGUSR1: the wrapper records it; the hooks run while the handle is open."""
+        return not self.closed
+
+    def ended(self, signum: int) -> bool:
+        """SIGTERM/SIGHUP: the wrapper records it; the hooks (and finally blocks) run."""
+        return True

@@ -6,31 +6,44 @@ Both spellings call the same writers. Every file is written atomically
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 import pickle
-from collections.abc import Callable, Iterable
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+import yaml
 
-from . import _fs, layout
-from ._convert import json_default
+from . import _fs, layout, runinfo
+from ._convert import json_default, to_plain
+from .reader import read_params
+
+_Bytes = bytes  # the class below has a method named bytes (notata 0.3's name)
 
 
-class OutputsMixin:
-    """The writers of a :class:`~notata.Logbook`; it provides ``path``, ``info`` and ``_saved``."""
+class Outputs(ABC):
+    """The writers of a :class:`~notata.Logbook`, under both spellings.
+
+    As filelock's base class owns the locking logic and each platform implements two
+    methods, this class owns the names and the layout of outputs inside ``path``; the
+    Logbook implements :meth:`_guard` (refuse writes through a handle that no longer owns
+    its run) and :meth:`_store` (write, remember for the final fsync, log a line).
+    """
 
     path: Path
 
-    def info(self, msg: str) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _guard(self) -> None:
+        """Raise when nothing may be written through this handle any more."""
 
-    def _saved(self, path: Path) -> None:
-        raise NotImplementedError
-
-    def _check_usable(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _store(self, target: Path, write: Callable[[IO[bytes]], Any], message: str) -> None:
+        """Write ``target`` atomically with ``write(file)`` and log ``message``."""
 
     # -- the one writer ------------------------------------------------------------------------
 
@@ -38,14 +51,12 @@ class OutputsMixin:
         self, folder: str, category: str | None, name: str, ext: str,
         write: Callable[[IO[bytes]], Any], what: str,
     ) -> Path:
-        self._check_usable()
+        self._guard()
         layout.check_relative(name, "name")
         base = layout.check_relative(category, "category") if category is not None else Path(folder)
         rel = base / f"{name}{ext}"
         target = layout.inside(self.path, rel, "name")
-        _fs.atomic_write(target, write)
-        self._saved(target)
-        self.info(f"Saved {what} {name} in {rel.as_posix()}")
+        self._store(target, write, f"Saved {what} {name} in {rel.as_posix()}")
         return target
 
     # -- seed names ----------------------------------------------------------------------------
@@ -150,6 +161,37 @@ class OutputsMixin:
         """notata 0.3 name of :meth:`save_plot`."""
         return self.save_plot(name, fig=fig, dpi=dpi, formats=formats)
 
+    # -- params --------------------------------------------------------------------------------
+
+    def save_params(self, params: Mapping[str, Any], preferred: str = "yaml") -> None:
+        """Write ``params`` as params.yaml or params.json, replacing the saved params (the
+        other file, if any, is removed)."""
+        self._write_params(to_plain(dict(params), "params"), preferred, merge=False)
+        other = layout.PARAMS_JSON if preferred == "yaml" else layout.PARAMS_YAML
+        with contextlib.suppress(FileNotFoundError):
+            (self.path / other).unlink()
+
+    def params(self, ext: str = "yaml", **kwargs: Any) -> None:
+        """notata 0.3: merge ``kwargs`` into ``params.<ext>`` (read from that same file)."""
+        self._write_params(to_plain(kwargs, "params"), ext, merge=True)
+
+    def load_params(self) -> dict[str, Any]:
+        """The saved params: params.yaml and params.json together (JSON wins a shared key)."""
+        return read_params(self.path)
+
+    def _write_params(self, values: dict[str, Any], ext: str, merge: bool) -> None:
+        self._guard()
+        name = {"yaml": layout.PARAMS_YAML, "json": layout.PARAMS_JSON}.get(ext)
+        if name is None:
+            raise ValueError(f"params format must be 'yaml' or 'json', not {ext!r}")
+        if merge:
+            values = {**read_params(self.path, only=name), **values}
+        self._save_params_file(name, render_params(values, ext))
+
+    def _save_params_file(self, name: str, data: _Bytes) -> None:
+        self._store(self.path / name, lambda f: f.write(data),
+                    f"Saved params ({name.rpartition('.')[2]}) in {name}")
+
     # -- paths for files the user writes ---------------------------------------------------------
 
     def _target_dir(self, category: str | None, fallback: Path) -> Path:
@@ -173,10 +215,58 @@ class OutputsMixin:
 
     def __getitem__(self, relative: str) -> Path:
         """notata 0.3: ``log["artifacts/x.dat"]`` is a path inside the run, parents made."""
-        self._check_usable()
+        self._guard()
         return layout.inside(self.path, relative, "path")
 
     def exists(self, relative: str) -> bool:
         """Whether ``relative`` exists inside the run directory."""
         return (self.path / layout.check_relative(relative, "path")).exists()
 
+
+def render_params(values: dict[str, Any], ext: str) -> bytes:
+    if ext == "json":
+        return _fs.dumps_json(values)
+    try:
+        return yaml.safe_dump(values, sort_keys=True, allow_unicode=True).encode()
+    except yaml.YAMLError as err:  # to_plain lets nothing through that YAML refuses
+        raise TypeError(f"params: cannot be written as YAML: {err}") from err
+
+
+_LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING,
+           "ERROR": logging.ERROR, "CRITICAL": logging.CRITICAL}
+
+
+class LogFile:
+    """A run's log.txt: lines appended through one descriptor, from its first line on.
+
+    ``logger`` is notata 0.3's (``notata.logbook.<run_id>``, not propagated): handlers
+    added to it receive every line written.
+    """
+
+    def __init__(self, path: Path, run_id: str, level: str) -> None:
+        self.path = path
+        self.level = _LEVELS[level.upper()]
+        self.logger = logging.getLogger(f"notata.logbook.{run_id}")
+        self.logger.propagate = False
+        self.logger.setLevel(self.level)
+        self._fd: int | None = None
+
+    def write(self, message: str, level: int | str) -> bool:
+        """Append ``[YYYY-MM-DDTHH:MM:SS] LEVEL message``; whether this opened the file."""
+        num = _LEVELS[level.upper()] if isinstance(level, str) else int(level)
+        if num < self.level:
+            return False
+        if self.logger.handlers:  # notata 0.3 wrote through this logger: its handlers see it
+            self.logger.log(num, message)
+        line = f"[{runinfo.now_iso()}] {logging.getLevelName(num)} {message}\n"
+        opened = self._fd is None
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                               0o666)
+        os.write(self._fd, line.encode("utf-8", "backslashreplace"))
+        return opened
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -38,14 +38,11 @@ import threading
 import time
 from collections.abc import Iterator
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from . import runinfo, schema
+from . import runinfo
 
 logger = logging.getLogger("notata")
-
-if TYPE_CHECKING:
-    from .logbook import Logbook
 
 #: The signals that end a run, and the warning.
 ENDING = (signal.SIGTERM, signal.SIGHUP)
@@ -53,7 +50,7 @@ WARNING = signal.SIGUSR1
 ALL = (*ENDING, WARNING)
 
 _previous: dict[int, Any] = {}  # the handler before ours, per signal we handle
-_listeners: dict[int, list[Logbook]] = {}  # the open runs each signal reaches
+_listeners: dict[int, list[RunSignals]] = {}  # the open runs each signal reaches
 _pending: list[int] = []  # signals held back by a critical section, in order
 _depth = 0  # critical sections open on the main thread
 _stopping = False  # an ending signal is being handled: the process is on its way out
@@ -63,7 +60,7 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def listen(log: Logbook, signums: tuple[int, ...] = ALL) -> None:
+def listen(log: RunSignals, signums: tuple[int, ...] = ALL) -> None:
     """Let ``log`` hear ``signums`` (main thread only; a signal the user set to SIG_IGN,
     as ``nohup`` does for SIGHUP, stays ignored). A handler someone installed over ours
     while other runs were open is kept as the one to call after ours."""
@@ -81,7 +78,7 @@ def listen(log: Logbook, signums: tuple[int, ...] = ALL) -> None:
         _listeners.setdefault(signum, []).append(log)
 
 
-def forget(log: Logbook) -> None:
+def forget(log: RunSignals) -> None:
     """``log`` hears nothing more; the previous handlers come back once no run listens."""
     for signum in list(_listeners):
         _listeners[signum] = [x for x in _listeners[signum] if x is not log]
@@ -127,7 +124,7 @@ def _dispatch(signum: int, frame: FrameType | None) -> None:
     runs = list(reversed(_listeners.get(signum, ())))
     if signum == WARNING:
         for log in runs:
-            log._warned()
+            log.warned()
         if callable(previous):
             previous(signum, frame)
         return
@@ -138,7 +135,7 @@ def _dispatch(signum: int, frame: FrameType | None) -> None:
     _stopping = True
     for log in runs:  # one run that cannot record (moved aside) must not stop the others
         try:
-            log._terminated(signum)
+            log.terminated(signum)
         except Exception as err:
             logger.warning("notata: %s: %s", signal.Signals(signum).name, err)
     if callable(previous):
@@ -171,94 +168,39 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_all_in_child)
 
 
-class SignalsMixin:
-    """What one :class:`~notata.Logbook` does when a signal reaches it."""
+class Recorder(Protocol):
+    """What a run records when a signal reaches it (the owned and attached runs of
+    :mod:`notata._run` and :mod:`notata._attach`)."""
 
-    _warning_hooks: list[Any]
-    _terminate_hooks: list[Any]
-    _closed: bool
-    attached: bool
-    _meta: dict[str, Any]
-    _meta_lock: threading.Lock
-    _scheduler: Any
+    def warned(self) -> bool:
+        """Record SIGUSR1; whether the run's warning hooks are to be called."""
 
-    def warning(self, msg: str) -> None:
-        raise NotImplementedError
-
-    def _set(self, **fields: Any) -> None:
-        raise NotImplementedError
-
-    def _end(self, status: str, reason: str | None) -> bool:
-        raise NotImplementedError
-
-    def on_warning(self, hook: Any) -> Any:
-        """Call ``hook(log)`` on SIGUSR1 (``sbatch --signal=B:USR1@secs``): checkpoint now."""
-        self._warning_hooks.append(hook)
-        return hook
-
-    def on_terminate(self, hook: Any) -> Any:
-        """Call ``hook(log, signum)`` after a SIGTERM's or SIGHUP's status is on disk, before
-        the exit, with the run lock still held (also in a command attached under
-        ``notata exec``, whose wrapper records the status)."""
-        self._terminate_hooks.append(hook)
-        return hook
-
-    def holding_signals(self) -> contextlib.AbstractContextManager[None]:
-        """A block that SIGTERM, SIGHUP and SIGUSR1 wait for (main thread): e.g. starting a
-        command and registering the hook that stops it."""
-        return critical()
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """Hold the metadata lock inside a critical section."""
-        with critical(), self._meta_lock:
-            yield
-
-    def _warned(self) -> None:
-        """SIGUSR1: record it (the wrapper does, for an attached run) and call the hooks."""
-        if self._closed:
-            return
-        if not self.attached:
-            self.warning("SIGUSR1 received: the time limit is near")
-            self._set(signals=[*self._meta.get("signals", []), _record("SIGUSR1")])
-        for hook in list(self._warning_hooks):
-            hook(self)
-
-    def _terminated(self, signum: int) -> None:
-        """SIGTERM or SIGHUP: record why (not for an attached run), then the hooks.
-
-        The cause of a SIGTERM is told apart as: ``timeout`` when SIGUSR1 (the time-limit
-        warning) came first or the scheduler says the time is up; ``cancelled`` /
-        ``preempted`` as the scheduler reports the job; else ``terminated``. SIGHUP (a
-        closed terminal or ssh connection) is ``terminated``, reason "hangup".
-        """
-        if self._closed and not self.attached:
-            return
-        if not self.attached:
-            name = signal.Signals(signum).name
-            self._meta["signals"] = [*self._meta.get("signals", []), _record(name)]
-            if signum == signal.SIGHUP:
-                status, why = schema.TERMINATED, "hangup: the terminal or connection closed"
-            else:
-                status = why = self._termination_status(time.time())
-            self._end(status, f"{name} received ({why})")
-        for hook in list(self._terminate_hooks):
-            hook(self, signum)
-
-    def _termination_status(self, now: float) -> str:
-        if any(s["signal"] == "SIGUSR1" for s in self._meta.get("signals", [])):
-            return schema.TIMEOUT
-        if self._scheduler is not None:
-            ctx = self._meta.get(self._scheduler.name, {})
-            try:
-                status = self._scheduler.termination_status(ctx, now)
-            except Exception:  # the scheduler cannot be asked: say what we know
-                status = None
-            if status in schema.SIGNAL_STATUSES:
-                return str(status)
-        return schema.TERMINATED
+    def ended(self, signum: int) -> bool:
+        """Record SIGTERM or SIGHUP; whether the run's terminate hooks are to be called."""
 
 
-def _record(name: str) -> dict[str, Any]:
+class RunSignals:
+    """One run's part in the dispatcher: it records the signal through its run, then calls
+    the user's hooks with ``owner`` (the Logbook)."""
+
+    def __init__(self, owner: Any, record: Recorder, on_warning: Any = None) -> None:
+        self.owner = owner
+        self.record = record
+        self.warning_hooks: list[Any] = [on_warning] if on_warning else []
+        self.terminate_hooks: list[Any] = []
+
+    def warned(self) -> None:
+        if self.record.warned():
+            for hook in list(self.warning_hooks):
+                hook(self.owner)
+
+    def terminated(self, signum: int) -> None:
+        if self.record.ended(signum):
+            for hook in list(self.terminate_hooks):
+                hook(self.owner, signum)
+
+
+def record(name: str) -> dict[str, Any]:
+    """The entry a signal gets in a run's ``signals`` metadata."""
     now = time.time()
     return {"signal": name, "unix": round(now, 3), "time": runinfo.now_iso(now)}

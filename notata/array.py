@@ -7,7 +7,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from . import _attach, _fs, layout, runinfo, schema
+from . import _attach, _fs, layout, scheduler, schema
 from .errors import ManifestError, NotataError, RunCompleteError
 from .logbook import Logbook
 from .manifest import Sweep, Task, load
@@ -41,9 +41,9 @@ def task_index(environ: Mapping[str, str] | None = None) -> tuple[int, bool]:
     """
     env = os.environ if environ is None else environ
     raw = env.get(ENV_TASK)
-    array = runinfo.array_task(env)
+    array = scheduler.array_task(env)
     if raw is not None and (array is None or _attach.under_wrapper(env)
-                            or not runinfo.is_array_task(env)):
+                            or not scheduler.is_array_task(env)):
         return _int(ENV_TASK, raw), False
     if array is None:
         raise NotataError("no task index: pass index=/--task, or run inside a job array")

@@ -19,12 +19,13 @@ from typing import Any
 
 from . import __version__, slurm, submission, tabulate
 from .array import task_index
-from .collect import SELECTORS, Report, Watcher
+from .collector import Report, Watcher
 from .errors import ManifestError, NotataError, RunDirError, UsageError
 from .heartbeat import interval_from
 from .local import LocalResult
 from .manifest import Sweep, load, parse_indices
 from .runner import exec_task
+from .runstate import SELECTORS
 
 
 def _command(args: argparse.Namespace) -> list[str]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import scheduler
+
 
 class NotataError(Exception):
     """Base class of notata's errors."""
@@ -44,11 +46,9 @@ class RunLockedError(NotataError, BlockingIOError):
                     "close that Logbook first")
         h = self.holder
         who = f"host {h.get('host', '?')}, pid {h.get('pid', '?')}"
-        job = h.get("slurm") or {}
-        if "array_job_id" in job:
-            who += f", SLURM job {job['array_job_id']}_{job.get('array_task_id', '?')}"
-        elif "job_id" in job:
-            who += f", SLURM job {job['job_id']}"
+        job = scheduler.describe(h)
+        if job is not None:
+            who += f", {job}"
         return f"{self.run_dir} is in use by another process ({who}); it must finish first"
 
 

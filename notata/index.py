@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from . import layout, schema
+from . import layout, scheduler, schema
 
 RECORD = struct.Struct("<IHBBIIdII")
 SIZE = RECORD.size
@@ -93,12 +93,11 @@ def record(base_dir: Path, meta: Mapping[str, Any]) -> None:
     if slot is None or status not in schema.STATUSES:
         return
     tag = int.from_bytes(secrets.token_bytes(4), "little") | 1
-    job = meta.get("slurm") or {}
-    array_job, array_task = job.get("array_job_id"), job.get("array_task_id")
+    array = scheduler.array_of(meta)
     if meta.get("task_from", "array") != "array":  # its own --task: says nothing of the array
-        array_job = array_task = None
-    if not (isinstance(array_job, int) and isinstance(array_task, int)
-            and 0 < array_job < 2**32 and 0 <= array_task < 2**32 - 1):
+        array = None
+    array_job, array_task = array if array is not None else (0, -1)
+    if not (0 < array_job < 2**32 and 0 <= array_task < 2**32 - 1):
         array_job, array_task = 0, -1
     data = RECORD.pack(tag, MAGIC, schema.STATUSES.index(status) + 1, VERSION,
                        int(meta.get("attempt", 1)), array_job, time.time(), array_task + 1, tag)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
+
+from .errors import RunDirError
 
 RUN_PREFIX = "log_"
 METADATA = "metadata.json"
@@ -83,3 +86,16 @@ def inside(root: Path, relative: str | os.PathLike[str], what: str = "path") -> 
         if i < len(rel.parts) - 1:
             current.mkdir(exist_ok=True)
     return current
+
+
+def check_run_dir(path: Path) -> None:
+    """Refuse a run directory that is a symlink or not a folder (looked at with lstat)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise RunDirError(str(path), "the run directory is a symlink, which notata never "
+                                     "follows (it would write outside the base folder)")
+    if not stat.S_ISDIR(st.st_mode):
+        raise RunDirError(str(path), "the run directory is not a folder")

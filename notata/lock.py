@@ -18,7 +18,7 @@ How a dead holder is recognised:
   holder: it is never broken.
 - **Another host** (a lost node on a shared filesystem): the holder's lock is
   broken only when its last heartbeat, by the time the holder wrote into
-  metadata.json, is older than :func:`stale_threshold` (10 minutes, or 10
+  metadata.json, is older than :func:`break_after` (10 minutes, or 10
   heartbeat intervals if longer), and the holder's record has not changed
   after a short second look (so a new holder that has just taken the lock and
   not yet written its record is not mistaken for the old one). Breaking
@@ -58,8 +58,11 @@ class _Unsupported(Exception):
     """This filesystem refuses flock."""
 
 
-def stale_threshold(holder: Mapping[str, Any]) -> float:
-    """Seconds without a heartbeat after which a lock held from another host may be broken."""
+def break_after(holder: Mapping[str, Any]) -> float:
+    """Seconds without a heartbeat after which a lock held from another host may be broken.
+
+    Longer than the collector's :func:`notata.runstate.stale_limit` (which only reports
+    a run stale): breaking a live holder's lock would let two processes write one run."""
     hb = holder.get("heartbeat")
     interval = hb.get("interval_sec") if isinstance(hb, Mapping) else None
     return max(MIN_STALE_LOCK_SEC, STALE_LOCK_BEATS * float(interval or 0))
@@ -74,7 +77,7 @@ def holder_is_dead(holder: Mapping[str, Any], now: float | None = None) -> bool:
     beat = (hb.get("unix") if isinstance(hb, Mapping) else None) or holder.get("start_unix")
     if not isinstance(beat, (int, float)):
         return False  # nothing to judge by: never break on a guess
-    return now - beat > stale_threshold(holder)
+    return now - beat > break_after(holder)
 
 
 class LockFileError(OSError):

@@ -1,4 +1,10 @@
-"""The Logbook: one run, one directory of plain files, safe under crashes and signals."""
+"""The Logbook: one run, one directory of plain files, safe under crashes and signals.
+
+The Logbook is the user's API (outputs, params, log lines, ``with``); the run's life
+(lock, metadata, heartbeat, status) is its run object's: an :class:`~notata._run.OwnedRun`
+when this process holds the run, an :class:`~notata._attach.AttachedRun` under
+``notata exec``. Signals reach it through :class:`~notata._signals.RunSignals`.
+"""
 
 from __future__ import annotations
 
@@ -6,52 +12,30 @@ import atexit
 import contextlib
 import logging
 import os
-import shutil
-import stat
 import threading
-import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
-import yaml
-
-from . import _attach, _fs, _signals, index, layout, runinfo, schema
+from . import _attach, _fs, _signals, layout, scheduler, schema
+from ._attempt import SUPERSEDED
 from ._convert import to_plain
-from ._outputs import OutputsMixin
-from ._signals import SignalsMixin
-from .errors import (
-    NotataError,
-    RunCompleteError,
-    RunDirError,
-    RunLockedError,
-    RunLostError,
-    RunSupersededError,
-)
-from .heartbeat import Heartbeat, Resources, interval_from, logger
-from .lock import LockFileError, RunLock
-from .reader import read_params
+from ._outputs import LogFile, Outputs, render_params
+from ._run import OwnedRun
+from .errors import RunLockedError
+from .heartbeat import interval_from
 
 if TYPE_CHECKING:
     from .manifest import Task
-    from .runinfo import SchedulerProvider
 
-_LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING,
-           "ERROR": logging.ERROR, "CRITICAL": logging.CRITICAL}
-# Fields of one attempt that move into ``attempts`` when the next attempt starts.
-_ATTEMPT_FIELDS = ("attempt", "status", "start_time", "end_time", "start_unix", "end_unix",
-                   "runtime_sec", "failure_reason", "host", "pid", "exit_code")
-# Fields that describe one attempt only: the next attempt starts without them.
-_VOLATILE = frozenset({"end_time", "end_unix", "runtime_sec", "failure_reason", "signals",
-                       "heartbeat", "slurm", "command", "exit_code"})
+__all__ = ["SUPERSEDED", "Logbook"]
+
 _OPEN: weakref.WeakSet[Logbook] = weakref.WeakSet()
-#: The status an attempt's history entry gets when a newer open in the same process took over.
-SUPERSEDED = "superseded"
 
 
-class Logbook(SignalsMixin, OutputsMixin):
+class Logbook(Outputs):
     """One run's directory: ``<base_dir>/log_<run_id>/`` with log, params, metadata and outputs.
 
     Use it as a context manager (complete on a clean exit; failed, with the
@@ -69,7 +53,7 @@ class Logbook(SignalsMixin, OutputsMixin):
             outputs and history; a complete run raises :class:`RunCompleteError`.
         heartbeat: seconds between liveness updates (default ``NOTATA_HEARTBEAT`` or 30).
         signals: in the main thread, record SIGTERM as a terminal status and pass
-            SIGUSR1 to :meth:`on_warning` hooks (see :meth:`_on_signal`).
+            SIGUSR1 to :meth:`on_warning` hooks (see :mod:`notata._signals`).
         on_warning: a hook called with the Logbook when SIGUSR1 arrives.
         level: the lowest level written to log.txt (``"INFO"``, as in notata 0.3).
         track_children: report the resources of this process and all its descendants.
@@ -117,45 +101,35 @@ class Logbook(SignalsMixin, OutputsMixin):
         self.plotdir = self.path / layout.PLOTS
         self.artifactsdir = self.path / layout.ARTIFACTS
         self.callback = callback
-        self._level = _LEVELS[level.upper()]
+        self._text = LogFile(self.log_path, self.run_id, level)
         #: notata 0.3's logger (``notata.logbook.<run_id>``, not propagated): handlers added
         #: to it receive every line written to log.txt.
-        self.logger = logging.getLogger(f"notata.logbook.{self.run_id}")
-        self.logger.propagate = False
-        self.logger.setLevel(self._level)
+        self.logger = self._text.logger
         # Everything that can refuse the params does so before anything is made.
-        params_file = _render_params(to_plain(dict(params), "params"), "yaml") \
+        params_file = render_params(to_plain(dict(params), "params"), "yaml") \
             if params is not None else None
         interval = interval_from(heartbeat)
-
-        self._meta_lock = threading.Lock()
-        self._unsynced: set[Path] = set()
-        self._warning_hooks: list[Callable[[Logbook], Any]] = [on_warning] if on_warning else []
-        self._terminate_hooks: list[Callable[[Logbook, int], Any]] = []
-        self._log_fd: int | None = None
-        self._closed = False  # a terminal status is recorded (or the handle is attached/closed)
-        self._superseded = False
-        self._handed: str | None = None  # the status an attached handle handed over
         self._with_depth = 0  # inside ``with`` blocks of this handle
         self._thread = threading.get_ident()
-        self._pid = os.getpid()  # a forked child inherits the handle, not the run
-        self._lost = False  # the run directory or its lock was replaced under this handle
-        self._scheduler: SchedulerProvider | None = None
-        self._meta: dict[str, Any] = {}
-        self._indexed: tuple[Any, ...] = ()  # (status, hash, task) last sent to the sweep index
         #: The sweep task this run is (set by :func:`notata.task`); ``log.task.params``.
         self.task: Task | None = None
-        self._t0 = time.monotonic()
-        _check_run_dir(self.path)
-        self.attached = _attach.wrapper_holds(self.path)
-        if self.attached:
-            self._meta = self._read_disk_metadata()
+        layout.check_run_dir(self.path)
+        if _attach.wrapper_holds(self.path):
+            self._run: OwnedRun | _attach.AttachedRun = _attach.AttachedRun(self.path,
+                                                                            self._let_go)
+            self._signals = _signals.RunSignals(self, self._run, on_warning)
             if params_file is not None:
                 self._save_params_file(layout.PARAMS_YAML, params_file)
             if signals:  # hooks and finally blocks run; the wrapper records the status
-                _signals.listen(self)
+                _signals.listen(self._signals)
             return
+        self._open(overwrite, resume, interval, params_file, preallocate, track_children,
+                   signals, on_warning, _check)
 
+    def _open(self, overwrite: bool, resume: bool, interval: float, params_file: bytes | None,
+              preallocate: bool, track_children: bool, signals: bool, on_warning: Any,
+              check: Callable[[dict[str, Any]], None] | None) -> None:
+        """Take the run (this process holds it): lock, first record, params, heartbeat."""
         existed = os.path.lexists(self.path)
         if existed and not (overwrite or resume):
             raise FileExistsError(f"Run directory {self.path} already exists.")
@@ -163,161 +137,47 @@ class Logbook(SignalsMixin, OutputsMixin):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileExistsError):
             self.path.mkdir()
-        _check_run_dir(self.path)  # again: it may have been replaced since the first look
-        self._lock = RunLock(self.path, self._read_disk_metadata)
-        try:
-            self._lock.acquire()
-        except LockFileError as err:
-            raise RunDirError(str(self.path), f"its {layout.LOCK} is {err.strerror}") from err
+        layout.check_run_dir(self.path)  # again: it may have been replaced since the first look
+        run = self._run = OwnedRun(self.path, self.run_id, self.log, self._let_go)
+        self._signals = _signals.RunSignals(self, run, on_warning)
+        run.acquire()
         try:
             # From here on a signal waits until the run is open, then ends it.
             with _signals.critical():
                 if signals:
-                    _signals.listen(self)
+                    _signals.listen(self._signals)
                 try:
                     # Looked at again under the lock: the folder may have been swapped for a
                     # symlink while the lock was busy; nothing is emptied or written before.
-                    _check_run_dir(self.path)
-                    self._open(overwrite, superseded, interval, params_file, preallocate,
-                               track_children, _check)
+                    layout.check_run_dir(self.path)
+                    run.begin(overwrite, superseded, interval, track_children, check)
+                    if preallocate:
+                        for d in (self.datadir, self.plotdir, self.artifactsdir):
+                            d.mkdir(exist_ok=True)
+                    if params_file is not None:
+                        self._save_params_file(layout.PARAMS_YAML, params_file)
+                    self.info("Logbook initialized" if self.attempt == 1
+                              else f"Logbook resumed as attempt {self.attempt}")
+                    run.start(interval)
+                    _OPEN.add(self)
                 except BaseException:
-                    _signals.forget(self)
+                    _signals.forget(self._signals)
                     raise
         except BaseException:
-            self._lock.release()
+            run.lock.release()
             raise
-
-    def _open(self, overwrite: bool, superseded: str | None, interval: float,
-              params_file: bytes | None, preallocate: bool, track_children: bool,
-              check: Callable[[dict[str, Any]], None] | None) -> None:
-        """Under the lock, with signals held: take the run over and write its first files.
-
-        ``check(previous metadata)`` may refuse the run before anything is written (a
-        sweep task refuses a run directory that another task wrote)."""
-        if check is not None and not overwrite:
-            with contextlib.suppress(FileNotFoundError):
-                check(self._read_disk_metadata())
-        previous = self._take_over(overwrite)
-        self._t0 = time.monotonic()
-        start = time.time()
-        sched = runinfo.scheduler()  # the environment only: the first write must come first
-        self._scheduler = sched[0] if sched else None
-        self._resources = Resources(tree=track_children)
-        self._meta = {
-            **{k: v for k, v in previous.items() if k not in _VOLATILE},
-            "schema": schema.SCHEMA_VERSION,
-            "run_id": self.run_id,
-            "status": schema.INITIALIZED,
-            "start_time": runinfo.now_iso(start),
-            "start_unix": round(start, 3),
-            "attempt": int(previous.get("attempt", 0)) + 1,
-            "attempts": _history(previous, superseded),
-            **runinfo.process_fields(),
-            "heartbeat": {"unix": round(start, 3), "time": runinfo.now_iso(start), "beat": 0,
-                          "interval_sec": interval},
-        }
-        if sched:
-            self._meta[sched[0].name] = sched[1]
-        # The first write, before anything slow: a task killed from here on leaves a run
-        # that reads stale (its process gone), never a folder without metadata.json.
-        self._write_meta()
-        if preallocate:
-            for d in (self.datadir, self.plotdir, self.artifactsdir):
-                d.mkdir(exist_ok=True)
-        if params_file is not None:
-            self._save_params_file(layout.PARAMS_YAML, params_file)
-        self.info("Logbook initialized" if self.attempt == 1
-                  else f"Logbook resumed as attempt {self.attempt}")
-        if sched:  # e.g. the job's time limit, from scontrol (up to seconds on a busy cluster)
-            self._meta[sched[0].name] = sched[0].details(sched[1])
-        self._set(status=schema.RUNNING)
-        self._heartbeat = Heartbeat(interval, self._beat)
-        self._heartbeat.start()
-        _OPEN.add(self)
-
-    # -- opening -------------------------------------------------------------------------------
-
-    def _take_over(self, overwrite: bool) -> dict[str, Any]:
-        """Under the lock: clear the run (overwrite) or read the attempt being resumed."""
-        if overwrite:
-            with contextlib.suppress(FileNotFoundError, ValueError):
-                index.forget(self.path.parent, self._read_disk_metadata())
-            # First say, durably, that this run starts afresh: a kill while the old files
-            # go leaves a run that reads stale (its process gone), never the old "complete"
-            # over half its outputs, nor a folder without metadata.json.
-            now = time.time()
-            _fs.atomic_write_json(self.path / layout.METADATA, {
-                "schema": schema.SCHEMA_VERSION, "run_id": self.run_id,
-                "status": schema.INITIALIZED, "attempt": 1, "start_unix": round(now, 3),
-                "start_time": runinfo.now_iso(now), **runinfo.process_fields(),
-                "failure_reason": "overwrite: the earlier run's files are being removed"},
-                durable=True)
-            for entry in self.path.iterdir():
-                if entry.name in (layout.LOCK, layout.METADATA):
-                    continue
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry)
-                else:
-                    entry.unlink()
-            return {}
-        try:
-            previous = self._read_disk_metadata()
-        except FileNotFoundError:
-            previous = {}
-        if previous.get("status") == schema.COMPLETE:
-            raise RunCompleteError(str(self.path))
-        _fs.clean_temporaries(self.path)
-        return previous
-
-    def _read_disk_metadata(self) -> dict[str, Any]:
-        return _fs.read_json_object(self.path / layout.METADATA)
-
-    def _check_usable(self) -> None:
-        """Refuse a write through a handle that no longer owns its run."""
-        if self._superseded:
-            raise RunSupersededError(str(self.path))
-        if self._lost or (not self.attached and not self._lock.still_ours()):
-            self._lose()
-            raise RunLostError(str(self.path))
-        if self.attached or os.getpid() != self._pid or self._lock.held:
-            return
-        try:  # closed and let go: the run may have been opened again since
-            disk = self._read_disk_metadata()
-        except (OSError, ValueError):
-            return
-        if (disk.get("attempt"), disk.get("start_unix")) != \
-                (self._meta.get("attempt"), self._meta.get("start_unix")):
-            raise RunSupersededError(str(self.path))
-
-    def _lose(self) -> None:
-        """The run is no longer this handle's: stop, let go of what it holds, write no more."""
-        self._lost = self._closed = True
-        if not self._heartbeat.is_current():
-            self._heartbeat.stop(wait=True)
-        self._let_go()
-
-    def _check_owner(self, what: str) -> None:
-        """The run's metadata and status are the opening process's, not a forked child's."""
-        if os.getpid() != self._pid:
-            raise NotataError(f"{self.path}: {what} is for the process that opened the run "
-                              f"(pid {self._pid}); a forked process (pid {os.getpid()}) may "
-                              "save outputs, not change its metadata or status")
-
-    def _give_up(self) -> None:
-        """Superseded by a newer open of this run in this process: stop, unlock, write no more."""
-        with self._locked():
-            self._closed = self._superseded = True
-        self._heartbeat.stop(wait=not self._heartbeat.is_current())
-        self._let_go()
 
     # -- state ---------------------------------------------------------------------------------
 
     @property
+    def attached(self) -> bool:
+        """Whether this handle is attached to a run that a ``notata exec`` wrapper holds."""
+        return isinstance(self._run, _attach.AttachedRun)
+
+    @property
     def status(self) -> str:
         """The run's status (one of :data:`notata.schema.STATUSES`)."""
-        if self.attached:
-            return str(self._read_disk_metadata().get("status", schema.RUNNING))
-        return str(self._meta["status"])
+        return self._run.status
 
     def current_status(self) -> str:
         """The run's status (the seed's name for :attr:`status`)."""
@@ -326,26 +186,22 @@ class Logbook(SignalsMixin, OutputsMixin):
     @property
     def attempt(self) -> int:
         """1 for a run's first attempt, N+1 after each resume."""
-        return int(self._meta["attempt"])
+        return int(self._run.meta["attempt"])
 
     @property
-    def job_id(self) -> object:
+    def job_id(self) -> str | None:
         """The scheduler's id of the job this run runs in (SLURM_JOB_ID), else None."""
-        if self._scheduler is None:
-            return None
-        ctx = self._meta.get(self._scheduler.name)
-        return ctx.get("job_id") if isinstance(ctx, Mapping) else None
+        return self._run.job_id
 
     @property
     def elapsed(self) -> float:
         """Seconds since this attempt started."""
-        return time.monotonic() - self._t0
+        return self._run.elapsed
 
     @property
     def metadata(self) -> dict[str, Any]:
         """A copy of the run's metadata as last written."""
-        with self._locked():
-            return dict(self._meta)
+        return self._run.metadata()
 
     def meta(self, **fields: Any) -> None:
         """Merge ``fields`` into metadata.json (values must be YAML/JSON-able).
@@ -354,7 +210,7 @@ class Logbook(SignalsMixin, OutputsMixin):
         :data:`notata.schema.RESERVED`) are refused with ValueError: a status is set with
         :meth:`mark_complete` / :meth:`mark_failed`.
         """
-        reserved = sorted(set(fields) & (schema.RESERVED | runinfo.scheduler_names()))
+        reserved = sorted(set(fields) & (schema.RESERVED | scheduler.names()))
         if reserved:
             raise ValueError(f"meta({reserved[0]}=...): {reserved[0]!r} is notata's own "
                              "metadata field; choose another name (a status is set with "
@@ -362,130 +218,49 @@ class Logbook(SignalsMixin, OutputsMixin):
         self._set(**{k: to_plain(v, f"meta[{k!r}]") for k, v in fields.items()})
 
     def _set(self, **fields: Any) -> None:
-        self._check_usable()
-        if self.attached:
-            _attach.hand_over(self.path, fields)
-            return
-        self._check_owner("meta()")
-        with self._taken_back():
-            with self._locked():
-                self._meta.update(fields)
-            self._write_meta()
-
-    @contextlib.contextmanager
-    def _taken_back(self) -> Iterator[None]:
-        """For a write after the run was let go (a ``meta()`` or ``mark_failed()`` after
-        ``close()``): take the lock again for the write, if this attempt still owns the run."""
-        if not self._closed or self._lock.held:
-            yield
-            return
-        self._lock.acquire()  # RunLockedError: another process has the run now
-        try:
-            if not self._lock.still_ours():
-                raise RunLostError(str(self.path))
-            disk = self._read_disk_metadata()
-            if (disk.get("attempt"), disk.get("start_unix")) != \
-                    (self._meta.get("attempt"), self._meta.get("start_unix")):
-                raise RunSupersededError(str(self.path))  # a newer attempt owns the run
-            yield
-        finally:
-            self._lock.release()
+        """Merge notata's own fields (a sweep task's, exec's) into the run's metadata."""
+        self._run.set(**fields)
 
     def take_handed_over(self) -> dict[str, Any]:
         """Wrapper side: take what an attached process handed over (see :mod:`._attach`)."""
         return _attach.take_handed_over(self.path)
 
-    def _write_meta(self, durable: bool = False) -> None:
-        """Write metadata.json and, when the status changed, the sweep index record.
+    # -- signals -------------------------------------------------------------------------------
 
-        The index may say complete only while metadata.json does (index.py): a complete
-        record is written only after a durable write of a complete metadata.json.
-        """
-        with self._locked():
-            status = self._meta.get("status")
-            key = (status, self._meta.get("manifest_hash"), self._meta.get("task"))
-            changed = key != self._indexed
-            if changed and status != schema.COMPLETE:
-                index.record(self.path.parent, self._meta)
-                self._indexed = key
-            _fs.atomic_write_json(self.path / layout.METADATA, self._meta, durable=durable)
-            if changed and status == schema.COMPLETE and durable:
-                index.record(self.path.parent, self._meta)
-                self._indexed = key
+    def on_warning(self, hook: Any) -> Any:
+        """Call ``hook(log)`` on SIGUSR1 (``sbatch --signal=B:USR1@secs``): checkpoint now."""
+        self._signals.warning_hooks.append(hook)
+        return hook
 
-    def _beat(self) -> None:
-        """The heartbeat thread's write: never a terminal status, never an index record.
+    def on_terminate(self, hook: Any) -> Any:
+        """Call ``hook(log, signum)`` after a SIGTERM's or SIGHUP's status is on disk, before
+        the exit, with the run lock still held (also in a command attached under
+        ``notata exec``, whose wrapper records the status)."""
+        self._signals.terminate_hooks.append(hook)
+        return hook
 
-        The whole write happens under the metadata lock, after checking that the run is
-        still open; a terminal status is set under the same lock, so it always comes after.
-        """
-        sample = self._resources.sample()
-        now = time.time()
-        with self._meta_lock:
-            if self._closed or self._lost or self._meta.get("status") not in schema.OPEN_STATUSES:
-                return
-            if not self._lock.still_ours():
-                self._lost = True
-                logger.warning("notata: %s was moved, replaced or its lock broken while this "
-                               "process had it open; it writes nothing more there", self.path)
-                return  # the next write through the handle lets the run go (_lose)
-            hb = self._meta["heartbeat"]
-            self._meta["heartbeat"] = {**hb, **sample, "unix": round(now, 3),
-                                       "time": runinfo.now_iso(now), "beat": hb["beat"] + 1}
-            _fs.atomic_write_json(self.path / layout.METADATA, self._meta)
+    def holding_signals(self) -> contextlib.AbstractContextManager[None]:
+        """A block that SIGTERM, SIGHUP and SIGUSR1 wait for (main thread): e.g. starting a
+        command and registering the hook that stops it."""
+        return _signals.critical()
 
-    def _saved(self, path: Path) -> None:
-        self._unsynced.add(path)
+    # -- outputs -------------------------------------------------------------------------------
 
-    # -- params --------------------------------------------------------------------------------
+    def _guard(self) -> None:
+        self._run.check_usable()
 
-    def save_params(self, params: Mapping[str, Any], preferred: str = "yaml") -> None:
-        """Write ``params`` as params.yaml or params.json, replacing the saved params (the
-        other file, if any, is removed)."""
-        self._write_params(to_plain(dict(params), "params"), preferred, merge=False)
-        other = layout.PARAMS_JSON if preferred == "yaml" else layout.PARAMS_YAML
-        with contextlib.suppress(FileNotFoundError):
-            (self.path / other).unlink()
-
-    def params(self, ext: str = "yaml", **kwargs: Any) -> None:
-        """notata 0.3: merge ``kwargs`` into ``params.<ext>`` (read from that same file)."""
-        self._write_params(to_plain(kwargs, "params"), ext, merge=True)
-
-    def load_params(self) -> dict[str, Any]:
-        """The saved params: params.yaml and params.json together (JSON wins a shared key)."""
-        return read_params(self.path)
-
-    def _write_params(self, values: dict[str, Any], ext: str, merge: bool) -> None:
-        self._check_usable()
-        name = {"yaml": layout.PARAMS_YAML, "json": layout.PARAMS_JSON}.get(ext)
-        if name is None:
-            raise ValueError(f"params format must be 'yaml' or 'json', not {ext!r}")
-        if merge:
-            values = {**read_params(self.path, only=name), **values}
-        self._save_params_file(name, _render_params(values, ext))
-
-    def _save_params_file(self, name: str, data: bytes) -> None:
-        target = self.path / name
-        _fs.atomic_write_bytes(target, data)
-        self._saved(target)
-        self.info(f"Saved params ({name.rpartition('.')[2]}) in {name}")
+    def _store(self, target: Path, write: Callable[[IO[bytes]], Any], message: str) -> None:
+        _fs.atomic_write(target, write)
+        self._run.saved(target)
+        self.info(message)
 
     # -- messages ------------------------------------------------------------------------------
 
     def log(self, message: str, level: int | str = logging.INFO) -> None:
         """Append ``[YYYY-MM-DDTHH:MM:SS] LEVEL message`` to log.txt."""
-        self._check_usable()
-        num = _LEVELS[level.upper()] if isinstance(level, str) else int(level)
-        if num < self._level:
-            return
-        if self.logger.handlers:  # notata 0.3 wrote through this logger: its handlers see it
-            self.logger.log(num, message)
-        line = f"[{runinfo.now_iso()}] {logging.getLevelName(num)} {message}\n"
-        if self._log_fd is None:
-            self._log_fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT
-                                   | os.O_CLOEXEC, 0o666)
-            self._saved(self.log_path)
-        os.write(self._log_fd, line.encode("utf-8", "backslashreplace"))
+        self._guard()
+        if self._text.write(message, level):  # the file was opened: fsync it at the end
+            self._run.saved(self.log_path)
 
     def note(self, message: str, level: int | str = logging.INFO) -> None:
         """notata 0.3 name of :meth:`log`."""
@@ -515,12 +290,7 @@ class Logbook(SignalsMixin, OutputsMixin):
         As in notata 0.3, this also turns a run already marked complete into a failed
         one (its sweep index record is cleared first).
         """
-        if not self.attached and self._closed and self._meta.get("status") == schema.COMPLETE:
-            self._check_usable()
-            self._check_owner("mark_failed()")
-            self._fail_after_complete(str(reason))
-        else:
-            self._finish(schema.FAILED, str(reason))
+        self._ended(lambda: self._run.fail(str(reason)))
 
     def mark_timeout(self, reason: str = "time limit reached") -> None:
         """Record the run as timed out with ``reason`` (e.g. before a requeue), and release it."""
@@ -532,92 +302,27 @@ class Logbook(SignalsMixin, OutputsMixin):
 
     def close(self) -> None:
         """Complete the run if nothing has ended it yet (what a clean ``with`` exit does)."""
-        if not self._closed:
+        if not self._run.closed:
             self.mark_complete()
         else:
-            self._release()
+            self._run.release()
 
     def _finish(self, status: str, reason: str | None) -> None:
         """Write the terminal status once (the first terminal status wins), then release."""
-        self._check_usable()
-        if self.attached:
-            self._hand_over_end(status, reason)
-            return
-        self._check_owner(f"mark_{status}()")
-        # A signal waits until the run is recorded, let go and its callback has run (an
-        # Experiment's index row): it cannot cut the end of a run in two.
+        self._ended(lambda: self._run.finish(status, reason))
+
+    def _ended(self, end: Callable[[], bool]) -> None:
+        """A signal waits until the run is recorded, let go and its callback has run (an
+        Experiment's index row): it cannot cut the end of a run in two."""
         with _signals.critical():
-            try:
-                finished = self._end(status, reason)
-            finally:  # a status that cannot be written (a full disk) still lets the run go
-                self._release()
-            if finished and self.callback:
+            if end() and self.callback:
                 self.callback(self)
 
-    def _hand_over_end(self, status: str | None, reason: str | None) -> None:
-        """An attached run: the wrapper decides the status; hand over what this process
-        marked (``status`` None: nothing, the wrapper has the exit status). A failure
-        marked after complete still counts, as for a run of its own."""
-        if self._closed and not (status == schema.FAILED and self._handed == schema.COMPLETE):
-            return
-        self._closed = True
-        if status is not None:
-            self._handed = status
-            fields = {"status": status}
-            if reason is not None:
-                fields["failure_reason"] = reason
-            _attach.hand_over(self.path, fields)
-        _signals.forget(self)
-        if self._log_fd is not None:
-            os.close(self._log_fd)
-            self._log_fd = None
-
-    def _end(self, status: str, reason: str | None) -> bool:
-        """Record a terminal status, durably, after every output; the lock stays held."""
-        with self._locked():
-            if self._closed:
-                return False
-            self._closed = True
-            end = time.time()
-            self._meta.update(status=status, end_time=runinfo.now_iso(end),
-                              end_unix=round(end, 3), runtime_sec=round(self.elapsed, 6))
-            self._meta["heartbeat"] = {**self._meta["heartbeat"], **self._resources.sample()}
-            if reason is not None:
-                self._meta["failure_reason"] = reason
-        self._heartbeat.stop(wait=not self._heartbeat.is_current())
-        if self._lost or not self._lock.still_ours():  # nothing of ours to write into now
-            self._lose()
-            raise RunLostError(str(self.path))
-        self.info(f"Marked {status}" + (f": {reason}" if reason else ""))
-        _fs.fsync_paths(sorted(self._unsynced))
-        self._unsynced.clear()
-        self._write_meta(durable=True)
-        return True
-
-    def _release(self) -> None:
-        """Let the next attempt in: the last thing a run does. Safe to call twice."""
-        if self.attached or self._superseded or not self._closed:
-            return
-        self._let_go()
-
     def _let_go(self) -> None:
-        if self._log_fd is not None:
-            os.close(self._log_fd)
-            self._log_fd = None
-        _signals.forget(self)
-        self._lock.release()
+        """The run lets go (its lock is released next): close what this handle holds."""
+        self._text.close()
+        _signals.forget(self._signals)
         _OPEN.discard(self)
-
-    def _fail_after_complete(self, reason: str) -> None:
-        """``mark_failed`` after ``mark_complete``: the index forgets complete first."""
-        with self._taken_back():
-            index.forget(self.path.parent, self._meta)
-            with self._locked():
-                self._meta.update(status=schema.FAILED, failure_reason=reason)
-            self.info(f"Marked failed: {reason}")
-            self._write_meta(durable=True)
-        if self.callback:
-            self.callback(self)
 
     def __enter__(self) -> Logbook:
         self._with_depth += 1
@@ -628,7 +333,7 @@ class Logbook(SignalsMixin, OutputsMixin):
         tb: TracebackType | None,
     ) -> None:
         self._with_depth -= 1
-        if self._superseded or os.getpid() != self._pid:
+        if self._run.superseded or os.getpid() != self._run.pid:
             return  # a forked child leaving the block: the run is not its to end
         if exc is None:
             self.close()
@@ -637,37 +342,10 @@ class Logbook(SignalsMixin, OutputsMixin):
         elif isinstance(exc, SystemExit):
             if exc.code in (0, None):
                 self.close()
-            elif self.attached and isinstance(exc.code, int):
-                self._hand_over_end(None, None)  # the wrapper records the exit status
             else:
-                self._finish(schema.FAILED, str(exc.code))  # as notata 0.3: "1"
+                self._ended(lambda: self._run.exited(exc.code))
         else:
-            reason = str(exc) or type(exc).__name__
-            if self.attached:  # the last line of its traceback, as the wrapper reports it
-                reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            self._finish(schema.FAILED, reason)
-
-
-def _render_params(values: dict[str, Any], ext: str) -> bytes:
-    if ext == "json":
-        return _fs.dumps_json(values)
-    try:
-        return yaml.safe_dump(values, sort_keys=True, allow_unicode=True).encode()
-    except yaml.YAMLError as err:  # to_plain lets nothing through that YAML refuses
-        raise TypeError(f"params: cannot be written as YAML: {err}") from err
-
-
-def _check_run_dir(path: Path) -> None:
-    """Refuse a run directory that is a symlink or not a folder (looked at with lstat)."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if stat.S_ISLNK(st.st_mode):
-        raise RunDirError(str(path), "the run directory is a symlink, which notata never "
-                                     "follows (it would write outside the base folder)")
-    if not stat.S_ISDIR(st.st_mode):
-        raise RunDirError(str(path), "the run directory is not a folder")
+            self._finish(schema.FAILED, self._run.failure_reason(exc))
 
 
 def _supersede(path: Path) -> str | None:
@@ -675,14 +353,15 @@ def _supersede(path: Path) -> str | None:
     up the run (a notebook cell run again), unless it is inside a ``with`` block or belongs
     to another thread (then :class:`RunLockedError`). The older one's status, if any."""
     for old in list(_OPEN):
-        if old._superseded or not _same_dir(old.path, path):
+        if old._run.superseded or not _same_dir(old.path, path):
             continue
         if old._with_depth:
             raise RunLockedError(str(path), {"in_process": "inside a running with block"})
         if old._thread != threading.get_ident():
             raise RunLockedError(str(path), {"in_process": "opened by another thread"})
-        status = str(old._meta.get("status"))
-        old._give_up()
+        status = str(old._run.meta.get("status"))
+        if isinstance(old._run, OwnedRun):
+            old._run.give_up()
         return status
     return None
 
@@ -694,27 +373,12 @@ def _same_dir(a: Path, b: Path) -> bool:
         return False
 
 
-def _history(previous: Mapping[str, Any], superseded: str | None) -> list[dict[str, Any]]:
-    """The attempts list of a run about to start its next attempt."""
-    history = list(previous.get("attempts", []))
-    if previous:
-        record = {k: previous[k] for k in _ATTEMPT_FIELDS if k in previous}
-        record.setdefault("attempt", len(history) + 1)
-        if "slurm" in previous:
-            record["slurm"] = previous["slurm"]
-        if superseded is not None and previous.get("status") in schema.OPEN_STATUSES:
-            record["status"] = SUPERSEDED
-            record["failure_reason"] = "superseded by a newer open of the run in the same process"
-        history.append(record)
-    return history
-
-
 @atexit.register
 def _close_forgotten() -> None:
     """A run still open when the interpreter exits did not finish: say so on disk, and
     release what a signal ended (its lock was kept for the ``finally`` blocks)."""
     for log in list(_OPEN):
-        if log._pid != os.getpid():
+        if log._run.pid != os.getpid():
             continue  # a forked child's copy of its parent's run
         with contextlib.suppress(Exception):
             log._finish(schema.FAILED, "the process exited without marking the run complete")
@@ -724,8 +388,9 @@ def _forget_runs_in_child() -> None:
     """After fork: the parent's runs are not the child's to end, nor to keep locked (a
     worker that outlives the parent must not hold the run's lock)."""
     for log in list(_OPEN):
-        with contextlib.suppress(Exception):
-            log._lock.drop_in_child()
+        if isinstance(log._run, OwnedRun):
+            with contextlib.suppress(Exception):
+                log._run.lock.drop_in_child()
     _OPEN.clear()
 
 

@@ -1,7 +1,8 @@
 """Everything SLURM: its environment variables, and calls to its commands through one function.
 
 The core never imports this module; ``notata/__init__.py`` registers
-:data:`SLURM` as a scheduler provider (see :mod:`notata.runinfo`).
+:data:`SLURM` as a scheduler provider (see :mod:`notata.scheduler`): the rest of the
+package asks through that seam and never names SLURM's variables, states or fields.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from typing import Any
 
 from . import _fs, layout, runinfo, schema, submissions
 from .array import RUN_VARIABLES
-from .collect import Queue
 from .errors import ManifestError, SchedulerError
 from .manifest import Sweep, compact
+from .queue import Queue
 
 #: SLURM environment variables recorded in a run's ``slurm`` metadata, and their field names.
 ENV_FIELDS = {
@@ -42,6 +43,9 @@ ENV_FIELDS = {
 _INT_FIELDS = {"job_id", "array_job_id", "array_task_id", "restart_count", "end_unix",
                "start_unix"}
 COMMAND_TIMEOUT = 30.0
+#: Queue states of a job that is alive: its run is never stale while the queue says so.
+ALIVE_STATES = frozenset({"RUNNING", "SUSPENDED", "COMPLETING", "CONFIGURING", "STOPPED",
+                          "RESIZING", "SIGNALING", "STAGE_OUT"})
 
 
 def run(argv: Sequence[str], timeout: float = COMMAND_TIMEOUT) -> str:
@@ -70,6 +74,7 @@ class SlurmProvider:
     """SLURM as seen from inside a job: environment variables and ``scontrol show job``."""
 
     name = "slurm"
+    title = "SLURM"
 
     def context(self, environ: Mapping[str, str]) -> dict[str, Any] | None:
         """The job's fields from the environment."""
@@ -81,6 +86,28 @@ class SlurmProvider:
                 value = environ[var]
                 ctx[field] = int(value) if field in _INT_FIELDS and value.isdigit() else value
         return ctx
+
+    def job_id(self, context: Mapping[str, Any]) -> str | None:
+        """``SLURM_JOB_ID``: an array task's own job id."""
+        job = context.get("job_id")
+        return None if job is None else str(job)
+
+    def array_of(self, context: Mapping[str, Any]) -> tuple[int, int] | None:
+        job, task = context.get("array_job_id"), context.get("array_task_id")
+        if isinstance(job, int) and isinstance(task, int) and not isinstance(job, bool):
+            return job, task
+        return None
+
+    def split_key(self, key: str) -> tuple[str, int | None]:
+        """``"123_4"`` -> ("123", 4); ``"123"`` (or a het job ``"123+0"``) -> (..., None)."""
+        job, _, task = key.partition("_")
+        return job, int(task) if task.isdigit() else None
+
+    def is_alive(self, state: str) -> bool:
+        return state in ALIVE_STATES
+
+    def is_running(self, state: str) -> bool:
+        return state == "RUNNING"
 
     def job_key(self, context: Mapping[str, Any]) -> str | None:
         """``"<array job>_<task>"`` for an array task (as ``squeue -r`` names it), else the
@@ -480,7 +507,7 @@ def collector_queue(base_dir: Path | None, command: str, *,
                     required: bool = False) -> Queue | None:
     """SLURM's queue for a scan of the runs under ``base_dir``: the jobs of this user and
     of every user that recorded a submission there (a group-shared sweep), then of each
-    user a run names and each array a run ran in (see :class:`~notata.collect.Queue`).
+    user a run names and each array a run ran in (see :class:`~notata.queue.Queue`).
     None when SLURM is not here. When it cannot answer: None, said once on stderr, or,
     if ``required`` (resubmit: it must not take a task that is still queued), a
     :class:`SchedulerError`."""
@@ -491,7 +518,7 @@ def collector_queue(base_dir: Path | None, command: str, *,
         users |= {str(r["user"]) for r in submissions.read(base_dir)
                   if isinstance(r.get("user"), str)}
     try:
-        return Queue(fetch=queue, users=users)
+        return Queue(fetch=queue, users=users, provider=SLURM)
     except SchedulerError as err:
         if required:
             raise SchedulerError(err.argv, err.returncode,

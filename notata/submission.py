@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shlex
 import sys
 import time
@@ -25,10 +26,11 @@ from typing import Any
 
 from . import local, lock, schema, slurm, submissions
 from .array import is_complete
-from .collect import DEFAULT_RESUBMIT, PENDING, SELECTORS, Report, parse_duration, scan
+from .collector import Report, scan
 from .errors import SchedulerError, UsageError
 from .manifest import Sweep, compact, parse_indices
 from .manifest import load as load_sweep
+from .runstate import DEFAULT_RESUBMIT, PENDING, SELECTORS
 
 BACKENDS = ("slurm", "local")
 #: Scheduler options by their Python names (``--cpus-per-task`` is ``cpus_per_task``).
@@ -113,7 +115,7 @@ def resubmit(manifest: str | os.PathLike[str] | Sweep, statuses: Iterable[str] =
              progress: Callable[[local.LocalResult, int, int], None] | None = None) -> int:
     """Scan the sweep and submit again exactly the tasks that need it (see the README).
 
-    ``statuses``: the selectors (none: :data:`~notata.collect.DEFAULT_RESUBMIT`);
+    ``statuses``: the selectors (none: :data:`~notata.runstate.DEFAULT_RESUBMIT`);
     ``options.tasks`` narrows the choice. The command, backend and scheduler options are
     the sweep's last submission's unless given (given options override recorded ones
     key by key), and it says what it reused. Where SLURM is but its queue cannot be read,
@@ -397,12 +399,15 @@ def _check_tasks(sweep: Sweep, indices: Iterable[int]) -> None:
             raise UsageError(str(err)) from None
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
+
+
 def duration(text: str | None, what: str = "--stale-after") -> float | None:
-    """``"90s"``/``"10m"``/``"2h"`` as seconds (None stays None); a bad value is a
-    :class:`UsageError` naming ``what``."""
+    """``"90s"``, ``"10m"``, ``"2h"``, ``"1d"`` or plain seconds, as seconds (None stays
+    None); anything else is a :class:`UsageError` naming ``what``."""
     if text is None:
         return None
-    try:
-        return parse_duration(str(text))
-    except ValueError as err:
-        raise UsageError(f"{what}: {err}") from None
+    m = _DURATION.match(str(text))
+    if not m:
+        raise UsageError(f"{what}: invalid duration {text!r}: use e.g. 90s, 10m, 2h")
+    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2) or "s"]

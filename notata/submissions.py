@@ -33,7 +33,7 @@ from typing import Any
 
 import psutil
 
-from . import layout, lock, runinfo
+from . import layout, lock, runinfo, scheduler
 
 logger = logging.getLogger("notata")
 
@@ -140,7 +140,7 @@ def this_process() -> dict[str, Any]:
     """``pid`` and ``pid_start`` of this process, and the scheduler job it runs in, for a
     local submission's record."""
     fields: dict[str, Any] = {"pid": os.getpid(), "pid_start": psutil.Process().create_time()}
-    sched = runinfo.scheduler()
+    sched = scheduler.current(os.environ)
     key = sched[0].job_key(sched[1]) if sched is not None else None
     if key is not None:
         fields["job_id"] = key

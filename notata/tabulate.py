@@ -15,9 +15,10 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from .collect import CORRUPT, MISSING, PENDING, scan
+from .collector import scan
 from .manifest import Sweep
 from .reader import LogReader
+from .runstate import CORRUPT, MISSING, PENDING
 
 BASE_COLUMNS = ["run_id", "task", "status", "attempt", "runtime_sec"]
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, read_meta, wait_for
+from helpers import ROOT, read_meta, wait_for, write_sweep
 
 from notata import Logbook
 from notata.cli import main
@@ -30,9 +30,7 @@ params:
 
 @pytest.fixture
 def manifest(base: Path) -> Path:
-    p = base / "sweep.yaml"
-    p.write_text(SWEEP)
-    return p
+    return write_sweep(base, SWEEP)
 
 
 def cli(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
@@ -153,8 +151,7 @@ BAD = ["name: x\ngrid: {a: [1, 2}\n", "name: x\ngrid: {a: [1]}\nbogus: 1\n",
 @pytest.mark.parametrize("command", ["sweep", "status", "submit", "exec"])
 def test_bad_manifest_one_line_exit_2_nothing_written(base: Path, text: str,
                                                       command: str) -> None:
-    path = base / "bad.yaml"
-    path.write_text(text)
+    path = write_sweep(base, text, "bad.yaml")
     extra = {"submit": ["--", "true"], "exec": ["--task", "0", "--", "true"]}.get(command, [])
     before = sorted(base.rglob("*"))
     proc = cli(command, str(path), *extra)

@@ -11,13 +11,24 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, python, read_meta, status_is, tree_digest, wait_for
+from helpers import (
+    ROOT,
+    notata_process,
+    python,
+    read_meta,
+    status_is,
+    submit,
+    tree_digest,
+    wait_for,
+    write_sweep,
+)
 
 import notata
 from notata import Logbook
 from notata.cli import main
-from notata.collect import Watcher, parse_duration, scan
+from notata.collector import Watcher, scan
 from notata.manifest import load
+from notata.submission import duration as parse_duration
 
 SWEEP = "name: c\nrun_id: 'k{k}'\ngrid: {k: [0, 1, 2, 3, 4, 5]}\n"
 # fails on the first attempt for k in 1 and 4
@@ -30,24 +41,13 @@ PAYLOAD = (
 
 @pytest.fixture
 def manifest(base: Path) -> Path:
-    p = base / "sweep.yaml"
-    p.write_text(SWEEP)
-    return p
+    return write_sweep(base, SWEEP)
 
 
 def kill_mid_run(manifest: Path, index: int) -> None:
     """A task whose wrapper and payload die by SIGKILL: nothing written at the end."""
-    proc = python(
-        "import sys; from notata.cli import main; sys.exit(main(sys.argv[1:]))",
-        "exec",
-        str(manifest),
-        "--task",
-        str(index),
-        "--",
-        "sleep",
-        "30",
-        start_new_session=True,
-    )
+    proc = notata_process("exec", str(manifest), "--task", str(index), "--", "sleep", "30",
+                          start_new_session=True)
     run = load(manifest).task(index).run_dir
     wait_for(status_is(run, "running"), what="the task to start")
     os.killpg(proc.pid, signal.SIGKILL)
@@ -56,24 +56,8 @@ def kill_mid_run(manifest: Path, index: int) -> None:
 
 def test_every_kind_of_run_is_classified(manifest: Path, base: Path) -> None:
     out = base / "outputs"
-    assert (
-        main(
-            [
-                "submit",
-                str(manifest),
-                "--backend",
-                "local",
-                "--tasks",
-                "0-1",
-                "--",
-                sys.executable,
-                "-c",
-                PAYLOAD,
-                "{k}",
-            ]
-        )
-        == 1
-    )
+    assert submit(manifest, "--backend", "local", "--tasks", "0-1", "--", sys.executable, "-c",
+                  PAYLOAD, "{k}") == 1
     kill_mid_run(manifest, 2)
     holder = python(
         """
@@ -173,7 +157,7 @@ def test_resubmit_locally_runs_exactly_what_needs_it(
 ) -> None:
     out = base / "outputs"
     cmd = ["--", sys.executable, "-c", PAYLOAD, "{k}"]
-    assert main(["submit", str(manifest), "--backend", "local", "--tasks", "0-1,3-4", *cmd]) == 1
+    assert submit(manifest, "--backend", "local", "--tasks", "0-1,3-4", *cmd) == 1
     kill_mid_run(manifest, 2)  # k5 is never submitted: missing
     before = {k: tree_digest(out / f"log_k{k}") for k in (0, 3)}
     capsys.readouterr()
@@ -228,28 +212,11 @@ def test_table_rows_params_and_artifact_fields(
         " json.dump({'E': int(sys.argv[1]) * 0.5, 'nested': {'n': 1}, 'list': [1]},"
         " open(d + '/final_metrics.json', 'w'))"
     )
-    assert (
-        main(
-            [
-                "submit",
-                str(manifest),
-                "--backend",
-                "local",
-                "--tasks",
-                "0-2",
-                "--",
-                sys.executable,
-                "-c",
-                code,
-                "{k}",
-            ]
-        )
-        == 0
-    )
+    assert submit(manifest, "--backend", "local", "--tasks", "0-2", "--", sys.executable, "-c",
+                  code, "{k}") == 0
     capsys.readouterr()
-    assert (
-        main(["table", str(manifest), "--artifact", "final_metrics", "--status", "complete"]) == 0
-    )
+    assert main(["table", str(manifest), "--artifact", "final_metrics", "--status",
+                 "complete"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == (
         "run_id,task,status,attempt,runtime_sec,k,final_metrics.E,final_metrics.nested.n"
@@ -277,7 +244,7 @@ def test_table_rows_params_and_artifact_fields(
 
 
 def test_watch_returns_once_every_task_is_terminal(manifest: Path, base: Path) -> None:
-    assert main(["submit", str(manifest), "--backend", "local", "--", "true"]) == 0
+    assert submit(manifest, "--backend", "local", "--", "true") == 0
     proc = subprocess.run([sys.executable, "-m", "notata", "status", str(manifest), "--watch",
                            "0.1", "--json"], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -315,7 +282,7 @@ def test_hostile_run_folders_are_reported_never_followed(base: Path, tmp_path: P
 
 def test_two_collectors_at_once_resubmit_each_task_once(manifest: Path, base: Path) -> None:
     cmd = ["--", sys.executable, "-c", PAYLOAD, "{k}"]
-    assert main(["submit", str(manifest), "--backend", "local", *cmd]) == 1  # k1, k4 fail
+    assert submit(manifest, "--backend", "local", *cmd) == 1  # k1, k4 fail
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [subprocess.Popen([sys.executable, "-m", "notata", "resubmit", str(manifest),
                                "--backend", "local"], env=env, stdout=subprocess.PIPE,
@@ -403,7 +370,7 @@ def test_resubmit_keeps_the_backend_options_and_narrows_to_tasks(
     from notata import submissions
 
     cmd = ["--", sys.executable, "-c", PAYLOAD, "{k}"]
-    assert main(["submit", str(manifest), "--backend", "local", "-j", "1", *cmd]) == 1
+    assert submit(manifest, "--backend", "local", "-j", "1", *cmd) == 1
     capsys.readouterr()
     assert main(["resubmit", str(manifest), "--tasks", "0,4"]) == 0
     said = capsys.readouterr()
@@ -422,7 +389,8 @@ def test_resubmit_keeps_the_backend_options_and_narrows_to_tasks(
 def test_job_gone_is_never_concluded_over_a_fresh_heartbeat(tmp_path: Path) -> None:
     """A queue that does not list a job (another user's, a partial answer) is wrong about a
     run that is still beating; one that has missed its beats is gone."""
-    from notata.collect import Queue, read_run
+    from notata.queue import Queue
+    from notata.runstate import read_run
 
     def run(age: float) -> dict[str, object]:
         now = time.time()
@@ -472,7 +440,8 @@ def test_a_dead_process_on_this_host_is_stale_whatever_its_job_says(tmp_path: Pa
     command's pid (recycled) is not taken for a survivor."""
     import socket
 
-    from notata.collect import Queue, read_run
+    from notata.queue import Queue
+    from notata.runstate import read_run
 
     d = tmp_path / "log_r"
     d.mkdir()
@@ -502,8 +471,7 @@ def test_bad_values_are_one_line_and_write_nothing(
             "notata sets the job array",
     }
     for i, (text, message) in enumerate(cases.items()):
-        m = base / f"m{i}.yaml"
-        m.write_text(text)
+        m = write_sweep(base, text, f"m{i}.yaml")
         for argv in (["status", str(m)],
                      ["submit", str(m), "--backend", "slurm", "--dry-run", "--", "true"]):
             rc = main(argv)
@@ -513,8 +481,7 @@ def test_bad_values_are_one_line_and_write_nothing(
                 break
         else:
             raise AssertionError(f"{text!r}: no one-line error saying {message!r}")
-    m = base / "ok.yaml"
-    m.write_text("name: ok\ngrid: {a: [1, 2]}\n")
+    m = write_sweep(base, "name: ok\ngrid: {a: [1, 2]}\n", "ok.yaml")
     for argv, message in [(["exec", str(m), "--task", "0", "--heartbeat", "inf", "--", "true"],
                            "heartbeat"),
                           (["status", str(m), "--watch", "-1"], "--watch")]:
@@ -525,7 +492,7 @@ def test_bad_values_are_one_line_and_write_nothing(
 def test_resubmit_from_python_refuses_bad_values_before_anything_runs(
         manifest: Path, base: Path) -> None:
     cmd = ["--", sys.executable, "-c", PAYLOAD, "{k}"]
-    assert main(["submit", str(manifest), "--backend", "local", *cmd]) == 1
+    assert submit(manifest, "--backend", "local", *cmd) == 1
     before = tree_digest(base / "outputs")
     for kwargs in ({"max_attempts": "3"}, {"max_attempts": 0}, {"stale_after": -5},
                    {"stale_after": float("nan")}, {"tasks": [99]}, {"command": ["true", 1]}):
@@ -545,7 +512,7 @@ def test_submit_leaves_out_what_is_still_running(
                     "print('open', flush=True)\ntime.sleep(30)\n", str(manifest))
     try:
         assert holder.stdout and holder.stdout.readline().strip() == "open"
-        assert main(["submit", str(manifest), "--backend", "local", "--", "true"]) == 0
+        assert submit(manifest, "--backend", "local", "--", "true") == 0
         err = capsys.readouterr().err
         assert "1 task(s) still queued or running, left out: 2" in err
         assert read_meta(base / "outputs" / "log_k2")["pid"] == holder.pid
@@ -558,11 +525,10 @@ def test_an_ended_local_run_of_an_earlier_manifest_version_is_not_running(
         base: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A driver (a notebook) that submits, edits the manifest, and submits again: the first
     submission, long ended, once kept the new version's tasks "queued" for ever."""
-    m = base / "v.yaml"
-    m.write_text("name: v\nrun_id: 'x{x}'\ngrid: {x: [1, 2]}\n")
-    assert main(["submit", str(m), "--backend", "local", "--", "true"]) == 0
+    m = write_sweep(base, "name: v\nrun_id: 'x{x}'\ngrid: {x: [1, 2]}\n", "v.yaml")
+    assert submit(m, "--backend", "local", "--", "true") == 0
     m.write_text("name: v\nrun_id: 'x{x}'\ngrid: {x: [3, 4, 5]}\n")
     capsys.readouterr()
-    assert main(["submit", str(m), "--backend", "local", "--", "true"]) == 0
+    assert submit(m, "--backend", "local", "--", "true") == 0
     assert "left out" not in capsys.readouterr().err
     assert {r.status for r in notata.collect(m).runs} == {"complete"}

@@ -9,12 +9,21 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import job_gone, read_meta, sbatch, status_is, tree_digest, wait_for
+from helpers import (
+    job_gone,
+    read_meta,
+    sbatch,
+    status_is,
+    submit,
+    tree_digest,
+    wait_for,
+    write_sweep,
+)
 
 import notata
 from notata import index, submissions
 from notata.cli import main
-from notata.collect import scan
+from notata.collector import scan
 from notata.manifest import load
 from notata.slurm import collector_queue
 
@@ -32,13 +41,12 @@ if attempt == 1 and k == 2:
 
 def test_status_and_resubmit_after_real_failures(slurm_cluster: str, base: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    manifest = base / "sweep.yaml"
-    manifest.write_text("name: e2e\nrun_id: 'k{k}'\ngrid: {k: [0, 1, 2, 3, 4, 5]}\n")
+    manifest = write_sweep(base, name="e2e", tasks=6)
     payload = base / "payload.py"
     payload.write_text(PAYLOAD)
     out = base / "outputs"
-    assert main(["submit", str(manifest), "--backend", "slurm", "--throttle", "3", "--",
-                 sys.executable, str(payload), "{k}"]) == 0
+    assert submit(manifest, "--backend", "slurm", "--throttle", "3", "--", sys.executable,
+                  str(payload), "{k}") == 0
     [record] = submissions.submitted(out)
     job = record["job_ids"][0]
     wait_for(status_is(out / "log_k2", "running"), 120, "k2 to start")
@@ -93,8 +101,7 @@ def test_tasks_of_a_users_own_array_read_pending(slurm_cluster: str, base: Path)
     """An array submitted with plain sbatch (not notata submit) that calls notata.task():
     once one task has started, its queued siblings are pending, never missing, so resubmit
     leaves them alone."""
-    manifest = base / "sweep.yaml"
-    manifest.write_text("name: own\nrun_id: 'k{k}'\ngrid: {k: [0, 1, 2]}\n")
+    manifest = write_sweep(base, name="own", tasks=3)
     go = base / "go"
     script = base / "own.sbatch"
     code = ("import os, sys, time, notata\n"
@@ -123,8 +130,7 @@ def test_a_users_own_array_is_known_when_every_started_task_is_complete(
     """Tasks 0 and 1 of a plain sbatch array complete while 2 and 3 are held in the queue.
     The scan takes 0 and 1 from the sweep index (opening neither run), and still maps the
     array from their index records: 2 and 3 read pending and resubmit leaves them."""
-    manifest = base / "sweep.yaml"
-    manifest.write_text("name: held\nrun_id: 'k{k}'\ngrid: {k: [0, 1, 2, 3]}\n")
+    manifest = write_sweep(base, name="held", tasks=4)
     script = base / "own.sbatch"
     code = "import sys, notata\nwith notata.task(sys.argv[1]):\n    pass\n"
     script.write_text("#!/bin/sh\nexec " + shlex.join([sys.executable, "-c", code,
@@ -161,19 +167,18 @@ def test_a_colleagues_queued_and_running_tasks_read_so(
     queue is now asked for every user who submitted to the sweep or ran one of its runs."""
     import shutil
 
-    from conftest import as_user
-    from test_faults import shared_folder
+    from helpers import as_user, shared_folder
 
     py, (a, _), group = group_users
     shared = shared_folder(group)
     manifest = shared / "sweep.yaml"
     out = shared / "outputs"
     try:
-        submit = as_user(a, py, "import sys\nfrom notata.cli import main\n"
-                         "sys.exit(main(sys.argv[1:]))", "submit", str(manifest), "--backend",
-                         "slurm", "--throttle", "1", "--", "sleep", "120")
-        said, err = submit.communicate(timeout=120)
-        assert submit.returncode == 0, (said, err)
+        submitting = as_user(a, py, "import sys\nfrom notata.cli import main\n"
+                             "sys.exit(main(sys.argv[1:]))", "submit", str(manifest),
+                             "--backend", "slurm", "--throttle", "1", "--", "sleep", "120")
+        said, err = submitting.communicate(timeout=120)
+        assert submitting.returncode == 0, (said, err)
         wait_for(status_is(out / "log_k0", "running"), 120, "the colleague's task 0 to start")
         assert read_meta(out / "log_k0")["user"] == a
         report = notata.collect(manifest)  # by root: another user than the submitter
@@ -195,8 +200,7 @@ def test_a_colleagues_own_array_reads_pending(
     never resubmitted beside hers (her jobs are not in `squeue -u` of anyone asked)."""
     import shutil
 
-    from conftest import as_user
-    from test_faults import shared_folder
+    from helpers import as_user, shared_folder
 
     py, (_, b), group = group_users
     shared = shared_folder(group)

@@ -9,9 +9,10 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import ROOT, python, read_meta, status_is, wait_for
+from helpers import ROOT, notata_process, python, read_meta, status_is, wait_for, write_sweep
 
 from notata import _attach
 from notata.cli import main
@@ -28,9 +29,7 @@ params:
 
 @pytest.fixture
 def manifest(base: Path) -> Path:
-    path = base / "sweep.yaml"
-    path.write_text(MANIFEST)
-    return path
+    return write_sweep(base, MANIFEST)
 
 
 def run_dir(base: Path, word: str) -> Path:
@@ -46,24 +45,9 @@ def test_environment_and_placeholders_reach_the_command_verbatim(
         "os.environ.items() if k.startswith('NOTATA_')}}, open(sys.argv[1], 'w'))"
     )
     for task in range(4):
-        rc = main(
-            [
-                "exec",
-                str(manifest),
-                "--task",
-                str(task),
-                "--",
-                sys.executable,
-                "-c",
-                payload,
-                f"{out}{task}",
-                "{word}",
-                "n={n}",
-                "{print $1}",
-                "{nope}",
-                "{run_id}:{task}:{attempt}",
-            ]
-        )
+        rc = main(["exec", str(manifest), "--task", str(task), "--", sys.executable, "-c", payload,
+                   f"{out}{task}", "{word}", "n={n}", "{print $1}", "{nope}",
+                   "{run_id}:{task}:{attempt}"])
         assert rc == 0
     seen = json.loads(Path(f"{out}2").read_text())
     hostile = "$(id) `id`; echo 'q' \"dq\" #x"
@@ -137,20 +121,8 @@ while True:
 
 def start_wrapper(manifest: Path, base: Path, task: int = 0) -> tuple[object, Path]:
     marks = base / f"marks{task}.txt"
-    proc = python(
-        "import sys; from notata.cli import main; sys.exit(main(sys.argv[1:]))",
-        "exec",
-        str(manifest),
-        "--task",
-        str(task),
-        "--heartbeat",
-        "0.1",
-        "--",
-        sys.executable,
-        "-c",
-        WRAPPED,
-        str(marks),
-    )
+    proc = notata_process("exec", str(manifest), "--task", str(task), "--heartbeat", "0.1", "--",
+                          sys.executable, "-c", WRAPPED, str(marks))
     return proc, marks
 
 
@@ -174,19 +146,8 @@ def test_sigterm_and_sigusr1_are_passed_to_the_command(manifest: Path, base: Pat
 
 def test_heartbeat_reports_the_whole_process_tree(manifest: Path, base: Path) -> None:
     code = "import time; x = bytearray(80_000_000); print('up', flush=True); time.sleep(30)"
-    proc = python(
-        "import sys; from notata.cli import main; sys.exit(main(sys.argv[1:]))",
-        "exec",
-        str(manifest),
-        "--task",
-        "1",
-        "--heartbeat",
-        "0.1",
-        "--",
-        sys.executable,
-        "-c",
-        code,
-    )
+    proc = notata_process("exec", str(manifest), "--task", "1", "--heartbeat", "0.1", "--",
+                          sys.executable, "-c", code)
     d = run_dir(base, "two words")
     try:
         wait_for(
@@ -235,20 +196,8 @@ with notata.task(sys.argv[1]) as log:
     log.info("from the command")
     raise RuntimeError("diverged at step 7")
 """)
-    rc = main(
-        [
-            "exec",
-            str(manifest),
-            "--task",
-            "0",
-            "--heartbeat",
-            "0.1",
-            "--",
-            sys.executable,
-            str(payload),
-            str(manifest),
-        ]
-    )
+    rc = main(["exec", str(manifest), "--task", "0", "--heartbeat", "0.1", "--", sys.executable,
+               str(payload), str(manifest)])
     assert rc == 1
     d = run_dir(base, "plain")
     meta = read_meta(d)
@@ -282,11 +231,8 @@ def test_notata_task_outside_exec_uses_the_array_index(
 def test_warning_spares_a_command_that_does_not_handle_it(manifest: Path, base: Path) -> None:
     """SIGUSR1's default action kills; a command that never asked for the time-limit warning
     must not die of it minutes before its limit (and read failed)."""
-    proc = python(
-        "import sys; from notata.cli import main; sys.exit(main(sys.argv[1:]))",
-        "exec", str(manifest), "--task", "0", "--",
-        "sh", "-c", "echo up; sleep 1; echo survived",
-    )
+    proc = notata_process("exec", str(manifest), "--task", "0", "--", "sh", "-c",
+                          "echo up; sleep 1; echo survived")
     d = run_dir(base, "plain")
     wait_for(lambda: "up" in _lines(d / "stdout.txt"), what="the command to start")
     proc.send_signal(signal.SIGUSR1)
@@ -310,10 +256,8 @@ with notata.task(sys.argv[1]) as log:
     while not (log.path / "artifacts" / "checkpoint.txt").exists():
         time.sleep(0.05)
 """)
-    proc = python(
-        "import sys; from notata.cli import main; sys.exit(main(sys.argv[1:]))",
-        "exec", str(manifest), "--task", "0", "--", sys.executable, str(payload), str(manifest),
-    )
+    proc = notata_process("exec", str(manifest), "--task", "0", "--", sys.executable,
+                          str(payload), str(manifest))
     d = run_dir(base, "plain")
     wait_for(lambda: "up" in _lines(d / "stdout.txt"), what="the command to start")
     proc.send_signal(signal.SIGUSR1)
@@ -349,8 +293,8 @@ while True:
 
 
 def _exec(manifest: Path, *cmd: str, task: int = 0) -> object:
-    return python("import sys; from notata.cli import main; sys.exit(main(sys.argv[1:]))",
-                  "exec", str(manifest), "--task", str(task), "--heartbeat", "0.2", "--", *cmd)
+    return notata_process("exec", str(manifest), "--task", str(task), "--heartbeat", "0.2", "--",
+                          *cmd)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -413,26 +357,31 @@ def test_sighup_stops_the_command_and_records_a_hangup(manifest: Path, base: Pat
 def test_a_sigkilled_wrapper_takes_its_command_along(manifest: Path, base: Path) -> None:
     """No code runs in a SIGKILLed wrapper; the kernel kills its command (PR_SET_PDEATHSIG),
     and a process of the command that survives anyway is named, and never run beside."""
-    from notata.collect import scan
+    from notata.collector import scan
     from notata.manifest import load
 
-    proc = _exec(manifest, sys.executable, "-c", TRAPS_TERM, "0")
-    d = run_dir(base, "plain")
-    child = _child_pid(d)
-    proc.kill()  # type: ignore[attr-defined]
-    proc.wait()  # type: ignore[attr-defined]
+    def sigkill_wrapper(task: int, word: str, *cmd: str) -> int:
+        """Run ``cmd`` as ``task`` (run ``w<word>``) and SIGKILL its wrapper once the command
+        is up; the pid the command said ("child up <pid>")."""
+        proc = _exec(manifest, *cmd, task=task)
+        pid = _child_pid(run_dir(base, word))
+        proc.kill()  # type: ignore[attr-defined]
+        proc.wait()  # type: ignore[attr-defined]
+        return pid
+
+    def record(task: int) -> Any:
+        [r] = [r for r in scan(load(manifest)).read if r.task == task]
+        return r
+
+    child = sigkill_wrapper(0, "plain", sys.executable, "-c", TRAPS_TERM, "0")
     wait_for(lambda: not _pid_alive(child), 5, "the command to die with its wrapper")
-    [r] = [r for r in scan(load(manifest)).read if r.task == 0]
+    r = record(0)
     assert r.status == "stale" and not r.orphan
 
     # a grandchild in the command's process group outlives the shell that pdeathsig kills
-    proc = _exec(manifest, "sh", "-c", "sleep 60 & echo child up $!; wait", task=1)
-    d1 = run_dir(base, "two words")
-    grandchild = _child_pid(d1)
-    proc.kill()  # type: ignore[attr-defined]
-    proc.wait()  # type: ignore[attr-defined]
+    grandchild = sigkill_wrapper(1, "two words", "sh", "-c", "sleep 60 & echo child up $!; wait")
     try:
-        [r] = [r for r in scan(load(manifest)).read if r.task == 1]
+        r = record(1)
         assert r.status == "stale" and r.orphan and f"pid {grandchild}" in (r.reason or "")
         chosen, left = scan(load(manifest)).to_resubmit()
         assert 1 not in chosen and [x.task for x, _ in left] == [1]
@@ -440,13 +389,10 @@ def test_a_sigkilled_wrapper_takes_its_command_along(manifest: Path, base: Path)
         os.kill(grandchild, signal.SIGKILL)
 
     # one that cleared its environment (env -i, Popen(env=...)) is found by its group
-    proc = _exec(manifest, "sh", "-c", "env -i sleep 60 & echo child up $!; wait", task=2)
-    d2 = run_dir(base, "$(id) `id`; echo 'q' \"dq\" #x")
-    quiet = _child_pid(d2)
-    proc.kill()  # type: ignore[attr-defined]
-    proc.wait()  # type: ignore[attr-defined]
+    quiet = sigkill_wrapper(2, "$(id) `id`; echo 'q' \"dq\" #x",
+                            "sh", "-c", "env -i sleep 60 & echo child up $!; wait")
     try:
-        [r] = [r for r in scan(load(manifest)).read if r.task == 2]
+        r = record(2)
         assert r.status == "stale" and r.orphan and f"pid {quiet}" in (r.reason or "")
     finally:
         os.kill(quiet, signal.SIGKILL)
@@ -513,8 +459,7 @@ def test_tasks_sharing_a_run_id_refuse_to_start_and_status_says_why(
     complete" and exited 0 without running; status said all four were complete."""
     import notata
 
-    manifest = base / "dup.yaml"
-    manifest.write_text(DUPLICATES)
+    manifest = write_sweep(base, DUPLICATES, "dup.yaml")
     assert main(["exec", str(manifest), "--task", "0", "--", "true"]) == 0
     assert main(["exec", str(manifest), "--task", "1", "--", "true"]) == 2
     assert "tasks 0 and 1 have the same run id 'seed0'" in capsys.readouterr().err
@@ -528,30 +473,15 @@ def test_tasks_sharing_a_run_id_refuse_to_start_and_status_says_why(
     assert read_meta(base / "outputs" / "log_seed0")["task"] == 0
 
 
-TRAPPED_PAYLOAD = """
-import os, signal, sys, time
-from pathlib import Path
-run = Path(os.environ["NOTATA_RUN_DIR"])
-def on_term(signum, frame):
-    time.sleep(1.5)
-    (run / "ckpt.txt").write_text("written after SIGTERM")
-    sys.exit(0)
-signal.signal(signal.SIGTERM, on_term)
-print("child up", os.getpid(), flush=True)
-while True:
-    time.sleep(0.05)
-"""
-
-
 def test_the_lock_waits_for_every_process_of_the_command(manifest: Path, base: Path) -> None:
     """The usual shell script around Python: the shell dies at once on SIGTERM, the Python
     payload it started checkpoints for a while. The lock once went with the shell."""
     from notata import Logbook, RunLockedError
 
     payload = base / "payload.py"
-    payload.write_text(TRAPPED_PAYLOAD)
+    payload.write_text(TRAPS_TERM)  # its checkpoint on SIGTERM takes 1.5 s
     proc = _exec(manifest, "bash", "-c",
-                 f"{shlex.quote(sys.executable)} {shlex.quote(str(payload))}; true")
+                 f"{shlex.quote(sys.executable)} {shlex.quote(str(payload))} 1.5; true")
     d = run_dir(base, "plain")
     child = _child_pid(d)
     proc.send_signal(signal.SIGTERM)  # type: ignore[attr-defined]

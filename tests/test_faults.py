@@ -22,11 +22,22 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import job_gone, python, read_meta, status_is, tree_digest, wait_for
+from helpers import (
+    job_gone,
+    notata_process,
+    python,
+    read_meta,
+    shared_folder,
+    status_is,
+    submit,
+    tree_digest,
+    wait_for,
+    write_sweep,
+)
 
 from notata import submissions
 from notata.cli import main
-from notata.collect import scan
+from notata.collector import scan
 from notata.manifest import load
 
 
@@ -52,15 +63,13 @@ if sys.argv[1] == "2" and attempt == "1":
 
 def test_sigkilled_task_is_stale_then_resubmitted_once(base: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    manifest = base / "sweep.yaml"
-    manifest.write_text("name: f1\nrun_id: 'k{k}'\ngrid: {k: [0, 1, 2, 3]}\n")
+    manifest = write_sweep(base, name="f1", tasks=4)
     payload = base / "payload.py"
     payload.write_text(KEEP_GOING)
     out = base / "outputs"
     cmd = ["--", sys.executable, str(payload), "{k}"]
-    assert main(["submit", str(manifest), "--backend", "local", "--tasks", "0,1,3", *cmd]) == 0
-    wrapper = python("import sys; from notata.cli import main; sys.exit(main(sys.argv[1:]))",
-                     "exec", str(manifest), "--task", "2", *cmd, start_new_session=True)
+    assert submit(manifest, "--backend", "local", "--tasks", "0,1,3", *cmd) == 0
+    wrapper = notata_process("exec", str(manifest), "--task", "2", *cmd, start_new_session=True)
     wait_for(lambda: (out / "log_k2" / "out-1.txt").exists(), 30, "task 2 to write its output")
     os.killpg(wrapper.pid, signal.SIGKILL)  # wrapper and payload: no chance to write anything
     wrapper.wait()
@@ -89,14 +98,13 @@ def test_sigkilled_task_is_stale_then_resubmitted_once(base: Path,
 
 def test_task_ignoring_sigterm_is_killed_and_never_complete(slurm_cluster: str,
                                                             base: Path) -> None:
-    manifest = base / "sweep.yaml"
-    manifest.write_text("name: f3\nrun_id: 'k{k}'\ngrid: {k: [0, 1]}\n")
+    manifest = write_sweep(base, name="f3", tasks=2)
     out = base / "outputs"
     # task 0 traps TERM and would sleep for 5 minutes; task 1 finishes at once
     deaf = ("if [ $1 = 0 ] && [ $NOTATA_ATTEMPT = 1 ]; then trap '' TERM; "
             "echo $$ > \"$2\"/pid; sleep 300 & wait; fi")
-    assert main(["submit", str(manifest), "--backend", "slurm", "--time", "1", "--", "sh", "-c",
-                 deaf, "sh", "{k}", "{run_dir}"]) == 0
+    assert submit(manifest, "--backend", "slurm", "--time", "1", "--", "sh", "-c", deaf, "sh",
+                  "{k}", "{run_dir}") == 0
     [record] = submissions.submitted(out)
     wait_for(lambda: (out / "log_k0" / "pid").exists(), 120, "task 0 to start")
     pid = int((out / "log_k0" / "pid").read_text())
@@ -133,13 +141,11 @@ if os.environ["NOTATA_ATTEMPT"] == "1" and k == 1:
 
 def test_cancelled_stays_cancelled_and_two_collectors_resubmit_once(
         slurm_cluster: str, base: Path) -> None:
-    manifest = base / "sweep.yaml"
-    manifest.write_text("name: f12\nrun_id: 'k{k}'\ngrid: {k: [0, 1, 2, 3]}\n")
+    manifest = write_sweep(base, name="f12", tasks=4)
     payload = base / "payload.py"
     payload.write_text(CANCEL_ME)
     out = base / "outputs"
-    assert main(["submit", str(manifest), "--backend", "slurm", "--", sys.executable,
-                 str(payload), "{k}"]) == 0
+    assert submit(manifest, "--backend", "slurm", "--", sys.executable, str(payload), "{k}") == 0
     job = submissions.submitted(out)[0]["job_ids"][0]
     wait_for(status_is(out / "log_k1", "running"), 120, "task 1 to start")
     subprocess.run(["scancel", f"{job}_1"], check=True)
@@ -149,8 +155,7 @@ def test_cancelled_stays_cancelled_and_two_collectors_resubmit_once(
     before = digests(out, "k1", "k2", "k3")
 
     # two collectors at the same instant: each failed task is submitted once in total
-    cli = "import sys; from notata.cli import main; sys.exit(main(sys.argv[1:]))"
-    both = [python(cli, "resubmit", str(manifest), "--backend", "slurm") for _ in range(2)]
+    both = [notata_process("resubmit", str(manifest), "--backend", "slurm") for _ in range(2)]
     said = [p.communicate(timeout=120)[0] for p in both]
     assert [p.returncode for p in both] == [0, 0]
     took = "resubmitting 1 task(s) with the slurm backend: 0"
@@ -280,8 +285,7 @@ def test_disk_full_raises_names_the_file_and_keeps_the_old_metadata(small_disk: 
 
 def test_64_writers_and_a_scan_beside_them(base: Path) -> None:
     n = 64
-    manifest = base / "sweep.yaml"
-    manifest.write_text(f"name: f16\nrun_id: 'k{{k}}'\ngrid: {{k: {list(range(n))}}}\n")
+    manifest = write_sweep(base, name="f16", tasks=n)
     code = textwrap.dedent("""
         import sys, notata
         import numpy as np
@@ -338,30 +342,16 @@ def test_64_writers_and_a_scan_beside_them(base: Path) -> None:
 def test_a_manifest_cannot_smuggle_nul_or_code(base: Path, text: str, problem: str,
                                                capsys: pytest.CaptureFixture[str],
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    manifest = base / "sweep.yaml"
-    manifest.write_text(text)
+    manifest = write_sweep(base, text)
     before = sorted(p.name for p in base.iterdir())
     monkeypatch.chdir(base)
-    assert main(["submit", str(manifest), "--backend", "local", "--", "true"]) == 2
+    assert submit(manifest, "--backend", "local", "--", "true") == 2
     err = capsys.readouterr().err
     assert problem in err and len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in base.iterdir()) == before  # no outputs/, no pwned
 
 
 # -- a sweep shared by a group: two users, umask 002 --------------------------------------------
-
-
-def shared_folder(group: str) -> Path:
-    """A folder of the group, setgid, group-writable: where a group keeps a shared sweep."""
-    import grp
-    import tempfile
-
-    shared = Path(tempfile.mkdtemp(prefix="notata-shared-", dir="/tmp"))
-    os.chown(shared, -1, grp.getgrnam(group).gr_gid)
-    shared.chmod(0o2775)
-    (shared / "sweep.yaml").write_text("name: g\nrun_id: 'k{k}'\ngrid: {k: [0, 1, 2, 3]}\n")
-    (shared / "sweep.yaml").chmod(0o664)
-    return shared
 
 
 GROUP_HOLD = """
@@ -391,7 +381,7 @@ def test_a_sweep_shared_by_a_group_works_for_every_member(
         group_users: tuple[str, list[str], str]) -> None:
     """Lock, index and record files honour the umask (filelock 3.13 made them 0644, and a
     colleague got a PermissionError traceback), and one user's live run is held for all."""
-    from conftest import as_user
+    from helpers import as_user
 
     py, (a, b), group = group_users
     shared = shared_folder(group)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import read_meta, wait_for
+from helpers import read_meta, wait_for
 
 from notata import Logbook
 from notata.heartbeat import Resources
@@ -78,19 +78,19 @@ def test_the_heartbeat_never_writes_a_terminal_status_or_an_index_record(
     the outputs were fsynced."""
     import threading
 
-    from notata import _fs, index, logbook
+    from notata import _fs, _run, index
 
     events: list[tuple[str, str, str, object, bool]] = []
 
     def who() -> str:
         return threading.current_thread().name
 
-    real_write_meta = logbook.Logbook._write_meta
+    real_write_meta = _run.OwnedRun.write
     real_atomic = _fs.atomic_write_json
     real_fsync = _fs.fsync_paths
     real_record = index.record
 
-    def slow_write_meta(self: Logbook, durable: bool = False) -> None:
+    def slow_write_meta(self: _run.OwnedRun, durable: bool = False) -> None:
         if who() == "notata-heartbeat":
             time.sleep(0.02)
         real_write_meta(self, durable)
@@ -108,7 +108,7 @@ def test_the_heartbeat_never_writes_a_terminal_status_or_an_index_record(
         events.append(("index", who(), f"log_{meta['run_id']}", meta.get("status"), False))
         real_record(base_dir, meta)
 
-    monkeypatch.setattr(logbook.Logbook, "_write_meta", slow_write_meta)
+    monkeypatch.setattr(_run.OwnedRun, "write", slow_write_meta)
     monkeypatch.setattr(_fs, "atomic_write_json", atomic)
     monkeypatch.setattr(_fs, "fsync_paths", fsync)
     monkeypatch.setattr(index, "record", record)

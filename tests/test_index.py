@@ -8,12 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import submit, tree_digest, write_sweep
 
 import notata
 from notata import Logbook, _fs, index
 from notata.cli import main
-from notata.collect import Queue, scan
+from notata.collector import scan
 from notata.manifest import Sweep, load
+from notata.queue import Queue
 
 SWEEP = "name: ix\nrun_id: 'k{k}'\ngrid: {k: [0, 1, 2, 3, 4, 5]}\n"
 FAIL_1_4 = "import sys; sys.exit(2 if int(sys.argv[1]) in (1, 4) else 0)"
@@ -22,10 +24,8 @@ FAIL_1_4 = "import sys; sys.exit(2 if int(sys.argv[1]) in (1, 4) else 0)"
 @pytest.fixture
 def sweep(base: Path) -> Sweep:
     """Six tasks run for real through ``notata submit --backend local``: 1 and 4 fail."""
-    p = base / "sweep.yaml"
-    p.write_text(SWEEP)
-    rc = main(["submit", str(p), "--backend", "local", "--", sys.executable, "-c", FAIL_1_4,
-               "{k}"])
+    p = write_sweep(base, SWEEP)
+    rc = submit(p, "--backend", "local", "--", sys.executable, "-c", FAIL_1_4, "{k}")
     assert rc == 1
     return load(p)
 
@@ -73,8 +73,7 @@ def test_a_deleted_run_reads_complete_until_a_full_scan(sweep: Sweep) -> None:
 
 
 def test_resumed_attempts_are_recorded(sweep: Sweep) -> None:
-    rc = main(["submit", str(sweep.path), "--backend", "local", "--", sys.executable, "-c",
-               "pass"])
+    rc = submit(sweep.path, "--backend", "local", "--", sys.executable, "-c", "pass")
     assert rc == 0
     recs = records(sweep)
     assert recs["attempt"].tolist() == [1, 2, 1, 1, 2, 1]
@@ -124,8 +123,7 @@ def test_no_index_and_foreign_runs(base: Path) -> None:
 def test_complete_reaches_the_index_only_after_metadata_json(
         base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """If metadata.json cannot say complete (disk full at close), neither does the index."""
-    p = base / "sweep.yaml"
-    p.write_text(SWEEP)
+    p = write_sweep(base, SWEEP)
     real = _fs.atomic_write_json
 
     def full_disk_at_complete(path: Path, obj: dict, **kw: object) -> None:
@@ -145,8 +143,7 @@ def test_complete_reaches_the_index_only_after_metadata_json(
 def test_records_carry_the_slurm_array_task(base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A complete record names the array job and task it ran as, so a scan that opens no
     complete run can still map a user's own array to the sweep (see test_collect_slurm)."""
-    p = base / "sweep.yaml"
-    p.write_text(SWEEP)
+    p = write_sweep(base, SWEEP)
     monkeypatch.setenv("SLURM_JOB_ID", "999999")  # a job the test cluster does not know
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "4240")
     monkeypatch.setenv("NOTATA_TASK_OFFSET", "2")
@@ -167,8 +164,7 @@ def test_records_carry_the_slurm_array_task(base: Path, monkeypatch: pytest.Monk
 
 def test_resubmit_refuses_duplicate_run_ids_even_when_the_index_answers(
         base: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    p = base / "sweep.yaml"
-    p.write_text("name: d\nrun_id: 'k{k}'\ngrid: {k: [0, 1, 2, 3, '3']}\n")
+    p = write_sweep(base, "name: d\nrun_id: 'k{k}'\ngrid: {k: [0, 1, 2, 3, '3']}\n")
     for k in range(3):  # run one by one (a whole submit refuses the manifest at once)
         assert main(["exec", str(p), "--task", str(k), "--", sys.executable, "-c", "pass"]) == 0
     s = load(p)
@@ -188,8 +184,7 @@ def test_queued_array_tasks_map_only_through_a_consistent_offset(
     over chosen tasks, as submitit's map_array makes, or a user's --task $((2*ID))): no
     offset is learned from it, so its queued array tasks name no task (either guess would
     wrongly name task 2), and task 2 stays missing rather than guessed."""
-    p = base / "sweep.yaml"
-    p.write_text(SWEEP)
+    p = write_sweep(base, SWEEP)
     monkeypatch.setenv("SLURM_JOB_ID", "999999")  # a job the test cluster does not know
     for job, array_task, k in [(600, 1, 4), (600, 2, 5), (500, 0, 1), (500, 2, 0)]:
         monkeypatch.setenv("SLURM_ARRAY_JOB_ID", str(job))
@@ -215,8 +210,6 @@ def test_a_symlinked_run_directory_reads_the_same_on_both_paths(
     """A task whose run directory is a symlink is refused before anything is written (it
     once wrote its whole run, complete record included, into the link's target); the
     index scan and the full scan agree, and resubmit --corrupt leaves it."""
-    from conftest import tree_digest
-
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (elsewhere / "data.txt").write_text("not notata's")

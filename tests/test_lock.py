@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import python, status_is, wait_for
+from helpers import python, status_is, wait_for
 
 from notata import Logbook, LogReader, RunLockedError
 from notata import lock as lockmod
@@ -92,26 +92,40 @@ def test_live_holder_on_this_host_is_never_broken(
         holder.wait()
 
 
+# A holder on another host, as its Logbook left the run: it holds the run lock (here, the
+# flock of a process of this host stands for the one taken on that node), its metadata.json
+# names that host, and its lock file carries that host's stamp ("host pid unixtime"). Its
+# last heartbeat is AGE seconds old, at INTERVAL seconds between beats; it beats no more.
+# Arguments: RUN_DIR HOST AGE INTERVAL.
+REMOTE_HOLDER = """
+    import json, os, sys, time
+    from pathlib import Path
+    from notata.lock import RunLock
+    run, host = Path(sys.argv[1]), sys.argv[2]
+    age, interval = float(sys.argv[3]), float(sys.argv[4])
+    run.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run, lambda: json.loads((run / "metadata.json").read_text()))
+    assert lock.try_acquire(stamp=False), "the run lock is free"
+    beat = time.time() - age
+    when = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(beat))
+    meta = {"schema": 1, "run_id": run.name.removeprefix("log_"), "status": "running",
+            "start_time": when, "start_unix": round(beat, 3), "attempt": 1, "attempts": [],
+            "host": host, "pid": os.getpid(), "user": "someone", "cwd": os.getcwd(),
+            "argv": sys.argv, "heartbeat": {"unix": round(beat, 3), "time": when, "beat": 1,
+                                           "interval_sec": interval}}
+    (run / "metadata.json").write_text(json.dumps(meta))
+    # what the holder on that node stamped into the lock file when it took it
+    (run / ".lock").write_text(f"{host} {os.getpid()} {beat:.3f}")
+    print("open", flush=True)
+    time.sleep(60)
+    """
+
+
 def test_stale_holder_on_another_host_is_broken_after_the_threshold(
     base: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A process holds the flock but stops beating; its record says it runs on a lost node.
-    code = """
-        import json, sys, time
-        from notata import Logbook
-        log = Logbook("run", sys.argv[1], heartbeat=5)
-        log._heartbeat.stop()
-        meta = log.metadata
-        meta["host"] = "lost-node-17"
-        meta["heartbeat"] = dict(meta["heartbeat"], unix=time.time() - 3600)
-        log._meta = meta
-        log._write_meta()
-        # what the holder on that node stamped into the lock file when it took it
-        (log.path / ".lock").write_text(f"lost-node-17 {meta['pid']} {time.time() - 3600}")
-        print("open", flush=True)
-        time.sleep(60)
-        """
-    holder = python(code, str(base))
+    # A process holds the flock but stopped beating an hour ago; it runs on a lost node.
+    holder = python(REMOTE_HOLDER, str(base / "log_run"), "lost-node-17", "3600", "5")
     try:
         assert holder.stdout and holder.stdout.readline().strip() == "open"
         monkeypatch.setattr(lockmod, "CONFIRM_SEC", 0.1)
@@ -125,18 +139,8 @@ def test_stale_holder_on_another_host_is_broken_after_the_threshold(
 
 
 def test_fresh_holder_on_another_host_is_not_broken(base: Path) -> None:
-    code = """
-        import sys, time
-        from notata import Logbook
-        log = Logbook("run", sys.argv[1], heartbeat=1000)
-        meta = log.metadata
-        meta["host"] = "busy-node-3"
-        log._meta = meta
-        log._write_meta()
-        print("open", flush=True)
-        time.sleep(60)
-        """
-    holder = python(code, str(base))
+    # It has just beaten, and beats every 1000 s.
+    holder = python(REMOTE_HOLDER, str(base / "log_run"), "busy-node-3", "0", "1000")
     try:
         assert holder.stdout and holder.stdout.readline().strip() == "open"
         with pytest.raises(RunLockedError, match="busy-node-3"):
@@ -182,7 +186,7 @@ def test_locked_error_names_the_slurm_job() -> None:
 
 
 def test_a_lock_held_for_an_instant_is_waited_for_not_refused(base: Path) -> None:
-    """A collector's probe (collect.lock_is_held) holds a run's lock for an instant; a task
+    """A collector's probe (runstate.held) holds a run's lock for an instant; a task
     opening the run in that instant retries instead of failing with RunLockedError."""
     (base / "log_run").mkdir()
     code = """

@@ -294,7 +294,7 @@ def test_elapsed_and_int_run_id(base: Path) -> None:
 
 
 def test_forgotten_run_is_marked_failed_at_exit(base: Path) -> None:
-    from conftest import python
+    from helpers import python
 
     proc = python(
         """
@@ -330,7 +330,7 @@ def test_a_run_directory_that_is_a_symlink_is_refused(base: Path, tmp_path: Path
                                                        how: str) -> None:
     """Guarantee 14: a symlinked run directory is never followed (overwrite once emptied
     its target), and nothing outside the base folder changes."""
-    from conftest import tree_digest
+    from helpers import tree_digest
 
     from notata.errors import RunDirError
 
@@ -433,7 +433,7 @@ def test_an_open_inside_a_with_block_or_another_thread_is_not_superseded(base: P
 
 
 def test_a_superseded_handle_is_not_marked_failed_at_exit(base: Path) -> None:
-    from conftest import python
+    from helpers import python
 
     proc = python(
         """
@@ -571,7 +571,7 @@ def test_a_lock_path_that_is_not_a_plain_file_is_refused(base: Path, tmp_path: P
     with pytest.raises(RunDirError, match="not a plain file"):
         Logbook("odd", base, resume=True)
     assert outside.read_text() == "not notata's" and not (tmp_path / "nothing").exists()
-    from notata.collect import scan
+    from notata.collector import scan
 
     [r] = scan(base).runs
     assert r.status == "corrupt" and ".lock" in (r.reason or "")
@@ -581,9 +581,9 @@ def test_an_overwrite_killed_while_it_clears_the_old_run_never_reads_complete(
         base: Path) -> None:
     """overwrite=True deletes the old files before its first write; a kill in between once
     left the old "complete" over half the outputs."""
-    from conftest import python
+    from helpers import python
 
-    from notata.collect import scan
+    from notata.collector import scan
 
     with Logbook("o", base) as log:
         for i in range(20):
@@ -613,7 +613,7 @@ def read_meta_status(run: Path) -> str:
 
 
 def test_a_forked_worker_never_keeps_its_parents_run_locked(base: Path) -> None:
-    from conftest import python
+    from helpers import python
 
     from notata import lock
 

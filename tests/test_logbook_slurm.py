@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT, job_gone, read_meta, sbatch, status_is, wait_for
+from helpers import ROOT, job_gone, read_meta, sbatch, status_is, wait_for
 
 PAYLOAD = """
 import sys, time

@@ -8,6 +8,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+from helpers import write_sweep
 
 from notata.errors import ManifestError
 from notata.manifest import load
@@ -23,14 +24,8 @@ params:
 """
 
 
-def write(tmp_path: Path, text: str, name: str = "sweep.yaml") -> Path:
-    p = tmp_path / name
-    p.write_text(text)
-    return p
-
-
 def test_grid_order_matches_the_seed_loop(tmp_path: Path) -> None:
-    sweep = load(write(tmp_path, SEED), check_unique=True)
+    sweep = load(write_sweep(tmp_path, SEED), check_unique=True)
     expected = [f"omega{o}_dt{d}" for o, d in itertools.product([1.0, 2.0, 3.0], [1e-2, 1e-3])]
     assert [t.run_id for t in sweep] == expected
     assert sweep.task(3).params == {"omega": 2.0, "dt": 0.001, "steps": 1000}
@@ -41,23 +36,24 @@ def test_json_manifest_gives_the_same_sweep_and_hash(tmp_path: Path) -> None:
     import yaml
 
     data = yaml.safe_load(SEED)
-    a = load(write(tmp_path, SEED))
-    b = load(write(tmp_path, json.dumps(data), "sweep.json"))
+    a = load(write_sweep(tmp_path, SEED))
+    b = load(write_sweep(tmp_path, json.dumps(data), "sweep.json"))
     assert [t.params for t in a] == [t.params for t in b] and a.hash == b.hash
 
 
 def test_hash_is_stable_and_changes_with_the_sweep_but_not_with_slurm(tmp_path: Path) -> None:
-    a = load(write(tmp_path, SEED, "a.yaml"))
-    assert load(write(tmp_path, SEED, "b.yaml")).hash == a.hash
-    assert load(write(tmp_path, SEED + "slurm: {time: '1:00:00'}\n", "c.yaml")).hash == a.hash
-    assert load(write(tmp_path, SEED.replace("3.0]", "4.0]"), "d.yaml")).hash != a.hash
+    a = load(write_sweep(tmp_path, SEED, "a.yaml"))
+    assert load(write_sweep(tmp_path, SEED, "b.yaml")).hash == a.hash
+    slurm = SEED + "slurm: {time: '1:00:00'}\n"
+    assert load(write_sweep(tmp_path, slurm, "c.yaml")).hash == a.hash
+    assert load(write_sweep(tmp_path, SEED.replace("3.0]", "4.0]"), "d.yaml")).hash != a.hash
     swapped = SEED.replace("  omega: [1.0, 2.0, 3.0]\n  dt: [0.01, 0.001]",
                            "  dt: [0.01, 0.001]\n  omega: [1.0, 2.0, 3.0]")
-    assert load(write(tmp_path, swapped, "e.yaml")).hash != a.hash  # order changes indices
+    assert load(write_sweep(tmp_path, swapped, "e.yaml")).hash != a.hash  # order changes indices
 
 
 def test_runs_zip_grid_and_params_combine_in_documented_order(tmp_path: Path) -> None:
-    sweep = load(write(tmp_path, """
+    sweep = load(write_sweep(tmp_path, """
 name: combo
 runs: [{solver: verlet}, {solver: euler}]
 zip: {seed: [1, 2], label: [a, b]}
@@ -73,16 +69,16 @@ params: {steps: 5}
 
 
 def test_default_run_ids_are_file_safe(tmp_path: Path) -> None:
-    sweep = load(write(tmp_path, "name: s\ngrid: {path: ['a/b', 'c d'], x: [0.5]}\n"))
+    sweep = load(write_sweep(tmp_path, "name: s\ngrid: {path: ['a/b', 'c d'], x: [0.5]}\n"))
     assert [t.run_id for t in sweep] == ["patha-b_x0.5", "pathc-d_x0.5"]
-    only = load(write(tmp_path, "name: s\nparams: {a: 1}\n", "one.yaml"))
+    only = load(write_sweep(tmp_path, "name: s\nparams: {a: 1}\n", "one.yaml"))
     assert len(only) == 1 and only.task(0).run_id == "task0"
 
 
 def test_ten_million_tasks_are_computed_not_listed(tmp_path: Path) -> None:
     values = ", ".join(map(str, range(100)))
-    path = write(tmp_path, f"name: big\ngrid: {{a: [{values}], b: [{values}], c: [{values}, "
-                           f"{values.replace(', ', ', 1')}], d: [0, 1, 2, 3, 4]}}\n")
+    path = write_sweep(tmp_path, f"name: big\ngrid: {{a: [{values}], b: [{values}], c: [{values}, "
+                       f"{values.replace(', ', ', 1')}], d: [0, 1, 2, 3, 4]}}\n")
     tracemalloc.start()
     sweep = load(path)
     n = len(sweep)
@@ -97,7 +93,7 @@ def test_ten_million_tasks_are_computed_not_listed(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("index", [-1, 6, 10**9])
 def test_index_outside_the_sweep_is_a_clear_error(tmp_path: Path, index: int) -> None:
-    sweep = load(write(tmp_path, SEED))
+    sweep = load(write_sweep(tmp_path, SEED))
     with pytest.raises(IndexError, match=r"outside sweep 'oscillator' \(tasks 0..5\)"):
         sweep.task(index)
 
@@ -138,15 +134,15 @@ def test_bad_manifests_are_one_clear_error(tmp_path: Path, case: str) -> None:
 
 def test_invalid_json_manifest(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match="invalid JSON"):
-        load(write(tmp_path, '{"name": "x", ', "s.json"))
+        load(write_sweep(tmp_path, '{"name": "x", ', "s.json"))
 
 
 def test_numbers_follow_yaml_1_2(tmp_path: Path) -> None:
     """YAML 1.1 read ``30:00`` as 1800 (sbatch got --time=1800: 30 hours) and ``1e-3`` as
     a string beside ``1.0e-4`` as a float."""
-    p = tmp_path / "s.yaml"
-    p.write_text("name: y\ngrid:\n  lr: [1e-3, 1.0e-4, .5, 2, -3, +4.5e1, 010, 0x1f, 0o17]\n"
-                 "  tag: [30:00, 1_000, '1e-3']\nslurm: {time: 30:00, mem: 60}\n")
+    p = write_sweep(tmp_path, "name: y\ngrid:\n"
+                    "  lr: [1e-3, 1.0e-4, .5, 2, -3, +4.5e1, 010, 0x1f, 0o17]\n"
+                    "  tag: [30:00, 1_000, '1e-3']\nslurm: {time: 30:00, mem: 60}\n", "s.yaml")
     sweep = load(p)
     lr = dict(sweep.grid)["lr"]
     assert lr == [0.001, 0.0001, 0.5, 2, -3, 45.0, 10, 31, 15]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import python
+from helpers import python
 
 from notata import Experiment, ExperimentReader, Logbook, LogReader
 

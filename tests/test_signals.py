@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import python, read_meta, status_is, wait_for
+from helpers import python, read_meta, status_is, wait_for
 
 from notata import Logbook
 

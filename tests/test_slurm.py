@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import job_gone, read_meta, status_is, wait_for
+from helpers import job_gone, read_meta, status_is, submit, wait_for, write_sweep
 
 from notata import submissions
 from notata.cli import main
@@ -34,12 +34,6 @@ HOSTILE = [
 ]
 
 
-def write_manifest(base: Path, text: str, name: str = "sweep.yaml") -> Path:
-    p = base / name
-    p.write_text(text)
-    return p
-
-
 def test_plan_arrays_splits_at_the_limit_and_compacts_subsets() -> None:
     assert plan_arrays(list(range(1002)), 1001) == [
         ArrayPlan(0, tuple(range(1001))),
@@ -55,7 +49,7 @@ EXEC_TAIL = """python3 sim.py '{w}' '$HOME' '`id`' 'a b' 'it'"'"'s' 'line1'$'\\n
 
 
 def test_rendered_script_quotes_everything(base: Path) -> None:
-    manifest = write_manifest(base, "name: q\nzip:\n  w: " + json.dumps(HOSTILE) + "\n")
+    manifest = write_sweep(base, "name: q\nzip:\n  w: " + json.dumps(HOSTILE) + "\n")
     sweep = load(manifest)
     argv = ["python3", "sim.py", "{w}", "$HOME", "`id`", "a b", "it's", "line1\nline2"]
     script = base / "job.sbatch"
@@ -114,11 +108,11 @@ exec /venv/bin/python -m notata exec {shlex.quote(str(manifest))} -- {EXEC_TAIL}
 def test_values_that_cannot_be_sbatch_options_are_refused(
     base: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    manifest = write_manifest(base, 'name: q\ngrid: {a: [1]}\nslurm: {partition: "a\\"b"}\n')
-    assert main(["submit", str(manifest), "--backend", "slurm", "--dry-run", "--", "true"]) == 2
+    manifest = write_sweep(base, 'name: q\ngrid: {a: [1]}\nslurm: {partition: "a\\"b"}\n')
+    assert submit(manifest, "--backend", "slurm", "--dry-run", "--", "true") == 2
     assert "cannot be passed to sbatch safely" in capsys.readouterr().err
-    manifest = write_manifest(base, "name: q\ngrid: {a: [1]}\nslurm: {nodes: 2}\n")
-    assert main(["submit", str(manifest), "--backend", "slurm", "--dry-run", "--", "true"]) == 2
+    manifest = write_sweep(base, "name: q\ngrid: {a: [1]}\nslurm: {nodes: 2}\n")
+    assert submit(manifest, "--backend", "slurm", "--dry-run", "--", "true") == 2
     assert "unknown slurm option 'nodes'" in capsys.readouterr().err
     assert not (base / "outputs").exists()
 
@@ -126,8 +120,8 @@ def test_values_that_cannot_be_sbatch_options_are_refused(
 def test_dry_run_prints_every_array_and_submits_nothing(
     base: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    manifest = write_manifest(base, f"name: big\ngrid: {{i: {list(range(2500))}}}\n")
-    assert main(["submit", str(manifest), "--backend", "slurm", "--dry-run", "--", "true"]) == 0
+    manifest = write_sweep(base, f"name: big\ngrid: {{i: {list(range(2500))}}}\n")
+    assert submit(manifest, "--backend", "slurm", "--dry-run", "--", "true") == 0
     out = capsys.readouterr().out
     assert out.count("# sbatch --parsable") == 3  # test cluster: MaxArraySize=1001
     assert re.findall(r"--array=(\S+)", out) == ["0-1000", "0-1000", "0-497"]
@@ -146,24 +140,10 @@ def wait_all(
 
 
 def test_a_sweep_of_20_through_sbatch(slurm_cluster: str, base: Path) -> None:
-    manifest = write_manifest(
-        base, f"name: s20\ngrid: {{i: {list(range(20))}}}\nslurm: {{time: '00:05:00'}}\n"
-    )
-    assert (
-        main(
-            [
-                "submit",
-                str(manifest),
-                "--backend",
-                "slurm",
-                "--",
-                "sh",
-                "-c",
-                "echo task {i} of $NOTATA_RUN_ID",
-            ]
-        )
-        == 0
-    )
+    manifest = write_sweep(
+        base, f"name: s20\ngrid: {{i: {list(range(20))}}}\nslurm: {{time: '00:05:00'}}\n")
+    assert submit(manifest, "--backend", "slurm", "--", "sh", "-c",
+                  "echo task {i} of $NOTATA_RUN_ID") == 0
     [record] = submissions.submitted(base / "outputs")
     job = record["job_ids"][0]
     assert record["backend"] == "slurm" and record["tasks"] == "0-19" and record["count"] == 20
@@ -179,27 +159,10 @@ def test_a_sweep_of_20_through_sbatch(slurm_cluster: str, base: Path) -> None:
 
 
 def test_throttle_subset_and_split_on_the_cluster(slurm_cluster: str, base: Path) -> None:
-    manifest = write_manifest(base, f"name: big\ngrid: {{i: {list(range(1002))}}}\n")
+    manifest = write_sweep(base, f"name: big\ngrid: {{i: {list(range(1002))}}}\n")
     # a subset across MaxArraySize: two arrays, offsets 0 and 1001
-    assert (
-        main(
-            [
-                "submit",
-                str(manifest),
-                "--backend",
-                "slurm",
-                "--tasks",
-                "0-2,1000-1001",
-                "--throttle",
-                "2",
-                "--",
-                "sh",
-                "-c",
-                "sleep 1",
-            ]
-        )
-        == 0
-    )
+    assert submit(manifest, "--backend", "slurm", "--tasks", "0-2,1000-1001", "--throttle", "2",
+                  "--", "sh", "-c", "sleep 1") == 0
     records = submissions.submitted(base / "outputs")  # one line per array, one submission
     assert [(r["part"], r["parts"]) for r in records] == [(0, 2), (1, 2)]
     assert len({r["submission"] for r in records}) == 1
@@ -230,7 +193,7 @@ def test_throttle_subset_and_split_on_the_cluster(slurm_cluster: str, base: Path
 
 
 def test_hostile_params_reach_the_payload_verbatim(slurm_cluster: str, base: Path) -> None:
-    manifest = write_manifest(
+    manifest = write_sweep(
         base,
         "name: h\nrun_id: 'h{n}'\nzip:\n  w: "
         + json.dumps(HOSTILE)
@@ -240,12 +203,7 @@ def test_hostile_params_reach_the_payload_verbatim(slurm_cluster: str, base: Pat
         "import json, os, sys; open(os.environ['NOTATA_RUN_DIR'] + '/got.json', 'w')"
         ".write(json.dumps([sys.argv[1], json.loads(os.environ['NOTATA_PARAMS'])['w']]))"
     )
-    assert (
-        main(
-            ["submit", str(manifest), "--backend", "slurm", "--", sys.executable, "-c", code, "{w}"]
-        )
-        == 0
-    )
+    assert submit(manifest, "--backend", "slurm", "--", sys.executable, "-c", code, "{w}") == 0
     sweep = load(manifest)
     for t in sweep:
         wait_for(status_is(t.run_dir, "complete"), 300, f"task {t.index}")
@@ -262,25 +220,10 @@ signal.signal(signal.SIGUSR1, warned)
 while True:
     time.sleep(0.1)
 """)
-    manifest = write_manifest(base, "name: t\nruns: [{case: limit}, {case: cancel}]\n")
-    assert (
-        main(
-            [
-                "submit",
-                str(manifest),
-                "--backend",
-                "slurm",
-                "--time",
-                "2",  # the warning must fit: 30 s + SLURM's 60 s slack + 30 s to start
-                "--warn-before",
-                "30",
-                "--",
-                sys.executable,
-                str(payload),
-            ]
-        )
-        == 0
-    )
+    manifest = write_sweep(base, "name: t\nruns: [{case: limit}, {case: cancel}]\n")
+    # the warning must fit the time limit: 30 s + SLURM's 60 s slack + 30 s to start
+    assert submit(manifest, "--backend", "slurm", "--time", "2", "--warn-before", "30", "--",
+                  sys.executable, str(payload)) == 0
     [record] = submissions.submitted(base / "outputs")
     limit, cancel = (base / "outputs" / f"log_case{c}" for c in ("limit", "cancel"))
     wait_for(status_is(cancel, "running"), 120, "the task to start")
@@ -293,24 +236,10 @@ while True:
 
 
 def test_sbatch_errors_are_one_clear_line(slurm_cluster: str, base: Path) -> None:
-    manifest = write_manifest(base, "name: e\ngrid: {a: [1]}\n")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "notata",
-            "submit",
-            str(manifest),
-            "--backend",
-            "slurm",
-            "--partition",
-            "nosuch",
-            "--",
-            "true",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    manifest = write_sweep(base, "name: e\ngrid: {a: [1]}\n")
+    proc = subprocess.run([sys.executable, "-m", "notata", "submit", str(manifest), "--backend",
+                           "slurm", "--partition", "nosuch", "--", "true"],
+                          capture_output=True, text=True)
     assert proc.returncode == 1
     [line] = proc.stderr.strip().splitlines()
     assert line.startswith("notata submit: sbatch failed:") and "partition" in line.lower()
@@ -327,10 +256,10 @@ def test_a_warning_that_cannot_fit_the_time_limit_is_moved_or_dropped(
         == [60, 90, 7200, 86400, 93780, None]
     assert fit_warning(120, "1") == 0 and fit_warning(120, "3") == 90
     assert fit_warning(120, "3:30") == 120 and fit_warning(120, None) == 120
-    manifest = write_manifest(base, "name: w\nruns: [{case: a}]\n")
+    manifest = write_sweep(base, "name: w\nruns: [{case: a}]\n")
     for time_limit, expected in (("1", None), ("3", "90"), ("10", "120")):
-        assert main(["submit", str(manifest), "--backend", "slurm", "--dry-run", "--time",
-                     time_limit, "--", "true"]) == 0
+        assert submit(manifest, "--backend", "slurm", "--dry-run", "--time", time_limit, "--",
+                      "true") == 0
         out, err = capsys.readouterr()
         signal_lines = [line for line in out.splitlines() if line.startswith("#SBATCH --signal")]
         if expected is None:
@@ -351,12 +280,12 @@ def test_an_inherited_notata_task_never_picks_the_task(
     """A pipeline stage that submits the next sweep from inside a task: sbatch's
     --export=ALL carries NOTATA_TASK=0 into every array task, which once ran task 0
     three times instead of tasks 0, 1 and 2."""
-    manifest = write_manifest(base, "name: inh\nrun_id: 'k{k}'\ngrid: {k: [0, 1, 2]}\n")
+    manifest = write_sweep(base, name="inh", tasks=3)
     for var, value in {"NOTATA_TASK": "0", "NOTATA_RUN_DIR": "/elsewhere",
                        "NOTATA_WRAPPER_PID": "1", "NOTATA_WRAPPER_HOST": "x"}.items():
         monkeypatch.setenv(var, value)
-    assert main(["submit", str(manifest), "--backend", "slurm", "--", sys.executable, "-c",
-                 "import os, sys; print(os.environ['NOTATA_TASK'], sys.argv[1])", "{k}"]) == 0
+    assert submit(manifest, "--backend", "slurm", "--", sys.executable, "-c",
+                  "import os, sys; print(os.environ['NOTATA_TASK'], sys.argv[1])", "{k}") == 0
     wait_all(base, ["k0", "k1", "k2"])
     for k in range(3):
         assert read_meta(base / "outputs" / f"log_k{k}")["task"] == k
@@ -383,11 +312,11 @@ def test_a_submission_that_fails_halfway_records_what_it_submitted(
         f"touch {shlex.quote(str(tmp_path / 'once'))}\nexec {real} \"$@\"\n")
     (gate / "sbatch").chmod(0o755)
     monkeypatch.setenv("PATH", f"{gate}:{os.environ['PATH']}")
-    manifest = write_manifest(base, f"name: half\ngrid: {{i: {list(range(1002))}}}\n")
+    manifest = write_sweep(base, f"name: half\ngrid: {{i: {list(range(1002))}}}\n")
     out = base / "outputs"
     try:
-        rc = main(["submit", str(manifest), "--backend", "slurm", "--tasks", "0-1,1001",
-                   "--sbatch-line=--hold", "--", "true"])
+        rc = submit(manifest, "--backend", "slurm", "--tasks", "0-1,1001", "--sbatch-line=--hold",
+                    "--", "true")
         said = capsys.readouterr()
         assert rc == 1
         [record] = submissions.submitted(out)
@@ -404,12 +333,12 @@ def test_a_submission_that_fails_halfway_records_what_it_submitted(
 
 def test_two_submissions_in_one_second_write_two_scripts(slurm_cluster: str,
                                                         base: Path) -> None:
-    manifest = write_manifest(base, "name: same\ngrid: {i: [0, 1, 2, 3]}\n")
+    manifest = write_sweep(base, "name: same\ngrid: {i: [0, 1, 2, 3]}\n")
     out = base / "outputs"
     try:
         for tasks in ("0-1", "2-3"):
-            assert main(["submit", str(manifest), "--backend", "slurm", "--tasks", tasks,
-                         "--sbatch-line=--hold", "--", "true"]) == 0
+            assert submit(manifest, "--backend", "slurm", "--tasks", tasks, "--sbatch-line=--hold",
+                          "--", "true") == 0
         records = submissions.submitted(out)
         scripts = [r["arrays"][0]["script"] for r in records]
         assert len(set(scripts)) == 2
@@ -421,10 +350,10 @@ def test_two_submissions_in_one_second_write_two_scripts(slurm_cluster: str,
 
 def test_resubmit_reuses_the_recorded_options_and_dry_run_shows_the_script(
         slurm_cluster: str, base: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    manifest = write_manifest(base, "name: opt\nrun_id: 'k{k}'\ngrid: {k: [0, 1]}\n")
+    manifest = write_sweep(base, name="opt", tasks=2)
     out = base / "outputs"
-    assert main(["submit", str(manifest), "--backend", "slurm", "--time", "00:05:00",
-                 "--mem", "100M", "--", "sh", "-c", "exit {k}"]) == 0
+    assert submit(manifest, "--backend", "slurm", "--time", "00:05:00", "--mem", "100M", "--",
+                  "sh", "-c", "exit {k}") == 0
     [first] = submissions.submitted(out)
     assert first["options"] == {"time": "00:05:00", "mem": "100M"}
     wait_for(job_gone(first["job_ids"][0]), 300, "the array")
@@ -468,11 +397,10 @@ def test_an_array_queued_but_never_recorded_is_still_found(
     folder = _shim(tmp_path, "sbatch", 'out=$("$REAL" "$@"); sleep 5; echo "$out"')
     monkeypatch.setenv("PATH", f"{folder}:{os.environ['PATH']}")
     monkeypatch.setattr(slurm, "SBATCH_TIMEOUT", 2.0)
-    manifest = write_manifest(base, "name: late\nrun_id: 'k{k}'\ngrid: {k: [0, 1, 2]}\n")
+    manifest = write_sweep(base, name="late", tasks=3)
     out = base / "outputs"
     try:
-        assert main(["submit", str(manifest), "--backend", "slurm", "--sbatch-line=--hold",
-                     "--", "true"]) == 1
+        assert submit(manifest, "--backend", "slurm", "--sbatch-line=--hold", "--", "true") == 1
         err = capsys.readouterr().err
         assert "may have been queued" in err and "notata:" in err
         assert submissions.submitted(out) == []  # no job id came back
@@ -501,11 +429,10 @@ def test_resubmit_refuses_when_the_queue_cannot_be_read(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """squeue timed out once and resubmit went on "from files alone", queuing every task a
     second time beside the first."""
-    manifest = write_manifest(base, "name: blind\nrun_id: 'k{k}'\ngrid: {k: [0, 1]}\n")
+    manifest = write_sweep(base, name="blind", tasks=2)
     out = base / "outputs"
     try:
-        assert main(["submit", str(manifest), "--backend", "slurm", "--sbatch-line=--hold",
-                     "--", "true"]) == 0
+        assert submit(manifest, "--backend", "slurm", "--sbatch-line=--hold", "--", "true") == 0
         folder = _shim(tmp_path, "squeue",
                        "echo 'squeue: error: Socket timed out on send/recv operation' >&2; exit 1")
         monkeypatch.setenv("PATH", f"{folder}:{os.environ['PATH']}")
@@ -522,12 +449,10 @@ def test_a_queued_array_of_an_earlier_manifest_version_counts(
         slurm_cluster: str, base: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The array runs the manifest as it is when it starts: after an edit, its tasks are
     still queued, not missing."""
-    manifest = write_manifest(base, "name: ed\nrun_id: 'k{k}'\ngrid: {k: [0, 1]}\n"
-                                    "params: {steps: 1000}\n")
+    manifest = write_sweep(base, name="ed", tasks=2, extra="params: {steps: 1000}\n")
     out = base / "outputs"
     try:
-        assert main(["submit", str(manifest), "--backend", "slurm", "--sbatch-line=--hold",
-                     "--", "true"]) == 0
+        assert submit(manifest, "--backend", "slurm", "--sbatch-line=--hold", "--", "true") == 0
         manifest.write_text(manifest.read_text().replace("1000", "2000"))
         capsys.readouterr()
         assert main(["resubmit", str(manifest), "--dry-run", "--", "true"]) == 0
@@ -540,7 +465,7 @@ def test_a_plain_job_submitted_from_an_array_task_is_not_that_task(
         slurm_cluster: str, base: Path) -> None:
     """sbatch exports the submitter's SLURM_ARRAY_* into a plain job: its NOTATA_TASK must
     win, and its run must not be filed under the outer array's task."""
-    manifest = write_manifest(base, "name: pl\nrun_id: 'k{k}'\ngrid: {k: [0, 1, 2, 3]}\n")
+    manifest = write_sweep(base, name="pl", tasks=4)
     job = subprocess.run(
         ["sbatch", "--parsable", "--export=ALL,SLURM_ARRAY_TASK_ID=3,SLURM_ARRAY_JOB_ID=1,"
          "NOTATA_TASK=1", f"--output={base}/plain.out", "--wrap",
@@ -558,12 +483,12 @@ def test_a_command_started_through_srun_attaches_to_its_wrappers_run(
         slurm_cluster: str, base: Path) -> None:
     """The usual MPI launch: `notata exec ... -- srun python payload.py`. srun's task is
     slurmstepd's child, not the wrapper's; it once failed on its own wrapper's lock."""
-    manifest = write_manifest(base, "name: sr\nrun_id: 'k{k}'\ngrid: {k: [0]}\n")
+    manifest = write_sweep(base, name="sr", tasks=1)
     payload = base / "payload.py"
     payload.write_text("import sys, notata\nwith notata.task(sys.argv[1]) as log:\n"
                        "    log.save_text('from_srun', 'attached')\n")
-    assert main(["submit", str(manifest), "--backend", "slurm", "--", "srun", "-n", "1",
-                 sys.executable, str(payload), str(manifest)]) == 0
+    assert submit(manifest, "--backend", "slurm", "--", "srun", "-n", "1", sys.executable,
+                  str(payload), str(manifest)) == 0
     [record] = submissions.submitted(base / "outputs")
     wait_for(job_gone(record["job_ids"][0]), 120, "the job")
     run = base / "outputs" / "log_k0"
@@ -573,8 +498,8 @@ def test_a_command_started_through_srun_attaches_to_its_wrappers_run(
 
 def test_a_base_dir_that_cannot_sit_in_a_job_script_is_refused(
         base: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    manifest = write_manifest(base, 'name: nl\ngrid: {a: [1]}\nbase_dir: "out\\ntouch PWNED #"\n')
-    assert main(["submit", str(manifest), "--backend", "slurm", "--dry-run", "--", "true"]) == 2
+    manifest = write_sweep(base, 'name: nl\ngrid: {a: [1]}\nbase_dir: "out\\ntouch PWNED #"\n')
+    assert submit(manifest, "--backend", "slurm", "--dry-run", "--", "true") == 2
     assert "cannot sit in a job script" in capsys.readouterr().err
     assert not list(base.glob("out*")) and not (base / "PWNED").exists()
 
@@ -583,9 +508,9 @@ def test_a_users_own_comment_keeps_notatas_tag(base: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """Many sites ask for --comment (accounting): it once replaced the tag that finds an
     array queued but never recorded."""
-    manifest = write_manifest(base, "name: cm\ngrid: {a: [1]}\n")
-    assert main(["submit", str(manifest), "--backend", "slurm", "--dry-run",
-                 "--sbatch-line=--comment=project42", "--", "true"]) == 0
+    manifest = write_sweep(base, "name: cm\ngrid: {a: [1]}\n")
+    assert submit(manifest, "--backend", "slurm", "--dry-run", "--sbatch-line=--comment=project42",
+                  "--", "true") == 0
     script = capsys.readouterr().out
     comments = [ln for ln in script.splitlines() if "--comment" in ln]
     assert len(comments) == 1 and re.fullmatch(r'#SBATCH --comment="notata:\S+ project42"',
@@ -597,15 +522,14 @@ def test_submit_refuses_when_the_queue_cannot_be_read(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """Once a manifest has been submitted, a second submit that cannot read the queue once
     queued every task again."""
-    manifest = write_manifest(base, "name: sb\nrun_id: 'k{k}'\ngrid: {k: [0, 1]}\n")
+    manifest = write_sweep(base, name="sb", tasks=2)
     out = base / "outputs"
     try:
-        assert main(["submit", str(manifest), "--backend", "slurm", "--sbatch-line=--hold",
-                     "--", "true"]) == 0
+        assert submit(manifest, "--backend", "slurm", "--sbatch-line=--hold", "--", "true") == 0
         folder = _shim(tmp_path, "squeue", "echo 'squeue: error: Socket timed out' >&2; exit 1")
         monkeypatch.setenv("PATH", f"{folder}:{os.environ['PATH']}")
         capsys.readouterr()
-        assert main(["submit", str(manifest), "--backend", "slurm", "--", "true"]) == 1
+        assert submit(manifest, "--backend", "slurm", "--", "true") == 1
         assert "cannot be read" in capsys.readouterr().err
         assert len(submissions.submitted(out)) == 1
     finally:

@@ -38,10 +38,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from conftest import ROOT, tree_digest
+from helpers import ROOT, tree_digest, write_sweep
 
 from notata import index
-from notata.collect import scan
+from notata.collector import scan
 from notata.manifest import Sweep, load
 
 WALKS = int(os.environ.get("NOTATA_WALKS", "3"))
@@ -290,8 +290,7 @@ STEPS_BY_WEIGHT = [(start, 5), (signal_one, 4), (wait, 3), (plant_symlink, 1),
 def run_walk(seed: int, steps: int, root: Path) -> None:
     rng = random.Random(seed)
     root.mkdir(parents=True)
-    manifest = root / "sweep.yaml"
-    manifest.write_text(f"name: walk\nrun_id: 'k{{k}}'\ngrid: {{k: {list(range(TASKS))}}}\n")
+    manifest = write_sweep(root, name="walk", tasks=TASKS)
     outside = root / "outside"
     outside.mkdir()
     (outside / "keep.txt").write_text("not the sweep's")

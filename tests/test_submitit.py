@@ -9,7 +9,7 @@ from typing import Any
 import cloudpickle
 import pytest
 import submitit
-from conftest import read_meta
+from helpers import read_meta, write_sweep
 
 from notata import submissions
 from notata.submitit import submit_sweep
@@ -19,9 +19,7 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def manifest(base: Path, n: int = 4) -> Path:
-    p = base / "sweep.yaml"
-    p.write_text(f"name: sub\nrun_id: 'k{{k}}'\ngrid: {{k: {list(range(n))}}}\nparams: {{m: 10}}\n")
-    return p
+    return write_sweep(base, name="sub", tasks=n, extra="params: {m: 10}\n")
 
 
 def square(params: dict[str, Any], log: Any) -> dict[str, int]:

@@ -1,0 +1,190 @@
+"""The scheduler's queue as a scan sees it, and which of a sweep's tasks it holds.
+
+A queued task has no run directory yet, so its sweep index comes from how it was
+submitted: the offset of the array it is in (recorded by ``notata submit``, found by job
+id or by the tag in the array's comment, or learned from the array's tasks that already
+ran), a submitit job id, or a local submission whose process still runs. The queue is
+asked once per user per scan (:class:`Queue`); the scheduler's keys and states are read
+through :mod:`notata.scheduler`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from . import scheduler, submissions
+from .manifest import Sweep
+
+#: At most this many arrays that runs ran in are asked for by id in one scan (the newest).
+MAX_ASKED_ARRAYS = 1000
+
+
+Row = tuple[str, str, str]  # (job key "123" or "123_4", state, comment)
+
+class Queue:
+    """What the scheduler has queued: job key (``"123"`` or ``"123_4"``) -> state, and
+    array job id -> the tag notata put in its comment (``notata:<submission>-<k>``).
+
+    The queue is asked per user (a group-shared sweep holds several users' jobs):
+    ``fetch(users, jobs)`` is called once for the users given at construction, once more
+    for each user that a run's metadata names later in the scan, and once for the arrays
+    that runs ran in and that no user asked about lists (a colleague's own array). A user
+    whose jobs could not be listed is remembered; "its job is gone" is never concluded
+    for them. ``provider`` reads the keys and states (default: the registered scheduler).
+    """
+
+    def __init__(self, jobs: Mapping[str, str] | None = None,
+                 fetch: Callable[[list[str], list[str]], list[Row]] | None = None,
+                 users: Iterable[str] = (),
+                 provider: scheduler.SchedulerProvider | None = None) -> None:
+        provider = provider or scheduler.default()
+        if provider is None:
+            raise RuntimeError("no scheduler is registered (notata/__init__.py registers SLURM)")
+        self.provider = provider
+        self.jobs: dict[str, str] = dict(jobs or {})
+        self.tags: dict[str, str] = {}
+        self._fetch = fetch
+        self.users: set[str] = set()
+        self.unknown: set[str] = set()  # users whose jobs could not be listed
+        self._asked_jobs: set[str] = set()
+        self.include(users)
+
+    def _add(self, rows: list[Row]) -> None:
+        for key, state, comment in rows:
+            self.jobs[key] = state
+            if comment.startswith(submissions.TAG_PREFIX):  # the user's comment may follow
+                tag = comment[len(submissions.TAG_PREFIX):].split(" ", 1)[0]
+                self.tags[self.provider.split_key(key)[0]] = tag
+
+    def include(self, users: Iterable[str]) -> None:
+        """Ask the scheduler for the jobs of ``users`` not asked yet (one call)."""
+        new = sorted(set(users) - self.users - self.unknown)
+        if not new or self._fetch is None:
+            return
+        try:
+            self._add(self._fetch(new, []))
+            self.users.update(new)
+        except Exception:  # a scheduler that cannot answer: classify from files alone
+            self.unknown.update(new)
+            if not self.users:
+                raise
+
+    def include_jobs(self, job_ids: Iterable[str]) -> None:
+        """Ask for these array jobs, whoever submitted them, unless already listed."""
+        listed = {self.provider.split_key(k)[0] for k in self.jobs}
+        new = sorted(set(job_ids) - listed - self._asked_jobs)
+        if not new or self._fetch is None:
+            return
+        self._asked_jobs.update(new)
+        with contextlib.suppress(Exception):
+            self._add(self._fetch([], new))
+
+    def knows(self, meta: Mapping[str, Any]) -> bool:
+        """Whether the jobs of the user who ran ``meta`` were listed (asking now if not)."""
+        user = meta.get("user")
+        if isinstance(user, str) and self._fetch is not None:
+            self.include([user])
+            return user not in self.unknown
+        return True
+
+    def state(self, meta: Mapping[str, Any]) -> str | None:
+        """The state of the job a run's metadata names, if queued."""
+        ctx = meta.get(self.provider.name)
+        key = self.provider.job_key(ctx) if isinstance(ctx, Mapping) else None
+        return self.jobs.get(key) if key is not None else None
+
+    def running(self) -> set[str]:
+        """The keys of the jobs running now."""
+        return {k for k, state in self.jobs.items() if self.provider.is_running(state)}
+
+    def is_running(self, state: str | None) -> bool:
+        """Whether a job in ``state`` runs now."""
+        return state is not None and self.provider.is_running(state)
+
+#: The queue state :func:`queued_tasks` gives a task that a live local submission holds.
+LOCAL = "LOCAL"
+
+def queued_tasks(sweep: Sweep, queue: Queue | None,
+                 arrays: Mapping[str, int] | None = None) -> dict[int, str]:
+    """Sweep index -> queue state, for every task of this sweep that is queued.
+
+    A queued array task is mapped through its array's offset (the sweep index of array
+    task 0): from the recorded submissions of this manifest file (of any version of it:
+    a queued array runs the manifest as it is when it starts), found by job id or, for an
+    array whose job id was never recorded, by the tag in its comment; else from
+    ``arrays`` (array job id -> offset, learned from tasks that already ran in it, so
+    that a user's own ``sbatch --array`` counts once one of its tasks has started).
+    Submitit jobs are mapped only through the job ids their submission recorded
+    (``map_array`` over chosen tasks has no offset). The tasks of a local submission whose
+    process still runs (on this host, or in a SLURM job the queue lists as running) are
+    :data:`LOCAL`. One pass over the queue.
+    """
+    out: dict[int, str] = {}
+    offsets = dict(arrays or {})
+    every = submissions.read(sweep.base_dir)
+    records = [r for r in every
+               if r.get("manifest_hash") == sweep.hash or r.get("manifest") == str(sweep.path)]
+    running_jobs = queue.running() if queue else set()
+    ended = {r.get("submission") for r in every if r.get("ended")}
+    for record in submissions.live_local(records, socket.gethostname(), running_jobs, ended):
+        for i in _expand(str(record.get("tasks", ""))):
+            out[i] = LOCAL
+    if queue is None:
+        return out
+    by_tag = {}
+    for record in records:
+        for array in record.get("arrays", []):
+            if array.get("job_id") is not None:
+                offsets[str(array["job_id"])] = int(array.get("offset", 0))
+            if array.get("tag"):
+                by_tag[str(array["tag"])] = int(array.get("offset", 0))
+        if str(record.get("backend", "")).startswith("submitit"):
+            tasks = _expand(record.get("tasks", ""))
+            for job_id, i in zip(record.get("job_ids", []), tasks, strict=False):
+                offsets.pop(queue.provider.split_key(str(job_id))[0], None)
+                if str(job_id) in queue.jobs:
+                    out[i] = queue.jobs[str(job_id)]
+    for job, tag in queue.tags.items():
+        if tag in by_tag:
+            offsets.setdefault(job, by_tag[tag])
+    for key, state in queue.jobs.items():
+        job, task = queue.provider.split_key(key)
+        if job in offsets and task is not None:
+            out.setdefault(offsets[job] + task, state)
+    return out
+
+def array_offsets(done: np.ndarray, ran: Iterable[tuple[str, int, int]],
+                  queue: Queue) -> dict[str, int]:
+    """Array job id -> sweep index of its array task 0, learned from the tasks that ran in
+    it by their array index (not a ``--task`` of their own): ``done``, the sweep index's
+    complete records, and ``ran``, (array job id, array task id, sweep index) of the runs
+    a scan read. Only for the arrays the queue still holds; arrays no asked user's listing
+    shows (a colleague's) are asked for by id. An array whose tasks disagree (sweep index
+    is not array task + a constant) has no offset and is left out."""
+    ran = [(job, task, i) for job, task, i in ran if job.isdigit()]
+    done = done[done["array_task"] >= 0]
+    seen = {str(j) for j in np.unique(done["array_job"]).tolist()} | {job for job, _, _ in ran}
+    queue.include_jobs(sorted(seen, key=int)[-MAX_ASKED_ARRAYS:])
+    keys = (queue.provider.split_key(k) for k in queue.jobs)
+    queued = [int(job) for job, task in keys if job.isdigit() and task is not None]
+    done = done[np.isin(done["array_job"], queued)]
+    pairs = set(zip(done["array_job"].tolist(), (done["task"] - done["array_task"]).tolist(),
+                    strict=True))
+    pairs |= {(int(job), i - task) for job, task, i in ran}
+    offsets: dict[str, int] = {}
+    mixed = set()
+    for job, offset in pairs:
+        if offsets.setdefault(str(job), offset) != offset:
+            mixed.add(str(job))
+    return {job: offset for job, offset in offsets.items() if job not in mixed}
+
+
+def _expand(spec: str) -> Iterable[int]:
+    for part in filter(None, spec.split(",")):
+        lo, _, hi = part.partition("-")
+        yield from range(int(lo), int(hi or lo) + 1)

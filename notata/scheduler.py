@@ -1,0 +1,133 @@
+"""The seam between notata and a batch scheduler: what the rest of the package may ask.
+
+A scheduler module (:mod:`notata.slurm`) implements :class:`SchedulerProvider` and is
+registered with :func:`register` (``notata/__init__.py`` registers SLURM's). Everything
+else asks through the functions below, and never names a scheduler's environment
+variables, job states or metadata fields: a second scheduler (PBS, LSF) is one new
+module and one ``register`` call.
+
+A run's metadata holds, under the provider's :attr:`~SchedulerProvider.name` (``"slurm"``),
+the context the provider gave when the run started; the functions that take ``meta``
+find it there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+
+class SchedulerProvider(Protocol):
+    """What notata asks of a batch scheduler, inside a job and from the login node."""
+
+    #: The metadata field holding the job's context (``"slurm"``).
+    name: str
+    #: How messages name it (``"SLURM"``).
+    title: str
+
+    # -- inside a job --
+
+    def context(self, environ: Mapping[str, str]) -> dict[str, Any] | None:
+        """Fields to record when this process runs under the scheduler, else None.
+
+        Fast (the environment only): it is recorded in the run's first write."""
+
+    def details(self, context: Mapping[str, Any]) -> dict[str, Any]:
+        """The context completed (or corrected) by asking the scheduler (slow); the context
+        as it is when it cannot answer."""
+
+    def array_task(self, environ: Mapping[str, str]) -> int | None:
+        """This job's task id in its job array, by the environment, else None."""
+
+    def is_array_task(self, environ: Mapping[str, str]) -> bool:
+        """Whether this job really is an array task (asks the scheduler: an inherited
+        environment may say so wrongly); True when it cannot answer."""
+
+    def termination_status(self, context: Mapping[str, Any], now: float) -> str | None:
+        """The status a SIGTERM means for this job (timeout, cancelled, preempted), or None."""
+
+    # -- a job as a run's metadata records it, and as the queue lists it --
+
+    def job_id(self, context: Mapping[str, Any]) -> str | None:
+        """The id of the job itself (an array task's own job id, not the array's)."""
+
+    def job_key(self, context: Mapping[str, Any]) -> str | None:
+        """How the scheduler's queue names this job (``"123"``, or ``"123_4"`` in an array)."""
+
+    def array_of(self, context: Mapping[str, Any]) -> tuple[int, int] | None:
+        """(array job id, array task id) of a job that ran as an array task, else None."""
+
+    def split_key(self, key: str) -> tuple[str, int | None]:
+        """A queue key as (job or array job id, array task id or None)."""
+
+    def is_alive(self, state: str) -> bool:
+        """Whether a job in this queue state is alive: its run is never judged stale."""
+
+    def is_running(self, state: str) -> bool:
+        """Whether a job in this queue state is running now (not pending, not ending)."""
+
+
+_PROVIDERS: list[SchedulerProvider] = []
+
+
+def register(provider: SchedulerProvider) -> None:
+    """Make ``provider`` known to every Logbook and scan from now on."""
+    if all(p.name != provider.name for p in _PROVIDERS):
+        _PROVIDERS.append(provider)
+
+
+def default() -> SchedulerProvider | None:
+    """The first registered scheduler (the one whose queue a scan asks)."""
+    return _PROVIDERS[0] if _PROVIDERS else None
+
+
+def names() -> frozenset[str]:
+    """The metadata fields the registered schedulers fill."""
+    return frozenset(p.name for p in _PROVIDERS)
+
+
+def current(
+    environ: Mapping[str, str],
+) -> tuple[SchedulerProvider, dict[str, Any]] | None:
+    """The provider whose scheduler runs this process, and its context, if any."""
+    for provider in _PROVIDERS:
+        ctx = provider.context(environ)
+        if ctx is not None:
+            return provider, ctx
+    return None
+
+
+def array_task(environ: Mapping[str, str]) -> int | None:
+    """The job array task id the scheduler's environment gives this process, if any."""
+    for provider in _PROVIDERS:
+        task = provider.array_task(environ)
+        if task is not None:
+            return task
+    return None
+
+
+def is_array_task(environ: Mapping[str, str]) -> bool:
+    """Whether the array task id of the environment is this job's own (scheduler asked)."""
+    return all(p.is_array_task(environ) for p in _PROVIDERS if p.array_task(environ) is not None)
+
+
+def job_of(meta: Mapping[str, Any]) -> tuple[SchedulerProvider, Mapping[str, Any]] | None:
+    """The scheduler a run ran under, and the context it recorded, from its metadata."""
+    for provider in _PROVIDERS:
+        ctx = meta.get(provider.name)
+        if isinstance(ctx, Mapping):
+            return provider, ctx
+    return None
+
+
+def array_of(meta: Mapping[str, Any]) -> tuple[int, int] | None:
+    """(array job id, array task id) a run ran as, by its metadata, else None."""
+    job = job_of(meta)
+    return job[0].array_of(job[1]) if job is not None else None
+
+
+def describe(meta: Mapping[str, Any]) -> str | None:
+    """``"SLURM job 123_4"`` for the job a run's metadata names, else None."""
+    job = job_of(meta)
+    key = job[0].job_key(job[1]) if job is not None else None
+    return f"{job[0].title} job {key}" if job is not None and key is not None else None
