@@ -11,6 +11,28 @@ One run is one directory of plain files (``<base_dir>/log_<run_id>/``)::
 Every write is atomic, the run is locked to one live writer, a heartbeat
 thread records liveness, and SIGTERM from a scheduler is recorded as
 ``timeout``/``cancelled``/``preempted`` before the process exits.
+
+The code map, in layers from the bottom: a module imports only from its own layer or
+lower ones, never in a cycle (tests/test_layers.py enforces it, and that only the
+scheduler layer names a scheduler's variables, job states or metadata fields).
+
+0. foundations: ``_version``; ``schema`` (statuses, metadata fields); ``errors`` (every
+   exception); ``scheduler`` (the seam every scheduler implements, and the registry);
+   ``runinfo`` (host, user, time); ``_convert`` (values as written); ``heartbeat``.
+1. files: ``_fs`` (atomic writes: the only writer); ``layout`` (every file name of a run
+   and of a sweep's ``.notata/``); ``lock`` (the run lock, the sweep locks); ``index``
+   (the sweep index); ``reader``; ``manifest`` (sweeps); ``submissions`` (the record of
+   what was submitted); ``_signals`` (the process's signal dispatcher); ``_attach``.
+2. the run: ``_attempt`` (what carries over between attempts); ``_run`` (a run this
+   process owns: lock, metadata, heartbeat, status); ``_outputs`` (the writers and
+   log.txt); ``logbook`` (the Logbook); ``experiment``.
+3. tasks: ``array`` (a sweep task's Logbook); ``runner`` (``notata exec``); ``local``
+   (the local backend).
+4. scanning: ``runstate`` (one run's state); ``queue`` (which tasks the queue holds);
+   ``collector`` (the scan, the report); ``tabulate``.
+5. schedulers: ``slurm`` (everything SLURM); ``submitit`` (the submitit bridge).
+6. submitting: ``submission`` (submit and resubmit: the Python API the CLI wraps).
+7. interfaces: ``cli``, ``__main__`` and this module (the public names).
 """
 
 from __future__ import annotations
@@ -19,10 +41,9 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-__version__ = "0.4.0.dev0"
-
 from . import scheduler as _scheduler
 from . import slurm as _slurm
+from ._version import __version__
 from .array import task
 from .collector import Report, scan
 from .errors import (

@@ -21,6 +21,7 @@ import yaml
 
 from . import _fs, layout, runinfo
 from ._convert import json_default, to_plain
+from .errors import UsageError
 from .reader import read_params
 
 _Bytes = bytes  # the class below has a method named bytes (notata 0.3's name)
@@ -183,7 +184,7 @@ class Outputs(ABC):
         self._guard()
         name = {"yaml": layout.PARAMS_YAML, "json": layout.PARAMS_JSON}.get(ext)
         if name is None:
-            raise ValueError(f"params format must be 'yaml' or 'json', not {ext!r}")
+            raise UsageError(f"params format must be 'yaml' or 'json', not {ext!r}")
         if merge:
             values = {**read_params(self.path, only=name), **values}
         self._save_params_file(name, render_params(values, ext))

@@ -31,7 +31,7 @@ from typing import Any
 
 from . import _fs, _signals, index, layout, runinfo, scheduler, schema
 from ._attempt import first_record, take_over
-from .errors import NotataError, RunDirError, RunLostError, RunSupersededError
+from .errors import ForkedHandleError, RunDirError, RunLostError, RunSupersededError
 from .heartbeat import Heartbeat, Resources, logger
 from .lock import LockFileError, RunLock
 
@@ -159,7 +159,7 @@ class OwnedRun:
     def check_owner(self, what: str) -> None:
         """The run's metadata and status are the opening process's, not a forked child's."""
         if os.getpid() != self.pid:
-            raise NotataError(f"{self.path}: {what} is for the process that opened the run "
+            raise ForkedHandleError(f"{self.path}: {what} is for the process that opened the run "
                               f"(pid {self.pid}); a forked process (pid {os.getpid()}) may "
                               "save outputs, not change its metadata or status")
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from . import _attach, _fs, layout, scheduler, schema
-from .errors import ManifestError, NotataError, RunCompleteError
+from .errors import ManifestError, RunCompleteError, UsageError
 from .logbook import Logbook
 from .manifest import Sweep, Task, load
 
@@ -46,7 +46,7 @@ def task_index(environ: Mapping[str, str] | None = None) -> tuple[int, bool]:
                             or not scheduler.is_array_task(env)):
         return _int(ENV_TASK, raw), False
     if array is None:
-        raise NotataError("no task index: pass index=/--task, or run inside a job array")
+        raise UsageError("no task index: pass index=/--task, or run inside a job array")
     return array + _int(ENV_OFFSET, env.get(ENV_OFFSET, "0")), True
 
 
@@ -54,7 +54,7 @@ def _int(name: str, raw: str) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise NotataError(f"{name}={raw!r} is not an integer") from None
+        raise UsageError(f"{name}={raw!r} is not an integer") from None
 
 
 def sweep_of(manifest: str | os.PathLike[str] | Sweep) -> Sweep:

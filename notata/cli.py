@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__, slurm, submission, tabulate
+from . import slurm, submission, tabulate
+from ._version import __version__
 from .array import task_index
 from .collector import Report, Watcher
 from .errors import ManifestError, NotataError, RunDirError, UsageError
@@ -234,7 +235,8 @@ def add_submit_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="notata", description="Parameter sweeps as plain run folders.")
     p.add_argument("--version", action="version", version=f"notata {__version__}")
-    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    p.add_argument("--debug", action="store_true",
+                   help="show tracebacks for errors (also NOTATA_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("sweep", help="show a manifest's tasks",
@@ -320,15 +322,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         words, cmd = words[:cut], words[cut + 1:]
     args = parser.parse_args(words)
     args.cmd = cmd
+    debug = args.debug or os.environ.get("NOTATA_DEBUG", "") not in ("", "0")
     try:
         return int(args.func(args))
-    except NotataError as err:
-        if args.debug:
+    except NotataError as err:  # a user's mistake (exit 2) or a failed operation (exit 1)
+        if debug:
             raise
         print(f"notata {args.command}: {err}", file=sys.stderr)
         return 2 if isinstance(err, (ManifestError, UsageError, RunDirError)) else 1
     except OSError as err:
-        if args.debug or err.errno not in _ENVIRONMENT:
+        if debug or err.errno not in _ENVIRONMENT:
             raise  # a bug keeps its traceback
         # a full disk, a quota, a folder this user may not write: the system's words
         print(f"notata {args.command}: {err.filename or ''}: {err.strerror}", file=sys.stderr)

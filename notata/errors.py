@@ -130,4 +130,21 @@ class ManifestError(NotataError, ValueError):
 
 
 class UsageError(NotataError, ValueError):
-    """A command-line argument that cannot be used (e.g. a bad ``--tasks``)."""
+    """A value a user gave that cannot be used (a bad ``--tasks``, an unknown option, two
+    options that exclude each other); the command line exits 2 for it."""
+
+
+class RunIdError(UsageError):
+    """A run id that cannot name a folder (empty, ``..``, a ``/``, too long...)."""
+
+
+class PathNameError(UsageError):
+    """A name or path inside a run that would leave it, or goes through a symlink."""
+
+
+class RunExistsError(NotataError, FileExistsError):
+    """The run directory exists and neither ``overwrite`` nor ``resume`` was asked for."""
+
+
+class ForkedHandleError(NotataError, RuntimeError):
+    """A forked process tried to change the metadata or status of its parent's run."""

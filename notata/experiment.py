@@ -33,8 +33,8 @@ class Experiment:
         self.name = layout.check_run_id(name)
         self.base_dir = Path(base_dir)
         self.exp_dir = self.base_dir / self.name
-        self.runs_dir = self.exp_dir / "runs"
-        self.index_file = self.exp_dir / "index.csv"
+        self.runs_dir = self.exp_dir / layout.EXPERIMENT_RUNS
+        self.index_file = self.exp_dir / layout.EXPERIMENT_INDEX
         self.runs_dir.mkdir(parents=True, exist_ok=True)
 
     def add(self, skip_existing: bool = False, **params: Any) -> Logbook | None:
@@ -68,7 +68,7 @@ class Experiment:
         return f"{self.name}_" + "_".join(f"{k}_{text(v)}" for k, v in sorted(params.items()))
 
     def _append(self, row: dict[str, Any]) -> None:
-        with lock.exclusive(self.exp_dir / ".index.csv.lock"):
+        with lock.exclusive(self.exp_dir / f".{layout.EXPERIMENT_INDEX}.lock"):
             rows = []
             fields: list[str] = []
             if self.index_file.exists():

@@ -19,6 +19,8 @@ from typing import Any
 
 import psutil
 
+from .errors import UsageError
+
 logger = logging.getLogger("notata")
 
 DEFAULT_INTERVAL = 30.0
@@ -37,9 +39,9 @@ def interval_from(value: float | None) -> float:
         try:
             value = float(raw)
         except ValueError:
-            raise ValueError(f"{ENV_INTERVAL}={raw!r} is not a number of seconds") from None
+            raise UsageError(f"{ENV_INTERVAL}={raw!r} is not a number of seconds") from None
     if not MIN_INTERVAL <= value <= MAX_INTERVAL:  # NaN fails both
-        raise ValueError(f"heartbeat interval must be positive seconds, between "
+        raise UsageError(f"heartbeat interval must be positive seconds, between "
                          f"{MIN_INTERVAL} and {MAX_INTERVAL:.0f} (a day), got {value!r}")
     return float(value)
 

@@ -61,7 +61,7 @@ DONE = np.dtype([("task", "<i8"), ("attempt", "<u4"), ("array_job", "<u4"),
 
 
 def path_for(base_dir: str | os.PathLike[str], manifest_hash: str) -> Path:
-    return Path(base_dir) / layout.SWEEP_DIR / layout.INDEX / f"{manifest_hash}.bin"
+    return layout.SweepPaths(base_dir).index(manifest_hash)
 
 
 def _slot(meta: Mapping[str, Any]) -> tuple[str, int] | None:

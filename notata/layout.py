@@ -1,4 +1,5 @@
-"""The only place run file names are spelled, and the checks that keep paths inside a run."""
+"""The only place file names are spelled (a run's, a sweep's ``.notata/`` folder's, an
+Experiment's), and the checks that keep paths inside a run."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import os
 import stat
 from pathlib import Path
 
-from .errors import RunDirError
+from .errors import PathNameError, RunDirError, RunIdError
 
 RUN_PREFIX = "log_"
 METADATA = "metadata.json"
@@ -14,6 +15,9 @@ LOG = "log.txt"
 PARAMS_YAML = "params.yaml"
 PARAMS_JSON = "params.json"
 LOCK = ".lock"
+#: The soft lock (where flock is not supported) and a broken lock set aside.
+SOFT_LOCK = ".lock.soft"
+BROKEN_LOCK = ".lock.broken-{when}"
 ATTACHED = ".attached.json"
 STDOUT = "stdout.txt"
 STDERR = "stderr.txt"
@@ -21,15 +25,36 @@ DATA = "data"
 PLOTS = "plots"
 ARTIFACTS = "artifacts"
 
-#: A sweep's own records, under its base folder: submissions.jsonl and the job scripts.
-SWEEP_DIR = ".notata"
-SUBMISSIONS = "submissions.jsonl"
-RESUBMIT_LOCK = "resubmit.lock"
-JOBS = "jobs"
-INDEX = "index"
+#: notata 0.3's Experiment: ``<base_dir>/<name>/runs/`` and its ``index.csv``.
+EXPERIMENT_RUNS = "runs"
+EXPERIMENT_INDEX = "index.csv"
 
 #: A file name may have 255 bytes (ext4, XFS, Lustre, NFS); ``log_`` takes four.
 MAX_RUN_ID_BYTES = 255 - len(RUN_PREFIX)
+
+
+class SweepPaths:
+    """Every file of a sweep's own folder, ``<base_dir>/.notata/`` (submitit's ``JobPaths``)."""
+
+    def __init__(self, base_dir: str | os.PathLike[str]) -> None:
+        self.folder = Path(base_dir) / ".notata"
+        #: The record of every submission (:mod:`notata.submissions`).
+        self.submissions = self.folder / "submissions.jsonl"
+        #: The sweep's lock: submit and resubmit hold it while they choose and record.
+        self.resubmit_lock = self.folder / "resubmit.lock"
+        #: The job scripts notata wrote (``<sweep>-<submission>-<k>.sbatch``).
+        self.jobs = self.folder / "jobs"
+
+    def job_script(self, sweep: str, submission: str, k: int) -> Path:
+        return self.jobs / f"{sweep}-{submission}-{k}.sbatch"
+
+    def index(self, manifest_hash: str) -> Path:
+        """The sweep index of one manifest version (:mod:`notata.index`)."""
+        return self.folder / "index" / f"{manifest_hash}.bin"
+
+    def unique(self, manifest_hash: str) -> Path:
+        """The mark that a manifest version's run ids were found unique."""
+        return self.folder / "index" / f"{manifest_hash}.unique"
 
 
 def run_dir(base_dir: str | os.PathLike[str], run_id: str) -> Path:
@@ -38,7 +63,8 @@ def run_dir(base_dir: str | os.PathLike[str], run_id: str) -> Path:
 
 
 def check_run_id(run_id: object) -> str:
-    """Return ``run_id`` as a string, or raise ValueError saying what is wrong with it."""
+    """Return ``run_id`` as a string, or raise :class:`RunIdError` (a ValueError) saying
+    what is wrong with it."""
     rid = str(run_id)
     problem = None
     if not rid:
@@ -54,7 +80,7 @@ def check_run_id(run_id: object) -> str:
     elif len(rid.encode("utf-8", "surrogatepass")) > MAX_RUN_ID_BYTES:
         problem = f"it is longer than {MAX_RUN_ID_BYTES} bytes"
     if problem:
-        raise ValueError(f"invalid run id {rid[:60]!r}: {problem}")
+        raise RunIdError(f"invalid run id {rid[:60]!r}: {problem}")
     return rid
 
 
@@ -63,11 +89,11 @@ def check_relative(relative: str | os.PathLike[str], what: str = "path") -> Path
     text = os.fspath(relative)
     p = Path(text)
     if not text or "\0" in text:
-        raise ValueError(f"invalid {what} {text!r}: empty or contains NUL")
+        raise PathNameError(f"invalid {what} {text!r}: empty or contains NUL")
     if p.is_absolute() or any(part == ".." for part in p.parts):
-        raise ValueError(f"invalid {what} {text!r}: it would leave the run directory")
+        raise PathNameError(f"invalid {what} {text!r}: it would leave the run directory")
     if p == Path("."):
-        raise ValueError(f"invalid {what} {text!r}: it names the run directory itself")
+        raise PathNameError(f"invalid {what} {text!r}: it names the run directory itself")
     return p
 
 
@@ -82,7 +108,7 @@ def inside(root: Path, relative: str | os.PathLike[str], what: str = "path") -> 
     for i, part in enumerate(rel.parts):
         current = current / part
         if current.is_symlink():
-            raise ValueError(f"invalid {what} {os.fspath(relative)!r}: {current} is a symlink")
+            raise PathNameError(f"invalid {what} {os.fspath(relative)!r}: {current} is a symlink")
         if i < len(rel.parts) - 1:
             current.mkdir(exist_ok=True)
     return current

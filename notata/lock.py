@@ -170,8 +170,9 @@ def _soft(path: Path) -> filelock.BaseFileLock:
     return filelock.SoftFileLock(str(path.with_name(path.name + SOFT_SUFFIX)), timeout=0)
 
 
-#: The soft lock's file is the lock's name with this suffix (``.lock.soft``).
-SOFT_SUFFIX = ".soft"
+#: The soft lock's file is the lock's name with this suffix (a run's: ``layout.SOFT_LOCK``).
+SOFT_SUFFIX = layout.SOFT_LOCK.removeprefix(layout.LOCK)
+
 
 
 def _stamp(fd: int) -> None:
@@ -229,7 +230,7 @@ class RunLock:
                 raise RunLockedError(str(self.run_dir), self._read_holder())
             when = time.strftime("%Y%m%dT%H%M%S")
             with contextlib.suppress(FileNotFoundError):
-                os.replace(self.path, self.path.with_name(f"{layout.LOCK}.broken-{when}"))
+                os.replace(self.path, self.path.with_name(layout.BROKEN_LOCK.format(when=when)))
             if self.try_acquire():
                 return
         raise RunLockedError(str(self.run_dir), holder)

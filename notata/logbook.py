@@ -24,7 +24,7 @@ from ._attempt import SUPERSEDED
 from ._convert import to_plain
 from ._outputs import LogFile, Outputs, render_params
 from ._run import OwnedRun
-from .errors import RunLockedError
+from .errors import RunExistsError, RunLockedError, UsageError
 from .heartbeat import interval_from
 
 if TYPE_CHECKING:
@@ -93,7 +93,7 @@ class Logbook(Outputs):
             raise TypeError("Logbook's second argument is base_dir (as in notata 0.3); "
                             "pass parameters as params=...")
         if overwrite and resume:
-            raise ValueError("choose one of overwrite=True (start afresh) and resume=True")
+            raise UsageError("choose one of overwrite=True (start afresh) and resume=True")
         self.run_id = layout.check_run_id(run_id)
         self.path = layout.run_dir(base_dir, self.run_id)
         self.log_path = self.path / layout.LOG
@@ -132,7 +132,7 @@ class Logbook(Outputs):
         """Take the run (this process holds it): lock, first record, params, heartbeat."""
         existed = os.path.lexists(self.path)
         if existed and not (overwrite or resume):
-            raise FileExistsError(f"Run directory {self.path} already exists.")
+            raise RunExistsError(f"Run directory {self.path} already exists.")
         superseded = _supersede(self.path) if existed else None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileExistsError):
@@ -212,7 +212,7 @@ class Logbook(Outputs):
         """
         reserved = sorted(set(fields) & (schema.RESERVED | scheduler.names()))
         if reserved:
-            raise ValueError(f"meta({reserved[0]}=...): {reserved[0]!r} is notata's own "
+            raise UsageError(f"meta({reserved[0]}=...): {reserved[0]!r} is notata's own "
                              "metadata field; choose another name (a status is set with "
                              "mark_complete() or mark_failed())")
         self._set(**{k: to_plain(v, f"meta[{k!r}]") for k, v in fields.items()})

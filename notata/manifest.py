@@ -55,6 +55,7 @@ import yaml
 
 from . import _fs, layout
 from ._convert import to_plain
+from ._version import __version__
 from .errors import ManifestError, UsageError
 
 KEYS = ("name", "base_dir", "run_id", "grid", "zip", "runs", "params", "slurm")
@@ -160,9 +161,8 @@ class Sweep:
         ``<base_dir>/.notata/index/<hash>.unique`` (written where ``.notata/`` exists and
         ``remember``; a dry run writes nothing).
         """
-        from . import __version__
 
-        marker = self.base_dir / layout.SWEEP_DIR / layout.INDEX / f"{self.hash}.unique"
+        marker = layout.SweepPaths(self.base_dir).unique(self.hash)
         try:
             if marker.read_text(encoding="utf-8").strip() == __version__:
                 return

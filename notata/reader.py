@@ -166,8 +166,8 @@ class ExperimentReader:
         self.path = Path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"No such path: {self.path}")
-        self.index_path = self.path / "index.csv"
-        self.runs_path = self.path / "runs"
+        self.index_path = self.path / layout.EXPERIMENT_INDEX
+        self.runs_path = self.path / layout.EXPERIMENT_RUNS
         if not self.runs_path.is_dir():  # as notata 0.3: an Experiment folder has runs/
             raise FileNotFoundError(f"No runs/ folder in {self.path}: not an Experiment folder")
         self.runs = sorted(

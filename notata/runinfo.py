@@ -14,6 +14,8 @@ import time
 from datetime import datetime
 from typing import Any
 
+from ._version import __version__
+
 
 def now_iso(t: float | None = None) -> str:
     """Local time as ISO-8601 to the second, as notata 0.3 wrote it."""
@@ -30,8 +32,6 @@ def user() -> str:
 
 def process_fields() -> dict[str, Any]:
     """Host, pid, user, versions and command line of this process."""
-    from . import __version__
-
     return {
         "host": socket.gethostname(),
         "pid": os.getpid(),

@@ -32,7 +32,7 @@ import psutil
 
 from . import _attach, layout, schema
 from .array import ENV_TASK, RUN_VARIABLES, open_task
-from .errors import RunCompleteError, RunLockedError
+from .errors import RunCompleteError, RunLockedError, UsageError
 from .logbook import Logbook
 from .manifest import Sweep
 
@@ -174,7 +174,7 @@ def exec_task(sweep: Sweep, index: int, argv: Sequence[str], *,
     :data:`STOP_GRACE`), and only then is the run lock released.
     """
     if not argv:
-        raise ValueError("no command to run: give it after --")
+        raise UsageError("no command to run: give it after --")
     interrupted = _Deferred()
     try:
         with interrupted:  # a Ctrl-C here must not leave a half-opened run behind

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from . import _attach, _fs, layout, scheduler, schema
-from .lock import SOFT_SUFFIX, LockFileError
+from .lock import LockFileError
 from .lock import is_held as lock_is_held
 from .manifest import Sweep
 
@@ -166,7 +166,7 @@ def _without_metadata(run_dir: str, task: int | None, run_id: str, now: float) -
                          run_dir)
     except OSError as err:
         return RunRecord(task, run_id, CORRUPT, 0, str(err), run_dir)
-    if names - {layout.LOCK, layout.LOCK + SOFT_SUFFIX}:
+    if names - {layout.LOCK, layout.SOFT_LOCK}:
         return RunRecord(task, run_id, CORRUPT, 0, f"no {layout.METADATA}", run_dir)
     if held or now - made < MARGIN_SEC:
         return RunRecord(task, run_id, schema.RUNNING, 0, f"starting: no {layout.METADATA} "

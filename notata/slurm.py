@@ -366,7 +366,7 @@ def render(sweep: Sweep, plan: ArrayPlan, argv: Sequence[str], options: Mapping[
             mine += " " + theirs[-1].group(1).strip().strip("\"'")
         lines.append(f'#SBATCH --comment="{mine}"')
     defaults = {"job_name": sweep.name,
-                "output": str(sweep.base_dir / layout.SWEEP_DIR / "slurm-%A_%a.out")}
+                "output": str(layout.SweepPaths(sweep.base_dir).folder / "slurm-%A_%a.out")}
     for key, value in {**defaults, **options}.items():
         lines.append(f'#SBATCH {OPTIONS[key]}="{value}"')
     if warn_before:
@@ -440,11 +440,11 @@ def submit(sweep: Sweep, indices: Sequence[int], argv: Sequence[str], *,
               "task starts); " + (f"warning {warn} s before the end" if warn
                                   else "not asking for one"), file=sys.stderr)
     plans = plan_arrays(indices, array_limit or max_array_size())
-    jobs_dir = sweep.base_dir / layout.SWEEP_DIR / layout.JOBS
+    paths = layout.SweepPaths(sweep.base_dir)
     name = name or time.strftime("%Y%m%dT%H%M%S")
     arrays = []
     for k, plan in enumerate(plans):
-        script = jobs_dir / f"{sweep.name}-{name}-{k}.sbatch"
+        script = paths.job_script(sweep.name, name, k)
         tag = f"{name}-{k}"
         text = render(sweep, plan, argv, options, extra, throttle=throttle, warn_before=warn,
                       script=script, tag=tag)
@@ -455,7 +455,7 @@ def submit(sweep: Sweep, indices: Sequence[int], argv: Sequence[str], *,
             print(f"# sbatch --parsable {shlex.quote(str(script))}\n{text}")
             arrays.append(entry)
             continue
-        jobs_dir.mkdir(parents=True, exist_ok=True)
+        paths.jobs.mkdir(parents=True, exist_ok=True)
         _fs.create_exclusive(script, text.encode())
         script.chmod(0o777 & ~_umask())
         if intended is not None:

@@ -45,13 +45,13 @@ TAG_PREFIX = "notata:"
 
 
 def path(base_dir: Path) -> Path:
-    return base_dir / layout.SWEEP_DIR / layout.SUBMISSIONS
+    return layout.SweepPaths(base_dir).submissions
 
 
 def sweep_lock(base_dir: Path) -> lock.Exclusive:
     """The sweep's lock (``.notata/resubmit.lock``): a resubmit holds it from its scan to
     its record, a submit while it submits and records, so no task is taken twice."""
-    return lock.exclusive(base_dir / layout.SWEEP_DIR / layout.RESUBMIT_LOCK)
+    return lock.exclusive(layout.SweepPaths(base_dir).resubmit_lock)
 
 
 def new_id() -> str:

@@ -199,6 +199,33 @@ def test_usage_errors_are_one_line_and_change_nothing(
     assert not out.exists()
 
 
+def test_errors_a_user_causes_are_notatas_and_keep_their_builtin_bases(
+        base: Path, manifest: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from notata.errors import NotataError, RunExistsError, RunIdError, UsageError
+
+    with pytest.raises(RunIdError) as bad_id:
+        Logbook("../escape", base)
+    assert isinstance(bad_id.value, ValueError) and isinstance(bad_id.value, NotataError)
+    Logbook("r", base).close()
+    with pytest.raises(RunExistsError) as exists:
+        Logbook("r", base)
+    assert isinstance(exists.value, FileExistsError)
+    with pytest.raises(UsageError):
+        Logbook("r", base, overwrite=True, resume=True)
+    with Logbook("s", base) as log, pytest.raises(ValueError):  # as notata 0.3 raised
+        log.save_text("../out", "x")
+    # no task index anywhere: a usage error, exit 2, one line
+    monkeypatch.delenv("NOTATA_TASK", raising=False)
+    assert main(["exec", str(manifest), "--", "true"]) == 2
+    err = capsys.readouterr().err
+    assert "no task index" in err and len(err.strip().splitlines()) == 1
+    # NOTATA_DEBUG=1 shows the traceback instead
+    monkeypatch.setenv("NOTATA_DEBUG", "1")
+    with pytest.raises(UsageError):
+        main(["exec", str(manifest), "--", "true"])
+
+
 def test_resubmit_with_nothing_to_do_and_no_record_exits_0(
         manifest: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import notata
