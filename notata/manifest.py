@@ -137,7 +137,7 @@ class Sweep:
                 raise ManifestError(str(self.path), f"task {index}: run_id template "
                                     f"{self.template!r} fails: {err!r}") from None
         else:
-            parts = [f"{k}{_UNSAFE.sub('-', _text(p[k]))}" for k in self._varying if k in p]
+            parts = [f"{k}{_UNSAFE.sub('-', _in_run_id(p[k]))}" for k in self._varying if k in p]
             rid = "_".join(parts) or f"task{index}"
         if not check:
             return rid
@@ -189,7 +189,10 @@ class Sweep:
                                     f"tasks {a} and {b} have the same run id {self.run_id(a)!r}")
 
 
-def _text(value: Any) -> str:
+def _in_run_id(value: Any) -> str:
+    """A value as a run id spells it: Python's ``str`` (``True``), lists and dicts as
+    compact JSON. Unlike a command's placeholders (:func:`notata.runner.as_argument`,
+    ``true``), because run ids already on disk were spelled this way."""
     return json.dumps(value, separators=(",", ":"), sort_keys=True) if isinstance(
         value, (dict, list)) else str(value)
 

@@ -52,11 +52,14 @@ def substitute(args: Sequence[str], values: Mapping[str, Any]) -> list[str]:
     """Replace ``{name}`` in each argument by ``values[name]``; other braces stay as they are."""
     def one(arg: str) -> str:
         return _PLACEHOLDER.sub(
-            lambda m: _text(values[m.group(1)]) if m.group(1) in values else m.group(0), arg)
+            lambda m: as_argument(values[m.group(1)]) if m.group(1) in values else m.group(0), arg)
     return [one(a) for a in args]
 
 
-def _text(value: Any) -> str:
+def as_argument(value: Any) -> str:
+    """A value as a command's ``{param}`` placeholder spells it: JSON for booleans, None,
+    lists and dicts (``true``, ``null``), else ``str``. Run ids spell values their own
+    way (:mod:`notata.manifest`)."""
     return json.dumps(value) if isinstance(value, (dict, list, bool)) or value is None \
         else str(value)
 
