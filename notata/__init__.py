@@ -30,7 +30,8 @@ scheduler layer names a scheduler's variables, job states or metadata fields).
    (the local backend).
 4. scanning: ``runstate`` (one run's state); ``queue`` (which tasks the queue holds);
    ``collector`` (the scan, the report); ``tabulate``.
-5. schedulers: ``slurm`` (everything SLURM); ``submitit`` (the submitit bridge).
+5. schedulers: ``slurm`` (SLURM inside a job and its queue); ``sbatch`` (arrays, job
+   scripts, submitting); ``submitit`` (the submitit bridge).
 6. submitting: ``submission`` (submit and resubmit: the Python API the CLI wraps).
 7. interfaces: ``cli``, ``__main__`` and this module (the public names).
 """

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import slurm, submission, tabulate
+from . import sbatch, slurm, submission, tabulate
 from ._version import __version__
 from .array import task_index
 from .collector import Report, Watcher
@@ -127,7 +127,7 @@ def _options(args: argparse.Namespace, sweep: Sweep) -> submission.Options:
         tasks: list[int] | None = parse_indices(args.tasks, len(sweep))
     else:
         tasks = None
-    scheduler = {key: getattr(args, key) for key in slurm.OPTIONS}
+    scheduler = {key: getattr(args, key) for key in sbatch.OPTIONS}
     scheduler.update(throttle=args.throttle, warn_before=args.warn_before,
                      sbatch_line=args.sbatch_line)
     options = submission.Options(backend=args.backend, tasks=tasks, dry_run=args.dry_run,
@@ -223,7 +223,7 @@ def add_submit_options(p: argparse.ArgumentParser) -> None:
                    help="print the job scripts and sbatch commands; submit nothing")
     p.add_argument("-j", "--jobs", type=int, help="local: tasks at a time (default: CPU count)")
     g = p.add_argument_group("slurm options (flags win over the manifest's slurm: section)")
-    for key, option in slurm.OPTIONS.items():
+    for key, option in sbatch.OPTIONS.items():
         g.add_argument(option, dest=key, metavar=key.upper().replace("_", "-"))
     g.add_argument("--throttle", type=int, metavar="N", help="at most N tasks at once (%%N)")
     g.add_argument("--warn-before", type=int, metavar="SECS",

@@ -16,16 +16,29 @@ class NotataError(Exception):
     """Base class of notata's errors."""
 
 
-class CorruptMetadataError(NotataError, ValueError):
-    """A run's metadata.json cannot be read; the file is named, never reset."""
+class _AboutPath(NotataError):
+    """An error about one file or folder: ``path`` and what is wrong with it (``problem``);
+    each subclass words it with :attr:`_message`."""
 
-    def __init__(self, path: str, problem: str) -> None:
+    _message = "{path}: {problem}"
+
+    def __init__(self, path: str, problem: str = "") -> None:
         super().__init__(path, problem)
         self.path = path
         self.problem = problem
 
+    @property
+    def run_dir(self) -> str:
+        return self.path
+
     def __str__(self) -> str:
-        return f"{self.path}: corrupt metadata ({self.problem}); fix or move the file away"
+        return self._message.format(path=self.path, problem=self.problem)
+
+
+class CorruptMetadataError(_AboutPath, ValueError):
+    """A run's metadata.json cannot be read; the file is named, never reset."""
+
+    _message = "{path}: corrupt metadata ({problem}); fix or move the file away"
 
 
 class RunLockedError(NotataError, BlockingIOError):
@@ -52,54 +65,32 @@ class RunLockedError(NotataError, BlockingIOError):
         return f"{self.run_dir} is in use by another process ({who}); it must finish first"
 
 
-class RunDirError(NotataError, ValueError):
+class RunDirError(_AboutPath, ValueError):
     """A run directory that notata will not write through: a symlink, or not a folder."""
 
-    def __init__(self, path: str, problem: str) -> None:
-        super().__init__(path, problem)
-        self.path = path
-        self.problem = problem
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.problem}; nothing was written (move it away to use this run id)"
+    _message = "{path}: {problem}; nothing was written (move it away to use this run id)"
 
 
-class RunSupersededError(NotataError, RuntimeError):
+class RunSupersededError(_AboutPath, RuntimeError):
     """A Logbook that a newer open of the same run in this process replaced; it writes nothing."""
 
-    def __init__(self, run_dir: str) -> None:
-        super().__init__(run_dir)
-        self.run_dir = run_dir
-
-    def __str__(self) -> str:
-        return (f"this Logbook of {self.run_dir} was superseded by a newer Logbook of the same "
-                "run opened in this process (overwrite=True or resume=True); "
-                "write through that one")
+    _message = ("this Logbook of {path} was superseded by a newer Logbook of the same run "
+                "opened in this process (overwrite=True or resume=True); write through that one")
 
 
-class RunLostError(NotataError, RuntimeError):
+class RunLostError(_AboutPath, RuntimeError):
     """The run directory was moved, deleted and made again, replaced, or its lock broken
     while this process had it open: the run is no longer this process's to write."""
 
-    def __init__(self, run_dir: str) -> None:
-        super().__init__(run_dir)
-        self.run_dir = run_dir
-
-    def __str__(self) -> str:
-        return (f"{self.run_dir} was moved, replaced or its lock broken while this process "
-                "had it open; this process writes nothing more there")
+    _message = ("{path} was moved, replaced or its lock broken while this process had it "
+                "open; this process writes nothing more there")
 
 
-class RunCompleteError(NotataError, FileExistsError):
+class RunCompleteError(_AboutPath, FileExistsError):
     """``resume=True`` found the run already complete: it is not run again."""
 
-    def __init__(self, run_dir: str) -> None:
-        super().__init__(run_dir)
-        self.run_dir = run_dir
-
-    def __str__(self) -> str:
-        return (f"{self.run_dir} is already complete, so it is not run again "
-                "(overwrite=True starts it afresh)")
+    _message = ("{path} is already complete, so it is not run again (overwrite=True starts "
+                "it afresh)")
 
 
 class SchedulerError(NotataError, RuntimeError):
@@ -117,16 +108,8 @@ class SchedulerError(NotataError, RuntimeError):
         return f"{self.argv[0]} failed: {detail}"
 
 
-class ManifestError(NotataError, ValueError):
+class ManifestError(_AboutPath, ValueError):
     """A sweep manifest cannot be used; names the file and the problem."""
-
-    def __init__(self, path: str, problem: str) -> None:
-        super().__init__(path, problem)
-        self.path = path
-        self.problem = problem
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.problem}"
 
 
 class UsageError(NotataError, ValueError):

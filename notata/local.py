@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .manifest import Sweep
+from .manifest import Sweep, compact
 from .runner import IN_USE, STOP_GRACE, clean_environment
 
 
@@ -31,6 +31,20 @@ class LocalResult:
     interrupted: bool = False
     signal: int = 0  # the signal that stopped the run (0: Ctrl-C, or none)
     why: str = ""  # "cancelled" (Ctrl-C), "hangup", "terminated"
+
+    def summary(self, elapsed: float) -> str:
+        """One line: what the run did, in ``elapsed`` seconds."""
+        sec = int(elapsed)
+        text = (f"{len(self.done)} done, {len(self.failed)} failed, "
+                f"{len(self.skipped)} already complete, in "
+                f"{sec // 3600}:{sec // 60 % 60:02d}:{sec % 60:02d}")
+        if self.busy:
+            text += f", {len(self.busy)} run by another process ({compact(self.busy)})"
+        if self.failed:
+            text += f"; failed tasks: {compact(self.failed)}"
+        if self.interrupted:
+            text += f" ({self.why or 'interrupted'})"
+        return text
 
 
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import local, lock, schema, slurm, submissions
+from . import local, lock, sbatch, schema, slurm, submissions
 from .array import is_complete
 from .collector import Report, scan
 from .errors import SchedulerError, UsageError
@@ -34,7 +34,7 @@ from .runstate import DEFAULT_RESUBMIT, PENDING, SELECTORS
 
 BACKENDS = ("slurm", "local")
 #: Scheduler options by their Python names (``--cpus-per-task`` is ``cpus_per_task``).
-SCHEDULER_OPTIONS = (*slurm.OPTIONS, "throttle", "warn_before", "sbatch_line")
+SCHEDULER_OPTIONS = (*sbatch.OPTIONS, "throttle", "warn_before", "sbatch_line")
 #: Exit statuses: a task failed; interrupted by Ctrl-C; by a hangup or SIGTERM.
 FAILED, INTERRUPTED = 1, 130
 
@@ -222,11 +222,11 @@ def _submit(sweep: Sweep, indices: list[int], cmd: list[str], backend: str, opti
     base = {"backend": backend, "manifest": str(sweep.path), "manifest_hash": sweep.hash,
             "sweep": sweep.name, "command": cmd, "options": dict(given),
             "submission": sub_id}
-    flags = {k: given.get(k) for k in slurm.OPTIONS}
+    flags = {k: given.get(k) for k in sbatch.OPTIONS}
     flags.update(extra=given.get("sbatch_line"), throttle=given.get("throttle"),
                  warn_before=given.get("warn_before"))
     if backend == "slurm":  # refuse bad options before anything is written
-        slurm.options_for(sweep.slurm, flags, str(sweep.path))
+        sbatch.options_for(sweep.slurm, flags, str(sweep.path))
     if options.dry_run:  # a dry run writes nothing, the sweep's lock file included
         held = held or lock.no_lock()
     with held or submissions.sweep_lock(sweep.base_dir) as sweep_lock:
@@ -284,7 +284,7 @@ def _sbatch(sweep: Sweep, todo: list[int], cmd: list[str], flags: Mapping[str, A
         trying.clear()
 
     try:
-        slurm.submit(sweep, todo, cmd, flags=flags, dry_run=dry_run, name=sub_id,
+        sbatch.submit(sweep, todo, cmd, flags=flags, dry_run=dry_run, name=sub_id,
                      intended=intended, submitted=submitted)
     except BaseException as err:
         _say_what_was_submitted(sweep, todo, done, trying, err)
@@ -331,25 +331,10 @@ def _run_here(sweep: Sweep, todo: list[int], skipped: list[int], cmd: list[str],
         submissions.append(sweep.base_dir, {"submission": sub_id, "ended": True,
                                             "manifest_hash": sweep.hash,
                                             "manifest": str(sweep.path)})
-    print(summary(result, time.monotonic() - t0), file=sys.stderr)
+    print(result.summary(time.monotonic() - t0), file=sys.stderr)
     if result.interrupted:
         return 128 + result.signal if result.signal else INTERRUPTED
     return FAILED if result.failed else 0
-
-
-def summary(result: local.LocalResult, elapsed: float) -> str:
-    """One line: what a local run did."""
-    sec = int(elapsed)
-    text = (f"{len(result.done)} done, {len(result.failed)} failed, "
-            f"{len(result.skipped)} already complete, in "
-            f"{sec // 3600}:{sec // 60 % 60:02d}:{sec % 60:02d}")
-    if result.busy:
-        text += f", {len(result.busy)} run by another process ({compact(result.busy)})"
-    if result.failed:
-        text += f"; failed tasks: {compact(result.failed)}"
-    if result.interrupted:
-        text += f" ({result.why or 'interrupted'})"
-    return text
 
 
 def last_submission(sweep: Sweep) -> dict[str, Any] | None:

@@ -102,9 +102,9 @@ def _array_limit(executor: Any) -> int | None:
     name = type(getattr(executor, "_executor", executor)).__name__
     if name != "SlurmExecutor":
         return None
-    from . import slurm
+    from . import sbatch
 
-    return slurm.max_array_size()
+    return sbatch.max_array_size()
 
 
 def submit_sweep(fn: Callable[[dict[str, Any], Logbook], Any],

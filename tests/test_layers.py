@@ -17,7 +17,7 @@ LAYERS = [
     {"_attempt", "_run", "_outputs", "logbook", "experiment"},
     {"array", "runner", "local"},
     {"runstate", "queue", "collector", "tabulate"},
-    {"slurm", "submitit"},
+    {"slurm", "sbatch", "submitit"},
     {"submission"},
     {"cli", "__main__", "__init__"},
 ]

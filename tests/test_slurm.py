@@ -17,7 +17,7 @@ from helpers import job_gone, read_meta, status_is, submit, wait_for, write_swee
 from notata import submissions
 from notata.cli import main
 from notata.manifest import load
-from notata.slurm import ArrayPlan, plan_arrays, render
+from notata.sbatch import ArrayPlan, plan_arrays, render
 
 HOSTILE = [
     "two words",
@@ -250,7 +250,7 @@ def test_a_warning_that_cannot_fit_the_time_limit_is_moved_or_dropped(
         base: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """SLURM may send --signal up to 60 s early: at a 1-minute limit, a 120 s warning came
     at once and killed the batch shell before notata started (seen on the test cluster)."""
-    from notata.slurm import fit_warning, time_limit_sec
+    from notata.sbatch import fit_warning, time_limit_sec
 
     assert [time_limit_sec(v) for v in ("1", "1:30", "2:00:00", "1-0", "1-2:3", "INFINITE")] \
         == [60, 90, 7200, 86400, 93780, None]
@@ -392,11 +392,11 @@ def test_an_array_queued_but_never_recorded_is_still_found(
     """sbatch queued the array but answered too late (a busy controller), or the submitter
     was killed while it ran: no job id was recorded. The tag in the job's comment, recorded
     before sbatch ran, still lets status see the tasks queued and resubmit leave them."""
-    from notata import slurm
+    from notata import sbatch
 
     folder = _shim(tmp_path, "sbatch", 'out=$("$REAL" "$@"); sleep 5; echo "$out"')
     monkeypatch.setenv("PATH", f"{folder}:{os.environ['PATH']}")
-    monkeypatch.setattr(slurm, "SBATCH_TIMEOUT", 2.0)
+    monkeypatch.setattr(sbatch, "SBATCH_TIMEOUT", 2.0)
     manifest = write_sweep(base, name="late", tasks=3)
     out = base / "outputs"
     try:

@@ -1,0 +1,311 @@
+"""Submitting a sweep to SLURM as job arrays: sbatch options, array plans, job scripts.
+
+The job script is a template (``slurm/array.sbatch.in``, installed as
+``notata.templates``) filled with shell-quoted values; a sweep larger than SLURM's
+``MaxArraySize`` is split into several arrays, each with its ``NOTATA_TASK_OFFSET``. Every
+call to a SLURM command goes through :func:`notata.slurm.run`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from . import _fs, layout, runinfo, submissions
+from .array import RUN_VARIABLES
+from .errors import ManifestError, SchedulerError
+from .manifest import Sweep, compact
+from .slurm import run
+
+#: sbatch options notata knows by name: manifest ``slurm:`` key or CLI flag -> sbatch option.
+OPTIONS = {
+    "partition": "--partition", "time": "--time", "mem": "--mem",
+    "cpus_per_task": "--cpus-per-task", "gpus": "--gpus", "account": "--account",
+    "qos": "--qos", "job_name": "--job-name", "output": "--output", "error": "--error",
+}
+#: Other keys a manifest's ``slurm:`` section may hold.
+SECTION_KEYS = {"extra", "throttle", "warn_before"}
+DEFAULT_WARN_BEFORE = 120
+#: Arrays are also split so that an --array spec stays short enough for sbatch.
+MAX_SPEC_CHARS = 4000
+TEMPLATE = "array.sbatch.in"
+
+
+@dataclass(frozen=True)
+class ArrayPlan:
+    """One job array: sweep indices ``offset + id`` for each array task id in ``spec``."""
+
+    offset: int
+    indices: tuple[int, ...]
+
+    @property
+    def spec(self) -> str:
+        return compact(i - self.offset for i in self.indices)
+
+
+def plan_arrays(indices: Sequence[int], max_array_size: int) -> list[ArrayPlan]:
+    """Split sorted sweep indices into arrays whose task ids stay below ``max_array_size``.
+
+    Each array starts at its first index (the offset), so a sparse subset becomes a few
+    compact specs; a new array starts when an id would reach the limit or the spec
+    would grow past :data:`MAX_SPEC_CHARS`.
+    """
+    plans: list[ArrayPlan] = []
+    current: list[int] = []
+    spec_len = 0
+    for i in sorted(set(indices)):
+        if current and (i - current[0] >= max_array_size or spec_len > MAX_SPEC_CHARS):
+            plans.append(ArrayPlan(current[0], tuple(current)))
+            current, spec_len = [], 0
+        current.append(i)
+        spec_len += len(str(i - current[0])) + 1
+    if current:
+        plans.append(ArrayPlan(current[0], tuple(current)))
+    return plans
+
+
+def max_array_size() -> int:
+    """The cluster's MaxArraySize (``scontrol show config``); 1001, SLURM's default, if unknown."""
+    try:
+        text = run(["scontrol", "show", "config"])
+    except SchedulerError:
+        return 1001
+    m = re.search(r"^MaxArraySize\s*=\s*(\d+)", text, re.MULTILINE)
+    return int(m.group(1)) if m else 1001
+
+
+def options_for(section: Mapping[str, Any], flags: Mapping[str, Any], where: str,
+                ) -> tuple[dict[str, str], list[str], dict[str, Any]]:
+    """sbatch options from a manifest's ``slurm:`` section and CLI flags (flags win).
+
+    Returns ``(options, extra #SBATCH lines, other settings)``; a bad key or a value
+    that cannot sit on an ``#SBATCH`` line raises :class:`ManifestError` naming it.
+    """
+    options: dict[str, str] = {}
+    settings: dict[str, Any] = {}
+    extra: list[str] = []
+    for raw_key, value in section.items():
+        key = raw_key.replace("-", "_")
+        if key in OPTIONS:
+            if isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
+                raise ManifestError(where, f"slurm.{raw_key}: {value!r} is not an sbatch value "
+                                           "(YAML reads no/yes/on/off as booleans: quote it)")
+            options[key] = str(value)
+        elif key == "extra":
+            if not isinstance(value, list):
+                raise ManifestError(where, "slurm.extra must be a list of #SBATCH lines")
+            extra = [str(v) for v in value]
+        elif key in SECTION_KEYS:
+            settings[key] = value
+        else:
+            known = ", ".join(sorted({*OPTIONS, *SECTION_KEYS}))
+            raise ManifestError(where, f"unknown slurm option {raw_key!r}; known: {known}")
+    for key, value in flags.items():
+        if value is None:
+            continue
+        if key == "extra":
+            extra += list(value)
+        elif key in OPTIONS:
+            options[key] = str(value)
+        else:
+            settings[key] = value
+    for key, value in options.items():
+        if any(c in value for c in '"\\\n\r'):
+            raise ManifestError(where, f"slurm {key} {value!r}: quotes, backslashes and "
+                                       "newlines cannot be passed to sbatch safely")
+    for line in extra:
+        if "\n" in line or "\r" in line:
+            raise ManifestError(where, f"slurm extra line {line!r} contains a newline")
+        if re.search(r"(^|\s)(--array|-a)\b", line):
+            raise ManifestError(where, f"slurm extra line {line!r}: notata sets the job "
+                                       "array itself (use --tasks and --throttle)")
+    for key, least in (("throttle", 1), ("warn_before", 0)):
+        value = settings.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < least):
+            raise ManifestError(where, f"slurm {key} {value!r}: give a whole number, at least "
+                                       f"{least}")
+    return options, extra, settings
+
+
+#: SLURM may send the ``--signal`` warning up to this much earlier than asked.
+SIGNAL_SLACK = 60
+#: Time a task needs to start (Python, imports) before it can take the warning.
+START_MARGIN = 30
+
+
+def time_limit_sec(value: str | None) -> int | None:
+    """Seconds of a ``--time`` value (``M``, ``M:S``, ``H:M:S``, ``D-H``, ``D-H:M``,
+    ``D-H:M:S``); None when unlimited, absent or not understood."""
+    if not value:
+        return None
+    days, _, rest = value.strip().rpartition("-")
+    try:
+        parts = [int(x) for x in rest.split(":")]
+        d = int(days) if days else 0
+    except ValueError:
+        return None
+    if days:  # D-H, D-H:M, D-H:M:S
+        h, m, sec = (parts + [0, 0])[:3]
+    elif len(parts) == 1:
+        h, m, sec = 0, parts[0], 0
+    elif len(parts) == 2:
+        h, m, sec = 0, parts[0], parts[1]
+    else:
+        h, m, sec = parts[:3]
+    return ((d * 24 + h) * 60 + m) * 60 + sec
+
+
+def fit_warning(warn_before: int, time_option: str | None) -> int:
+    """The warning lead time that fits the time limit (0: no warning).
+
+    SLURM may send the signal up to :data:`SIGNAL_SLACK` s earlier than asked; if that
+    lands before the task has started (:data:`START_MARGIN`), the batch shell dies of
+    SIGUSR1 before notata can record anything. So the warning is moved to at most
+    ``limit - 90`` s before the end, and dropped when that leaves under 10 s.
+    """
+    limit = time_limit_sec(time_option)
+    if not warn_before or limit is None or warn_before <= limit - SIGNAL_SLACK - START_MARGIN:
+        return warn_before
+    fitted = limit - SIGNAL_SLACK - START_MARGIN
+    return fitted if fitted >= 10 else 0
+
+
+def render(sweep: Sweep, plan: ArrayPlan, argv: Sequence[str], options: Mapping[str, str],
+           extra: Sequence[str], *, throttle: int | None, warn_before: int, script: Path,
+           python: str = sys.executable, tag: str = "") -> str:
+    """The job script of one array. Every value that reaches the shell is quoted; a path
+    that cannot sit on a line of the script (a newline, a quote) is refused.
+
+    ``tag`` goes into the job's comment (``notata:<tag>``): a collector finds the array
+    in the queue by it even when its job id was never recorded (sbatch did not answer in
+    time, the submitter was killed, the disk filled before the record)."""
+    for what, path in (("base_dir", sweep.base_dir), ("the job script", script),
+                       ("the interpreter", python)):
+        if any(c in str(path) for c in '"\\\n\r'):
+            raise ManifestError(str(sweep.path), f"{what} {str(path)!r} holds a newline, a "
+                                "quote or a backslash, which cannot sit in a job script")
+    lines = [f"#SBATCH --array={plan.spec}" + (f"%{throttle}" if throttle else "")]
+    if tag:  # a comment of the user's own (accounting, say) is kept after the tag
+        theirs = [m for m in map(_COMMENT.match, extra) if m]
+        extra = [line for line in extra if not _COMMENT.match(line)]
+        mine = f"{submissions.TAG_PREFIX}{tag}"
+        if theirs:
+            mine += " " + theirs[-1].group(1).strip().strip("\"'")
+        lines.append(f'#SBATCH --comment="{mine}"')
+    defaults = {"job_name": sweep.name,
+                "output": str(layout.SweepPaths(sweep.base_dir).folder / "slurm-%A_%a.out")}
+    for key, value in {**defaults, **options}.items():
+        lines.append(f'#SBATCH {OPTIONS[key]}="{value}"')
+    if warn_before:
+        lines.append(f"#SBATCH --signal=B:USR1@{int(warn_before)}")
+    lines += [line if line.lstrip().startswith("#SBATCH") else f"#SBATCH {line}"
+              for line in extra]
+    command = [python, "-m", "notata", "exec", str(sweep.path), "--", *argv]
+    text = template(TEMPLATE)
+    values = {
+        "SWEEP": sweep.name, "HASH": sweep.hash, "TIME": runinfo.now_iso(),
+        "TASKS": compact(plan.indices), "SCRIPT": shlex.quote(str(script)),
+        "RUNVARS": " ".join(sorted(RUN_VARIABLES)),
+        "SBATCH": "\n".join(lines), "OFFSET": str(plan.offset),
+        "COMMAND": shlex.join(command).replace("\n", "'$'\\n''"),
+    }
+    # One pass, so that a value holding "@NAME@" is never substituted again.
+    return re.sub(r"@([A-Z]+)@", lambda m: values[m.group(1)], text)
+
+
+_COMMENT = re.compile(r"^\s*(?:#SBATCH\s+)?--comment(?:=|\s+)(.*)$")
+
+
+def template(name: str) -> str:
+    """A template from ``slurm/``: the checkout's copy, or the one installed as
+    ``notata.templates`` by ``pip install .`` (setuptools maps the folder there)."""
+    checkout = Path(__file__).resolve().parent.parent / "slurm" / name
+    if checkout.is_file():
+        return checkout.read_text(encoding="utf-8")
+    return resources.files("notata.templates").joinpath(name).read_text(encoding="utf-8")
+
+
+#: sbatch on a busy controller can take minutes; giving up early risks an array that is
+#: queued but not recorded (the tag still finds it).
+SBATCH_TIMEOUT = 300.0
+
+
+def submit_script(script: Path) -> str:
+    """Submit ``script``; return its job id. sbatch's own message reaches the user on failure."""
+    out = run(["sbatch", "--parsable", str(script)], timeout=SBATCH_TIMEOUT)
+    return out.strip().split(";")[0]
+
+
+def submit(sweep: Sweep, indices: Sequence[int], argv: Sequence[str], *,
+           flags: Mapping[str, Any], dry_run: bool = False, name: str = "",
+           array_limit: int | None = None,
+           intended: Callable[[dict[str, Any], int, int], None] | None = None,
+           submitted: Callable[[dict[str, Any], int, int], None] | None = None,
+           ) -> list[dict[str, Any]]:
+    """Write one script per array under ``<base_dir>/.notata/jobs/`` and sbatch each.
+
+    Returns one ``{"job_id", "spec", "offset", "script", "tasks", "tag"}`` per array
+    (job_id None in a dry run, which writes and submits nothing and prints the scripts).
+    ``intended(entry, k, n)`` is called just before array k of n is handed to sbatch, and
+    ``submitted(entry, k, n)`` the moment it is queued (so each can be recorded before
+    the next step). Scripts are named ``<sweep>-<name>-<k>.sbatch`` (``name``: the
+    submission id, ``<name>-<k>`` the array's tag) and created exclusively; the script
+    of an array sbatch refused is removed.
+    """
+    options, extra, settings = options_for(sweep.slurm, flags, str(sweep.path))
+    throttle = settings.get("throttle")
+    asked = int(settings.get("warn_before", DEFAULT_WARN_BEFORE) or 0)
+    warn = fit_warning(asked, options.get("time"))
+    if warn != asked:
+        print(f"notata submit: a {asked} s time-limit warning does not fit --time "
+              f"{options['time']} (SLURM may send it up to {SIGNAL_SLACK} s early, before the "
+              "task starts); " + (f"warning {warn} s before the end" if warn
+                                  else "not asking for one"), file=sys.stderr)
+    plans = plan_arrays(indices, array_limit or max_array_size())
+    paths = layout.SweepPaths(sweep.base_dir)
+    name = name or time.strftime("%Y%m%dT%H%M%S")
+    arrays = []
+    for k, plan in enumerate(plans):
+        script = paths.job_script(sweep.name, name, k)
+        tag = f"{name}-{k}"
+        text = render(sweep, plan, argv, options, extra, throttle=throttle, warn_before=warn,
+                      script=script, tag=tag)
+        entry: dict[str, Any] = {"job_id": None, "spec": plan.spec, "offset": plan.offset,
+                                 "script": str(script), "tasks": compact(plan.indices),
+                                 "tag": tag}
+        if dry_run:
+            print(f"# sbatch --parsable {shlex.quote(str(script))}\n{text}")
+            arrays.append(entry)
+            continue
+        paths.jobs.mkdir(parents=True, exist_ok=True)
+        _fs.create_exclusive(script, text.encode())
+        script.chmod(0o777 & ~_umask())
+        if intended is not None:
+            intended(entry, k, len(plans))
+        try:
+            entry["job_id"] = submit_script(script)
+        except SchedulerError as err:
+            if err.returncode is not None and err.returncode > 0:  # refused: nothing queued
+                script.unlink(missing_ok=True)
+            raise
+        if submitted is not None:
+            submitted(entry, k, len(plans))
+        arrays.append(entry)
+    return arrays
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
