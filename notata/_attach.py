@@ -53,7 +53,7 @@ def under_wrapper(environ: Mapping[str, str] | None = None) -> bool:
     job = env.get(ENV_WRAPPER_JOB)
     if job:
         sched = scheduler.current(env)
-        if sched is not None and sched[0].job_id(sched[1]) == job:
+        if sched is not None and str(sched[0].job_id(sched[1])) == job:
             return True
     if host != socket.gethostname():
         return False

@@ -120,7 +120,7 @@ class OwnedRun:
         return time.monotonic() - self.t0
 
     @property
-    def job_id(self) -> str | None:
+    def job_id(self) -> object:
         if self.scheduler is None:
             return None
         ctx = self.meta.get(self.scheduler.name)

@@ -123,8 +123,11 @@ def _dispatch(signum: int, frame: FrameType | None) -> None:
     previous = _previous.get(signum, signal.SIG_DFL)
     runs = list(reversed(_listeners.get(signum, ())))
     if signum == WARNING:
-        for log in runs:
-            log.warned()
+        for log in runs:  # one run that cannot record (moved aside) must not stop the others
+            try:
+                log.warned()
+            except Exception as err:
+                logger.warning("notata: %s: %s", signal.Signals(signum).name, err)
         if callable(previous):
             previous(signum, frame)
         return

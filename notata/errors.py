@@ -23,13 +23,9 @@ class _AboutPath(NotataError):
     _message = "{path}: {problem}"
 
     def __init__(self, path: str, problem: str = "") -> None:
-        super().__init__(path, problem)
-        self.path = path
+        super().__init__(*((path, problem) if problem else (path,)))  # as pickled before
+        self.path = self.run_dir = path
         self.problem = problem
-
-    @property
-    def run_dir(self) -> str:
-        return self.path
 
     def __str__(self) -> str:
         return self._message.format(path=self.path, problem=self.problem)

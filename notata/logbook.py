@@ -189,8 +189,8 @@ class Logbook(Outputs):
         return int(self._run.meta["attempt"])
 
     @property
-    def job_id(self) -> str | None:
-        """The scheduler's id of the job this run runs in (SLURM_JOB_ID), else None."""
+    def job_id(self) -> object:
+        """The scheduler's id of the job this run runs in (SLURM_JOB_ID, an int), else None."""
         return self._run.job_id
 
     @property
@@ -323,6 +323,10 @@ class Logbook(Outputs):
         self._text.close()
         _signals.forget(self._signals)
         _OPEN.discard(self)
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a Logbook cannot be pickled or copied: it is one process's handle on "
+                        "its run (pass the run directory, log.path, and open a LogReader)")
 
     def __enter__(self) -> Logbook:
         self._with_depth += 1

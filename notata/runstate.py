@@ -251,6 +251,8 @@ def _liveness(meta: Mapping[str, Any], asked: Queue | None, queued: str | None,
             and not psutil.pid_exists(pid):  # certain, whatever the queue says of its job
         return STALE, f"its process (pid {pid} on this host) is gone"
     job = scheduler.job_of(meta)
+    if asked is not None and job is not None and job[0].name != asked.provider.name:
+        asked = None  # another scheduler's queue says nothing of this job
     if queued is not None and job is not None and job[0].is_alive(queued):
         return schema.RUNNING, (f"no heartbeat for {age:.0f}s, but its job is "
                                 f"{queued.lower()}" if age > limit else None)

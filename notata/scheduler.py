@@ -48,8 +48,9 @@ class SchedulerProvider(Protocol):
 
     # -- a job as a run's metadata records it, and as the queue lists it --
 
-    def job_id(self, context: Mapping[str, Any]) -> str | None:
-        """The id of the job itself (an array task's own job id, not the array's)."""
+    def job_id(self, context: Mapping[str, Any]) -> object:
+        """The id of the job itself as recorded (an array task's own job id, not the
+        array's), else None."""
 
     def job_key(self, context: Mapping[str, Any]) -> str | None:
         """How the scheduler's queue names this job (``"123"``, or ``"123_4"`` in an array)."""
@@ -115,7 +116,7 @@ def job_of(meta: Mapping[str, Any]) -> tuple[SchedulerProvider, Mapping[str, Any
     """The scheduler a run ran under, and the context it recorded, from its metadata."""
     for provider in _PROVIDERS:
         ctx = meta.get(provider.name)
-        if isinstance(ctx, Mapping):
+        if isinstance(ctx, Mapping) and ctx:  # an empty record names no job
             return provider, ctx
     return None
 

@@ -79,10 +79,9 @@ class SlurmProvider:
                 ctx[field] = int(value) if field in _INT_FIELDS and value.isdigit() else value
         return ctx
 
-    def job_id(self, context: Mapping[str, Any]) -> str | None:
-        """``SLURM_JOB_ID``: an array task's own job id."""
-        job = context.get("job_id")
-        return None if job is None else str(job)
+    def job_id(self, context: Mapping[str, Any]) -> object:
+        """``SLURM_JOB_ID`` as recorded (an int): an array task's own job id."""
+        return context.get("job_id")
 
     def array_of(self, context: Mapping[str, Any]) -> tuple[int, int] | None:
         job, task = context.get("array_job_id"), context.get("array_task_id")

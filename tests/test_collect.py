@@ -408,6 +408,43 @@ def test_job_gone_is_never_concluded_over_a_fresh_heartbeat(tmp_path: Path) -> N
         assert (r.status, r.reason) == (status, reason), age
 
 
+def test_only_the_queue_of_the_runs_own_scheduler_judges_its_job(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SLURM's queue says nothing of a job another scheduler ran (a second provider, the
+    seam's promise), nor of an empty scheduler record: neither reads "job gone"."""
+    from notata import scheduler
+    from notata.queue import Queue
+    from notata.runstate import read_run
+
+    class Pbs:  # the least a second scheduler implements for a scan
+        name, title = "pbs", "PBS"
+
+        def job_key(self, ctx: dict[str, object]) -> str:
+            return str(ctx["job_id"])
+
+        def array_of(self, ctx: dict[str, object]) -> None:
+            return None
+
+        def is_alive(self, state: str) -> bool:
+            return state == "R"
+
+    monkeypatch.setattr(scheduler, "_PROVIDERS", [*scheduler._PROVIDERS, Pbs()])
+    queue = Queue({})  # SLURM's queue, asked, lists nothing
+    now = time.time()
+    for name, job in [("pbs", {"pbs": {"job_id": "77.server"}}), ("empty", {"slurm": {}}),
+                      ("slurm", {"slurm": {"job_id": 99}})]:
+        d = tmp_path / f"log_{name}"
+        d.mkdir()
+        (d / "metadata.json").write_text(json.dumps({
+            "status": "running", "run_id": name, "attempt": 1, "host": "node7", "pid": 1234,
+            "user": "someone", **job,
+            "heartbeat": {"unix": now - 100, "beat": 3, "interval_sec": 30}}))
+    assert read_run(tmp_path / "log_pbs", queue=queue).status == "running"
+    assert read_run(tmp_path / "log_empty", queue=queue).status == "running"
+    slurm = read_run(tmp_path / "log_slurm", queue=queue)
+    assert (slurm.status, slurm.reason) == ("stale", "its SLURM job is gone")
+
+
 def test_the_submission_record_survives_a_torn_line_and_odd_lines(
         manifest: Path, base: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A line a full disk cut short once swallowed the next record; a well-formed line of

@@ -423,6 +423,19 @@ def test_sys_exit_inside_an_attached_task_is_its_exit_status(manifest: Path, bas
     assert read_meta(run_dir(base, "plain"))["failure_reason"] == "command exited with status 3"
 
 
+def test_an_attached_logbook_cannot_be_pickled_or_copied(manifest: Path) -> None:
+    """A copy in another process would write through a descriptor number that is not its
+    log.txt there, and hand over a status after the run ended."""
+    code = (f"import copy, pickle, sys; sys.path.insert(0, {str(ROOT)!r}); import notata\n"
+            "with notata.task(sys.argv[1]) as log:\n"
+            "    assert log.attached\n"
+            "    for copy_it in (pickle.dumps, copy.deepcopy, copy.copy):\n"
+            "        try:\n            copy_it(log)\n        except TypeError:\n"
+            "            continue\n        sys.exit(5)\n")
+    assert main(["exec", str(manifest), "--task", "0", "--", sys.executable, "-c", code,
+                 str(manifest)]) == 0
+
+
 def test_an_inherited_notata_task_never_overrides_the_array_index() -> None:
     """sbatch exports the submitter's environment: a sweep submitted from inside a task
     carries that task's NOTATA_TASK into every array task of the next sweep."""

@@ -641,3 +641,17 @@ def test_a_forked_worker_never_keeps_its_parents_run_locked(base: Path) -> None:
             assert log.attempt == 2
     finally:
         os.kill(int(worker), 9)
+
+
+def test_a_logbook_cannot_be_pickled_or_copied_and_its_job_id_is_as_recorded(
+        base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import copy
+    import pickle
+
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")  # scontrol cannot find it: the environment says
+    with Logbook("r", base) as log:
+        for copy_it in (pickle.dumps, copy.deepcopy, copy.copy):
+            with pytest.raises(TypeError, match="cannot be pickled"):
+                copy_it(log)
+        assert log.job_id == 4242
+        assert json.loads((log.path / "metadata.json").read_text())["slurm"]["job_id"] == 4242

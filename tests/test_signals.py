@@ -299,3 +299,21 @@ def test_one_run_moved_aside_does_not_keep_sigterm_from_the_others(base: Path) -
         """, base)
     assert rc == 143 and "Traceback" not in err, err
     assert read_meta(base / "log_a")["status"] == "terminated"
+
+
+def test_one_run_moved_aside_does_not_keep_sigusr1_from_the_others(base: Path) -> None:
+    rc, out, err = _run("""
+        import os, signal, sys, time
+        from notata import Logbook
+        base = sys.argv[1]
+        other = Logbook("other", base)
+        other.on_warning(lambda log: print("checkpoint", flush=True))
+        a = Logbook("a", base)
+        os.rename(os.path.join(base, "log_a"), os.path.join(base, "aside"))
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.2)
+        print("carried on", flush=True)
+        other.close()
+        """, base)
+    assert rc == 0 and out.split() == ["checkpoint", "carried", "on"], (out, err)
+    assert [s["signal"] for s in read_meta(base / "log_other")["signals"]] == ["SIGUSR1"]
