@@ -113,6 +113,10 @@ class UsageError(NotataError, ValueError):
     options that exclude each other); the command line exits 2 for it."""
 
 
+class TaskIndexError(UsageError, IndexError):
+    """A task index outside the sweep (or not an integer)."""
+
+
 class RunIdError(UsageError):
     """A run id that cannot name a folder (empty, ``..``, a ``/``, too long...)."""
 

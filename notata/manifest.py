@@ -56,7 +56,7 @@ import yaml
 from . import _fs, layout
 from ._convert import to_plain
 from ._version import __version__
-from .errors import ManifestError, UsageError
+from .errors import ManifestError, TaskIndexError, UsageError
 
 KEYS = ("name", "base_dir", "run_id", "grid", "zip", "runs", "params", "slurm")
 _UNSAFE = re.compile(r"[^A-Za-z0-9.+=-]")
@@ -145,6 +145,21 @@ class Sweep:
             return layout.check_run_id(rid)
         except ValueError as err:
             raise ManifestError(str(self.path), f"task {index}: {err}") from None
+
+    def check_indices(self, indices: Iterable[int]) -> list[int]:
+        """``indices`` sorted, each once; :class:`TaskIndexError` (an IndexError and a
+        ValueError) for one outside the sweep, before anything runs."""
+        if isinstance(indices, range) and indices.step == 1 and indices.start >= 0 \
+                and indices.stop <= len(self):
+            return list(indices)
+        n = len(self)
+        for i in indices:
+            if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+                raise TaskIndexError(f"task index must be an integer, not {type(i).__name__}")
+            if not 0 <= i < n:
+                raise TaskIndexError(f"task {i} is outside sweep {self.name!r} "
+                                     f"(tasks 0..{n - 1})")
+        return sorted({int(i) for i in indices})
 
     def task(self, index: int) -> Task:
         """Task ``index``: run id, params and run directory."""

@@ -100,11 +100,11 @@ def submit(manifest: str | os.PathLike[str] | Sweep, command: Sequence[str],
     options.check()
     command = _command(command)
     sweep = manifest if isinstance(manifest, Sweep) else load_sweep(manifest)
-    indices = sorted(set(options.tasks)) if options.tasks is not None else range(len(sweep))
-    _check_tasks(sweep, indices)
+    indices = sweep.check_indices(options.tasks if options.tasks is not None
+                                  else range(len(sweep)))
     sweep.check_unique(remember=not options.dry_run)
     backend = options.backend or _default_backend()
-    return _submit(sweep, list(indices), command, backend, options, options.given(),
+    return _submit(sweep, indices, command, backend, options, options.given(),
                    progress=progress, held=None)
 
 
@@ -140,7 +140,7 @@ def resubmit(manifest: str | os.PathLike[str] | Sweep, statuses: Iterable[str] =
     # Two tasks with one run id would share a run directory: refused here (an index scan
     # does not compute every run id; the check is remembered per manifest hash).
     sweep = manifest if isinstance(manifest, Sweep) else load_sweep(manifest)
-    _check_tasks(sweep, options.tasks or ())
+    sweep.check_indices(options.tasks or ())
     sweep.check_unique(remember=not options.dry_run)
     sweep_lock = (lock.no_lock() if options.dry_run
                   else submissions.sweep_lock(sweep.base_dir))
@@ -219,9 +219,10 @@ def _submit(sweep: Sweep, indices: list[int], cmd: list[str], backend: str, opti
     running ones left out) and record each part as it goes, under the sweep's lock
     (``held``: already taken by the caller)."""
     sub_id = submissions.new_id()
-    base = {"backend": backend, "manifest": str(sweep.path), "manifest_hash": sweep.hash,
-            "sweep": sweep.name, "command": cmd, "options": dict(given),
-            "submission": sub_id}
+
+    def record(tasks: list[int], **fields: Any) -> dict[str, Any]:
+        return submissions.entry(sweep, backend, sub_id, tasks, command=cmd,
+                                 options=dict(given), **fields)
     flags = {k: given.get(k) for k in sbatch.OPTIONS}
     flags.update(extra=given.get("sbatch_line"), throttle=given.get("throttle"),
                  warn_before=given.get("warn_before"))
@@ -246,9 +247,8 @@ def _submit(sweep: Sweep, indices: list[int], cmd: list[str], backend: str, opti
             if options.dry_run:
                 print(f"would run tasks {compact(todo) or '(none)'} here, {jobs} at a time")
                 return 0
-            submissions.append(sweep.base_dir, {**base, "tasks": compact(todo),
-                                                "count": len(todo), "job_ids": [],
-                                                **submissions.this_process()})
+            submissions.append(sweep.base_dir, record(todo, job_ids=[],
+                                                      **submissions.this_process()))
             sweep_lock.release()  # a local run may take hours; its tasks now read queued
             return _run_here(sweep, todo, skipped, cmd, jobs, sub_id, progress)
         if skipped:
@@ -256,31 +256,29 @@ def _submit(sweep: Sweep, indices: list[int], cmd: list[str], backend: str, opti
                   file=sys.stderr)
         if not todo:
             return 0
-        return _sbatch(sweep, todo, cmd, flags, options.dry_run, base)
+        return _sbatch(sweep, todo, cmd, flags, options.dry_run, sub_id, record)
 
 
 def _sbatch(sweep: Sweep, todo: list[int], cmd: list[str], flags: Mapping[str, Any],
-            dry_run: bool, base: dict[str, Any]) -> int:
+            dry_run: bool, sub_id: str, record: Callable[..., dict[str, Any]]) -> int:
     """The SLURM backend: one array per plan, each recorded as intended (with the tag its
     comment carries) before sbatch and as queued (with its job id) after."""
     done: list[dict[str, Any]] = []
     trying: list[dict[str, Any]] = []
-    sub_id = base["submission"]
 
     def intended(array: dict[str, Any], part: int, parts: int) -> None:
         submissions.append(sweep.base_dir, {
             "submission": sub_id, "part": part, "parts": parts, "intent": True,
-            "manifest": base["manifest"], "manifest_hash": base["manifest_hash"],
+            "manifest": str(sweep.path), "manifest_hash": sweep.hash,
             "arrays": [array], "tasks": array["tasks"]})
         trying[:] = [array]
 
     def submitted(array: dict[str, Any], part: int, parts: int) -> None:
         print(f"submitted job {array['job_id']}: tasks {array['tasks']} ({array['script']})")
         done.append(array)
-        submissions.append(sweep.base_dir, {
-            **base, "part": part, "parts": parts, "arrays": [array],
-            "job_ids": [array["job_id"]], "tasks": array["tasks"],
-            "count": len(parse_indices(array["tasks"], len(sweep)))})
+        submissions.append(sweep.base_dir, record(
+            parse_indices(array["tasks"], len(sweep)), part=part, parts=parts,
+            arrays=[array], job_ids=[array["job_id"]]))
         trying.clear()
 
     try:
@@ -373,15 +371,6 @@ def _command(command: Sequence[str]) -> list[str]:
     if not cmd:
         raise UsageError("no command given: put it after --, e.g. -- python sim.py {omega}")
     return cmd
-
-
-def _check_tasks(sweep: Sweep, indices: Iterable[int]) -> None:
-    """An index outside the sweep fails here, before anything runs."""
-    for i in indices:
-        try:
-            sweep.params(i)
-        except (IndexError, TypeError) as err:
-            raise UsageError(str(err)) from None
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")

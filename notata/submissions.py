@@ -27,13 +27,14 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import psutil
 
 from . import layout, lock, runinfo, scheduler
+from .manifest import Sweep, compact
 
 logger = logging.getLogger("notata")
 
@@ -57,6 +58,15 @@ def sweep_lock(base_dir: Path) -> lock.Exclusive:
 def new_id() -> str:
     """A submission id: the time and 6 random hex digits, sortable and unique."""
     return f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def entry(sweep: Sweep, backend: str, submission: str, tasks: Sequence[int],
+          **fields: Any) -> dict[str, Any]:
+    """The record of one submission (or one part of it) of ``tasks`` of ``sweep``: the one
+    shape every backend appends (``fields``: job ids, command, options, arrays...)."""
+    return {"backend": backend, "submission": submission, "manifest": str(sweep.path),
+            "manifest_hash": sweep.hash, "sweep": sweep.name, "tasks": compact(tasks),
+            "count": len(tasks), **fields}
 
 
 def append(base_dir: Path, entry: dict[str, Any]) -> dict[str, Any]:

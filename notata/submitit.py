@@ -34,7 +34,7 @@ from . import layout, submissions
 from .array import is_complete, open_task, sweep_of
 from .errors import RunCompleteError
 from .logbook import Logbook
-from .manifest import Sweep, compact
+from .manifest import Sweep
 
 RESULT = "result"
 
@@ -117,10 +117,8 @@ def submit_sweep(fn: Callable[[dict[str, Any], Logbook], Any],
     artifact and returned by ``job.result()``. Returns the submitit jobs, in task order.
     """
     sweep = sweep_of(manifest)
+    indices = sweep.check_indices(range(len(sweep)) if tasks is None else tasks)
     sweep.check_unique()
-    indices = sorted(set(range(len(sweep)) if tasks is None else tasks))
-    for i in indices:
-        sweep.params(i)  # an index outside the sweep fails here, before anything is submitted
     todo = [i for i in indices if not is_complete(sweep, i)]
     if not todo:
         return []
@@ -133,14 +131,11 @@ def submit_sweep(fn: Callable[[dict[str, Any], Logbook], Any],
         for part, chunk in enumerate(chunks):  # each array recorded as soon as it is queued
             submitted = executor.map_array(task, chunk)
             jobs += submitted
-            submissions.append(sweep.base_dir, {
-                "backend": f"submitit:{type(getattr(executor, '_executor', executor)).__name__}",
-                "submission": sub_id, "part": part, "parts": len(chunks),
-                "manifest": str(sweep.path), "manifest_hash": sweep.hash, "sweep": sweep.name,
-                "tasks": compact(chunk), "count": len(chunk),
-                "job_ids": [j.job_id for j in submitted], "options": {},
-                "function": getattr(fn, "__qualname__", repr(fn)),
-            })
+            backend = f"submitit:{type(getattr(executor, '_executor', executor)).__name__}"
+            submissions.append(sweep.base_dir, submissions.entry(
+                sweep, backend, sub_id, chunk, part=part, parts=len(chunks),
+                job_ids=[j.job_id for j in submitted], options={},
+                function=getattr(fn, "__qualname__", repr(fn))))
     return jobs
 
 
