@@ -42,7 +42,8 @@ def make_runs(root: Path, n: int, fail_every: int, index_only: bool = False) -> 
                         f"grid: {{a: {list(range(n // b))}, b: {list(range(b))}}}\n")
     sweep = load(manifest)
     with Logbook("template", root / "tmpl", params={"a": 0, "b": 0}) as log:
-        log.meta(task=0, sweep="scale", manifest=str(manifest), manifest_hash=sweep.hash)
+        # the fields notata.task records (its own: meta() refuses them)
+        log._set(task=0, sweep="scale", manifest=str(manifest), manifest_hash=sweep.hash)
     meta = json.loads((log.path / "metadata.json").read_text())
     out = root / "outputs"
     out.mkdir()
