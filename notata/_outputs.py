@@ -36,7 +36,9 @@ class Outputs(ABC):
     its run) and :meth:`_store` (write, remember for the final fsync, log a line).
     """
 
-    path: Path
+    def __init__(self, path: Path) -> None:
+        #: The run directory every output lands in.
+        self.path = path
 
     @abstractmethod
     def _guard(self) -> None:

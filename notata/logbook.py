@@ -95,7 +95,7 @@ class Logbook(Outputs):
         if overwrite and resume:
             raise UsageError("choose one of overwrite=True (start afresh) and resume=True")
         self.run_id = layout.check_run_id(run_id)
-        self.path = layout.run_dir(base_dir, self.run_id)
+        super().__init__(layout.run_dir(base_dir, self.run_id))
         self.log_path = self.path / layout.LOG
         self.datadir = self.path / layout.DATA
         self.plotdir = self.path / layout.PLOTS

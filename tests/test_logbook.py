@@ -623,10 +623,10 @@ def test_a_forked_worker_never_keeps_its_parents_run_locked(base: Path) -> None:
         log = Logbook("w", sys.argv[1])
         worker = os.fork()
         if worker == 0:
-            print("worker", os.getpid(), flush=True)
+            os.write(1, f"worker {os.getpid()}\\n".encode())  # one write: never interleaved
             time.sleep(60)  # a worker that outlives its parent
             os._exit(0)
-        print("open", flush=True)
+        os.write(1, b"open\\n")
         time.sleep(60)
         """, str(base))
     assert proc.stdout
