@@ -18,7 +18,8 @@ scheduler layer names a scheduler's variables, job states or metadata fields).
 
 0. foundations: ``_version``; ``schema`` (statuses, metadata fields); ``errors`` (every
    exception); ``scheduler`` (the seam every scheduler implements, and the registry);
-   ``runinfo`` (host, user, time); ``_convert`` (values as written); ``heartbeat``.
+   ``runinfo`` (host, user, time); ``_convert`` (values as written); ``heartbeat``;
+   ``taskspec`` (task lists as text: ``3,7,10-12``).
 1. files: ``_fs`` (atomic writes: the only writer); ``layout`` (every file name of a run
    and of a sweep's ``.notata/``); ``lock`` (the run lock, the sweep locks); ``index``
    (the sweep index); ``reader``; ``manifest`` (sweeps); ``submissions`` (the record of
@@ -99,6 +100,7 @@ __all__ = [
     "ManifestError",
     "NotataError",
     "RunCompleteError",
+    "Report",
     "RunLockedError",
     "SchedulerError",
     "Sweep",
@@ -139,7 +141,7 @@ def resubmit(manifest: str | os.PathLike[str] | Sweep, *statuses: str,
         else submission.duration(str(stale_after), "stale_after")
     options = _options("resubmit", command, backend, tasks, dry_run, jobs, sbatch)
     return submission.resubmit(manifest, statuses, list(command), options,
-                               max_attempts=max_attempts, stale_after=after, full=full)
+                               max_attempts=max_attempts, stale_after=after, full=full).status
 
 
 def submit(manifest: str | os.PathLike[str] | Sweep, command: Sequence[str], *,
@@ -157,7 +159,7 @@ def submit(manifest: str | os.PathLike[str] | Sweep, command: Sequence[str], *,
     from . import submission
 
     options = _options("submit", command, backend, tasks, dry_run, jobs, sbatch)
-    return submission.submit(manifest, list(command), options)
+    return submission.submit(manifest, list(command), options).status
 
 
 def _options(name: str, command: Sequence[str], backend: str | None,

@@ -1,8 +1,10 @@
-"""The ``notata`` command: ``sweep``, ``exec``, ``submit`` and ``status``.
+"""The ``notata`` command: ``sweep``, ``exec``, ``submit``, ``status``, ``resubmit`` and
+``table``. It parses arguments and calls the Python API (:mod:`notata.submission`,
+:mod:`notata.collector`, :mod:`notata.runner`).
 
 ``main(argv) -> int``: a :class:`~notata.NotataError` (a bad manifest, a bad
 ``--tasks``) prints one line on stderr and returns 2 for bad input, 1 for an
-operation that failed; ``--debug`` shows the traceback instead.
+operation that failed; ``--debug`` (or ``NOTATA_DEBUG=1``) shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -138,7 +140,8 @@ def _options(args: argparse.Namespace, sweep: Sweep) -> submission.Options:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     sweep = load(args.manifest)  # submit checks the run ids (and a dry run writes nothing)
-    return submission.submit(sweep, _command(args), _options(args, sweep), progress=Progress())
+    return submission.submit(sweep, _command(args), _options(args, sweep),
+                             progress=Progress()).status
 
 
 def _target(path: str) -> Sweep | str:
@@ -172,9 +175,9 @@ def cmd_resubmit(args: argparse.Namespace) -> int:
     sweep = load(args.manifest)  # resubmit checks the run ids (and a dry run writes nothing)
     chosen = [s for s in SELECTORS if getattr(args, s)]
     return submission.resubmit(sweep, chosen, list(args.cmd), _options(args, sweep),
-                           max_attempts=args.max_attempts,
-                           stale_after=submission.duration(args.stale_after), full=args.full,
-                           progress=Progress())
+                               max_attempts=args.max_attempts,
+                               stale_after=submission.duration(args.stale_after),
+                               full=args.full, progress=Progress()).status
 
 
 def cmd_table(args: argparse.Namespace) -> int:

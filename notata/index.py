@@ -1,7 +1,8 @@
 """The sweep index: one fixed-size record per task, so a scan need not open every run.
 
 ``<base_dir>/.notata/index/<manifest hash>.bin`` holds, at byte ``32 * task``, the
-record of that task, written by the task itself (its Logbook) at each status change::
+record of that task, written by the task itself (its run: :class:`notata._run.OwnedRun`)
+at each status change::
 
     offset  size  field
     0       4     tag      (random, the same at offset 28: a torn record shows two tags)

@@ -221,10 +221,6 @@ class Logbook(Outputs):
         """Merge notata's own fields (a sweep task's, exec's) into the run's metadata."""
         self._run.set(**fields)
 
-    def take_handed_over(self) -> dict[str, Any]:
-        """Wrapper side: take what an attached process handed over (see :mod:`._attach`)."""
-        return _attach.take_handed_over(self.path)
-
     # -- signals -------------------------------------------------------------------------------
 
     def on_warning(self, hook: Any) -> Any:

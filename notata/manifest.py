@@ -56,7 +56,10 @@ import yaml
 from . import _fs, layout
 from ._convert import to_plain
 from ._version import __version__
-from .errors import ManifestError, TaskIndexError, UsageError
+from .errors import ManifestError, TaskIndexError
+from .taskspec import compact, parse_indices
+
+__all__ = ["MAX_TASKS", "Sweep", "Task", "compact", "load", "parse_indices"]
 
 KEYS = ("name", "base_dir", "run_id", "grid", "zip", "runs", "params", "slurm")
 _UNSAFE = re.compile(r"[^A-Za-z0-9.+=-]")
@@ -376,36 +379,3 @@ def _validate(where: str, data: Any) -> dict[str, Any]:
             if any(root not in r for r in runs) and owners[root].startswith("runs["):
                 raise fail(f"run_id template names {{{root}}}, which some runs entries lack")
     return dict(data)
-
-
-def parse_indices(spec: str, count: int) -> list[int]:
-    """``"3,7,10-12"`` -> ``[3, 7, 10, 11, 12]``; every index must be in ``0..count-1``."""
-    out: set[int] = set()
-    for part in spec.split(","):
-        lo, sep, hi = part.strip().partition("-")
-        try:
-            a, b = int(lo), int(hi) if sep else int(lo)
-        except ValueError:
-            raise UsageError(f"--tasks {spec!r}: {part!r} is not an index or a range a-b") \
-                from None
-        if a > b or a < 0 or b >= count:
-            raise UsageError(f"--tasks {spec!r}: {part!r} is outside the sweep's tasks "
-                             f"0..{count - 1}")
-        out.update(range(a, b + 1))
-    return sorted(out)
-
-
-def compact(indices: Iterable[int]) -> str:
-    """``[1, 2, 3, 7, 9, 10]`` -> ``"1-3,7,9-10"`` (SLURM's array syntax)."""
-    parts: list[str] = []
-    run: list[int] = []
-    for i in sorted(set(indices)):
-        if run and i == run[-1] + 1:
-            run.append(i)
-            continue
-        if run:
-            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-        run = [i]
-    if run:
-        parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-    return ",".join(parts)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from . import scheduler, submissions
+from . import scheduler, submissions, taskspec
 from .manifest import Sweep
 
 #: At most this many arrays that runs ran in are asked for by id in one scan (the newest).
@@ -132,7 +132,7 @@ def queued_tasks(sweep: Sweep, queue: Queue | None,
     running_jobs = queue.running() if queue else set()
     ended = {r.get("submission") for r in every if r.get("ended")}
     for record in submissions.live_local(records, socket.gethostname(), running_jobs, ended):
-        for i in _expand(str(record.get("tasks", ""))):
+        for i in taskspec.expand(str(record.get("tasks", ""))):
             out[i] = LOCAL
     if queue is None:
         return out
@@ -144,7 +144,7 @@ def queued_tasks(sweep: Sweep, queue: Queue | None,
             if array.get("tag"):
                 by_tag[str(array["tag"])] = int(array.get("offset", 0))
         if str(record.get("backend", "")).startswith("submitit"):
-            tasks = _expand(record.get("tasks", ""))
+            tasks = taskspec.expand(record.get("tasks", ""))
             for job_id, i in zip(record.get("job_ids", []), tasks, strict=False):
                 offsets.pop(queue.provider.split_key(str(job_id))[0], None)
                 if str(job_id) in queue.jobs:
@@ -182,9 +182,3 @@ def array_offsets(done: np.ndarray, ran: Iterable[tuple[str, int, int]],
         if offsets.setdefault(str(job), offset) != offset:
             mixed.add(str(job))
     return {job: offset for job, offset in offsets.items() if job not in mixed}
-
-
-def _expand(spec: str) -> Iterable[int]:
-    for part in filter(None, spec.split(",")):
-        lo, _, hi = part.partition("-")
-        yield from range(int(lo), int(hi or lo) + 1)

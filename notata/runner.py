@@ -200,7 +200,7 @@ def exec_task(sweep: Sweep, index: int, argv: Sequence[str], *,
             return 130
         if rc is None:
             return 127
-        handed = log.take_handed_over()
+        handed = _attach.take_handed_over(log.path)
         marked, reason = handed.pop("status", None), handed.pop("failure_reason", None)
         log._set(**_plain_fields(handed), exit_code=rc)
         if rc == 0 and marked in (schema.FAILED, schema.TIMEOUT, schema.CANCELLED):
@@ -232,7 +232,8 @@ def _run_command(log: Logbook, index: int, argv: Sequence[str]) -> int | None:
               "attempt": log.attempt, **params}
     cmd = substitute(argv, values)
     log._set(command=cmd)
-    log.take_handed_over()  # nothing from an earlier attempt's command may leak into this one
+    # nothing from an earlier attempt's command may leak into this one
+    _attach.take_handed_over(log.path)
     env = {**clean_environment(os.environ), "NOTATA_RUN_DIR": str(log.path),
            "NOTATA_RUN_ID": log.run_id, ENV_TASK: str(index),
            "NOTATA_ATTEMPT": str(log.attempt), "NOTATA_PARAMS": json.dumps(params),
@@ -280,7 +281,7 @@ def _stopped(log: Logbook, proc: subprocess.Popen[bytes]) -> None:
     then keep what it handed over (the signal's status and reason stand)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     rc = _stop(proc, signal.SIGTERM)
-    handed = log.take_handed_over()
+    handed = _attach.take_handed_over(log.path)
     log._set(**_plain_fields(handed), exit_code=rc)
 
 

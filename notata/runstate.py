@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from . import _attach, _fs, layout, scheduler, schema
+from .heartbeat import DEFAULT_INTERVAL
 from .lock import LockFileError
 from .lock import is_held as lock_is_held
 from .manifest import Sweep
@@ -114,7 +115,7 @@ def stale_limit(meta: Mapping[str, Any], stale_after: float | None) -> float:
     :func:`notata.lock.break_after` (longer, since breaking it cannot be undone)."""
     if stale_after is not None:
         return stale_after
-    interval = (meta.get("heartbeat") or {}).get("interval_sec") or 30.0
+    interval = (meta.get("heartbeat") or {}).get("interval_sec") or DEFAULT_INTERVAL
     return STALE_BEATS * float(interval) + MARGIN_SEC
 
 def read_run(run_dir: str | os.PathLike[str], task: int | None = None, *,
@@ -259,7 +260,7 @@ def _liveness(meta: Mapping[str, Any], asked: Queue | None, queued: str | None,
     if asked is not None and job is not None and queued is None:
         # Never over a fresh heartbeat: a queue that does not list a job that is still
         # beating (another user's, another cluster's) is wrong, not the run.
-        interval = float(hb.get("interval_sec") or 30.0)
+        interval = float(hb.get("interval_sec") or DEFAULT_INTERVAL)
         if age > FRESH_BEATS * interval:
             return STALE, f"its {job[0].title} job is gone"
     if age > limit:
@@ -281,7 +282,7 @@ def _surviving_command(meta: Mapping[str, Any], run_dir: str, now: float) -> int
     last = hb.get("unix") if isinstance(hb.get("unix"), (int, float)) else start
     if not isinstance(leader, int) or not isinstance(start, (int, float)) or last is None:
         return None
-    until = float(last) + float(hb.get("interval_sec") or 30.0) + 5
+    until = float(last) + float(hb.get("interval_sec") or DEFAULT_INTERVAL) + 5
     return next((pid for pid, made in by_group.get(leader, ())
                  if start - 1 <= made <= until), None)
 

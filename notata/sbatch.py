@@ -22,7 +22,7 @@ from typing import Any
 from . import _fs, layout, runinfo, submissions
 from .array import RUN_VARIABLES
 from .errors import ManifestError, SchedulerError
-from .manifest import Sweep, compact
+from .manifest import Sweep, compact, parse_indices
 from .slurm import run
 
 #: sbatch options notata knows by name: manifest ``slurm:`` key or CLI flag -> sbatch option.
@@ -309,3 +309,29 @@ def _umask() -> int:
     return mask
 
 
+def say_what_was_submitted(sweep: Sweep, todo: list[int], done: list[dict[str, Any]],
+                            trying: list[dict[str, Any]], err: BaseException) -> None:
+    """After a failure halfway: which arrays are queued, which may be, which are not."""
+    refused = isinstance(err, SchedulerError) and (err.returncode or 0) > 0
+    sent = {i for a in done for i in parse_indices(a["tasks"], len(sweep))}
+    parts = []
+    if done:
+        parts.append("submitted: " + ", ".join(
+            f"job {a['job_id']} (tasks {a['tasks']})" for a in done))
+    for a in trying:
+        if a.get("job_id") is not None:  # queued, but its record could not be written
+            parts.append(f"job {a['job_id']} (tasks {a['tasks']}) was queued but could not be "
+                         f"recorded; its comment notata:{a['tag']} lets status and resubmit "
+                         "find it")
+        elif not refused:
+            parts.append(f"tasks {a['tasks']} may have been queued (sbatch did not answer); "
+                         f"if so, their comment notata:{a['tag']} lets status and resubmit "
+                         "find them")
+        else:
+            continue
+        sent |= set(parse_indices(a["tasks"], len(sweep)))
+    rest = sorted(set(todo) - sent)
+    if parts:
+        if rest:
+            parts.append(f"not submitted: tasks {compact(rest)}")
+        print("notata submit: " + "; ".join(parts), file=sys.stderr)

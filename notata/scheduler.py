@@ -78,7 +78,8 @@ def register(provider: SchedulerProvider) -> None:
 
 
 def default() -> SchedulerProvider | None:
-    """The first registered scheduler (the one whose queue a scan asks)."""
+    """The first registered scheduler (a :class:`~notata.queue.Queue` made without a
+    provider reads keys and states with it)."""
     return _PROVIDERS[0] if _PROVIDERS else None
 
 

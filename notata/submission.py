@@ -27,7 +27,7 @@ from typing import Any
 from . import local, lock, sbatch, schema, slurm, submissions
 from .array import is_complete
 from .collector import Report, scan
-from .errors import SchedulerError, UsageError
+from .errors import UsageError
 from .manifest import Sweep, compact, parse_indices
 from .manifest import load as load_sweep
 from .runstate import DEFAULT_RESUBMIT, PENDING, SELECTORS
@@ -84,17 +84,37 @@ class Options:
         return out
 
 
+@dataclass
+class Submission:
+    """What one :func:`submit` or :func:`resubmit` did.
+
+    ``status`` is the command's exit status (0: submitted, ran, or nothing to do; 1: a
+    local task failed; 128+N: a local run stopped by signal N). ``id`` names the
+    submission's lines in submissions.jsonl (None when no line was written).
+    """
+
+    status: int = 0
+    id: str | None = None
+    backend: str | None = None
+    tasks: list[int] = field(default_factory=list)  # submitted, or run here
+    skipped: list[int] = field(default_factory=list)  # complete: left out
+    busy: list[int] = field(default_factory=list)  # still queued or running: left out
+    job_ids: list[str] = field(default_factory=list)  # the scheduler's, one per array
+    dry_run: bool = False
+
+
 def submit(manifest: str | os.PathLike[str] | Sweep, command: Sequence[str],
            options: Options | None = None, *,
-           progress: Callable[[local.LocalResult, int, int], None] | None = None) -> int:
+           progress: Callable[[local.LocalResult, int, int], None] | None = None
+           ) -> Submission:
     """Submit the sweep's tasks (all, or ``options.tasks``). Complete tasks are left out,
     and so are tasks still queued or running (a second ``submit``, or one beside a
     ``resubmit``, never runs a task twice); it says so.
 
-    Returns an exit status: 0 when submitted (or, locally, every task complete), 1 when a
-    local task failed, 130 when a local run was interrupted (129, 143: a hangup or
-    SIGTERM). Raises :class:`~notata.ManifestError`, :class:`UsageError`,
-    :class:`~notata.SchedulerError`.
+    Returns the :class:`Submission`; its ``status`` is 0 when submitted (or, locally,
+    every task complete), 1 when a local task failed, 130 when a local run was
+    interrupted (129, 143: a hangup or SIGTERM). Raises :class:`~notata.ManifestError`,
+    :class:`UsageError`, :class:`~notata.SchedulerError`.
     """
     options = options or Options()
     options.check()
@@ -112,7 +132,8 @@ def resubmit(manifest: str | os.PathLike[str] | Sweep, statuses: Iterable[str] =
              command: Sequence[str] = (), options: Options | None = None, *,
              max_attempts: int | None = None, stale_after: float | None = None,
              full: bool = False,
-             progress: Callable[[local.LocalResult, int, int], None] | None = None) -> int:
+             progress: Callable[[local.LocalResult, int, int], None] | None = None
+             ) -> Submission:
     """Scan the sweep and submit again exactly the tasks that need it (see the README).
 
     ``statuses``: the selectors (none: :data:`~notata.runstate.DEFAULT_RESUBMIT`);
@@ -120,8 +141,9 @@ def resubmit(manifest: str | os.PathLike[str] | Sweep, statuses: Iterable[str] =
     the sweep's last submission's unless given (given options override recorded ones
     key by key), and it says what it reused. Where SLURM is but its queue cannot be read,
     it refuses (:class:`~notata.SchedulerError`): it could not tell which tasks are still
-    queued. Returns 0 when the scan worked and what was chosen was submitted (or there
-    was nothing to do); as :func:`submit` for a local run.
+    queued. Returns the :class:`Submission`: ``status`` 0 when the scan worked and what
+    was chosen was submitted (or there was nothing to do); as :func:`submit` for a local
+    run.
     """
     options = options or Options()
     options.check()
@@ -151,7 +173,7 @@ def resubmit(manifest: str | os.PathLike[str] | Sweep, statuses: Iterable[str] =
         indices = _choose(report, statuses, max_attempts, options.tasks)
         if not indices:
             print(f"nothing to resubmit among: {', '.join(statuses)}")
-            return 0
+            return Submission(dry_run=options.dry_run)
         backend = options.backend or _recorded_backend(last)
         cmd = list(command) or list((last or {}).get("command") or [])
         if not cmd:
@@ -214,7 +236,7 @@ def _not_to_submit(sweep: Sweep, indices: list[int]) -> dict[int, str]:
 
 def _submit(sweep: Sweep, indices: list[int], cmd: list[str], backend: str, options: Options,
             given: Mapping[str, Any], *, progress: Any, held: lock.Exclusive | None,
-            again: bool = False) -> int:
+            again: bool = False) -> Submission:
     """Submit ``indices`` (``again``: chosen by resubmit, else the complete, queued and
     running ones left out) and record each part as it goes, under the sweep's lock
     (``held``: already taken by the caller)."""
@@ -239,6 +261,7 @@ def _submit(sweep: Sweep, indices: list[int], cmd: list[str], backend: str, opti
         todo = [i for i in indices if i not in left]
         skipped = sorted(i for i, why in left.items() if why == "complete")
         busy = sorted(set(left) - set(skipped))
+        done = Submission(0, sub_id, backend, todo, skipped, busy, dry_run=options.dry_run)
         if busy:
             print(f"notata submit: {len(busy)} task(s) still queued or running, left out: "
                   f"{compact(busy)}", file=sys.stderr)
@@ -246,23 +269,26 @@ def _submit(sweep: Sweep, indices: list[int], cmd: list[str], backend: str, opti
             jobs = options.jobs or given.get("jobs") or os.cpu_count() or 1
             if options.dry_run:
                 print(f"would run tasks {compact(todo) or '(none)'} here, {jobs} at a time")
-                return 0
+                return done
             submissions.append(sweep.base_dir, record(todo, job_ids=[],
                                                       **submissions.this_process()))
             sweep_lock.release()  # a local run may take hours; its tasks now read queued
-            return _run_here(sweep, todo, skipped, cmd, jobs, sub_id, progress)
+            done.status = _run_here(sweep, todo, skipped, cmd, jobs, sub_id, progress)
+            return done
         if skipped:
             print(f"notata submit: {len(skipped)} task(s) already complete, skipped",
                   file=sys.stderr)
         if not todo:
-            return 0
-        return _sbatch(sweep, todo, cmd, flags, options.dry_run, sub_id, record)
+            done.id = None
+            return done
+        done.job_ids = _sbatch(sweep, todo, cmd, flags, options.dry_run, sub_id, record)
+        return done
 
 
 def _sbatch(sweep: Sweep, todo: list[int], cmd: list[str], flags: Mapping[str, Any],
-            dry_run: bool, sub_id: str, record: Callable[..., dict[str, Any]]) -> int:
+            dry_run: bool, sub_id: str, record: Callable[..., dict[str, Any]]) -> list[str]:
     """The SLURM backend: one array per plan, each recorded as intended (with the tag its
-    comment carries) before sbatch and as queued (with its job id) after."""
+    comment carries) before sbatch and as queued (with its job id) after. The job ids."""
     done: list[dict[str, Any]] = []
     trying: list[dict[str, Any]] = []
 
@@ -285,37 +311,9 @@ def _sbatch(sweep: Sweep, todo: list[int], cmd: list[str], flags: Mapping[str, A
         sbatch.submit(sweep, todo, cmd, flags=flags, dry_run=dry_run, name=sub_id,
                      intended=intended, submitted=submitted)
     except BaseException as err:
-        _say_what_was_submitted(sweep, todo, done, trying, err)
+        sbatch.say_what_was_submitted(sweep, todo, done, trying, err)
         raise
-    return 0
-
-
-def _say_what_was_submitted(sweep: Sweep, todo: list[int], done: list[dict[str, Any]],
-                            trying: list[dict[str, Any]], err: BaseException) -> None:
-    """After a failure halfway: which arrays are queued, which may be, which are not."""
-    refused = isinstance(err, SchedulerError) and (err.returncode or 0) > 0
-    sent = {i for a in done for i in parse_indices(a["tasks"], len(sweep))}
-    parts = []
-    if done:
-        parts.append("submitted: " + ", ".join(
-            f"job {a['job_id']} (tasks {a['tasks']})" for a in done))
-    for a in trying:
-        if a.get("job_id") is not None:  # queued, but its record could not be written
-            parts.append(f"job {a['job_id']} (tasks {a['tasks']}) was queued but could not be "
-                         f"recorded; its comment notata:{a['tag']} lets status and resubmit "
-                         "find it")
-        elif not refused:
-            parts.append(f"tasks {a['tasks']} may have been queued (sbatch did not answer); "
-                         f"if so, their comment notata:{a['tag']} lets status and resubmit "
-                         "find them")
-        else:
-            continue
-        sent |= set(parse_indices(a["tasks"], len(sweep)))
-    rest = sorted(set(todo) - sent)
-    if parts:
-        if rest:
-            parts.append(f"not submitted: tasks {compact(rest)}")
-        print("notata submit: " + "; ".join(parts), file=sys.stderr)
+    return [str(a["job_id"]) for a in done if a.get("job_id") is not None]
 
 
 def _run_here(sweep: Sweep, todo: list[int], skipped: list[int], cmd: list[str], jobs: int,

@@ -11,8 +11,11 @@ Fields: ``schema``, ``submission``, ``part``, ``parts``, ``time``, ``unix``, ``u
 ``host``, ``backend`` (``slurm``, ``local``, ``submitit:<executor>``), ``manifest``,
 ``manifest_hash``, ``sweep``, ``tasks`` (compact spec), ``count``, ``command``,
 ``options`` (the scheduler options given on top of the manifest: ``time``, ``mem``...,
-``extra``, ``throttle``, ``warn_before``, ``jobs``), ``job_ids``, ``arrays``
-(``job_id``, ``spec``, ``offset``, ``script``, ``tasks``). A local submission also
+``sbatch_line``, ``throttle``, ``warn_before``, ``jobs``), ``job_ids``, ``arrays``
+(``job_id``, ``spec``, ``offset``, ``script``, ``tasks``, ``tag``); a submitit one,
+``function``. Before each ``sbatch`` an ``intent`` line (``arrays`` with the ``tag`` the
+array's comment carries) says what may be queued if the answer never comes; all lines
+are built by :func:`entry`. A local submission also
 records ``pid`` and ``pid_start`` (its tasks count as queued while that process runs),
 and a line ``{"submission", "ended": true}`` when it ends. Schema 1 lines (one per
 submission, all arrays in one line, no ``submission``/``options``) are still read.
@@ -24,7 +27,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import secrets
 import time
 from collections.abc import Iterable, Sequence
@@ -33,8 +35,9 @@ from typing import Any
 
 import psutil
 
-from . import layout, lock, runinfo, scheduler
-from .manifest import Sweep, compact
+from . import layout, lock, runinfo, scheduler, taskspec
+from .manifest import Sweep
+from .taskspec import compact
 
 logger = logging.getLogger("notata")
 
@@ -134,7 +137,7 @@ def _well_formed(r: dict[str, Any]) -> bool:
         return False
     if not all(isinstance(c, str) for c in r.get("command") or []):
         return False
-    if r.get("tasks") and not _TASKS.fullmatch(r["tasks"]):
+    if r.get("tasks") and not taskspec.is_spec(r["tasks"]):
         return False
     for a in r.get("arrays") or []:
         if not (isinstance(a, dict) and isinstance(a.get("offset", 0), int)
@@ -143,7 +146,6 @@ def _well_formed(r: dict[str, Any]) -> bool:
     return True
 
 
-_TASKS = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")
 
 
 def this_process() -> dict[str, Any]:

@@ -569,3 +569,25 @@ def test_an_ended_local_run_of_an_earlier_manifest_version_is_not_running(
     assert submit(m, "--backend", "local", "--", "true") == 0
     assert "left out" not in capsys.readouterr().err
     assert {r.status for r in notata.collect(m).runs} == {"complete"}
+
+
+def test_submit_and_resubmit_return_what_they_did(manifest: Path) -> None:
+    """The Python API's record of a submission: what ran, what was left out and why, the
+    id its lines carry in submissions.jsonl, and the exit status the command returns."""
+    from notata import submissions
+    from notata.submission import Options, resubmit
+    from notata.submission import submit as submit_tasks
+
+    cmd = [sys.executable, "-c", PAYLOAD, "{k}"]
+    first = submit_tasks(manifest, cmd, Options(backend="local", jobs=2))
+    assert (first.status, first.backend, first.tasks) == (1, "local", [0, 1, 2, 3, 4, 5])
+    assert first.skipped == first.busy == first.job_ids == [] and not first.dry_run
+    base = notata.load_sweep(manifest).base_dir
+    assert first.id in {r.get("submission") for r in submissions.read(base)}
+    again = resubmit(manifest, ["failed"], options=Options(dry_run=True))
+    assert (again.status, again.tasks, again.dry_run, again.backend) == (0, [1, 4], True, "local")
+    done = resubmit(manifest, ["failed"])
+    assert (done.status, done.tasks) == (0, [1, 4])
+    rest = submit_tasks(manifest, cmd, Options(backend="local", tasks=[0, 5]))
+    assert (rest.status, rest.tasks, rest.skipped) == (0, [], [0, 5])
+    assert resubmit(manifest).tasks == []  # nothing to resubmit

@@ -372,7 +372,8 @@ GROUP_SECOND = """
     except notata.RunLockedError as err:
         print("locked:", err)
     print("held:", lock.is_held(notata.load_sweep(manifest).task(0).run_dir))
-    print("submit:", submit(manifest, ["true"], Options(backend="local", tasks=[int(sys.argv[2])])))
+    done = submit(manifest, ["true"], Options(backend="local", tasks=[int(sys.argv[2])]))
+    print("submit:", done.status)
     print("dry run:", notata.resubmit(manifest, backend="local", dry_run=True))
     """
 
