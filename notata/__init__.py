@@ -19,7 +19,8 @@ scheduler layer names a scheduler's variables, job states or metadata fields).
 0. foundations: ``_version``; ``schema`` (statuses, metadata fields); ``errors`` (every
    exception); ``scheduler`` (the seam every scheduler implements, and the registry);
    ``runinfo`` (host, user, time); ``_convert`` (values as written); ``heartbeat``;
-   ``taskspec`` (task lists as text: ``3,7,10-12``).
+   ``taskspec`` (task lists as text: ``3,7,10-12``); ``resources`` (asked and used, the
+   peak, the OOM rule).
 1. files: ``_fs`` (atomic writes: the only writer); ``layout`` (every file name of a run
    and of a sweep's ``.notata/``); ``lock`` (the run lock, the sweep locks); ``index``
    (the sweep index); ``reader``; ``manifest`` (sweeps); ``submissions`` (the record of
@@ -122,7 +123,7 @@ def resubmit(manifest: str | os.PathLike[str] | Sweep, *statuses: str,
     """``notata resubmit`` from Python: submit again exactly the tasks that need it.
 
     ``statuses`` are the selectors (``"failed"``, ``"stale"``, ``"cancelled"``...; none:
-    failed, timeout, preempted, stale and missing); ``tasks`` narrows the choice;
+    failed, timeout, preempted, stale, missing and oom); ``tasks`` narrows the choice;
     ``command`` is a list of arguments (default: the last submission's); ``sbatch`` takes
     the options of ``notata submit`` by their Python names (``time="01:00:00"``,
     ``mem="4G"``, ``throttle=50``, ``sbatch_line=["--constraint=x"]``); None means not

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from . import _fs, _signals, index, layout, runinfo, scheduler, schema
+from . import _fs, _signals, index, layout, resources, runinfo, scheduler, schema
 from ._attempt import first_record, take_over
 from .errors import ForkedHandleError, RunDirError, RunLostError, RunSupersededError
 from .heartbeat import Heartbeat, Resources, logger
@@ -62,7 +62,7 @@ class OwnedRun:
         self._unsynced: set[Path] = set()
         self._indexed: tuple[Any, ...] = ()  # (status, hash, task) last sent to the sweep index
         self._heartbeat: Heartbeat | None = None
-        self._resources = Resources()
+        self._sampler = Resources()
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -88,7 +88,7 @@ class OwnedRun:
         # The environment only: the first write must come first.
         sched = scheduler.current(os.environ)
         self.scheduler = sched[0] if sched else None
-        self._resources = Resources(tree=track_children)
+        self._sampler = Resources(tree=track_children)
         self.meta = first_record(self.run_id, previous, superseded, interval, start)
         if sched:
             self.meta[sched[0].name] = sched[1]
@@ -102,6 +102,8 @@ class OwnedRun:
         if self.scheduler is not None:
             name = self.scheduler.name
             self.meta[name] = self.scheduler.details(self.meta[name])
+            self.meta["resources"] = {
+                "asked": self.scheduler.requested(self.meta[name], os.environ)}
         self.set(status=schema.RUNNING)
         self._heartbeat = Heartbeat(interval, self.beat)
         self._heartbeat.start()
@@ -219,7 +221,7 @@ class OwnedRun:
         The whole write happens under the metadata lock, after checking that the run is
         still open; a terminal status is set under the same lock, so it always comes after.
         """
-        sample = self._resources.sample()
+        sample = self._sampler.sample()
         now = time.time()
         with self.meta_lock:
             if self.closed or self.lost or self.meta.get("status") not in schema.OPEN_STATUSES:
@@ -280,7 +282,10 @@ class OwnedRun:
             self.meta.update(status=status, end_time=runinfo.now_iso(end),
                              end_unix=round(end, 3),
                              runtime_sec=round(self.elapsed, 6))
-            self.meta["heartbeat"] = {**self.meta["heartbeat"], **self._resources.sample()}
+            self.meta["heartbeat"] = {**self.meta["heartbeat"], **self._sampler.sample()}
+            self.meta["resources"] = {**self.meta.get("resources", {}), "used": {
+                "runtime_sec": self.meta["runtime_sec"], "peak_rss_bytes": resources.peak_rss(),
+                "cpu_time_sec": self.meta["heartbeat"].get("cpu_time_sec")}}
             if reason is not None:
                 self.meta["failure_reason"] = reason
         self._stop_heartbeat()

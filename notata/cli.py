@@ -298,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
                        usage="notata resubmit MANIFEST [selectors] [options] [-- CMD [ARGS...]]",
                        description="Scan the sweep and submit exactly the tasks that need it, "
                        "as the next attempt of their runs. No selector: failed, timeout, "
-                       "preempted, stale and missing. Never a complete run, a task still "
+                       "preempted, stale, missing and oom. Never a complete run, a task still "
                        "queued, or a run a live process holds. The command is the last "
                        "submission's unless given after --.")
     r.add_argument("manifest")

@@ -30,7 +30,7 @@ from typing import Any
 
 import psutil
 
-from . import _attach, layout, schema
+from . import _attach, layout, resources, schema
 from .array import ENV_TASK, RUN_VARIABLES, open_task
 from .errors import RunCompleteError, RunLockedError, UsageError
 from .logbook import Logbook
@@ -210,6 +210,13 @@ def exec_task(sweep: Sweep, index: int, argv: Sequence[str], *,
         if rc == 0:
             log.mark_complete()
             return 0
+        peak = resources.peak_rss()
+        granted = log.metadata.get("resources", {}).get("asked", {}).get("mem_bytes")
+        if resources.killed_for_memory(rc, peak, granted):
+            log._finish(schema.OOM, f"killed for memory: SIGKILL after a peak of "
+                        f"{resources.size_text(peak)} of {resources.size_text(granted)} "
+                        "granted")
+            return 128 - rc
         what = (f"command exited with status {rc}" if rc > 0
                 else f"command killed by {signal.Signals(-rc).name}")
         detail = reason or telling_line(log.path / layout.STDERR)

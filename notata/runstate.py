@@ -59,10 +59,12 @@ SCAN_STATUSES = (*schema.STATUSES, STALE, PENDING, MISSING, CORRUPT, MISMATCH)
 
 #: Statuses ``resubmit`` can be asked to take (``--failed``...).
 SELECTORS = (schema.FAILED, STALE, MISSING, schema.TIMEOUT, schema.CANCELLED,
-             schema.PREEMPTED, CORRUPT, schema.TERMINATED)
+             schema.PREEMPTED, CORRUPT, schema.TERMINATED, schema.OOM)
 
-#: Statuses ``resubmit`` takes when none is named.
-DEFAULT_RESUBMIT = (schema.FAILED, schema.TIMEOUT, schema.PREEMPTED, STALE, MISSING)
+#: Statuses ``resubmit`` takes when none is named (``oom``: a death that read ``failed``
+#: before notata told it apart, and was taken then).
+DEFAULT_RESUBMIT = (schema.FAILED, schema.TIMEOUT, schema.PREEMPTED, STALE, MISSING,
+                    schema.OOM)
 STALE_BEATS = 3
 
 #: A run whose heartbeat is younger than this many intervals is never judged gone

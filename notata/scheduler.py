@@ -46,6 +46,11 @@ class SchedulerProvider(Protocol):
     def termination_status(self, context: Mapping[str, Any], now: float) -> str | None:
         """The status a SIGTERM means for this job (timeout, cancelled, preempted), or None."""
 
+    def requested(self, context: Mapping[str, Any], environ: Mapping[str, str]
+                  ) -> dict[str, Any]:
+        """What the job asked for, as far as it is known: ``time_limit`` (as the scheduler
+        prints it), ``mem_bytes``, ``cpus``, ``gpus`` (see :mod:`notata.resources`)."""
+
     # -- a job as a run's metadata records it, and as the queue lists it --
 
     def job_id(self, context: Mapping[str, Any]) -> object:

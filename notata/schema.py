@@ -12,7 +12,7 @@ Added by this notata:
 - ``schema``: 1.
 - ``attempt``: 1 for the first attempt, N+1 after each resume.
 - ``attempts``: the earlier attempts, oldest first, each ``{attempt, status,
-  start_time, end_time, runtime_sec, failure_reason, host, pid, slurm}``.
+  start_time, end_time, runtime_sec, failure_reason, host, pid, slurm, resources}``.
 - ``start_unix`` / ``end_unix``: the same instants as seconds since the epoch.
 - ``host``, ``pid``, ``user``, ``cwd``, ``argv``, ``python``, ``notata``.
 - ``slurm``: present inside SLURM: ``job_id``, ``array_job_id``, ``array_task_id``,
@@ -23,6 +23,9 @@ Added by this notata:
   cpu_time_sec, cpu_percent, pids}``. ``beat`` counts up by one per write, so a
   reader can tell a live run from a dead one by content, not by file mtimes.
 - ``signals``: the signals the run received, ``[{signal, unix, time}]``.
+- ``resources``: what the attempt asked the scheduler for and what it used
+  (:mod:`notata.resources`): ``{asked: {time_limit, mem_bytes, cpus, gpus}, used:
+  {runtime_sec, peak_rss_bytes, cpu_time_sec}}``, ``asked`` only under a scheduler.
 - Added by sweeps (``notata.task`` / ``notata exec``): ``task`` (the index), ``sweep``
   (its name), ``manifest`` (absolute path), ``manifest_hash``, ``tasks`` (the sweep's
   size), ``task_from`` (``array``: the index is the job array's own, task id + offset;
@@ -50,10 +53,13 @@ TIMEOUT: Final = "timeout"
 CANCELLED: Final = "cancelled"
 PREEMPTED: Final = "preempted"
 TERMINATED: Final = "terminated"
+#: Killed for memory (:mod:`notata.resources`); after every other status: the sweep index
+#: stores a status by its position.
+OOM: Final = "oom"
 
 #: Every status a run can record, in lifecycle order.
 STATUSES: Final = (
-    INITIALIZED, RUNNING, COMPLETE, FAILED, TIMEOUT, CANCELLED, PREEMPTED, TERMINATED,
+    INITIALIZED, RUNNING, COMPLETE, FAILED, TIMEOUT, CANCELLED, PREEMPTED, TERMINATED, OOM,
 )
 #: Statuses a run is still in while its process is alive.
 OPEN_STATUSES: Final = frozenset({INITIALIZED, RUNNING})
@@ -67,5 +73,5 @@ RESERVED: Final = frozenset({
     "schema", "run_id", "status", "attempt", "attempts", "start_time", "start_unix",
     "end_time", "end_unix", "runtime_sec", "failure_reason", "heartbeat", "signals", "host",
     "pid", "user", "task", "sweep", "manifest", "manifest_hash", "tasks", "command",
-    "command_pid", "exit_code", "task_from",
+    "command_pid", "exit_code", "task_from", "resources",
 })

@@ -94,6 +94,24 @@ class SlurmProvider:
         job, _, task = key.partition("_")
         return job, int(task) if task.isdigit() else None
 
+    def requested(self, context: Mapping[str, Any], environ: Mapping[str, str]
+                  ) -> dict[str, Any]:
+        """From the job's environment (``SLURM_MEM_PER_NODE``, or ``SLURM_MEM_PER_CPU`` x
+        CPUs, in MiB; ``SLURM_CPUS_PER_TASK`` or ``SLURM_CPUS_ON_NODE``; the GPUs of
+        ``SLURM_JOB_GPUS``) and the time limit ``scontrol`` gave."""
+        def number(name: str) -> int | None:
+            raw = environ.get(name, "")
+            return int(raw) if raw.isdigit() else None
+
+        cpus = number("SLURM_CPUS_PER_TASK") or number("SLURM_CPUS_ON_NODE")
+        mem_mib = number("SLURM_MEM_PER_NODE")
+        if mem_mib is None and number("SLURM_MEM_PER_CPU") is not None:
+            mem_mib = (number("SLURM_MEM_PER_CPU") or 0) * (cpus or 1)
+        gpus = [g for g in environ.get("SLURM_JOB_GPUS", "").split(",") if g]
+        asked = {"time_limit": context.get("time_limit"), "cpus": cpus,
+                 "mem_bytes": mem_mib * 2**20 if mem_mib else None, "gpus": len(gpus)}
+        return {k: v for k, v in asked.items() if v is not None}
+
     def is_alive(self, state: str) -> bool:
         return state in ALIVE_STATES
 

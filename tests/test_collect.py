@@ -290,7 +290,7 @@ def test_two_collectors_at_once_resubmit_each_task_once(manifest: Path, base: Pa
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert sorted(o.splitlines()[0] for o in outs) == [
-        "nothing to resubmit among: failed, timeout, preempted, stale, missing",
+        "nothing to resubmit among: failed, timeout, preempted, stale, missing, oom",
         "resubmitting 2 task(s) with the local backend: 1,4"]
     attempts = {k: read_meta(base / "outputs" / f"log_k{k}")["attempt"] for k in range(6)}
     assert attempts == {0: 1, 1: 2, 2: 1, 3: 1, 4: 2, 5: 1}

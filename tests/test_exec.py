@@ -583,3 +583,40 @@ def test_variables_copied_by_hand_attach_to_nothing(manifest: Path, base: Path) 
     finally:
         proc.send_signal(signal.SIGTERM)  # type: ignore[attr-defined]
         proc.wait(30)  # type: ignore[attr-defined]
+
+
+GROWS_THEN_KILLED = """
+import os, signal, sys
+hold = bytearray(int(sys.argv[1]) * 2**20)  # touched, so resident
+for i in range(0, len(hold), 4096):
+    hold[i] = 1
+os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's OOM killer would
+"""
+
+
+def test_a_command_killed_near_its_granted_memory_reads_oom(manifest: Path, base: Path) -> None:
+    """SIGKILL after the command's peak reached 90 % of what SLURM granted: ``oom``, with
+    what it asked for and what it used; the same kill far below the grant stays failed."""
+    import notata
+    from notata.resources import OOM_FRACTION
+
+    job = {"SLURM_JOB_ID": "999999", "SLURM_MEM_PER_NODE": "200", "SLURM_CPUS_ON_NODE": "1"}
+    sweep = notata.load_sweep(manifest)
+    for task, mib, status in [(0, 190, "oom"), (1, 10, "failed")]:
+        proc = notata_process("exec", str(manifest), "--task", str(task), "--",
+                              sys.executable, "-c", GROWS_THEN_KILLED, str(mib),
+                              env=job)
+        proc.communicate(timeout=60)
+        assert proc.returncode == 137
+        meta = read_meta(sweep.task(task).run_dir)
+        assert meta["status"] == status, meta.get("failure_reason")
+        asked, used = meta["resources"]["asked"], meta["resources"]["used"]
+        assert asked["mem_bytes"] == 200 * 2**20 and asked["cpus"] == 1
+        assert used["runtime_sec"] == meta["runtime_sec"]
+        near = used["peak_rss_bytes"] >= OOM_FRACTION * asked["mem_bytes"]
+        assert near == (status == "oom"), used
+        if status == "oom":
+            assert used["peak_rss_bytes"] >= mib * 2**20
+            assert meta["failure_reason"].startswith("killed for memory: SIGKILL after a peak")
+        else:
+            assert meta["failure_reason"].startswith("command killed by SIGKILL")

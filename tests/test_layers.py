@@ -12,7 +12,7 @@ PACKAGE = ROOT / "notata"
 # The layers of the code map, bottom first (keep in step with notata/__init__.py).
 LAYERS = [
     {"_version", "schema", "errors", "scheduler", "runinfo", "_convert", "heartbeat",
-     "taskspec"},
+     "taskspec", "resources"},
     {"_fs", "layout", "lock", "index", "reader", "manifest", "submissions", "_signals",
      "_attach"},
     {"_attempt", "_run", "_outputs", "logbook", "experiment"},

@@ -1,0 +1,59 @@
+"""What an attempt asked for and what it used, and the rule that calls a death "oom".
+
+Each attempt under a scheduler records ``resources`` in its metadata (and, with the
+attempt, in ``attempts``)::
+
+    "resources": {"asked": {"time_limit": "00:10:00", "mem_bytes": 4294967296,
+                            "cpus": 2, "gpus": 0},
+                  "used":  {"runtime_sec": 312.5, "peak_rss_bytes": 3900000000,
+                            "cpu_time_sec": 610.2}}
+
+``asked`` comes from the scheduler (:meth:`notata.scheduler.SchedulerProvider.requested`);
+``used.peak_rss_bytes`` is *the peak*: the largest resident set any one process of the
+run reached (the wrapper's own, or its command's, as the kernel reports it for every
+child the wrapper reaped
+(``getrusage(RUSAGE_CHILDREN).ru_maxrss``: the true high-water mark, also of a child
+SIGKILLed between two heartbeats, whose ``/proc`` entry is gone). The heartbeat's
+``peak_rss_bytes`` is another figure: the largest *sum* over the process tree that a
+beat happened to sample.
+
+The OOM rule (:func:`killed_for_memory`): a command that died of SIGKILL after its peak
+reached :data:`OOM_FRACTION` (90 %) of the memory the scheduler granted was killed for
+memory. Limits: a kill by someone else near the limit reads ``oom`` too; a job whose
+memory is not confined per process (cgroup limits count the sum of the tree, page cache
+included) may be killed below 90 % of any one process and reads ``failed``; without a
+granted amount (no ``--mem``, no scheduler) nothing reads ``oom``.
+"""
+
+from __future__ import annotations
+
+import resource
+import signal
+import sys
+
+#: The share of the granted memory at which a SIGKILLed command counts as killed for memory.
+OOM_FRACTION = 0.9
+
+
+def peak_rss() -> int:
+    """The peak: the largest resident set, in bytes, of this process or any child it has
+    reaped (the wrapper and its command's processes, under ``notata exec``)."""
+    kib = max(resource.getrusage(who).ru_maxrss
+              for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return int(kib) if sys.platform == "darwin" else int(kib) * 1024  # Linux counts KiB
+
+
+def killed_for_memory(returncode: int, peak: int, granted: int | None) -> bool:
+    """Whether a command that ended with ``returncode`` (negative: the signal, as Popen
+    says) after a ``peak`` of resident memory was killed for memory (see the module)."""
+    return (returncode == -signal.SIGKILL and granted is not None and granted > 0
+            and peak >= OOM_FRACTION * granted)
+
+
+def size_text(n: float) -> str:
+    """``4294967296`` -> ``"4.0G"`` (binary units, as SLURM reads ``--mem``)."""
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(n) < 1024 or unit == "T":
+            return f"{n:.0f}{unit}" if unit == "" else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n:.1f}T"
