@@ -34,7 +34,8 @@ scheduler layer names a scheduler's variables, job states or metadata fields).
    ``collector`` (the scan, the report); ``tabulate``.
 5. schedulers: ``slurm`` (SLURM inside a job and its queue); ``sbatch`` (arrays, job
    scripts, submitting); ``submitit`` (the submitit bridge).
-6. submitting: ``submission`` (submit and resubmit: the Python API the CLI wraps).
+6. submitting: ``submission`` (submit and resubmit: the Python API the CLI wraps);
+   ``retry`` (a sweep's retry policy: which failures, how often, with what more).
 7. interfaces: ``cli``, ``__main__`` and this module (the public names).
 """
 

@@ -164,6 +164,35 @@ def time_limit_sec(value: str | None) -> int | None:
     return ((d * 24 + h) * 60 + m) * 60 + sec
 
 
+def time_text(seconds: int) -> str:
+    """Seconds as a ``--time`` value: ``D-HH:MM:SS`` (or ``HH:MM:SS`` under a day)."""
+    days, rest = divmod(max(int(seconds), 0), 86400)
+    h, rest = divmod(rest, 3600)
+    clock = f"{h:02d}:{rest // 60:02d}:{rest % 60:02d}"
+    return f"{days}-{clock}" if days else clock
+
+
+_MEM = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*$", re.IGNORECASE)
+
+
+def mem_bytes(value: str | int | None) -> int | None:
+    """Bytes of a ``--mem`` value (``4G``, ``200M``, ``512``: MiB, SLURM's default unit);
+    None when absent or not understood."""
+    if value is None:
+        return None
+    m = _MEM.match(str(value))
+    if not m:
+        return None
+    unit = m.group(2).upper() or "M"
+    return int(float(m.group(1)) * 1024 ** "KMGT".index(unit) * 1024)
+
+
+def mem_text(n: int) -> str:
+    """Bytes as a ``--mem`` value, in whole MiB (``400M``), or GiB when exact (``4G``)."""
+    mib = -(-int(n) // 2**20)  # rounded up: never ask for less than computed
+    return f"{mib // 1024}G" if mib % 1024 == 0 else f"{mib}M"
+
+
 def fit_warning(warn_before: int, time_option: str | None) -> int:
     """The warning lead time that fits the time limit (0: no warning).
 

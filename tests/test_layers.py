@@ -19,7 +19,7 @@ LAYERS = [
     {"array", "runner", "local"},
     {"runstate", "queue", "collector", "tabulate"},
     {"slurm", "sbatch", "submitit"},
-    {"submission"},
+    {"submission", "retry"},
     {"cli", "__main__", "__init__"},
 ]
 SCHEDULER_LAYER = 5

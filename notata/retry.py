@@ -1,0 +1,143 @@
+"""A sweep's retry policy: which failures to run again, how often, and with what more.
+
+The manifest's ``retry:`` section (flags win, as for ``slurm:``)::
+
+    retry:
+      attempts: 3                      # per task, the first included
+      on: [failed, timeout, oom, preempted, stale, missing]   # the default; never cancelled
+      timeout: {time: 2.0, max: "2-00:00:00"}   # next --time = previous x 2, capped
+      oom: {mem: 2.0, max: 256G}                # next --mem = previous x 2, capped
+      then: python summarize.py sweep.yaml      # once, when the sweep has settled
+      notify: https://hooks.example.org/abc     # a JSON POST when it settles or gives up
+
+:func:`next_resources` says what the next attempt of a task asks for, by the cause of
+its last end: a timeout gets the ``timeout`` rule, an oom the ``oom`` rule, anything else
+the same resources again; a task already at its cap that ends the same way again is
+given up (None), since the same resources failed already.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from . import sbatch, schema
+from .errors import ManifestError
+from .runstate import MISSING, STALE
+
+#: What a policy retries when ``on`` is not given. ``cancelled`` is never retried: a
+#: cancel is the user's word.
+DEFAULT_ON = (schema.FAILED, schema.TIMEOUT, schema.OOM, schema.PREEMPTED, STALE, MISSING)
+RETRIABLE = frozenset({*DEFAULT_ON, schema.TERMINATED})
+DEFAULT_FACTOR = 2.0
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Escalation of one resource: the next attempt asks ``factor`` x the last one,
+    at most ``cap`` (seconds for time, bytes for memory; None: no cap)."""
+
+    factor: float = DEFAULT_FACTOR
+    cap: int | None = None
+
+    def next(self, last: int) -> int | None:
+        """The next amount after ``last``; None when ``last`` is at the cap already."""
+        if self.cap is not None and last >= self.cap:
+            return None
+        grown = int(last * self.factor + 0.5)
+        return min(grown, self.cap) if self.cap is not None else grown
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How a sweep's failures are retried (see the module docstring): ``attempts`` per
+    task, the first included; the statuses retried (``on``); the escalation rules; the
+    ``then`` command and the ``notify`` address for when the sweep settles."""
+
+    attempts: int
+    on: frozenset[str] = frozenset(DEFAULT_ON)
+    timeout: Rule = Rule()
+    oom: Rule = Rule()
+    then: tuple[str, ...] = ()
+    notify: str | None = None
+
+
+def policy(section: Mapping[str, Any] | None, attempts: int | None, where: str) -> Policy | None:
+    """The policy of a manifest's ``retry:`` section and ``--retry N`` (which wins over
+    ``attempts``); None when neither asks for retries. A value that cannot be used is a
+    :class:`ManifestError` naming it (the command line exits 2, nothing is submitted)."""
+    def fail(problem: str) -> ManifestError:
+        return ManifestError(where, f"retry: {problem}")
+
+    section = dict(section or {})
+    known = {"attempts", "on", "timeout", "oom", "then", "notify"}
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise fail(f"unknown key {unknown[0]!r}; known: {', '.join(sorted(known))}")
+    n = attempts if attempts is not None else section.get("attempts")
+    if n is None:
+        return None
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise fail(f"attempts {n!r}: give a whole number, at least 1 (the first attempt counts)")
+    on = section.get("on", list(DEFAULT_ON))
+    if isinstance(on, str) or not isinstance(on, list) or not on:
+        raise fail(f"on {on!r}: give a list of statuses, e.g. [failed, timeout, oom]")
+    for status in on:
+        if status == schema.CANCELLED:
+            raise fail("on: cancelled is never retried (a cancel is the user's word)")
+        if status not in RETRIABLE:
+            raise fail(f"on: unknown status {status!r}; known: {', '.join(sorted(RETRIABLE))}")
+    then = section.get("then") or ()
+    if isinstance(then, str):
+        then = shlex.split(then)
+    if not isinstance(then, (list, tuple)) or not all(isinstance(a, str) for a in then):
+        raise fail(f"then {then!r}: give a command, as a string or a list of arguments")
+    notify = section.get("notify")
+    if notify is not None and (not isinstance(notify, str)
+                               or not notify.startswith(("http://", "https://"))):
+        raise fail(f"notify {notify!r}: give an http:// or https:// address")
+    return Policy(n, frozenset(on), _rule(section, "timeout", "time", fail),
+                  _rule(section, "oom", "mem", fail), tuple(then), notify)
+
+
+def _rule(section: Mapping[str, Any], cause: str, what: str, fail: Any) -> Rule:
+    spec = section.get(cause, {})
+    if not isinstance(spec, Mapping) or set(spec) - {what, "max"}:
+        raise fail(f"{cause} {spec!r}: give {{{what}: FACTOR, max: CAP}}")
+    factor = spec.get(what, DEFAULT_FACTOR)
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 1:
+        raise fail(f"{cause}.{what} {factor!r}: give a factor of at least 1")
+    cap = spec.get("max")
+    if cap is None:
+        return Rule(float(factor))
+    amount = sbatch.time_limit_sec(str(cap)) if what == "time" else sbatch.mem_bytes(cap)
+    if not amount:
+        example = '"2-00:00:00"' if what == "time" else "256G"
+        raise fail(f"{cause}.max {cap!r}: not a {'time' if what == 'time' else 'memory'} "
+                   f"amount (e.g. {example})")
+    return Rule(float(factor), amount)
+
+
+def next_resources(policy: Policy, cause: str, time: str | None, mem: str | None
+                   ) -> dict[str, str] | None:
+    """The ``--time`` and ``--mem`` of a task's next attempt after it ended with ``cause``,
+    from its last attempt's (None: not given, left as the manifest has it); None when the
+    task is given up (at its cap already, for the resource that ran out)."""
+    out = {k: v for k, v in (("time", time), ("mem", mem)) if v is not None}
+    if cause == schema.TIMEOUT and time is not None:
+        seconds = sbatch.time_limit_sec(time)
+        grown = policy.timeout.next(seconds) if seconds else None
+        if seconds and grown is None:
+            return None
+        if grown is not None:
+            out["time"] = sbatch.time_text(grown)
+    elif cause == schema.OOM and mem is not None:
+        amount = sbatch.mem_bytes(mem)
+        grown = policy.oom.next(amount) if amount else None
+        if amount and grown is None:
+            return None
+        if grown is not None:
+            out["mem"] = sbatch.mem_text(grown)
+    return out

@@ -1,0 +1,63 @@
+"""The retry policy: what a manifest's retry: section may say, and what the next attempt
+of a task asks for after a timeout, an oom or a plain failure."""
+
+from __future__ import annotations
+
+import pytest
+
+from notata import ManifestError
+from notata.retry import DEFAULT_ON, Rule, next_resources, policy
+from notata.sbatch import mem_bytes, mem_text, time_limit_sec, time_text
+
+
+def test_time_and_memory_values_read_and_write_as_sbatch_takes_them() -> None:
+    assert [time_text(s) for s in (60, 3600 + 61, 2 * 86400 + 5)] == [
+        "00:01:00", "01:01:01", "2-00:00:05"]
+    assert all(time_limit_sec(time_text(s)) == s for s in (1, 59, 3600, 86400 * 3 + 7))
+    assert [mem_bytes(v) for v in ("200M", "4G", "512", "1.5G", "10K", 300, "x", None)] == [
+        200 * 2**20, 4 * 2**30, 512 * 2**20, 1536 * 2**20, 10 * 2**10, 300 * 2**20, None, None]
+    assert [mem_text(n) for n in (400 * 2**20, 8 * 2**30, 2**20 + 1)] == ["400M", "8G", "2M"]
+
+
+def test_escalation_by_cause_with_caps() -> None:
+    p = policy({"timeout": {"time": 2.0, "max": "00:03:00"}, "oom": {"mem": 2, "max": "1G"}},
+               3, "m.yaml")
+    assert p is not None and p.attempts == 3 and p.on == frozenset(DEFAULT_ON)
+    assert next_resources(p, "timeout", "00:01:00", "200M") == {"time": "00:02:00",
+                                                                "mem": "200M"}
+    assert next_resources(p, "timeout", "00:02:00", None) == {"time": "00:03:00"}  # capped
+    assert next_resources(p, "timeout", "00:03:00", None) is None  # at the cap: given up
+    assert next_resources(p, "oom", "00:01:00", "200M") == {"time": "00:01:00", "mem": "400M"}
+    assert next_resources(p, "oom", None, "600M") == {"mem": "1G"}
+    assert next_resources(p, "oom", None, "1G") is None
+    for cause in ("failed", "stale", "missing", "preempted"):  # the same resources again
+        assert next_resources(p, cause, "00:03:00", "1G") == {"time": "00:03:00", "mem": "1G"}
+    assert next_resources(p, "timeout", None, None) == {}  # nothing given: the manifest's
+    assert Rule(1.5).next(100) == 150 and Rule(2.0, 150).next(100) == 150
+
+
+def test_no_policy_without_attempts_and_flags_win() -> None:
+    assert policy(None, None, "m.yaml") is None
+    assert policy({"on": ["failed"]}, None, "m.yaml") is None
+    p = policy({"attempts": 5, "then": "python summarize.py 'a b'"}, 2, "m.yaml")
+    assert p is not None and p.attempts == 2 and p.then == ("python", "summarize.py", "a b")
+
+
+@pytest.mark.parametrize("section, says", [
+    ({"attempts": 0}, "attempts 0"),
+    ({"attempts": True}, "attempts True"),
+    ({"attempts": 3, "on": ["cancelled"]}, "cancelled is never retried"),
+    ({"attempts": 3, "on": ["faild"]}, "unknown status 'faild'"),
+    ({"attempts": 3, "on": "failed"}, "give a list of statuses"),
+    ({"attempts": 3, "timeout": {"time": 0.5}}, "factor of at least 1"),
+    ({"attempts": 3, "oom": {"mem": 2, "max": "lots"}}, "oom.max 'lots'"),
+    ({"attempts": 3, "timeout": {"time": 2, "max": "soon"}}, "timeout.max 'soon'"),
+    ({"attempts": 3, "timeout": {"memory": 2}}, "give {time: FACTOR, max: CAP}"),
+    ({"attempts": 3, "notify": "hooks.example.org"}, "http:// or https://"),
+    ({"attempts": 3, "then": 5}, "give a command"),
+    ({"attempts": 3, "tries": 2}, "unknown key 'tries'"),
+])
+def test_a_bad_retry_section_is_one_clear_error(section: dict[str, object], says: str) -> None:
+    with pytest.raises(ManifestError) as err:
+        policy(section, None, "sweep.yaml")
+    assert str(err.value).startswith("sweep.yaml: retry: ") and says in str(err.value)
