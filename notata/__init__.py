@@ -148,19 +148,23 @@ def resubmit(manifest: str | os.PathLike[str] | Sweep, *statuses: str,
 
 def submit(manifest: str | os.PathLike[str] | Sweep, command: Sequence[str], *,
            backend: str | None = None, dry_run: bool = False,
-           tasks: Sequence[int] | None = None, jobs: int | None = None, **sbatch: Any) -> int:
+           tasks: Sequence[int] | None = None, jobs: int | None = None,
+           retry: int | None = None, **sbatch: Any) -> int:
     """``notata submit`` from Python: submit the sweep's tasks (all, or ``tasks``).
 
     ``command`` is a list of arguments (``{param}`` placeholders are filled per task, no
     shell is involved); ``backend`` "slurm" or "local" (None: slurm where sbatch is found);
     ``sbatch`` takes the options of ``notata submit`` by their Python names, as
-    :func:`resubmit` does. Complete tasks and tasks still queued or running are left out.
+    :func:`resubmit` does; ``retry`` runs each task up to that many times in all (see
+    :mod:`notata.retry`; the local backend for now). Complete tasks and tasks still queued
+    or running are left out.
     Returns the command's exit status (0: submitted, or locally every task complete; 1: a
     local task failed). Raises as :func:`resubmit` does.
     """
     from . import submission
 
     options = _options("submit", command, backend, tasks, dry_run, jobs, sbatch)
+    options.retry = retry
     return submission.submit(manifest, list(command), options).status
 
 

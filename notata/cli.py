@@ -92,9 +92,9 @@ def cmd_exec(args: argparse.Namespace) -> int:
 class Progress:
     """A one-line progress bar on a terminal; nothing elsewhere (the summary says it all)."""
 
-    def __init__(self, stream: Any = sys.stderr) -> None:
-        self.stream = stream
-        self.tty = stream.isatty()
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream or sys.stderr  # looked up now: a test may have replaced it
+        self.tty = self.stream.isatty()
         self.t0 = time.monotonic()
         self.drawn = False
 
@@ -133,7 +133,8 @@ def _options(args: argparse.Namespace, sweep: Sweep) -> submission.Options:
     scheduler.update(throttle=args.throttle, warn_before=args.warn_before,
                      sbatch_line=args.sbatch_line)
     options = submission.Options(backend=args.backend, tasks=tasks, dry_run=args.dry_run,
-                             jobs=args.jobs, scheduler=scheduler)
+                                 jobs=args.jobs, scheduler=scheduler,
+                                 retry=getattr(args, "retry", None))
     options.check()
     return options
 
@@ -265,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the sweep's tasks, each through notata exec. Complete "
                        "tasks are skipped.")
     m.add_argument("manifest")
+    m.add_argument("--retry", type=int, metavar="N",
+                   help="run each task up to N times in all, until it completes (the "
+                        "manifest's retry: section says more; --backend local for now)")
     add_submit_options(m)
     m.set_defaults(func=cmd_submit)
 

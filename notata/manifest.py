@@ -61,7 +61,7 @@ from .taskspec import compact, parse_indices
 
 __all__ = ["MAX_TASKS", "Sweep", "Task", "compact", "load", "parse_indices"]
 
-KEYS = ("name", "base_dir", "run_id", "grid", "zip", "runs", "params", "slurm")
+KEYS = ("name", "base_dir", "run_id", "grid", "zip", "runs", "params", "slurm", "retry")
 _UNSAFE = re.compile(r"[^A-Za-z0-9.+=-]")
 
 
@@ -93,9 +93,12 @@ class Sweep:
         self.runs: list[dict[str, Any]] = list(data.get("runs", [{}])) or [{}]
         self.constants: dict[str, Any] = dict(data.get("params", {}))
         self.slurm: dict[str, Any] = dict(data.get("slurm", {}))
+        #: The ``retry:`` section, as written (read by :func:`notata.retry.policy`).
+        self.retry: dict[str, Any] = dict(data.get("retry", {}))
         self._zip_len = len(self.zip[0][1]) if self.zip else 1
         self._grid_size = math.prod(len(v) for _, v in self.grid)
-        identity = {k: data[k] for k in KEYS if k in data and k != "slurm"}
+        # How a sweep is run (its scheduler options, its retry policy) is not what it is.
+        identity = {k: data[k] for k in KEYS if k in data and k not in ("slurm", "retry")}
         identity["grid"] = [[k, v] for k, v in self.grid]  # order matters: keep it
         identity["zip"] = [[k, v] for k, v in self.zip]
         canon = json.dumps(identity, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -265,6 +268,7 @@ class _Loader(_BaseLoader):  # type: ignore[misc]
 
 
 _INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_BOOL = "tag:yaml.org,2002:bool"
 _Loader.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT)]
     for first, resolvers in _BaseLoader.yaml_implicit_resolvers.items()}
@@ -287,13 +291,16 @@ _Loader.add_constructor(_INT, _construct_int)
 
 def _construct_mapping(loader: Any, node: yaml.MappingNode) -> dict[Any, Any]:
     """A mapping whose keys are unique: ``grid:`` written twice is an error, not the last
-    one silently winning."""
-    keys = [loader.construct_object(k, deep=True) for k, _ in node.value]
+    one silently winning. A plain key that YAML 1.1 reads as a boolean (``on:``, ``yes:``,
+    as in ``retry: {on: [...]}``) stays the word written: keys must be strings anyway."""
+    keys = [k.value if isinstance(k, yaml.ScalarNode) and k.tag == _BOOL and not k.style
+            else loader.construct_object(k, deep=True) for k, _ in node.value]
     dup = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
     if dup is not None:
         raise yaml.constructor.ConstructorError(
             None, None, f"key {dup!r} appears twice in one mapping", node.start_mark)
-    return dict(loader.construct_pairs(node, deep=True))
+    return {k: loader.construct_object(v, deep=True) for k, (_, v) in zip(keys, node.value,
+                                                                        strict=True)}
 
 
 _Loader.add_constructor("tag:yaml.org,2002:map", _construct_mapping)
@@ -337,7 +344,7 @@ def _validate(where: str, data: Any) -> dict[str, Any]:
     for key in ("base_dir", "run_id"):
         if key in data and not isinstance(data[key], str):
             raise fail(f"'{key}' must be a string")
-    for key in ("grid", "zip", "params", "slurm"):
+    for key in ("grid", "zip", "params", "slurm", "retry"):
         if key in data and not isinstance(data[key], dict):
             raise fail(f"'{key}' must be a mapping")
     try:

@@ -18,14 +18,31 @@ given up (None), since the same resources failed already.
 
 from __future__ import annotations
 
+import json
 import shlex
-from collections.abc import Mapping
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from . import sbatch, schema
+from .collector import Report, scan
 from .errors import ManifestError
-from .runstate import MISSING, STALE
+from .manifest import Sweep
+from .runstate import MISSING, STALE, RunRecord
+from .taskspec import compact
+
+
+class _Round(Protocol):
+    """What :func:`local_rounds` reads of a round (a :class:`notata.submission.Submission`)."""
+
+    status: int
+
+
+R = TypeVar("R", bound=_Round)
 
 #: What a policy retries when ``on`` is not given. ``cancelled`` is never retried: a
 #: cancel is the user's word.
@@ -141,3 +158,74 @@ def next_resources(policy: Policy, cause: str, time: str | None, mem: str | None
         if grown is not None:
             out["mem"] = sbatch.mem_text(grown)
     return out
+
+
+def local_rounds(sweep: Sweep, policy: Policy, first: R, again: Callable[[list[int]], R]) -> R:
+    """The local backend's retries, in this process: after each round, the tasks whose
+    status is in ``policy.on`` and that have attempts left run again (``again(tasks)``,
+    the same resources: escalation needs a scheduler, and it says so), until none is
+    left or a round is interrupted. Then ``then`` runs once and ``notify`` is told.
+    Returns the last round's :class:`~notata.submission.Submission` with ``status`` 0
+    when every task is complete, 1 when some were given up."""
+    done, rounds, started = first, 1, time.monotonic()
+    if policy.timeout != Rule() or policy.oom != Rule():
+        print("notata submit: --backend local: failures are retried with the same "
+              "resources (timeout and oom escalation needs a scheduler)", file=sys.stderr)
+    while done.status in (0, 1):  # not interrupted
+        report = scan(sweep)
+        todo = [r.task for r in report.read if r.task is not None and r.status in policy.on
+                and r.attempt < policy.attempts]
+        if not todo:
+            break
+        rounds += 1
+        why = sorted({r.status for r in report.read if r.task in todo})
+        print(f"notata submit: retry round {rounds}: tasks {compact(todo)} "
+              f"({', '.join(why)})", file=sys.stderr)
+        done = again(todo)
+    if done.status not in (0, 1):
+        return done
+    report = scan(sweep)
+    given_up = [r for r in report.read if r.task is not None and r.status != schema.COMPLETE]
+    for r in given_up:
+        print(f"notata submit: gave up task {r.task} ({r.run_id}) after {r.attempt} "
+              f"attempt(s): {r.status}" + (f": {r.reason}" if r.reason else ""),
+              file=sys.stderr)
+    done.status = 1 if given_up else 0
+    settle(sweep, policy, report, given_up, time.monotonic() - started)
+    return done
+
+
+def settle(sweep: Sweep, policy: Policy, report: Report, given_up: list[RunRecord],
+           elapsed: float) -> None:
+    """The sweep has settled: run ``then`` once (no shell; its exit status is told), then
+    send the notification (one JSON POST, a short timeout; a failure is said, never fatal)."""
+    then_status = None
+    if policy.then:
+        try:
+            then_status = subprocess.run(list(policy.then), cwd=sweep.path.parent).returncode
+        except OSError as err:
+            print(f"notata: then {shlex.join(policy.then)}: {err}", file=sys.stderr)
+            then_status = 127
+    if policy.notify:
+        notify(policy.notify, {
+            "sweep": sweep.name, "manifest": str(sweep.path), "counts": report.counts,
+            "given_up": [{"task": r.task, "run_id": r.run_id, "status": r.status,
+                          "attempts": r.attempt, "reason": r.reason} for r in given_up],
+            "then_exit_status": then_status, "seconds": round(elapsed, 1)})
+
+
+NOTIFY_TIMEOUT = 10.0
+
+
+def notify(url: str, payload: Mapping[str, Any]) -> bool:
+    """POST ``payload`` as JSON to ``url``; whether it was taken (a failure is said on
+    stderr and never raised: a notification must not fail a sweep)."""
+    body = json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=NOTIFY_TIMEOUT) as answer:
+            return bool(200 <= answer.status < 300)
+    except (OSError, ValueError) as err:
+        print(f"notata: could not notify {url}: {err}", file=sys.stderr)
+        return False

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import local, lock, sbatch, schema, slurm, submissions
+from . import local, lock, retry, sbatch, schema, slurm, submissions
 from .array import is_complete
 from .collector import Report, scan
 from .errors import UsageError
@@ -53,14 +53,18 @@ class Options:
     dry_run: bool = False
     jobs: int | None = None
     scheduler: dict[str, Any] = field(default_factory=dict)
+    retry: int | None = None  # attempts per task (see notata.retry); wins over the manifest's
 
     def check(self) -> None:
         """Raise :class:`UsageError` for a value that cannot be used, before anything runs."""
         if self.backend is not None and self.backend not in BACKENDS:
             raise UsageError(f"backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
-        if self.jobs is not None and (isinstance(self.jobs, bool) or not isinstance(self.jobs, int)
-                                      or self.jobs < 1):
-            raise UsageError(f"jobs {self.jobs!r}: give a number of tasks at a time, at least 1")
+        for key, what in (("jobs", "a number of tasks at a time"),
+                          ("retry", "a number of attempts per task")):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise UsageError(f"{key} {value!r}: give {what}, at least 1")
         unknown = sorted(set(self.scheduler) - set(SCHEDULER_OPTIONS))
         if unknown:
             raise UsageError(f"unknown scheduler option {unknown[0]!r}; known: "
@@ -124,8 +128,17 @@ def submit(manifest: str | os.PathLike[str] | Sweep, command: Sequence[str],
                                   else range(len(sweep)))
     sweep.check_unique(remember=not options.dry_run)
     backend = options.backend or _default_backend()
-    return _submit(sweep, indices, command, backend, options, options.given(),
+    policy = retry.policy(sweep.retry, options.retry, str(sweep.path))
+    if policy is not None and backend != "local":
+        raise UsageError(f"retries (--retry, or {sweep.path.name}'s retry: section) run with "
+                         "--backend local for now; on SLURM, notata resubmit after the sweep")
+    done = _submit(sweep, indices, command, backend, options, options.given(),
                    progress=progress, held=None)
+    if policy is None or options.dry_run:
+        return done
+    return retry.local_rounds(sweep, policy, done, lambda todo: _submit(
+        sweep, todo, command, backend, options, options.given(), progress=progress,
+        held=None, again=True))
 
 
 def resubmit(manifest: str | os.PathLike[str] | Sweep, statuses: Iterable[str] = (),

@@ -3,6 +3,8 @@ of a task asks for after a timeout, an oom or a plain failure."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from notata import ManifestError
@@ -61,3 +63,97 @@ def test_a_bad_retry_section_is_one_clear_error(section: dict[str, object], says
     with pytest.raises(ManifestError) as err:
         policy(section, None, "sweep.yaml")
     assert str(err.value).startswith("sweep.yaml: retry: ") and says in str(err.value)
+
+
+RETRY_PAYLOAD = (
+    "import os, sys; k = int(sys.argv[1]); attempt = int(os.environ['NOTATA_ATTEMPT']); "
+    "sys.exit(1 if k == 1 or (k == 0 and attempt < 3) else 0)"
+)
+
+
+class _Hook:
+    """A loopback HTTP server that keeps every JSON body POSTed to it."""
+
+    def __init__(self) -> None:
+        import http.server
+        import json
+        import threading
+
+        bodies = self.bodies = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (the stdlib's name)
+                size = int(self.headers["Content-Length"])
+                bodies.append(json.loads(self.rfile.read(size)))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_local_sweep_with_retries_settles_then_runs_once_and_notifies(
+        base: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    from helpers import read_meta, write_sweep
+
+    from notata import load_sweep
+    from notata.cli import main
+
+    hook = _Hook()
+    then = [sys.executable, "-c", "open('then.txt', 'a').write('ran\\n')"]
+    try:
+        manifest = write_sweep(base, "name: r\nrun_id: 'k{k}'\ngrid: {k: [0, 1, 2]}\n"
+                               f"retry: {{attempts: 3, then: {then!r}, notify: {hook.url}}}\n")
+        rc = main(["submit", str(manifest), "--backend", "local", "--", sys.executable,
+                   "-c", RETRY_PAYLOAD, "{k}"])
+        err = capsys.readouterr().err
+        assert rc == 1, err  # task 1 was given up
+        sweep = load_sweep(manifest)
+        metas = [read_meta(sweep.task(i).run_dir) for i in range(3)]
+        assert [(m["status"], m["attempt"]) for m in metas] == [
+            ("complete", 3), ("failed", 3), ("complete", 1)]
+        assert "retry round 2: tasks 0-1 (failed)" in err and "retry round 3: tasks 0-1" in err
+        assert "gave up task 1 (k1) after 3 attempt(s): failed" in err
+        assert (base / "then.txt").read_text() == "ran\n"  # once, after the last task
+        [told] = hook.bodies
+        assert told["sweep"] == "r" and told["counts"]["complete"] == 2
+        assert [g["task"] for g in told["given_up"]] == [1] and told["then_exit_status"] == 0
+        # --retry wins over the manifest, and a settled sweep runs nothing again
+        assert main(["submit", str(manifest), "--backend", "local", "--retry", "4", "--",
+                     sys.executable, "-c", RETRY_PAYLOAD, "{k}"]) == 1
+        assert read_meta(sweep.task(1).run_dir)["attempt"] == 4
+        assert read_meta(sweep.task(0).run_dir)["attempt"] == 3
+        assert (base / "then.txt").read_text() == "ran\nran\n" and len(hook.bodies) == 2
+    finally:
+        hook.close()
+
+
+def test_retries_are_refused_where_they_cannot_run_yet(
+        base: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad retry: section, or retries on the SLURM backend (its shepherd is not built
+    yet): one line, exit 2, nothing written."""
+    from helpers import write_sweep
+
+    from notata.cli import main
+
+    for text, says in [("retry: {attempts: 3, on: [cancelled]}\n", "cancelled is never"),
+                       ("retry: {attempts: 3, oom: {mem: 0.5}}\n", "factor of at least 1"),
+                       ("retry: {attempts: 2}\n", "--backend local for now")]:
+        manifest = write_sweep(base, "name: r\ngrid: {k: [0, 1]}\n" + text)
+        assert main(["submit", str(manifest), "--backend", "slurm", "--", "true"]) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1, err
+    assert main(["submit", str(manifest), "--backend", "local", "--retry", "0", "--",
+                 "true"]) == 2
+    assert "retry 0" in capsys.readouterr().err
+    assert not (base / "outputs").exists()
