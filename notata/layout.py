@@ -45,6 +45,11 @@ class SweepPaths:
         #: The job scripts notata wrote (``<sweep>-<submission>-<k>.sbatch``).
         self.jobs = self.folder / "jobs"
 
+    def job_output(self, array_job: object, array_task: object) -> Path:
+        """An array task's output file (``job_output("%A", "%a")``: the pattern sbatch
+        fills)."""
+        return self.folder / f"slurm-{array_job}_{array_task}.out"
+
     def job_script(self, sweep: str, submission: str, k: int) -> Path:
         return self.jobs / f"{sweep}-{submission}-{k}.sbatch"
 

@@ -217,6 +217,8 @@ def _classify(meta: dict[str, Any], task: int | None, run_id: str, run_dir: str,
     if status not in schema.OPEN_STATUSES:
         reason = meta.get("failure_reason")
         record.reason = str(reason) if reason else None
+        if status == schema.FAILED and "SIGKILL" in (record.reason or ""):
+            _killed_for_memory(record, meta)  # below the 90 % rule, but SLURM says so
         return record
     hb = meta.get("heartbeat") or {}
     if isinstance(hb.get("beat"), int) and isinstance(hb.get("unix"), (int, float)):
@@ -230,6 +232,8 @@ def _classify(meta: dict[str, Any], task: int | None, run_id: str, run_dir: str,
         record.status = schema.RUNNING
         record.reason = f"{record.reason}, but a live process holds its lock"
         return record
+    if _killed_for_memory(record, meta):  # the wrapper died with its command
+        return record
     pid = meta.get("pid")
     if meta.get("host") == socket.gethostname() and isinstance(pid, int) \
             and not psutil.pid_exists(pid):
@@ -240,6 +244,15 @@ def _classify(meta: dict[str, Any], task: int | None, run_id: str, run_dir: str,
                              f"still runs here (pid {survivor}); stop it before running the "
                              "task again")
     return record
+
+def _killed_for_memory(record: RunRecord, meta: Mapping[str, Any]) -> bool:
+    """A run the scheduler says was killed for memory reads ``oom``, with its words."""
+    said = scheduler.out_of_memory(meta, Path(str(record.path)).parent)
+    if said is None:
+        return False
+    record.status, record.reason = schema.OOM, f"killed for memory ({said})"
+    return True
+
 
 def _liveness(meta: Mapping[str, Any], asked: Queue | None, queued: str | None,
               stale_after: float | None, now: float) -> tuple[str, str | None]:

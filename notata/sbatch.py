@@ -231,7 +231,7 @@ def render(sweep: Sweep, plan: ArrayPlan, argv: Sequence[str], options: Mapping[
             mine += " " + theirs[-1].group(1).strip().strip("\"'")
         lines.append(f'#SBATCH --comment="{mine}"')
     defaults = {"job_name": sweep.name,
-                "output": str(layout.SweepPaths(sweep.base_dir).folder / "slurm-%A_%a.out")}
+                "output": str(layout.SweepPaths(sweep.base_dir).job_output("%A", "%a"))}
     for key, value in {**defaults, **options}.items():
         lines.append(f'#SBATCH {OPTIONS[key]}="{value}"')
     if warn_before:

@@ -14,6 +14,7 @@ find it there.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
 
@@ -45,6 +46,10 @@ class SchedulerProvider(Protocol):
 
     def termination_status(self, context: Mapping[str, Any], now: float) -> str | None:
         """The status a SIGTERM means for this job (timeout, cancelled, preempted), or None."""
+
+    def out_of_memory(self, context: Mapping[str, Any], base_dir: Path) -> str | None:
+        """The scheduler's own word that this job was killed for memory (a line of its
+        output file under ``base_dir``'s ``.notata/``), else None."""
 
     def requested(self, context: Mapping[str, Any], environ: Mapping[str, str]
                   ) -> dict[str, Any]:
@@ -131,6 +136,12 @@ def array_of(meta: Mapping[str, Any]) -> tuple[int, int] | None:
     """(array job id, array task id) a run ran as, by its metadata, else None."""
     job = job_of(meta)
     return job[0].array_of(job[1]) if job is not None else None
+
+
+def out_of_memory(meta: Mapping[str, Any], base_dir: Path) -> str | None:
+    """The scheduler's word that the job a run's metadata names was killed for memory."""
+    job = job_of(meta)
+    return job[0].out_of_memory(job[1], base_dir) if job is not None else None
 
 
 def describe(meta: Mapping[str, Any]) -> str | None:

@@ -7,6 +7,8 @@ package asks through that seam and never names SLURM's variables, states or fiel
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import runinfo, schema, submissions
+from . import layout, runinfo, schema, submissions
 from .errors import SchedulerError
 from .queue import Queue
 
@@ -35,6 +37,8 @@ ENV_FIELDS = {
 _INT_FIELDS = {"job_id", "array_job_id", "array_task_id", "restart_count", "end_unix",
                "start_unix"}
 COMMAND_TIMEOUT = 30.0
+#: slurmstepd's words when the kernel killed a step for memory (cgroup-confined jobs).
+_OOM_LINE = re.compile(r"slurmstepd: error: Detected \d+ oom[-_]kill event[^\n]*")
 #: Queue states of a job that is alive: its run is never stale while the queue says so.
 ALIVE_STATES = frozenset({"RUNNING", "SUSPENDED", "COMPLETING", "CONFIGURING", "STOPPED",
                           "RESIZING", "SIGNALING", "STAGE_OUT"})
@@ -93,6 +97,24 @@ class SlurmProvider:
         """``"123_4"`` -> ("123", 4); ``"123"`` (or a het job ``"123+0"``) -> (..., None)."""
         job, _, task = key.partition("_")
         return job, int(task) if task.isdigit() else None
+
+    def out_of_memory(self, context: Mapping[str, Any], base_dir: Path) -> str | None:
+        """slurmstepd's line in the array task's output file (``--output`` as notata's job
+        scripts set it: ``.notata/slurm-%A_%a.out``), e.g. "Detected 1 oom_kill event in
+        StepId=123.batch" (SLURM 21.08 on; older: "Detected 1 oom-kill event(s) in step
+        123.batch cgroup"). It appears only where cgroups confine the job's memory."""
+        array = self.array_of(context)
+        if array is None:
+            return None
+        out = layout.SweepPaths(base_dir).job_output(*array)
+        try:
+            with open(out, "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - 65536))  # the end says it
+                text = f.read().decode("utf-8", "replace")
+        except OSError:
+            return None
+        found = _OOM_LINE.search(text)
+        return found.group(0).strip() if found else None
 
     def requested(self, context: Mapping[str, Any], environ: Mapping[str, str]
                   ) -> dict[str, Any]:

@@ -591,3 +591,34 @@ def test_submit_and_resubmit_return_what_they_did(manifest: Path) -> None:
     rest = submit_tasks(manifest, cmd, Options(backend="local", tasks=[0, 5]))
     assert (rest.status, rest.tasks, rest.skipped) == (0, [], [0, 5])
     assert resubmit(manifest).tasks == []  # nothing to resubmit
+
+
+def test_a_run_slurm_says_was_killed_for_memory_reads_oom(tmp_path: Path) -> None:
+    """When the wrapper died with its command (or the kill came below the 90 % rule),
+    slurmstepd's line in the array task's output file says why (recorded SLURM text:
+    cgroup-confined jobs only, which the test cluster does not have)."""
+    from notata.runstate import read_run
+
+    lines = {4: "slurmstepd: error: Detected 1 oom_kill event in StepId=123.batch. Some of "
+                "the step tasks have been OOM Killed.\n",
+             5: "slurmstepd: error: Detected 2 oom-kill event(s) in step 123.batch cgroup.\n",
+             6: "slurmstepd: error: *** JOB 123 ON n1 CANCELLED AT 2026-12-04T10:00:00 ***\n"}
+    (tmp_path / ".notata").mkdir()
+    old = time.time() - 3600
+    for task, line in lines.items():
+        (tmp_path / ".notata" / f"slurm-123_{task}.out").write_text("started\n" + line)
+        for status in ("running", "failed"):
+            d = tmp_path / f"log_{status}{task}"
+            d.mkdir()
+            (d / "metadata.json").write_text(json.dumps({
+                "status": status, "run_id": d.name[4:], "attempt": 1, "host": "node7",
+                "pid": 4242, "failure_reason": "command killed by SIGKILL",
+                "slurm": {"job_id": 200 + task, "array_job_id": 123, "array_task_id": task},
+                "heartbeat": {"unix": old, "beat": 9, "interval_sec": 30}}))
+    for task in (4, 5):
+        for status in ("running", "failed"):
+            r = read_run(tmp_path / f"log_{status}{task}")
+            assert r.status == "oom", (task, status, r.reason)
+            assert r.reason == f"killed for memory ({lines[task].strip()})"
+    assert read_run(tmp_path / "log_running6").status == "stale"
+    assert read_run(tmp_path / "log_failed6").status == "failed"
