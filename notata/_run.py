@@ -63,6 +63,7 @@ class OwnedRun:
         self._indexed: tuple[Any, ...] = ()  # (status, hash, task) last sent to the sweep index
         self._heartbeat: Heartbeat | None = None
         self._sampler = Resources()
+        self._peak = resources.Peak()
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -89,6 +90,7 @@ class OwnedRun:
         sched = scheduler.current(os.environ)
         self.scheduler = sched[0] if sched else None
         self._sampler = Resources(tree=track_children)
+        self._peak = resources.Peak()  # the kernel's figures so far
         self.meta = first_record(self.run_id, previous, superseded, interval, start)
         if sched:
             self.meta[sched[0].name] = sched[1]
@@ -283,8 +285,9 @@ class OwnedRun:
                              end_unix=round(end, 3),
                              runtime_sec=round(self.elapsed, 6))
             self.meta["heartbeat"] = {**self.meta["heartbeat"], **self._sampler.sample()}
+            peak = self._peak.at_end(self._sampler.sampled_peak)
             self.meta["resources"] = {**self.meta.get("resources", {}), "used": {
-                "runtime_sec": self.meta["runtime_sec"], "peak_rss_bytes": resources.peak_rss(),
+                "runtime_sec": self.meta["runtime_sec"], "peak_rss_bytes": peak,
                 "cpu_time_sec": self.meta["heartbeat"].get("cpu_time_sec")}}
             if reason is not None:
                 self.meta["failure_reason"] = reason

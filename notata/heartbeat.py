@@ -53,6 +53,8 @@ class Resources:
         self.process = psutil.Process(pid)
         self.tree = tree
         self._peak = 0
+        #: The largest resident set (of the tree) a sample saw: this sampler's own figure.
+        self.sampled_peak = 0
         self._last: tuple[float, float] | None = None
 
     def sample(self) -> dict[str, Any]:
@@ -74,6 +76,7 @@ class Resources:
             except psutil.Error:
                 continue
         self._peak = max(self._peak, rss)
+        self.sampled_peak = max(self.sampled_peak, rss)
         if self.process.pid == os.getpid() and not self.tree:
             self._peak = max(self._peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         now = time.monotonic()

@@ -10,12 +10,12 @@ attempt, in ``attempts``)::
 
 ``asked`` comes from the scheduler (:meth:`notata.scheduler.SchedulerProvider.requested`);
 ``used.peak_rss_bytes`` is *the peak*: the largest resident set any one process of the
-run reached (the wrapper's own, or its command's, as the kernel reports it for every
-child the wrapper reaped
+attempt's command reached, as the kernel reports it for every child the process reaped
 (``getrusage(RUSAGE_CHILDREN).ru_maxrss``: the true high-water mark, also of a child
-SIGKILLed between two heartbeats, whose ``/proc`` entry is gone). The heartbeat's
-``peak_rss_bytes`` is another figure: the largest *sum* over the process tree that a
-beat happened to sample.
+SIGKILLed between two heartbeats, whose ``/proc`` entry is gone; the ``notata exec``
+wrapper's own memory is not in it). The kernel keeps one figure per process life, so a
+run with no command (a plain Logbook) records its process's figure when the attempt
+raised it, else the largest resident set its heartbeat sampled (:class:`Peak`).
 
 The OOM rule (:func:`killed_for_memory`): a command that died of SIGKILL after its peak
 reached :data:`OOM_FRACTION` (90 %) of the memory the scheduler granted was killed for
@@ -35,12 +35,36 @@ import sys
 OOM_FRACTION = 0.9
 
 
-def peak_rss() -> int:
-    """The peak: the largest resident set, in bytes, of this process or any child it has
-    reaped (the wrapper and its command's processes, under ``notata exec``)."""
-    kib = max(resource.getrusage(who).ru_maxrss
-              for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+def children_peak() -> int:
+    """The largest resident set, in bytes, of any child this process has reaped (in its
+    whole life: compare with the figure at an attempt's start)."""
+    return _maxrss(resource.RUSAGE_CHILDREN)
+
+
+def own_peak() -> int:
+    """This process's own largest resident set, in bytes, in its whole life."""
+    return _maxrss(resource.RUSAGE_SELF)
+
+
+def _maxrss(who: int) -> int:
+    kib = resource.getrusage(who).ru_maxrss
     return int(kib) if sys.platform == "darwin" else int(kib) * 1024  # Linux counts KiB
+
+
+class Peak:
+    """The peak of one attempt, from the kernel's figures at its start and end: its
+    children's, if one passed the earlier ones (the command, under ``notata exec``); else
+    this process's, if the attempt raised it; else the largest resident set the heartbeat
+    sampled (the kernel keeps one figure per process life)."""
+
+    def __init__(self) -> None:
+        self.children, self.own = children_peak(), own_peak()
+
+    def at_end(self, sampled: int | None) -> int | None:
+        children, own = children_peak(), own_peak()
+        if children > self.children:
+            return children
+        return own if own > self.own else sampled
 
 
 def killed_for_memory(returncode: int, peak: int, granted: int | None) -> bool:

@@ -22,6 +22,7 @@ import json
 import shlex
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Mapping
@@ -93,10 +94,9 @@ def policy(section: Mapping[str, Any] | None, attempts: int | None, where: str) 
     unknown = sorted(set(section) - known)
     if unknown:
         raise fail(f"unknown key {unknown[0]!r}; known: {', '.join(sorted(known))}")
-    n = attempts if attempts is not None else section.get("attempts")
-    if n is None:
-        return None
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    asked = attempts is not None or "attempts" in section
+    n = attempts if attempts is not None else section.get("attempts", 0)
+    if isinstance(n, bool) or not isinstance(n, int) or n < (1 if asked else 0):
         raise fail(f"attempts {n!r}: give a whole number, at least 1 (the first attempt counts)")
     on = section.get("on", list(DEFAULT_ON))
     if isinstance(on, str) or not isinstance(on, list) or not on:
@@ -108,15 +108,20 @@ def policy(section: Mapping[str, Any] | None, attempts: int | None, where: str) 
             raise fail(f"on: unknown status {status!r}; known: {', '.join(sorted(RETRIABLE))}")
     then = section.get("then") or ()
     if isinstance(then, str):
-        then = shlex.split(then)
+        try:
+            then = shlex.split(then)
+        except ValueError as err:
+            raise fail(f"then {then!r}: {err}") from None
     if not isinstance(then, (list, tuple)) or not all(isinstance(a, str) for a in then):
         raise fail(f"then {then!r}: give a command, as a string or a list of arguments")
     notify = section.get("notify")
     if notify is not None and (not isinstance(notify, str)
                                or not notify.startswith(("http://", "https://"))):
         raise fail(f"notify {notify!r}: give an http:// or https:// address")
-    return Policy(n, frozenset(on), _rule(section, "timeout", "time", fail),
-                  _rule(section, "oom", "mem", fail), tuple(then), notify)
+    timeout, oom = _rule(section, "timeout", "time", fail), _rule(section, "oom", "mem", fail)
+    if not n:  # checked whole, but nothing asks for retries
+        return None
+    return Policy(n, frozenset(on), timeout, oom, tuple(then), notify)
 
 
 def _rule(section: Mapping[str, Any], cause: str, what: str, fail: Any) -> Rule:
@@ -160,38 +165,54 @@ def next_resources(policy: Policy, cause: str, time: str | None, mem: str | None
     return out
 
 
-def local_rounds(sweep: Sweep, policy: Policy, first: R, again: Callable[[list[int]], R]) -> R:
-    """The local backend's retries, in this process: after each round, the tasks whose
-    status is in ``policy.on`` and that have attempts left run again (``again(tasks)``,
-    the same resources: escalation needs a scheduler, and it says so), until none is
-    left or a round is interrupted. Then ``then`` runs once and ``notify`` is told.
-    Returns the last round's :class:`~notata.submission.Submission` with ``status`` 0
-    when every task is complete, 1 when some were given up."""
-    done, rounds, started = first, 1, time.monotonic()
+def local_rounds(sweep: Sweep, policy: Policy, first: R, tasks: list[int],
+                 again: Callable[[list[int]], R]) -> R:
+    """The local backend's retries, in this process: after each round, the ``tasks``
+    whose status is in ``policy.on`` and that have attempts left run again
+    (``again(tasks)``, the same resources: escalation needs a scheduler, and it says so),
+    never one that ``resubmit`` would leave (a survivor of its last attempt still runs, a
+    live process holds it, it is queued), at most ``attempts - 1`` rounds. When no task is
+    left running anywhere, ``then`` runs once and ``notify`` is told; an interrupted round
+    ends it all. Returns the last round's :class:`~notata.submission.Submission`, with
+    ``status`` 0 when every task is complete, 1 when some were given up or left."""
+    done, started, wanted = first, time.monotonic(), set(tasks)
     if policy.timeout != Rule() or policy.oom != Rule():
         print("notata submit: --backend local: failures are retried with the same "
               "resources (timeout and oom escalation needs a scheduler)", file=sys.stderr)
-    while done.status in (0, 1):  # not interrupted
-        report = scan(sweep)
-        todo = [r.task for r in report.read if r.task is not None and r.status in policy.on
-                and r.attempt < policy.attempts]
+    for round_ in range(2, policy.attempts + 1):
+        if done.status not in (0, 1):
+            return done  # interrupted: nothing more, no then, no notify
+        chosen, left = scan(sweep).to_resubmit(policy.on, policy.attempts)
+        todo = [i for i in chosen if i in wanted]
+        for r, why in left:
+            if r.task in wanted and r.attempt < policy.attempts:
+                print(f"notata submit: leaving task {r.task} ({r.run_id}): {why}",
+                      file=sys.stderr)
         if not todo:
             break
-        rounds += 1
-        why = sorted({r.status for r in report.read if r.task in todo})
-        print(f"notata submit: retry round {rounds}: tasks {compact(todo)} "
-              f"({', '.join(why)})", file=sys.stderr)
+        print(f"notata submit: retry round {round_}: tasks {compact(todo)}", file=sys.stderr)
         done = again(todo)
     if done.status not in (0, 1):
         return done
     report = scan(sweep)
-    given_up = [r for r in report.read if r.task is not None and r.status != schema.COMPLETE]
+    mine = [r for r in report.read if r.task in wanted]
+    busy = [r for r in mine if r.status in schema.OPEN_STATUSES or r.queued]
+    given_up = [r for r in mine if r not in busy and r.status != schema.COMPLETE]
     for r in given_up:
         print(f"notata submit: gave up task {r.task} ({r.run_id}) after {r.attempt} "
               f"attempt(s): {r.status}" + (f": {r.reason}" if r.reason else ""),
               file=sys.stderr)
-    done.status = 1 if given_up else 0
-    settle(sweep, policy, report, given_up, time.monotonic() - started)
+    done.status = 1 if given_up or busy else 0
+    if busy:  # another process runs them: the sweep has not settled
+        print(f"notata submit: tasks {compact(r.task for r in busy if r.task is not None)} "
+              "still run elsewhere: the sweep has not settled, so then and notify wait for "
+              "a submit that sees it settle", file=sys.stderr)
+        return done
+    try:
+        settle(sweep, policy, report, given_up, time.monotonic() - started)
+    except KeyboardInterrupt:
+        print("notata submit: interrupted while the sweep settled", file=sys.stderr)
+        done.status = 130
     return done
 
 
@@ -218,14 +239,26 @@ NOTIFY_TIMEOUT = 10.0
 
 
 def notify(url: str, payload: Mapping[str, Any]) -> bool:
-    """POST ``payload`` as JSON to ``url``; whether it was taken (a failure is said on
-    stderr and never raised: a notification must not fail a sweep)."""
-    body = json.dumps(payload).encode()
-    request = urllib.request.Request(url, data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=NOTIFY_TIMEOUT) as answer:
-            return bool(200 <= answer.status < 300)
-    except (OSError, ValueError) as err:
-        print(f"notata: could not notify {url}: {err}", file=sys.stderr)
-        return False
+    """POST ``payload`` as JSON to ``url``, waiting :data:`NOTIFY_TIMEOUT` seconds in all;
+    whether it was taken. A failure (a bad address, a server that trickles, a refused
+    connection) is one line on stderr, never raised: a notification must not fail a
+    sweep. A server that has not answered in time is left to a daemon thread."""
+    outcome: list[object] = []
+
+    def post() -> None:
+        request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=NOTIFY_TIMEOUT) as answer:
+                outcome.append(answer.status)
+        except Exception as err:  # anything: http.client raises more than OSError
+            outcome.append(err)
+
+    worker = threading.Thread(target=post, name="notata-notify", daemon=True)
+    worker.start()
+    worker.join(NOTIFY_TIMEOUT)
+    said = outcome[0] if outcome else f"no answer in {NOTIFY_TIMEOUT:.0f} s"
+    if isinstance(said, int) and 200 <= said < 300:
+        return True
+    print(f"notata: could not notify {url}: {said}", file=sys.stderr)
+    return False

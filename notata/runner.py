@@ -210,7 +210,7 @@ def exec_task(sweep: Sweep, index: int, argv: Sequence[str], *,
         if rc == 0:
             log.mark_complete()
             return 0
-        peak = resources.peak_rss()
+        peak = resources.children_peak()  # the command's, not this wrapper's
         granted = log.metadata.get("resources", {}).get("asked", {}).get("mem_bytes")
         if resources.killed_for_memory(rc, peak, granted):
             log._finish(schema.OOM, f"killed for memory: SIGKILL after a peak of "

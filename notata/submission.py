@@ -136,7 +136,7 @@ def submit(manifest: str | os.PathLike[str] | Sweep, command: Sequence[str],
                    progress=progress, held=None)
     if policy is None or options.dry_run:
         return done
-    return retry.local_rounds(sweep, policy, done, lambda todo: _submit(
+    return retry.local_rounds(sweep, policy, done, indices, lambda todo: _submit(
         sweep, todo, command, backend, options, options.given(), progress=progress,
         held=None, again=True))
 

@@ -602,7 +602,8 @@ def test_a_command_killed_near_its_granted_memory_reads_oom(manifest: Path, base
 
     job = {"SLURM_JOB_ID": "999999", "SLURM_MEM_PER_NODE": "200", "SLURM_CPUS_ON_NODE": "1"}
     sweep = notata.load_sweep(manifest)
-    for task, mib, status in [(0, 190, "oom"), (1, 10, "failed")]:
+    for task, mib, status in [(0, 190, "oom"), (1, 10, "failed")]:  # (the wrapper's own
+        # memory, some 50 MiB, is not the command's: 10 MiB is far from 90 %)
         proc = notata_process("exec", str(manifest), "--task", str(task), "--",
                               sys.executable, "-c", GROWS_THEN_KILLED, str(mib),
                               env=job)

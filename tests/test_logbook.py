@@ -655,3 +655,30 @@ def test_a_logbook_cannot_be_pickled_or_copied_and_its_job_id_is_as_recorded(
                 copy_it(log)
         assert log.job_id == 4242
         assert json.loads((log.path / "metadata.json").read_text())["slurm"]["job_id"] == 4242
+
+
+def test_each_attempt_records_its_own_peak(base: Path) -> None:
+    """The kernel keeps one high-water mark per process: a later run in the same process
+    must not inherit an earlier run's peak."""
+    from helpers import python
+
+    proc = python("""
+        import sys, time
+        from notata import Logbook
+        with Logbook("big", sys.argv[1], heartbeat=0.05):
+            hold = bytearray(300 * 2**20)
+            for i in range(0, len(hold), 4096):
+                hold[i] = 1
+            time.sleep(0.4)  # a beat samples it
+            del hold
+        with Logbook("small", sys.argv[1], heartbeat=0.05):
+            time.sleep(0.4)
+        """, str(base))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    used = {name: json.loads((base / f"log_{name}" / "metadata.json").read_text())
+            ["resources"]["used"] for name in ("big", "small")}
+    assert used["big"]["peak_rss_bytes"] >= 300 * 2**20
+    assert used["small"]["peak_rss_bytes"] < 200 * 2**20, used
+    assert "asked" not in json.loads((base / "log_small" / "metadata.json").read_text())[
+        "resources"]  # no scheduler: nothing was asked of one

@@ -122,7 +122,7 @@ def test_a_local_sweep_with_retries_settles_then_runs_once_and_notifies(
         metas = [read_meta(sweep.task(i).run_dir) for i in range(3)]
         assert [(m["status"], m["attempt"]) for m in metas] == [
             ("complete", 3), ("failed", 3), ("complete", 1)]
-        assert "retry round 2: tasks 0-1 (failed)" in err and "retry round 3: tasks 0-1" in err
+        assert "retry round 2: tasks 0-1" in err and "retry round 3: tasks 0-1" in err
         assert "gave up task 1 (k1) after 3 attempt(s): failed" in err
         assert (base / "then.txt").read_text() == "ran\n"  # once, after the last task
         [told] = hook.bodies
@@ -157,3 +157,74 @@ def test_retries_are_refused_where_they_cannot_run_yet(
                  "true"]) == 2
     assert "retry 0" in capsys.readouterr().err
     assert not (base / "outputs").exists()
+
+
+def test_retries_stay_within_the_tasks_asked_for_and_the_rounds_are_bounded(
+        base: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--tasks narrows the retries too; a round that cannot raise any attempt (here the
+    manifest is gone, so no task can start) does not make the loop go on for ever."""
+    import subprocess
+    import sys
+
+    from helpers import ROOT, read_meta, write_sweep
+
+    from notata import load_sweep
+    from notata.cli import main
+
+    manifest = write_sweep(base, "name: r\nrun_id: 'k{k}'\ngrid: {k: [0, 1, 2, 3]}\n")
+    fails = [sys.executable, "-c", "import sys; sys.exit(1)"]
+    assert main(["submit", str(manifest), "--backend", "local", "--tasks", "0",
+                 "--retry", "2", "--", *fails]) == 1
+    err = capsys.readouterr().err
+    sweep = load_sweep(manifest)
+    assert read_meta(sweep.task(0).run_dir)["attempt"] == 2
+    assert not any(sweep.task(i).run_dir.exists() for i in (1, 2, 3))
+    assert "gave up task 0" in err and "gave up task 1" not in err
+    moves_it = [sys.executable, "-c", f"import os, sys; os.replace({str(manifest)!r}, "
+                f"{str(manifest)!r} + '.away'); sys.exit(1)"]
+    proc = subprocess.run([sys.executable, "-m", "notata", "submit", str(manifest),
+                           "--backend", "local", "--tasks", "1", "--retry", "5", "--",
+                           *moves_it], capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 1 and proc.stderr.count("retry round") <= 4, proc.stderr
+
+
+def test_a_notification_never_fails_or_hangs_the_sweep(monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    import socket
+    import threading
+    import time
+
+    from notata import retry
+
+    assert retry.notify("http://127.0.0.1:abc/hook", {"a": 1}) is False  # a bad address
+    trickle = socket.socket()
+    trickle.bind(("127.0.0.1", 0))
+    trickle.listen(1)
+
+    def answer_slowly() -> None:
+        conn, _ = trickle.accept()
+        for byte in b"HTTP/1.1 200 OK\r\n":
+            conn.send(bytes([byte]))
+            time.sleep(0.5)
+
+    threading.Thread(target=answer_slowly, daemon=True).start()
+    monkeypatch.setattr(retry, "NOTIFY_TIMEOUT", 1.0)
+    t0 = time.monotonic()
+    assert retry.notify(f"http://127.0.0.1:{trickle.getsockname()[1]}/", {"a": 1}) is False
+    assert time.monotonic() - t0 < 3
+    assert "no answer in 1 s" in capsys.readouterr().err
+    trickle.close()
+
+
+@pytest.mark.parametrize("section, says", [
+    ({"notify": "ftp://nowhere"}, "http:// or https://"),
+    ({"then": "python summarize.py 'unterminated"}, "No closing quotation"),
+    ({"on": ["cancelled"]}, "cancelled is never retried"),
+])
+def test_a_retry_section_is_checked_whole_even_without_attempts(
+        section: dict[str, object], says: str) -> None:
+    with pytest.raises(ManifestError, match="retry: ") as err:
+        policy(section, None, "sweep.yaml")
+    assert says in str(err.value)
