@@ -165,6 +165,30 @@ def next_resources(policy: Policy, cause: str, time: str | None, mem: str | None
     return out
 
 
+def plan_round(policy: Policy, chosen: list[RunRecord], given: Mapping[str, Any]
+               ) -> tuple[dict[tuple[str | None, str | None], list[int]],
+                          list[tuple[RunRecord, str]]]:
+    """The next round on a scheduler: the ``chosen`` tasks grouped by the ``(--time,
+    --mem)`` their next attempt asks for (one array per group), and those given up, with
+    why. A task's last resources are what its last attempt recorded it asked for
+    (``resources.asked``), else the options ``given`` to the sweep (``time``, ``mem``)."""
+    groups: dict[tuple[str | None, str | None], list[int]] = {}
+    given_up: list[tuple[RunRecord, str]] = []
+    for r in chosen:
+        asked = r.asked or {}
+        time_ = asked.get("time_limit") or given.get("time")
+        mem = sbatch.mem_text(asked["mem_bytes"]) if asked.get("mem_bytes") \
+            else given.get("mem")
+        nxt = next_resources(policy, r.status, None if time_ is None else str(time_),
+                             None if mem is None else str(mem))
+        if nxt is None:
+            what = "--time" if r.status == schema.TIMEOUT else "--mem"
+            given_up.append((r, f"{r.status} again with {what} at its cap"))
+        elif r.task is not None:
+            groups.setdefault((nxt.get("time"), nxt.get("mem")), []).append(r.task)
+    return groups, given_up
+
+
 def local_rounds(sweep: Sweep, policy: Policy, first: R, tasks: list[int],
                  again: Callable[[list[int]], R]) -> R:
     """The local backend's retries, in this process: after each round, the ``tasks``

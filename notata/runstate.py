@@ -90,6 +90,7 @@ class RunRecord:
     runtime_sec: float | None = None
     array: tuple[str, int] | None = None  # (array job id, array task id) it ran as
     orphan: bool = False  # its wrapper is gone but its command's processes still run here
+    asked: dict[str, Any] | None = None  # what its last attempt asked the scheduler for
 
     @property
     def run_dir(self) -> Path | None:
@@ -193,6 +194,9 @@ def _classify(meta: dict[str, Any], task: int | None, run_id: str, run_dir: str,
         raise TypeError(f"{', '.join(wrong)} of the wrong type")
     record = RunRecord(task, run_id, str(status), meta.get("attempt", 1), None, run_dir)
     record.runtime_sec = meta.get("runtime_sec")
+    asked = (meta.get("resources") or {}).get("asked") if isinstance(
+        meta.get("resources"), dict) else None
+    record.asked = asked if isinstance(asked, dict) else None
     if status not in schema.STATUSES:
         record.status, record.reason = CORRUPT, f"unknown status {status!r}"
         return record

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from notata import ManifestError
-from notata.retry import DEFAULT_ON, Rule, next_resources, policy
+from notata.retry import DEFAULT_ON, Rule, next_resources, plan_round, policy
 from notata.sbatch import mem_bytes, mem_text, time_limit_sec, time_text
 
 
@@ -228,3 +228,27 @@ def test_a_retry_section_is_checked_whole_even_without_attempts(
     with pytest.raises(ManifestError, match="retry: ") as err:
         policy(section, None, "sweep.yaml")
     assert says in str(err.value)
+
+
+def test_a_round_groups_tasks_by_the_resources_their_next_attempt_asks_for() -> None:
+    from notata.runstate import RunRecord
+
+    p = policy({"timeout": {"time": 2, "max": "00:04:00"}, "oom": {"mem": 2, "max": "1G"}},
+               3, "m.yaml")
+    assert p is not None
+
+    def run(task: int, status: str, asked: dict[str, object] | None = None) -> RunRecord:
+        return RunRecord(task, f"k{task}", status, 1, asked=asked)
+
+    chosen = [run(0, "failed", {"time_limit": "00:01:00", "mem_bytes": 200 * 2**20}),
+              run(1, "timeout", {"time_limit": "00:01:00", "mem_bytes": 200 * 2**20}),
+              run(2, "oom", {"time_limit": "00:01:00", "mem_bytes": 200 * 2**20}),
+              run(3, "missing"),  # never started: the sweep's options
+              run(4, "timeout", {"time_limit": "00:04:00"}),  # at its cap
+              run(5, "oom", {"mem_bytes": 2**30}),  # at its cap
+              run(6, "timeout", {"time_limit": "00:02:00", "mem_bytes": 200 * 2**20})]
+    groups, given_up = plan_round(p, chosen, {"time": "00:01:00", "mem": "200M"})
+    assert groups == {("00:01:00", "200M"): [0, 3], ("00:02:00", "200M"): [1],
+                      ("00:01:00", "400M"): [2], ("00:04:00", "200M"): [6]}
+    assert [(r.task, why) for r, why in given_up] == [
+        (4, "timeout again with --time at its cap"), (5, "oom again with --mem at its cap")]
