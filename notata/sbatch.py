@@ -251,6 +251,42 @@ def render(sweep: Sweep, plan: ArrayPlan, argv: Sequence[str], options: Mapping[
     return re.sub(r"@([A-Z]+)@", lambda m: values[m.group(1)], text)
 
 
+def render_job(sweep: Sweep, argv: Sequence[str], options: Mapping[str, str], *,
+               script: Path, purpose: str, after: Sequence[str] = ()) -> str:
+    """The script of one plain (not array) job of the sweep that runs ``argv`` (no shell),
+    started only once every job of ``after`` has ended, however it ended
+    (``--dependency=afterany``): the retry shepherd and the sweep's final job."""
+    for what, path in (("base_dir", sweep.base_dir), ("the job script", script)):
+        if any(c in str(path) for c in '"\\\n\r'):
+            raise ManifestError(str(sweep.path), f"{what} {str(path)!r} holds a newline, a "
+                                "quote or a backslash, which cannot sit in a job script")
+    defaults = {"job_name": f"{sweep.name}-{purpose.split()[0]}",
+                "output": str(layout.SweepPaths(sweep.base_dir).folder / "job-%j.out")}
+    lines = [f'#SBATCH {OPTIONS[key]}="{value}"' for key, value in {**defaults,
+                                                                     **options}.items()]
+    if after:
+        if not all(re.fullmatch(r"\d+(_\d+)?", str(job)) for job in after):
+            raise ValueError(f"job ids {list(after)!r}: not SLURM job ids")
+        lines.append(f"#SBATCH --dependency=afterany:{':'.join(map(str, after))}")
+    values = {"SWEEP": sweep.name, "HASH": sweep.hash, "TIME": runinfo.now_iso(),
+              "PURPOSE": purpose.replace("\n", " "), "SCRIPT": shlex.quote(str(script)),
+              "SBATCH": "\n".join(lines), "RUNVARS": " ".join(sorted(RUN_VARIABLES)),
+              "COMMAND": shlex.join(argv).replace("\n", "'$'\\n''")}
+    return re.sub(r"@([A-Z]+)@", lambda m: values[m.group(1)], template("job.sbatch.in"))
+
+
+def submit_job(sweep: Sweep, argv: Sequence[str], options: Mapping[str, str], *,
+               purpose: str, after: Sequence[str] = ()) -> str:
+    """Write :func:`render_job`'s script under ``.notata/jobs/`` and submit it; its job id."""
+    paths = layout.SweepPaths(sweep.base_dir)
+    paths.jobs.mkdir(parents=True, exist_ok=True)
+    script = paths.jobs / f"{sweep.name}-{purpose.split()[0]}-{time.strftime('%Y%m%dT%H%M%S')}" \
+        f"-{os.getpid()}.sbatch"
+    _fs.atomic_write_bytes(script, render_job(sweep, argv, options, script=script,
+                                              purpose=purpose, after=after).encode())
+    return submit_script(script)
+
+
 _COMMENT = re.compile(r"^\s*(?:#SBATCH\s+)?--comment(?:=|\s+)(.*)$")
 
 

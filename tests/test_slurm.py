@@ -534,3 +534,39 @@ def test_submit_refuses_when_the_queue_cannot_be_read(
         assert len(submissions.submitted(out)) == 1
     finally:
         _cancel(submissions.submitted(out))
+
+
+def test_a_job_after_the_sweeps_jobs_starts_only_once_they_have_ended(
+        slurm_cluster: str, base: Path, tmp_path: Path) -> None:
+    """The building block of the retry shepherd and the final job: a plain job that SLURM
+    holds back (Dependency) until every job it follows has ended, however it ended."""
+    from helpers import sbatch
+
+    from notata.sbatch import render_job, submit_job
+
+    sweep = load(write_sweep(base, name="dep", tasks=2))
+    held_script = tmp_path / "held.sh"
+    held_script.write_text("#!/bin/sh\nsleep 1\nexit 3\n")  # it fails: afterany still fires
+    held = sbatch(held_script, "--hold", f"--output={tmp_path}/held.out")
+    marker = tmp_path / "it's done.txt"
+    argv = [sys.executable, "-c", "import sys; open(sys.argv[1], 'w').write('ran')",
+            str(marker)]
+    job = submit_job(sweep, argv, {"time": "1"}, purpose="final job", after=[held])
+    try:
+        def state(j: str) -> str:
+            return subprocess.run(["squeue", "-h", "-j", j, "-o", "%T %r"], text=True,
+                                  capture_output=True, timeout=30).stdout.strip()
+
+        wait_for(lambda: state(job) != "", 30, "the dependent job in the queue")
+        time.sleep(3)  # long enough for it to start, were it free to
+        assert state(job) == "PENDING Dependency" and not marker.exists()
+        subprocess.run(["scontrol", "release", held], check=True, timeout=30)
+        wait_for(marker.exists, 120, "the dependent job to run after the held one ended")
+        assert marker.read_text() == "ran"
+        script = next((base / "outputs" / ".notata" / "jobs").glob("dep-final-*.sbatch"))
+        assert f"#SBATCH --dependency=afterany:{held}" in script.read_text()
+    finally:
+        subprocess.run(["scancel", held, job], timeout=30)
+    with pytest.raises(ValueError, match="not SLURM job ids"):
+        render_job(sweep, ["true"], {}, script=tmp_path / "x.sbatch", purpose="x",
+                   after=["123; rm -rf ~"])
