@@ -148,20 +148,18 @@ def next_resources(policy: Policy, cause: str, time: str | None, mem: str | None
     from its last attempt's (None: not given, left as the manifest has it); None when the
     task is given up (at its cap already, for the resource that ran out)."""
     out = {k: v for k, v in (("time", time), ("mem", mem)) if v is not None}
-    if cause == schema.TIMEOUT and time is not None:
-        seconds = sbatch.time_limit_sec(time)
-        grown = policy.timeout.next(seconds) if seconds else None
-        if seconds and grown is None:
-            return None
-        if grown is not None:
-            out["time"] = sbatch.time_text(grown)
-    elif cause == schema.OOM and mem is not None:
-        amount = sbatch.mem_bytes(mem)
-        grown = policy.oom.next(amount) if amount else None
-        if amount and grown is None:
-            return None
-        if grown is not None:
-            out["mem"] = sbatch.mem_text(grown)
+    rules = {schema.TIMEOUT: ("time", policy.timeout, sbatch.time_limit_sec, sbatch.time_text),
+             schema.OOM: ("mem", policy.oom, sbatch.mem_bytes, sbatch.mem_text)}
+    if cause not in rules or rules[cause][0] not in out:
+        return out  # the same resources again (or nothing given to grow)
+    key, rule, read, write = rules[cause]
+    amount = read(out[key])
+    if not amount:
+        return out  # unlimited, or not understood: left as it was
+    grown = rule.next(amount)
+    if grown is None:
+        return None  # at its cap already: the same resources failed once
+    out[key] = write(grown)
     return out
 
 
