@@ -52,26 +52,28 @@ def _maxrss(who: int) -> int:
 
 
 class Peak:
-    """The peak of one attempt, from the kernel's figures at its start and end: its
-    children's, if one passed the earlier ones (the command, under ``notata exec``); else
-    this process's, if the attempt raised it; else the largest resident set the heartbeat
-    sampled (the kernel keeps one figure per process life)."""
+    """The peak of one attempt, from the kernel's figures at its start and end (it keeps
+    one figure per process life): the largest of its children's, if one passed the earlier
+    ones (the command, under ``notata exec``), this process's own, if the attempt raised
+    it, and the largest resident set the heartbeat sampled."""
 
     def __init__(self) -> None:
         self.children, self.own = children_peak(), own_peak()
 
     def at_end(self, sampled: int | None) -> int | None:
+        """The largest of: the children's figure and the process's own, each only if this
+        attempt raised it, and the sampled one."""
         children, own = children_peak(), own_peak()
-        if children > self.children:
-            return children
-        return own if own > self.own else sampled
+        raised = [children if children > self.children else 0, own if own > self.own else 0]
+        return max(*raised, sampled or 0) or sampled
 
 
 def killed_for_memory(returncode: int, peak: int, granted: int | None) -> bool:
     """Whether a command that ended with ``returncode`` (negative: the signal, as Popen
-    says) after a ``peak`` of resident memory was killed for memory (see the module)."""
-    return (returncode == -signal.SIGKILL and granted is not None and granted > 0
-            and peak >= OOM_FRACTION * granted)
+    says; 137: a shell, ``srun`` or a container reporting its child's SIGKILL) after a
+    ``peak`` of resident memory was killed for memory (see the module)."""
+    return (returncode in (-signal.SIGKILL, 128 + signal.SIGKILL) and granted is not None
+            and granted > 0 and peak >= OOM_FRACTION * granted)
 
 
 def size_text(n: float) -> str:

@@ -194,6 +194,7 @@ def exec_task(sweep: Sweep, index: int, argv: Sequence[str], *,
         try:
             if interrupted.caught:
                 raise KeyboardInterrupt
+            before = resources.children_peak()  # scontrol's, say: not the command's
             rc = _run_command(log, index, argv)
         except KeyboardInterrupt:
             log.mark_cancelled("KeyboardInterrupt")
@@ -210,7 +211,8 @@ def exec_task(sweep: Sweep, index: int, argv: Sequence[str], *,
         if rc == 0:
             log.mark_complete()
             return 0
-        peak = resources.children_peak()  # the command's, not this wrapper's
+        peak = resources.children_peak()  # the command's (not this wrapper's), when it
+        peak = peak if peak > before else 0  # passed every earlier child's
         granted = log.metadata.get("resources", {}).get("asked", {}).get("mem_bytes")
         if resources.killed_for_memory(rc, peak, granted):
             log._finish(schema.OOM, f"killed for memory: SIGKILL after a peak of "

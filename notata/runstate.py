@@ -221,7 +221,8 @@ def _classify(meta: dict[str, Any], task: int | None, run_id: str, run_dir: str,
     if status not in schema.OPEN_STATUSES:
         reason = meta.get("failure_reason")
         record.reason = str(reason) if reason else None
-        if status == schema.FAILED and "SIGKILL" in (record.reason or ""):
+        if status == schema.FAILED and (record.reason or "").startswith(
+                "command killed by SIGKILL"):
             _killed_for_memory(record, meta)  # below the 90 % rule, but SLURM says so
         return record
     hb = meta.get("heartbeat") or {}

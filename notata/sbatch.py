@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shlex
 import sys
 import time
@@ -208,6 +209,15 @@ def fit_warning(warn_before: int, time_option: str | None) -> int:
     return fitted if fitted >= 10 else 0
 
 
+def _sbatch_line(sweep: Sweep, key: str, value: str) -> str:
+    """``#SBATCH --option="value"``, refusing a value that would end the quotes or the line
+    (a sweep name, an option: nothing may smuggle another option in)."""
+    if any(c in value for c in '"\\\n\r'):
+        raise ManifestError(str(sweep.path), f"slurm {key} {value!r}: quotes, backslashes "
+                                             "and newlines cannot be passed to sbatch safely")
+    return f'#SBATCH {OPTIONS[key]}="{value}"'
+
+
 def render(sweep: Sweep, plan: ArrayPlan, argv: Sequence[str], options: Mapping[str, str],
            extra: Sequence[str], *, throttle: int | None, warn_before: int, script: Path,
            python: str = sys.executable, tag: str = "") -> str:
@@ -232,8 +242,7 @@ def render(sweep: Sweep, plan: ArrayPlan, argv: Sequence[str], options: Mapping[
         lines.append(f'#SBATCH --comment="{mine}"')
     defaults = {"job_name": sweep.name,
                 "output": str(layout.SweepPaths(sweep.base_dir).job_output("%A", "%a"))}
-    for key, value in {**defaults, **options}.items():
-        lines.append(f'#SBATCH {OPTIONS[key]}="{value}"')
+    lines += [_sbatch_line(sweep, key, value) for key, value in {**defaults, **options}.items()]
     if warn_before:
         lines.append(f"#SBATCH --signal=B:USR1@{int(warn_before)}")
     lines += [line if line.lstrip().startswith("#SBATCH") else f"#SBATCH {line}"
@@ -260,13 +269,16 @@ def render_job(sweep: Sweep, argv: Sequence[str], options: Mapping[str, str], *,
         if any(c in str(path) for c in '"\\\n\r'):
             raise ManifestError(str(sweep.path), f"{what} {str(path)!r} holds a newline, a "
                                 "quote or a backslash, which cannot sit in a job script")
-    defaults = {"job_name": f"{sweep.name}-{purpose.split()[0]}",
+    if not argv:
+        raise ValueError("render_job: no command to run")
+    if isinstance(after, str) or not all(re.fullmatch(r"[0-9]+(_[0-9]+)?", str(job))
+                                         for job in after):
+        raise ValueError(f"job ids {after!r}: not a list of SLURM job ids")
+    word = re.sub(r"[^A-Za-z0-9_-]", "", (purpose.split() or ["job"])[0]) or "job"
+    defaults = {"job_name": f"{sweep.name}-{word}",
                 "output": str(layout.SweepPaths(sweep.base_dir).folder / "job-%j.out")}
-    lines = [f'#SBATCH {OPTIONS[key]}="{value}"' for key, value in {**defaults,
-                                                                     **options}.items()]
+    lines = [_sbatch_line(sweep, key, value) for key, value in {**defaults, **options}.items()]
     if after:
-        if not all(re.fullmatch(r"\d+(_\d+)?", str(job)) for job in after):
-            raise ValueError(f"job ids {list(after)!r}: not SLURM job ids")
         lines.append(f"#SBATCH --dependency=afterany:{':'.join(map(str, after))}")
     values = {"SWEEP": sweep.name, "HASH": sweep.hash, "TIME": runinfo.now_iso(),
               "PURPOSE": purpose.replace("\n", " "), "SCRIPT": shlex.quote(str(script)),
@@ -280,8 +292,9 @@ def submit_job(sweep: Sweep, argv: Sequence[str], options: Mapping[str, str], *,
     """Write :func:`render_job`'s script under ``.notata/jobs/`` and submit it; its job id."""
     paths = layout.SweepPaths(sweep.base_dir)
     paths.jobs.mkdir(parents=True, exist_ok=True)
-    script = paths.jobs / f"{sweep.name}-{purpose.split()[0]}-{time.strftime('%Y%m%dT%H%M%S')}" \
-        f"-{os.getpid()}.sbatch"
+    word = re.sub(r"[^A-Za-z0-9_-]", "", (purpose.split() or ["job"])[0]) or "job"
+    script = paths.jobs / f"{sweep.name}-{word}-{time.strftime('%Y%m%dT%H%M%S')}-" \
+        f"{secrets.token_hex(3)}.sbatch"  # two in one second never share a file
     _fs.atomic_write_bytes(script, render_job(sweep, argv, options, script=script,
                                               purpose=purpose, after=after).encode())
     return submit_script(script)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -38,7 +39,8 @@ _INT_FIELDS = {"job_id", "array_job_id", "array_task_id", "restart_count", "end_
                "start_unix"}
 COMMAND_TIMEOUT = 30.0
 #: slurmstepd's words when the kernel killed a step for memory (cgroup-confined jobs).
-_OOM_LINE = re.compile(r"slurmstepd: error: Detected \d+ oom[-_]kill event[^\n]*")
+_OOM_LINE = re.compile(r"^slurmstepd: error: Detected [0-9]+ oom[-_]kill event[^\n]*",
+                       re.MULTILINE)
 #: Queue states of a job that is alive: its run is never stale while the queue says so.
 ALIVE_STATES = frozenset({"RUNNING", "SUSPENDED", "COMPLETING", "CONFIGURING", "STOPPED",
                           "RESIZING", "SIGNALING", "STAGE_OUT"})
@@ -103,18 +105,28 @@ class SlurmProvider:
         scripts set it: ``.notata/slurm-%A_%a.out``), e.g. "Detected 1 oom_kill event in
         StepId=123.batch" (SLURM 21.08 on; older: "Detected 1 oom-kill event(s) in step
         123.batch cgroup"). It appears only where cgroups confine the job's memory."""
-        array = self.array_of(context)
-        if array is None:
+        array, job = self.array_of(context), context.get("job_id")
+        if array is None or job is None:
             return None
         out = layout.SweepPaths(base_dir).job_output(*array)
-        try:
-            with open(out, "rb") as f:
-                f.seek(max(0, os.fstat(f.fileno()).st_size - 65536))  # the end says it
-                text = f.read().decode("utf-8", "replace")
+        try:  # never block on a FIFO, never read more than the end of a regular file
+            fd = os.open(out, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             return None
-        found = _OOM_LINE.search(text)
-        return found.group(0).strip() if found else None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            text = os.pread(fd, 65536, max(0, st.st_size - 65536)).decode("utf-8", "replace")
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        for found in _OOM_LINE.finditer(text):  # about this very job, not another's
+            if re.search(rf"\b(StepId=|step )({job}|{array[0]}_{array[1]})\.",
+                         found.group(0)):
+                return found.group(0).strip()
+        return None
 
     def requested(self, context: Mapping[str, Any], environ: Mapping[str, str]
                   ) -> dict[str, Any]:

@@ -599,10 +599,12 @@ def test_a_run_slurm_says_was_killed_for_memory_reads_oom(tmp_path: Path) -> Non
     cgroup-confined jobs only, which the test cluster does not have)."""
     from notata.runstate import read_run
 
-    lines = {4: "slurmstepd: error: Detected 1 oom_kill event in StepId=123.batch. Some of "
-                "the step tasks have been OOM Killed.\n",
-             5: "slurmstepd: error: Detected 2 oom-kill event(s) in step 123.batch cgroup.\n",
-             6: "slurmstepd: error: *** JOB 123 ON n1 CANCELLED AT 2026-12-04T10:00:00 ***\n"}
+    lines = {4: "slurmstepd: error: Detected 1 oom_kill event in StepId=204.batch. Some of "
+                "the step tasks have been OOM Killed.\n",  # the task's own job id
+             5: "slurmstepd: error: Detected 2 oom-kill event(s) in step 123_5.batch cgroup.\n",
+             6: "slurmstepd: error: *** JOB 206 ON n1 CANCELLED AT 2026-12-04T10:00:00 ***\n"
+                "slurmstepd: error: Detected 1 oom_kill event in StepId=999.batch.\n"  # another
+                "my program says: slurmstepd: error: Detected 1 oom_kill event in StepId=206.0\n"}
     (tmp_path / ".notata").mkdir()
     old = time.time() - 3600
     for task, line in lines.items():
@@ -622,3 +624,6 @@ def test_a_run_slurm_says_was_killed_for_memory_reads_oom(tmp_path: Path) -> Non
             assert r.reason == f"killed for memory ({lines[task].strip()})"
     assert read_run(tmp_path / "log_running6").status == "stale"
     assert read_run(tmp_path / "log_failed6").status == "failed"
+    os.replace(tmp_path / ".notata" / "slurm-123_6.out", tmp_path / "gone")
+    os.mkfifo(tmp_path / ".notata" / "slurm-123_6.out")  # never read, never waited on
+    assert read_run(tmp_path / "log_running6").status == "stale"

@@ -666,6 +666,8 @@ def test_each_attempt_records_its_own_peak(base: Path) -> None:
         import sys, time
         from notata import Logbook
         with Logbook("big", sys.argv[1], heartbeat=0.05):
+            import subprocess
+            subprocess.run(["true"])  # a small child: its figure is not the run's peak
             hold = bytearray(300 * 2**20)
             for i in range(0, len(hold), 4096):
                 hold[i] = 1

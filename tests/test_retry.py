@@ -252,3 +252,14 @@ def test_a_round_groups_tasks_by_the_resources_their_next_attempt_asks_for() -> 
                       ("00:01:00", "400M"): [2], ("00:04:00", "200M"): [6]}
     assert [(r.task, why) for r, why in given_up] == [
         (4, "timeout again with --time at its cap"), (5, "oom again with --mem at its cap")]
+
+
+def test_the_oom_rule() -> None:
+    from notata.resources import killed_for_memory
+
+    granted = 200 * 2**20
+    assert killed_for_memory(-9, 190 * 2**20, granted)
+    assert killed_for_memory(137, 190 * 2**20, granted)  # a shell or srun saying SIGKILL
+    assert not killed_for_memory(-9, 100 * 2**20, granted)
+    assert not killed_for_memory(1, 199 * 2**20, granted)
+    assert not killed_for_memory(-9, 199 * 2**20, None)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from helpers import job_gone, read_meta, status_is, submit, wait_for, write_sweep
 
+import notata
 from notata import submissions
 from notata.cli import main
 from notata.manifest import load
@@ -567,6 +568,10 @@ def test_a_job_after_the_sweeps_jobs_starts_only_once_they_have_ended(
         assert f"#SBATCH --dependency=afterany:{held}" in script.read_text()
     finally:
         subprocess.run(["scancel", held, job], timeout=30)
-    with pytest.raises(ValueError, match="not SLURM job ids"):
-        render_job(sweep, ["true"], {}, script=tmp_path / "x.sbatch", purpose="x",
-                   after=["123; rm -rf ~"])
+    for after in (["123; rm -rf ~"], "12345", ["١٢٣"]):  # a string is not a list of ids
+        with pytest.raises(ValueError, match="not a list of SLURM job ids"):
+            render_job(sweep, ["true"], {}, script=tmp_path / "x.sbatch", purpose="x",
+                       after=after)
+    with pytest.raises(notata.ManifestError, match="cannot be passed to sbatch safely"):
+        render_job(sweep, ["true"], {"partition": 'debug" --comment="x'},
+                   script=tmp_path / "x.sbatch", purpose="x")
