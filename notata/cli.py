@@ -27,6 +27,7 @@ from .errors import ManifestError, NotataError, RunDirError, UsageError
 from .heartbeat import interval_from
 from .local import LocalResult
 from .manifest import Sweep, load, parse_indices
+from .resources import size_text
 from .runner import exec_task
 from .runstate import SELECTORS
 
@@ -209,6 +210,11 @@ def format_report(report: Report) -> str:
                 line += f" (attempt {r.attempt})"
             if r.queued and r.status not in ("pending", "running"):
                 line += f" [in the queue: {r.queued}]"
+            asked = r.asked or {}
+            if asked.get("time_limit") or asked.get("mem_bytes"):  # what this attempt had
+                had = [f"time {asked['time_limit']}"] if asked.get("time_limit") else []
+                had += [f"mem {size_text(asked['mem_bytes'])}"] if asked.get("mem_bytes") else []
+                line += f" [{', '.join(had)}]"
             if r.reason:
                 line += f": {r.reason.splitlines()[0]}"
             lines.append(line)

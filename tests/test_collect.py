@@ -627,3 +627,17 @@ def test_a_run_slurm_says_was_killed_for_memory_reads_oom(tmp_path: Path) -> Non
     os.replace(tmp_path / ".notata" / "slurm-123_6.out", tmp_path / "gone")
     os.mkfifo(tmp_path / ".notata" / "slurm-123_6.out")  # never read, never waited on
     assert read_run(tmp_path / "log_running6").status == "stale"
+
+
+def test_status_shows_what_each_unfinished_attempt_had(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from notata.cli import main
+
+    d = tmp_path / "log_r"
+    d.mkdir()
+    (d / "metadata.json").write_text(json.dumps({
+        "status": "timeout", "run_id": "r", "attempt": 2, "failure_reason": "time limit",
+        "resources": {"asked": {"time_limit": "00:02:00", "mem_bytes": 400 * 2**20}}}))
+    assert main(["status", str(tmp_path)]) == 0
+    assert "r  timeout (attempt 2) [time 00:02:00, mem 400.0M]: time limit" in \
+        capsys.readouterr().out
