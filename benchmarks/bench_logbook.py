@@ -30,8 +30,10 @@ RESULT = {"E": 0.5, "x": 1.0}
 
 WORKLOAD_03 = """
 import sys, time, numpy as np
+import notata
 from notata import Logbook
 base, runs = sys.argv[1], int(sys.argv[2])
+print(notata.__version__, notata.__file__, file=sys.stderr)  # the baseline it really ran
 arr = np.linspace(0, 1, 1000)
 t0 = time.perf_counter()
 for i in range(runs):
@@ -68,10 +70,23 @@ def ours(base: Path, runs: int) -> float:
 
 
 def notata03(base: Path, runs: int, site: str) -> float:
-    env = {**os.environ, "PYTHONPATH": site}
-    out = subprocess.run([sys.executable, "-c", WORKLOAD_03, str(base), str(runs)], env=env,
-                         check=True, capture_output=True, text=True).stdout
-    return float(out)
+    env = {**os.environ, "PYTHONPATH": str(Path(site).resolve())}
+    # cwd: python -c puts the current folder first on sys.path, and from this checkout that
+    # is our notata, which once stood in for the baseline unnoticed
+    proc = subprocess.run([sys.executable, "-c", WORKLOAD_03, str(base), str(runs)], env=env,
+                          check=True, capture_output=True, text=True, cwd=base)
+    version, where = proc.stderr.split()[-2:]
+    if version != "0.3.0" or not Path(where).resolve().is_relative_to(Path(site).resolve()):
+        raise SystemExit(f"the baseline imported notata {version} from {where}, not 0.3.0 "
+                         f"from {site}")
+    return float(proc.stdout)
+
+
+def imported() -> str:
+    """Which notata this process measures: its version and where it was imported from."""
+    import notata
+
+    return f"notata {notata.__version__} from {Path(notata.__file__).parent}"
 
 
 def loop(seconds_of_work: int = 3_000) -> float:
@@ -115,6 +130,8 @@ def main() -> None:
                 else:
                     times[name].append(notata03(Path(tmp), args.runs, args.notata03))
     med = {k: statistics.median(v) for k, v in times.items() if v}
+    print(f"measured: {imported()}" + (f"; baseline: notata 0.3.0 from {args.notata03} "
+                                       "(checked in each run)" if args.notata03 else ""))
     print(f"per-run overhead, median of {args.repeats} x {args.runs} runs:")
     for name, t in med.items():
         print(f"  {name:14s} {t * 1e3:8.3f} ms/run   ratio to plain {t / med['plain']:5.2f}")

@@ -96,6 +96,9 @@ def main() -> None:
         print(f"made {args.runs} runs in {time.perf_counter() - t0:.0f} s")
         out = root / "outputs"
         status = [sys.executable, "-m", "notata", "status"]
+        which = subprocess.run([sys.executable, "-c", "import notata; print(notata.__version__, "
+                                "notata.__file__)"], capture_output=True, text=True, check=True)
+        print(f"measured: notata status of notata {which.stdout.strip()}")
         commands = {
             "find|xargs cat (floor)": f"find {out} -name metadata.json -print0 | "
                                       "xargs -0 cat > /dev/null",
