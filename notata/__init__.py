@@ -164,7 +164,7 @@ def submit(manifest: str | os.PathLike[str] | Sweep, command: Sequence[str], *,
     from . import submission
 
     options = _options("submit", command, backend, tasks, dry_run, jobs, sbatch)
-    options.retry = retry
+    options.retry = retry  # submit's own: resubmit has max_attempts
     return submission.submit(manifest, list(command), options).status
 
 

@@ -125,7 +125,6 @@ class AttachedRun:
     """
 
     superseded = False  # an attached handle is never superseded: it takes no lock
-    scheduler = None
     job_id = None
 
     def __init__(self, path: Path, on_let_go: Callable[[], None]) -> None:

@@ -197,26 +197,28 @@ def local_rounds(sweep: Sweep, policy: Policy, first: R, tasks: list[int],
     left running anywhere, ``then`` runs once and ``notify`` is told; an interrupted round
     ends it all. Returns the last round's :class:`~notata.submission.Submission`, with
     ``status`` 0 when every task is complete, 1 when some were given up or left."""
-    done, started, wanted = first, time.monotonic(), set(tasks)
+    done, started, wanted, report = first, time.monotonic(), set(tasks), None
     if policy.timeout != Rule() or policy.oom != Rule():
         print("notata submit: --backend local: failures are retried with the same "
               "resources (timeout and oom escalation needs a scheduler)", file=sys.stderr)
     for round_ in range(2, policy.attempts + 1):
         if done.status not in (0, 1):
             return done  # interrupted: nothing more, no then, no notify
-        chosen, left = scan(sweep).to_resubmit(policy.on, policy.attempts)
+        report = scan(sweep)
+        chosen, left = report.to_resubmit(policy.on, policy.attempts)
         todo = [i for i in chosen if i in wanted]
         for r, why in left:
             if r.task in wanted and r.attempt < policy.attempts:
                 print(f"notata submit: leaving task {r.task} ({r.run_id}): {why}",
                       file=sys.stderr)
         if not todo:
-            break
+            break  # this scan is the sweep as it settled
+        report = None
         print(f"notata submit: retry round {round_}: tasks {compact(todo)}", file=sys.stderr)
         done = again(todo)
     if done.status not in (0, 1):
         return done
-    report = scan(sweep)
+    report = report or scan(sweep)
     mine = [r for r in report.read if r.task in wanted]
     busy = [r for r in mine if r.status in schema.OPEN_STATUSES or r.queued]
     given_up = [r for r in mine if r not in busy and r.status != schema.COMPLETE]

@@ -183,11 +183,18 @@ _SHAPES: dict[str, type | tuple[type, ...]] = {
     "runtime_sec": (int, float), "start_unix": (int, float), "failure_reason": str,
 }
 
+@functools.lru_cache(maxsize=4)
+def _shapes(schedulers: frozenset[str]) -> dict[str, type | tuple[type, ...]]:
+    """The field shapes, the registered schedulers' records included (built once, not per
+    run of a scan)."""
+    return {**_SHAPES, **dict.fromkeys(schedulers, dict)}
+
+
 def _classify(meta: dict[str, Any], task: int | None, run_id: str, run_dir: str,
               sweep: Sweep | None, queue: Queue | None, stale_after: float | None,
               now: float) -> RunRecord:
     status = meta.get("status")
-    shapes = {**_SHAPES, **dict.fromkeys(scheduler.names(), dict)}
+    shapes = _shapes(scheduler.names())
     wrong = [k for k, kind in shapes.items() if k in meta and meta[k] is not None
              and (not isinstance(meta[k], kind) or isinstance(meta[k], bool))]
     if wrong:

@@ -119,7 +119,7 @@ def options_for(section: Mapping[str, Any], flags: Mapping[str, Any], where: str
         else:
             settings[key] = value
     for key, value in options.items():
-        if any(c in value for c in '"\\\n\r'):
+        if _unsafe(value):
             raise ManifestError(where, f"slurm {key} {value!r}: quotes, backslashes and "
                                        "newlines cannot be passed to sbatch safely")
     for line in extra:
@@ -209,10 +209,28 @@ def fit_warning(warn_before: int, time_option: str | None) -> int:
     return fitted if fitted >= 10 else 0
 
 
+def _unsafe(text: object) -> bool:
+    """Whether ``text`` would end an ``#SBATCH ...="..."`` value or a line of a job script."""
+    return any(c in str(text) for c in '"\\\n\r')
+
+
+def _check_paths(sweep: Sweep, *paths: tuple[str, object]) -> None:
+    """Refuse a path that cannot sit on a line of a job script."""
+    for what, path in paths:
+        if _unsafe(path):
+            raise ManifestError(str(sweep.path), f"{what} {str(path)!r} holds a newline, a "
+                                "quote or a backslash, which cannot sit in a job script")
+
+
+def _word(purpose: str) -> str:
+    """The first word of a job's purpose, as its name and script name take it."""
+    return re.sub(r"[^A-Za-z0-9_-]", "", (purpose.split() or ["job"])[0]) or "job"
+
+
 def _sbatch_line(sweep: Sweep, key: str, value: str) -> str:
     """``#SBATCH --option="value"``, refusing a value that would end the quotes or the line
     (a sweep name, an option: nothing may smuggle another option in)."""
-    if any(c in value for c in '"\\\n\r'):
+    if _unsafe(value):
         raise ManifestError(str(sweep.path), f"slurm {key} {value!r}: quotes, backslashes "
                                              "and newlines cannot be passed to sbatch safely")
     return f'#SBATCH {OPTIONS[key]}="{value}"'
@@ -227,11 +245,8 @@ def render(sweep: Sweep, plan: ArrayPlan, argv: Sequence[str], options: Mapping[
     ``tag`` goes into the job's comment (``notata:<tag>``): a collector finds the array
     in the queue by it even when its job id was never recorded (sbatch did not answer in
     time, the submitter was killed, the disk filled before the record)."""
-    for what, path in (("base_dir", sweep.base_dir), ("the job script", script),
-                       ("the interpreter", python)):
-        if any(c in str(path) for c in '"\\\n\r'):
-            raise ManifestError(str(sweep.path), f"{what} {str(path)!r} holds a newline, a "
-                                "quote or a backslash, which cannot sit in a job script")
+    _check_paths(sweep, ("base_dir", sweep.base_dir), ("the job script", script),
+                 ("the interpreter", python))
     lines = [f"#SBATCH --array={plan.spec}" + (f"%{throttle}" if throttle else "")]
     if tag:  # a comment of the user's own (accounting, say) is kept after the tag
         theirs = [m for m in map(_COMMENT.match, extra) if m]
@@ -265,17 +280,13 @@ def render_job(sweep: Sweep, argv: Sequence[str], options: Mapping[str, str], *,
     """The script of one plain (not array) job of the sweep that runs ``argv`` (no shell),
     started only once every job of ``after`` has ended, however it ended
     (``--dependency=afterany``): the retry shepherd and the sweep's final job."""
-    for what, path in (("base_dir", sweep.base_dir), ("the job script", script)):
-        if any(c in str(path) for c in '"\\\n\r'):
-            raise ManifestError(str(sweep.path), f"{what} {str(path)!r} holds a newline, a "
-                                "quote or a backslash, which cannot sit in a job script")
+    _check_paths(sweep, ("base_dir", sweep.base_dir), ("the job script", script))
     if not argv:
         raise ValueError("render_job: no command to run")
     if isinstance(after, str) or not all(re.fullmatch(r"[0-9]+(_[0-9]+)?", str(job))
                                          for job in after):
         raise ValueError(f"job ids {after!r}: not a list of SLURM job ids")
-    word = re.sub(r"[^A-Za-z0-9_-]", "", (purpose.split() or ["job"])[0]) or "job"
-    defaults = {"job_name": f"{sweep.name}-{word}",
+    defaults = {"job_name": f"{sweep.name}-{_word(purpose)}",
                 "output": str(layout.SweepPaths(sweep.base_dir).folder / "job-%j.out")}
     lines = [_sbatch_line(sweep, key, value) for key, value in {**defaults, **options}.items()]
     if after:
@@ -292,8 +303,7 @@ def submit_job(sweep: Sweep, argv: Sequence[str], options: Mapping[str, str], *,
     """Write :func:`render_job`'s script under ``.notata/jobs/`` and submit it; its job id."""
     paths = layout.SweepPaths(sweep.base_dir)
     paths.jobs.mkdir(parents=True, exist_ok=True)
-    word = re.sub(r"[^A-Za-z0-9_-]", "", (purpose.split() or ["job"])[0]) or "job"
-    script = paths.jobs / f"{sweep.name}-{word}-{time.strftime('%Y%m%dT%H%M%S')}-" \
+    script = paths.jobs / f"{sweep.name}-{_word(purpose)}-{time.strftime('%Y%m%dT%H%M%S')}-" \
         f"{secrets.token_hex(3)}.sbatch"  # two in one second never share a file
     _fs.atomic_write_bytes(script, render_job(sweep, argv, options, script=script,
                                               purpose=purpose, after=after).encode())
