@@ -213,6 +213,10 @@ def test_errors_a_user_causes_are_notatas_and_keep_their_builtin_bases(
     assert isinstance(exists.value, FileExistsError)
     with pytest.raises(UsageError):
         Logbook("r", base, overwrite=True, resume=True)
+    from notata import load_sweep
+    with pytest.raises(IndexError) as outside:  # submit_sweep raised IndexError before
+        load_sweep(manifest).check_indices([0, 99])
+    assert isinstance(outside.value, UsageError)
     with Logbook("s", base) as log, pytest.raises(ValueError):  # as notata 0.3 raised
         log.save_text("../out", "x")
     # no task index anywhere: a usage error, exit 2, one line
