@@ -33,9 +33,11 @@ scheduler layer names a scheduler's variables, job states or metadata fields).
 4. scanning: ``runstate`` (one run's state); ``queue`` (which tasks the queue holds);
    ``collector`` (the scan, the report); ``tabulate``.
 5. schedulers: ``slurm`` (SLURM inside a job and its queue); ``sbatch`` (arrays, job
-   scripts, submitting); ``submitit`` (the submitit bridge).
+   scripts, submitting); ``submitit`` (the submitit bridge); ``chain`` (the retry
+   shepherd's record, log and jobs).
 6. submitting: ``submission`` (submit and resubmit: the Python API the CLI wraps);
-   ``retry`` (a sweep's retry policy: which failures, how often, with what more).
+   ``retry`` (a sweep's retry policy: which failures, how often, with what more);
+   ``shepherd`` (one round of retries on the cluster: ``notata shepherd``).
 7. interfaces: ``cli``, ``__main__`` and this module (the public names).
 """
 
@@ -156,7 +158,8 @@ def submit(manifest: str | os.PathLike[str] | Sweep, command: Sequence[str], *,
     shell is involved); ``backend`` "slurm" or "local" (None: slurm where sbatch is found);
     ``sbatch`` takes the options of ``notata submit`` by their Python names, as
     :func:`resubmit` does; ``retry`` runs each task up to that many times in all (see
-    :mod:`notata.retry`; the local backend for now). Complete tasks and tasks still queued
+    :mod:`notata.retry`; on SLURM a shepherd job retries, :mod:`notata.shepherd`; locally
+    this call retries). Complete tasks and tasks still queued
     or running are left out.
     Returns the command's exit status (0: submitted, or locally every task complete; 1: a
     local task failed). Raises as :func:`resubmit` does.

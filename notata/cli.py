@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import sbatch, slurm, submission, tabulate
+from . import chain, sbatch, shepherd, slurm, submission, tabulate
 from ._version import __version__
 from .array import task_index
 from .collector import Report, Watcher
@@ -168,9 +168,16 @@ def cmd_status(args: argparse.Namespace) -> int:
             if args.watch is not None and sys.stdout.isatty():
                 print("\033[H\033[J", end="")
             print(format_report(report), flush=True)
+            if isinstance(target, Sweep):
+                for line in chain.describe(target.base_dir, target):
+                    print(line, flush=True)
         if args.watch is None or report.terminal:
             return 0
         time.sleep(args.watch)
+
+
+def cmd_shepherd(args: argparse.Namespace) -> int:
+    return shepherd.shepherd(load(args.manifest), then=args.then, as_job=args.as_job)
 
 
 def cmd_resubmit(args: argparse.Namespace) -> int:
@@ -273,8 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "tasks are skipped.")
     m.add_argument("manifest")
     m.add_argument("--retry", type=int, metavar="N",
-                   help="run each task up to N times in all, until it completes (the "
-                        "manifest's retry: section says more; --backend local for now)")
+                   help="run each task up to N times in all, until it completes: on "
+                        "SLURM a shepherd job resubmits what failed, with more time after a "
+                        "timeout and more memory after an OOM kill (the manifest's retry: "
+                        "section says more)")
     add_submit_options(m)
     m.set_defaults(func=cmd_submit)
 
@@ -303,6 +312,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="csv (default) or JSON lines")
     tb.add_argument("--status", action="append", help="only runs with this status (repeatable)")
     tb.set_defaults(func=cmd_table)
+
+    sh = sub.add_parser("shepherd", help="one round of a sweep's retries (what --retry queues)",
+                        description="Scan the sweep, resubmit what its retry policy retries "
+                        "(more time after a timeout, more memory after an OOM kill), and "
+                        "queue the next shepherd behind the new arrays, or the sweep's final "
+                        "job. Run by hand, it resumes a chain that was cancelled. Its "
+                        "decisions: <base_dir>/.notata/shepherd.log.")
+    sh.add_argument("manifest")
+    sh.add_argument("--then", action="store_true",
+                    help="run the sweep's then command and notify (the final job does)")
+    sh.add_argument("--as-job", action="store_true", help=argparse.SUPPRESS)
+    sh.set_defaults(func=cmd_shepherd)
 
     r = sub.add_parser("resubmit", help="submit failed, stale and missing tasks again",
                        usage="notata resubmit MANIFEST [selectors] [options] [-- CMD [ARGS...]]",

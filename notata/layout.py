@@ -44,6 +44,16 @@ class SweepPaths:
         self.resubmit_lock = self.folder / "resubmit.lock"
         #: The job scripts notata wrote (``<sweep>-<submission>-<k>.sbatch``).
         self.jobs = self.folder / "jobs"
+        #: One line per decision of the retry shepherds of the sweeps here.
+        self.shepherd_log = self.folder / "shepherd.log"
+
+    def shepherd(self, sweep: str) -> Path:
+        """The retry shepherd's record of one sweep (:mod:`notata.chain`)."""
+        return self.folder / f"shepherd-{sweep}.json"
+
+    def shepherd_lock(self, sweep: str) -> Path:
+        """Held by the shepherd that acts for a sweep: a second one exits."""
+        return self.folder / f"shepherd-{sweep}.lock"
 
     def job_output(self, array_job: object, array_task: object) -> Path:
         """An array task's output file (``job_output("%A", "%a")``: the pattern sbatch

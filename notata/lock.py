@@ -342,6 +342,22 @@ class Exclusive:
             self._soft.acquire(timeout=-1)
         return self
 
+    def try_acquire(self) -> bool:
+        """Take the lock if no other process holds it, without waiting; whether taken
+        (then :meth:`release` gives it up). Never blocks, even on a soft lock."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._fd = _flock(self.path, blocking=False)
+        except _Unsupported:
+            soft = _soft(self.path)
+            try:
+                soft.acquire(timeout=0)
+            except filelock.Timeout:
+                return False
+            self._soft = soft
+            return True
+        return self._fd is not None
+
     def release(self) -> None:
         """Give the lock up now (safe to call twice)."""
         fd, self._fd = self._fd, None

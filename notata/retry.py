@@ -9,6 +9,7 @@ The manifest's ``retry:`` section (flags win, as for ``slurm:``)::
       oom: {mem: 2.0, max: 256G}                # next --mem = previous x 2, capped
       then: python summarize.py sweep.yaml      # once, when the sweep has settled
       notify: https://hooks.example.org/abc     # a JSON POST when it settles or gives up
+      shepherd: {partition: short}              # the shepherd job's own sbatch options
 
 :func:`next_resources` says what the next attempt of a task asks for, by the cause of
 its last end: a timeout gets the ``timeout`` rule, an oom the ``oom`` rule, anything else
@@ -26,7 +27,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from . import sbatch, schema
@@ -80,6 +81,7 @@ class Policy:
     oom: Rule = Rule()
     then: tuple[str, ...] = ()
     notify: str | None = None
+    shepherd: Mapping[str, str] = field(default_factory=dict)
 
 
 def policy(section: Mapping[str, Any] | None, attempts: int | None, where: str) -> Policy | None:
@@ -90,7 +92,7 @@ def policy(section: Mapping[str, Any] | None, attempts: int | None, where: str) 
         return ManifestError(where, f"retry: {problem}")
 
     section = dict(section or {})
-    known = {"attempts", "on", "timeout", "oom", "then", "notify"}
+    known = {"attempts", "on", "timeout", "oom", "then", "notify", "shepherd"}
     unknown = sorted(set(section) - known)
     if unknown:
         raise fail(f"unknown key {unknown[0]!r}; known: {', '.join(sorted(known))}")
@@ -119,9 +121,23 @@ def policy(section: Mapping[str, Any] | None, attempts: int | None, where: str) 
                                or not notify.startswith(("http://", "https://"))):
         raise fail(f"notify {notify!r}: give an http:// or https:// address")
     timeout, oom = _rule(section, "timeout", "time", fail), _rule(section, "oom", "mem", fail)
+    own = section.get("shepherd") or {}
+    if not isinstance(own, Mapping) or set(own) - set(SHEPHERD_KEYS) or any(
+            isinstance(v, (bool, list, dict)) or v is None for v in own.values()):
+        raise fail(f"shepherd {own!r}: give sbatch options for the shepherd job, among "
+                   f"{', '.join(SHEPHERD_KEYS)}")
+    try:  # the same checks as the sweep's own options
+        sbatch.options_for({}, {k: str(v) for k, v in own.items()}, where)
+    except ManifestError as err:
+        raise fail(f"shepherd: {err.problem}") from None
     if not n:  # checked whole, but nothing asks for retries
         return None
-    return Policy(n, frozenset(on), timeout, oom, tuple(then), notify)
+    return Policy(n, frozenset(on), timeout, oom, tuple(then), notify,
+                  {k: str(v) for k, v in own.items()})
+
+
+#: The sbatch options a manifest's ``retry: shepherd:`` may set for the shepherd job.
+SHEPHERD_KEYS = ("partition", "account", "qos", "time", "mem")
 
 
 def _rule(section: Mapping[str, Any], cause: str, what: str, fail: Any) -> Rule:
@@ -252,11 +268,23 @@ def settle(sweep: Sweep, policy: Policy, report: Report, given_up: list[RunRecor
             print(f"notata: then {shlex.join(policy.then)}: {err}", file=sys.stderr)
             then_status = 127
     if policy.notify:
-        notify(policy.notify, {
-            "sweep": sweep.name, "manifest": str(sweep.path), "counts": report.counts,
+        notify(policy.notify, summary(sweep, report, given_up, then_status, elapsed))
+
+
+def summary(sweep: Sweep, report: Report, given_up: list[RunRecord],
+            then_status: int | None, elapsed: float, outcome: str = "settled",
+            why: Mapping[int, str] | None = None) -> dict[str, Any]:
+    """The notification's JSON: the sweep, how it ended (``settled``, ``cancelled``),
+    its counts by status, the tasks given up with why, the ``then`` command's exit
+    status, and the seconds it took."""
+    why = why or {}
+    return {"sweep": sweep.name, "manifest": str(sweep.path), "outcome": outcome,
+            "counts": report.counts,
             "given_up": [{"task": r.task, "run_id": r.run_id, "status": r.status,
-                          "attempts": r.attempt, "reason": r.reason} for r in given_up],
-            "then_exit_status": then_status, "seconds": round(elapsed, 1)})
+                          "attempts": r.attempt,
+                          "reason": why.get(r.task if r.task is not None else -1, r.reason)}
+                         for r in given_up],
+            "then_exit_status": then_status, "seconds": round(elapsed, 1)}
 
 
 NOTIFY_TIMEOUT = 10.0

@@ -276,10 +276,13 @@ def render(sweep: Sweep, plan: ArrayPlan, argv: Sequence[str], options: Mapping[
 
 
 def render_job(sweep: Sweep, argv: Sequence[str], options: Mapping[str, str], *,
-               script: Path, purpose: str, after: Sequence[str] = ()) -> str:
+               script: Path, purpose: str, after: Sequence[str] = (),
+               extra: Sequence[str] = (), begin: str | None = None) -> str:
     """The script of one plain (not array) job of the sweep that runs ``argv`` (no shell),
     started only once every job of ``after`` has ended, however it ended
-    (``--dependency=afterany``): the retry shepherd and the sweep's final job."""
+    (``--dependency=afterany``), and not before ``begin`` (``now+60``): the retry
+    shepherd and the sweep's final job. ``extra``: more ``#SBATCH`` lines, as
+    :func:`options_for` checked them."""
     _check_paths(sweep, ("base_dir", sweep.base_dir), ("the job script", script))
     if not argv:
         raise ValueError("render_job: no command to run")
@@ -291,6 +294,12 @@ def render_job(sweep: Sweep, argv: Sequence[str], options: Mapping[str, str], *,
     lines = [_sbatch_line(sweep, key, value) for key, value in {**defaults, **options}.items()]
     if after:
         lines.append(f"#SBATCH --dependency=afterany:{':'.join(map(str, after))}")
+    if begin is not None:
+        if not re.fullmatch(r"now\+[0-9]+|[0-9T:-]+", begin):
+            raise ValueError(f"begin {begin!r}: not a time sbatch --begin takes")
+        lines.append(f"#SBATCH --begin={begin}")
+    lines += [line if line.lstrip().startswith("#SBATCH") else f"#SBATCH {line}"
+              for line in extra]
     values = {"SWEEP": sweep.name, "HASH": sweep.hash, "TIME": runinfo.now_iso(),
               "PURPOSE": purpose.replace("\n", " "), "SCRIPT": shlex.quote(str(script)),
               "SBATCH": "\n".join(lines), "RUNVARS": " ".join(sorted(RUN_VARIABLES)),
@@ -299,15 +308,23 @@ def render_job(sweep: Sweep, argv: Sequence[str], options: Mapping[str, str], *,
 
 
 def submit_job(sweep: Sweep, argv: Sequence[str], options: Mapping[str, str], *,
-               purpose: str, after: Sequence[str] = ()) -> str:
-    """Write :func:`render_job`'s script under ``.notata/jobs/`` and submit it; its job id."""
+               purpose: str, after: Sequence[str] = (), extra: Sequence[str] = (),
+               begin: str | None = None) -> str:
+    """Write :func:`render_job`'s script under ``.notata/jobs/`` and submit it; its job id.
+    The script of a job sbatch refused is removed."""
     paths = layout.SweepPaths(sweep.base_dir)
     paths.jobs.mkdir(parents=True, exist_ok=True)
     script = paths.jobs / f"{sweep.name}-{_word(purpose)}-{time.strftime('%Y%m%dT%H%M%S')}-" \
         f"{secrets.token_hex(3)}.sbatch"  # two in one second never share a file
-    _fs.atomic_write_bytes(script, render_job(sweep, argv, options, script=script,
-                                              purpose=purpose, after=after).encode())
-    return submit_script(script)
+    _fs.atomic_write_bytes(script, render_job(
+        sweep, argv, options, script=script, purpose=purpose, after=after, extra=extra,
+        begin=begin).encode())
+    try:
+        return submit_script(script)
+    except SchedulerError as err:
+        if err.returncode is not None and err.returncode > 0:  # refused: nothing queued
+            script.unlink(missing_ok=True)
+        raise
 
 
 _COMMENT = re.compile(r"^\s*(?:#SBATCH\s+)?--comment(?:=|\s+)(.*)$")

@@ -24,10 +24,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import local, lock, retry, sbatch, schema, slurm, submissions
+from . import chain, local, lock, retry, sbatch, schema, slurm, submissions
 from .array import is_complete
 from .collector import Report, scan
-from .errors import UsageError
+from .errors import SchedulerError, UsageError
 from .manifest import Sweep, compact, parse_indices
 from .manifest import load as load_sweep
 from .runstate import DEFAULT_RESUBMIT, PENDING, SELECTORS
@@ -129,12 +129,25 @@ def submit(manifest: str | os.PathLike[str] | Sweep, command: Sequence[str],
     sweep.check_unique(remember=not options.dry_run)
     backend = options.backend or _default_backend()
     policy = retry.policy(sweep.retry, options.retry, str(sweep.path))
-    if policy is not None and backend != "local":
-        raise UsageError(f"retries (--retry, or {sweep.path.name}'s retry: section) run with "
-                         "--backend local for now; on SLURM, notata resubmit after the sweep")
+    chain_id = chain.new_chain(sweep) if policy is not None and backend != "local" else None
+    if chain_id is not None:  # refuse bad shepherd options before anything is queued
+        chain.shepherd_options(sweep, options.given(), policy.shepherd if policy else {})
     done = _submit(sweep, indices, command, backend, options, options.given(),
-                   progress=progress, held=None)
+                   progress=progress, held=None,
+                   fields={"chain": chain_id, "round": 1} if chain_id else None)
     if policy is None or options.dry_run:
+        return done
+    if chain_id is not None:  # the cluster keeps the sweep going (notata.shepherd)
+        if done.tasks or done.busy:
+            try:
+                chain.start(sweep, chain_id, command=command, given=options.given(),
+                            tasks=compact(indices), attempts=options.retry,
+                            own=policy.shepherd, after=done.job_ids)
+            except SchedulerError as err:
+                print(f"notata submit: the tasks were submitted, but not their retry "
+                      f"shepherd ({err}); once they end, run: notata shepherd {sweep.path}",
+                      file=sys.stderr)
+                done.status = FAILED
         return done
     return retry.local_rounds(sweep, policy, done, indices, lambda todo: _submit(
         sweep, todo, command, backend, options, options.given(), progress=progress,
@@ -249,15 +262,17 @@ def _not_to_submit(sweep: Sweep, indices: list[int]) -> dict[int, str]:
 
 def _submit(sweep: Sweep, indices: list[int], cmd: list[str], backend: str, options: Options,
             given: Mapping[str, Any], *, progress: Any, held: lock.Exclusive | None,
-            again: bool = False) -> Submission:
+            again: bool = False, fields: Mapping[str, Any] | None = None) -> Submission:
     """Submit ``indices`` (``again``: chosen by resubmit, else the complete, queued and
     running ones left out) and record each part as it goes, under the sweep's lock
-    (``held``: already taken by the caller)."""
+    (``held``: already taken by the caller); ``fields`` go into every record (a retry
+    chain's ``chain`` and ``round``)."""
     sub_id = submissions.new_id()
+    more = dict(fields or {})
 
-    def record(tasks: list[int], **fields: Any) -> dict[str, Any]:
+    def record(tasks: list[int], **parts: Any) -> dict[str, Any]:
         return submissions.entry(sweep, backend, sub_id, tasks, command=cmd,
-                                 options=dict(given), **fields)
+                                 options=dict(given), **more, **parts)
     flags = {k: given.get(k) for k in sbatch.OPTIONS}
     flags.update(extra=given.get("sbatch_line"), throttle=given.get("throttle"),
                  warn_before=given.get("warn_before"))

@@ -183,3 +183,16 @@ def live_local(records: list[dict[str, Any]], host: str, running_jobs: Iterable[
             if abs(psutil.Process(pid).create_time() - start) < 1.0:
                 out.append(r)
     return out
+
+
+def tries(records: Iterable[dict[str, Any]], manifest_hash: str) -> dict[int, int]:
+    """Task -> how many of notata's submissions of this manifest version included it (the
+    attempts a retry policy counts: SLURM's own requeues of a task are not among them).
+    ``records``: :func:`submitted`."""
+    out: dict[int, int] = {}
+    for r in records:
+        if r.get("manifest_hash") != manifest_hash or not r.get("tasks"):
+            continue
+        for i in taskspec.expand(str(r["tasks"])):
+            out[i] = out.get(i, 0) + 1
+    return out

@@ -68,3 +68,12 @@ def group_users() -> tuple[str, list[str], str]:
     SHARED_VENV.parent.chmod(0o755)
     return str(SHARED_VENV / "bin" / "python"), ["notata-a", "notata-b"], "notata-share"
 
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The retry shepherd's dozen-task sweep takes minutes on the cluster: submitted as
+    soon as the session knows it will run, it runs while the other modules' tests do."""
+    if any(getattr(item, "module", None) is not None
+           and item.module.__name__ == "test_shepherd" for item in session.items):
+        import test_shepherd
+
+        test_shepherd.start_early()

@@ -18,8 +18,8 @@ LAYERS = [
     {"_attempt", "_run", "_outputs", "logbook", "experiment"},
     {"array", "runner", "local"},
     {"runstate", "queue", "collector", "tabulate"},
-    {"slurm", "sbatch", "submitit"},
-    {"submission", "retry"},
+    {"slurm", "sbatch", "submitit", "chain"},
+    {"submission", "retry", "shepherd"},
     {"cli", "__main__", "__init__"},
 ]
 SCHEDULER_LAYER = 5

@@ -71,45 +71,16 @@ RETRY_PAYLOAD = (
 )
 
 
-class _Hook:
-    """A loopback HTTP server that keeps every JSON body POSTed to it."""
-
-    def __init__(self) -> None:
-        import http.server
-        import json
-        import threading
-
-        bodies = self.bodies = []
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (the stdlib's name)
-                size = int(self.headers["Content-Length"])
-                bodies.append(json.loads(self.rfile.read(size)))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def test_a_local_sweep_with_retries_settles_then_runs_once_and_notifies(
         base: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import sys
 
-    from helpers import read_meta, write_sweep
+    from helpers import Hook, read_meta, write_sweep
 
     from notata import load_sweep
     from notata.cli import main
 
-    hook = _Hook()
+    hook = Hook()
     then = [sys.executable, "-c", "open('then.txt', 'a').write('ran\\n')"]
     try:
         manifest = write_sweep(base, "name: r\nrun_id: 'k{k}'\ngrid: {k: [0, 1, 2]}\n"
@@ -138,17 +109,20 @@ def test_a_local_sweep_with_retries_settles_then_runs_once_and_notifies(
         hook.close()
 
 
-def test_retries_are_refused_where_they_cannot_run_yet(
+def test_a_bad_policy_is_refused_before_anything_is_submitted(
         base: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A bad retry: section, or retries on the SLURM backend (its shepherd is not built
-    yet): one line, exit 2, nothing written."""
+    """A bad retry: section (the shepherd job's options included): one line, exit 2,
+    nothing written, nothing submitted."""
     from helpers import write_sweep
 
     from notata.cli import main
 
     for text, says in [("retry: {attempts: 3, on: [cancelled]}\n", "cancelled is never"),
                        ("retry: {attempts: 3, oom: {mem: 0.5}}\n", "factor of at least 1"),
-                       ("retry: {attempts: 2}\n", "--backend local for now")]:
+                       ("retry: {attempts: 2, shepherd: {nodes: 3}}\n",
+                        "give sbatch options for the shepherd job"),
+                       ("retry: {attempts: 2, shepherd: {partition: 'a\"b'}}\n",
+                        "cannot be passed to sbatch safely")]:
         manifest = write_sweep(base, "name: r\ngrid: {k: [0, 1]}\n" + text)
         assert main(["submit", str(manifest), "--backend", "slurm", "--", "true"]) == 2
         err = capsys.readouterr().err

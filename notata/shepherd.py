@@ -1,0 +1,315 @@
+"""``notata shepherd MANIFEST``: one round of a sweep's retries on the cluster, then its
+successor, or the sweep's end.
+
+A shepherd is a job, not a daemon (see :mod:`notata.chain` for the chain it belongs to).
+When every array of its round has ended, it
+
+1. stands down if it is not the chain's shepherd (another job, or ``notata shepherd`` by
+   hand, took the chain over), or if another shepherd of the sweep acts right now (its
+   lock);
+2. under the sweep's lock (the one ``notata resubmit`` takes: a resubmit by hand at the
+   same time never doubles a task), scans the sweep with SLURM's queue;
+3. ends the chain if the user cancelled tasks of the round (``scancel``: the user's
+   word ends the sweep; a task cancelled before it started reads ``missing``, so SLURM's
+   own record of the arrays is asked);
+4. gives up the tasks that used their attempts (notata's submissions of the task, the
+   first included; SLURM's own requeues are not counted) or that ended the same way at
+   their escalation cap, and submits the rest, one array per resource level
+   (:func:`notata.retry.plan_round`), recorded in ``submissions.jsonl`` with the chain,
+   the round and each task's cause;
+5. queues its successor behind the new arrays and the jobs still running tasks, or,
+   when nothing is left running or to retry, the sweep's final job (``then``, with the
+   sweep's options) that sends the notification; without ``then`` it notifies itself.
+
+Every decision is a line of ``.notata/shepherd.log``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from . import chain, lock, retry, scheduler, schema, submissions
+from .collector import Report, scan
+from .errors import SchedulerError, UsageError
+from .layout import SweepPaths
+from .manifest import Sweep, compact, parse_indices
+from .manifest import load as load_sweep
+from .runstate import PENDING, RunRecord
+from .slurm import collector_queue
+from .submission import Options, _submit, last_submission
+
+
+def shepherd(manifest: str | os.PathLike[str] | Sweep, *, then: bool = False,
+             as_job: bool = False) -> int:
+    """Act once for the sweep's retry chain (the module docstring says how); ``then``:
+    run the sweep's final step instead; ``as_job``: run as the chain's job (by hand, it
+    always acts). Returns 0 when it acted or stood down, 1 when the chain stopped on an
+    error."""
+    sweep = manifest if isinstance(manifest, Sweep) else load_sweep(manifest)
+    base = sweep.base_dir
+    guard = lock.exclusive(SweepPaths(base).shepherd_lock(sweep.name))
+    # A job waits a little for its predecessor to finish writing; by hand, a second
+    # shepherd exits at once.
+    deadline = time.monotonic() + (6 * NAMED_WITHIN if as_job else 0)
+    while not guard.try_acquire():
+        if time.monotonic() >= deadline:
+            print(f"notata shepherd: another shepherd acts for {sweep.name} right now; "
+                  "this one exits")
+            return 0
+        time.sleep(1.0)
+    try:
+        state = chain.read(base, sweep.name) or _adopt(sweep)
+        policy = retry.policy(sweep.retry, state.attempts, str(sweep.path))
+        if policy is None:
+            raise UsageError(f"{sweep.path.name} asks for no retries (no retry: section) and "
+                             "its chain records no --retry")
+        me = _my_job() if as_job else None
+        if as_job:
+            named = _named(sweep, state, me)
+            if named is None:
+                return 0
+            state = named
+        if then:
+            return _final(sweep, policy, state)
+        if not as_job and state.state in (chain.SETTLED, chain.STOPPED):
+            chain.log(base, sweep.name, f"by hand: the chain had {state.state} "
+                      f"({state.why}); it starts again from round {state.round}")
+            state.then_job = state.then_status = None
+            state.notified, state.given_up = False, {}
+        if state.manifest_hash != sweep.hash:
+            return _stop(sweep, state, policy, None, "the manifest changed since the chain "
+                         f"began (hash {state.manifest_hash} -> {sweep.hash}): submit again")
+        return _round(sweep, policy, state, me)
+    finally:
+        guard.release()
+
+
+#: A shepherd job that the record does not name yet waits this long for it (its
+#: predecessor writes the record just after sbatch answered).
+NAMED_WITHIN = 10.0
+
+
+def _named(sweep: Sweep, state: chain.State, me: str | None) -> chain.State | None:
+    """The chain's record, if it names this job as the one that acts; else None, said
+    in the log (a job of a chain taken over by hand, or one already ended)."""
+    deadline = time.monotonic() + NAMED_WITHIN
+    while state.job_id != me and state.state == chain.WAITING \
+            and time.monotonic() < deadline:
+        time.sleep(1.0)
+        state = chain.read(sweep.base_dir, sweep.name) or state
+    if me is not None and state.job_id == me:
+        return state
+    chain.log(sweep.base_dir, sweep.name, f"job {me} stands down: the chain's shepherd is "
+              + (f"job {state.job_id}" if state.job_id else f"none ({state.state})"))
+    return None
+
+
+def _my_job() -> str | None:
+    """The job id this process runs in, None by hand."""
+    found = scheduler.current(os.environ)
+    if found is None:
+        return None
+    job = found[0].job_id(found[1])
+    return None if job is None else str(job)
+
+
+def _adopt(sweep: Sweep) -> chain.State:
+    """A chain for a sweep submitted without one (``notata shepherd`` by hand on a sweep
+    whose manifest has a ``retry:`` section): its last submission's command and options,
+    every task."""
+    last = last_submission(sweep)
+    if last is None or not last.get("command"):
+        raise UsageError(f"{sweep.name} was never submitted: notata submit {sweep.path} "
+                         "--retry N -- CMD starts its retry chain")
+    return chain.State(chain.new_chain(sweep), sweep.name, str(sweep.path), sweep.hash,
+                       list(last["command"]), dict(last.get("options") or {}),
+                       compact(range(len(sweep))))
+
+
+def _round(sweep: Sweep, policy: retry.Policy, state: chain.State, me: str | None) -> int:
+    base, name = sweep.base_dir, sweep.name
+
+    def say(line: str) -> None:
+        chain.log(base, name, line)
+    looked_after = set(parse_indices(state.tasks, len(sweep)))
+    with submissions.sweep_lock(base) as held:
+        queue = collector_queue(base, "shepherd", required=True)
+        report = scan(sweep, queue=queue)
+        records = submissions.submitted(base)
+        mine = [r for r in records if r.get("chain") == state.chain]
+        last_round = max((int(r.get("round") or 0) for r in mine), default=state.round)
+        arrays = [a for r in mine if r.get("round") == last_round for a in r.get("arrays", [])]
+        by_task = {r.task: r for r in report.read if r.task is not None}
+        ran = {i for r in mine if r.get("round") == last_round
+               for i in parse_indices(str(r.get("tasks") or ""), len(sweep))}
+        cancelled = {i for i in ran if i in by_task and by_task[i].status == schema.CANCELLED}
+        cancelled |= {i for i in chain.cancelled_tasks(arrays)  # some never started
+                      if i in by_task and by_task[i].status != schema.COMPLETE}
+        state.round = max(state.round, last_round)
+        if cancelled & looked_after:
+            return _stop(sweep, state, policy, report,
+                         f"tasks {compact(cancelled & looked_after)} were cancelled "
+                         "(scancel): a cancel is the user's word, so the chain ends here, "
+                         "without more retries or then", outcome="cancelled")
+        busy = [r for r in by_task.values() if r.task in looked_after
+                and (r.queued or r.status in schema.OPEN_STATUSES or r.status == PENDING)]
+        chosen, left = report.to_resubmit(policy.on, None)
+        for r, why in left:
+            if r.task in looked_after and r not in busy:
+                say(f"round {state.round}: task {r.task} left: {why}")
+        tries = submissions.tries(records, sweep.hash)
+        todo: list[RunRecord] = []
+        given_up: dict[int, str] = {}
+        for i in chosen:
+            if i not in looked_after:
+                continue
+            if tries.get(i, 0) >= policy.attempts:
+                reason = (by_task[i].reason or "").strip().splitlines()
+                given_up[i] = f"{by_task[i].status} after {tries.get(i, 0)} attempt(s), " \
+                    "the policy's limit" + (f": {reason[0]}" if reason else "")
+            else:
+                todo.append(by_task[i])
+        groups, capped = retry.plan_round(policy, todo, state.options)
+        given_up.update((r.task, why) for r, why in capped if r.task is not None)
+        for i, why in sorted(given_up.items()):
+            if state.given_up.get(str(i)) != why:
+                say(f"task {i} given up: {why}")
+            state.given_up[str(i)] = why
+        job_ids: list[str] = []
+        if groups:
+            state.round += 1
+        try:
+            for (time_, mem), tasks in sorted(groups.items(), key=lambda g: g[1][0]):
+                given = dict(state.options)
+                given.update({k: v for k, v in (("time", time_), ("mem", mem)) if v})
+                causes: dict[str, list[int]] = {}
+                for i in tasks:
+                    causes.setdefault(by_task[i].status, []).append(i)
+                cause = {status: compact(ts) for status, ts in causes.items()}
+                done = _submit(sweep, tasks, state.command, "slurm", Options(), given,
+                               progress=None, held=held, again=True,
+                               fields={"chain": state.chain, "round": state.round,
+                                       "why": cause})
+                job_ids += done.job_ids
+                say(f"round {state.round}: tasks {compact(tasks)} ("
+                    + "; ".join(f"{s}: {t}" for s, t in cause.items()) + ") with "
+                    + (", ".join(f"--{k} {v}" for k, v in (("time", time_), ("mem", mem))
+                                 if v) or "the same resources")
+                    + f": jobs {', '.join(done.job_ids) or '(none)'}")
+        except (SchedulerError, OSError) as err:
+            say(f"round {state.round}: sbatch failed ({err}); a shepherd looks again later")
+            return _next(sweep, policy, state, job_ids, busy, queue, me, failed=True)
+    if job_ids or busy:
+        return _next(sweep, policy, state, job_ids, busy, queue, me)
+    return _settle(sweep, policy, state, report)
+
+
+def _next(sweep: Sweep, policy: retry.Policy, state: chain.State, job_ids: list[str],
+          busy: list[RunRecord], queue: Any, me: str | None, failed: bool = False) -> int:
+    """Queue the successor behind this round's arrays and the jobs that still run tasks."""
+    base = sweep.base_dir
+    waits = set(job_ids)
+    for r in busy:
+        if r.array is not None:
+            waits.add(str(r.array[0]))
+    if queue is not None:  # arrays of this sweep still queued (pending tasks have no run)
+        recorded = {str(a["job_id"]) for rec in submissions.submitted(base)
+                    if rec.get("manifest_hash") == sweep.hash
+                    for a in rec.get("arrays", []) if a.get("job_id") is not None}
+        waits |= {queue.provider.split_key(k)[0] for k in queue.jobs} & recorded
+    waits.discard(me or "")
+    after = sorted(waits, key=lambda j: (len(j), j))
+    options = chain.shepherd_options(sweep, state.options, policy.shepherd)
+    try:  # busy without a job (a process here runs tasks): it looks again later
+        job = chain.submit_shepherd(sweep, options, after, round_=state.round)
+    except (SchedulerError, OSError) as err:
+        return _stop(sweep, state, policy, None, f"could not queue the next shepherd ({err}): "
+                     f"run notata shepherd {sweep.path} to resume", outcome=None)
+    state.state, state.job_id, state.after = chain.WAITING, job, after
+    state.why = (f"round {state.round}: " + ("sbatch failed; " if failed else "")
+                 + f"shepherd job {job} waits for jobs {', '.join(after) or '(a while)'}")
+    chain.write(base, state)
+    chain.log(base, sweep.name, state.why)
+    return 1 if failed else 0
+
+
+def _settle(sweep: Sweep, policy: retry.Policy, state: chain.State, report: Report) -> int:
+    """Nothing runs, nothing to retry: the final job, or the notification now."""
+    base = sweep.base_dir
+    counts = ", ".join(f"{n} {s}" for s, n in report.counts.items() if n)
+    if policy.then:
+        try:
+            job = chain.submit_then(sweep, state.options)
+        except (SchedulerError, OSError) as err:
+            return _stop(sweep, state, policy, report, f"settled ({counts}), but its final "
+                         f"job could not be queued ({err})", outcome="settled")
+        state.state, state.job_id, state.then_job, state.after = chain.SETTLING, job, job, []
+        state.why = f"settled ({counts}); final job {job} runs: {shlex.join(policy.then)}"
+        chain.write(base, state)
+        chain.log(base, sweep.name, state.why)
+        return 0
+    state.state, state.job_id, state.after = chain.SETTLED, None, []
+    state.why = f"settled ({counts}) after {state.round} round(s)"
+    _notify(sweep, policy, state, report, "settled")
+    chain.write(base, state)
+    chain.log(base, sweep.name, state.why)
+    return 0
+
+
+def _final(sweep: Sweep, policy: retry.Policy, state: chain.State) -> int:
+    """The sweep's final job: ``then``, once, then the notification."""
+    base = sweep.base_dir
+    if state.state != chain.SETTLING or state.then_status is not None:
+        print(f"notata shepherd --then: the chain is {state.state}, not settling: nothing to do")
+        return 0
+    state.then_status = -1  # started: a requeued final job does not run it twice
+    chain.write(base, state)
+    chain.log(base, sweep.name, f"then: {shlex.join(policy.then)}")
+    try:
+        status = subprocess.run(list(policy.then), cwd=Path(sweep.path).parent).returncode
+    except OSError as err:
+        chain.log(base, sweep.name, f"then could not start: {err}")
+        status = 127
+    state.then_status = status
+    state.state, state.job_id = chain.SETTLED, None
+    state.why = f"settled after {state.round} round(s); then exited {status}"
+    _notify(sweep, policy, state, scan(sweep), "settled")
+    chain.write(base, state)
+    chain.log(base, sweep.name, state.why)
+    return 0
+
+
+def _stop(sweep: Sweep, state: chain.State, policy: retry.Policy, report: Report | None,
+          why: str, outcome: str | None = None) -> int:
+    """End the chain, saying why; notify when the sweep ended (``outcome``)."""
+    state.state, state.job_id, state.after, state.why = chain.STOPPED, None, [], why
+    if outcome is not None:
+        _notify(sweep, policy, state, report or scan(sweep), outcome)
+    chain.write(sweep.base_dir, state)
+    chain.log(sweep.base_dir, sweep.name, f"stopped: {why}")
+    return 0 if outcome is not None else 1
+
+
+def _notify(sweep: Sweep, policy: retry.Policy, state: chain.State, report: Report,
+            outcome: str) -> None:
+    """The one notification of the chain (never twice)."""
+    if not policy.notify or state.notified:
+        return
+    looked_after = set(parse_indices(state.tasks, len(sweep)))
+    left = [r for r in report.read if r.task in looked_after and r.status != schema.COMPLETE]
+    why = {int(k): v for k, v in state.given_up.items()}
+    then = None if state.then_status == -1 else state.then_status
+    payload = retry.summary(sweep, report, left, then, time.time() - state.started_unix,
+                            outcome, why)
+    payload["rounds"] = state.round
+    sent = retry.notify(policy.notify, payload)
+    state.notified = True  # once, taken or not: a failure is said, never sent again
+    with contextlib.suppress(OSError):
+        chain.log(sweep.base_dir, sweep.name, f"notify {policy.notify}: "
+                  + ("sent" if sent else "not taken (see the line above)"))
