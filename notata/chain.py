@@ -62,6 +62,7 @@ class State:
     then_status: int | None = None
     notified: bool = False
     given_up: dict[str, str] = field(default_factory=dict)  # task -> why
+    failures: int = 0  # rounds in a row whose sbatch failed
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -212,6 +213,16 @@ def start(sweep: Sweep, chain_id: str, *, command: Sequence[str], given: Mapping
     log(base, sweep.name, f"chain {chain_id} started: tasks {tasks}, "
         f"attempts {attempts or 'from the manifest'}; {state.why}")
     return state
+
+
+def active(base_dir: os.PathLike[str] | str, sweep: Sweep) -> bool:
+    """Whether the sweep's chain will still act: a shepherd or final job is queued."""
+    try:
+        state = read(base_dir, sweep.name)
+    except ValueError:
+        return False
+    return state is not None and state.state in (WAITING, SETTLING) \
+        and job_queued(state.job_id) is not False
 
 
 def describe(base_dir: os.PathLike[str] | str, sweep: Sweep) -> list[str]:

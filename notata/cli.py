@@ -171,7 +171,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             if isinstance(target, Sweep):
                 for line in chain.describe(target.base_dir, target):
                     print(line, flush=True)
-        if args.watch is None or report.terminal:
+        if args.watch is None:
+            return 0
+        if report.terminal and not (isinstance(target, Sweep)  # a shepherd will retry
+                                    and chain.active(target.base_dir, target)):
             return 0
         time.sleep(args.watch)
 

@@ -36,7 +36,7 @@ from typing import Any
 
 from . import chain, lock, retry, scheduler, schema, submissions
 from .collector import Report, scan
-from .errors import SchedulerError, UsageError
+from .errors import NotataError, SchedulerError, UsageError
 from .layout import SweepPaths
 from .manifest import Sweep, compact, parse_indices
 from .manifest import load as load_sweep
@@ -77,6 +77,8 @@ def shepherd(manifest: str | os.PathLike[str] | Sweep, *, then: bool = False,
             state = named
         if then:
             return _final(sweep, policy, state)
+        if not as_job:
+            state.failures = 0  # by hand: the user says the cause is fixed
         if not as_job and state.state in (chain.SETTLED, chain.STOPPED):
             chain.log(base, sweep.name, f"by hand: the chain had {state.state} "
                       f"({state.why}); it starts again from round {state.round}")
@@ -90,6 +92,8 @@ def shepherd(manifest: str | os.PathLike[str] | Sweep, *, then: bool = False,
         guard.release()
 
 
+#: Rounds in a row whose submission failed before the chain stops (it never loops).
+MAX_FAILURES = 3
 #: A shepherd job that the record does not name yet waits this long for it (its
 #: predecessor writes the record just after sbatch answered).
 NAMED_WITHIN = 10.0
@@ -202,9 +206,17 @@ def _round(sweep: Sweep, policy: retry.Policy, state: chain.State, me: str | Non
                     + (", ".join(f"--{k} {v}" for k, v in (("time", time_), ("mem", mem))
                                  if v) or "the same resources")
                     + f": jobs {', '.join(done.job_ids) or '(none)'}")
-        except (SchedulerError, OSError) as err:
+        except (NotataError, OSError) as err:
+            state.failures += 1
+            if not job_ids:
+                state.round -= 1  # this round did not happen
+            if state.failures >= MAX_FAILURES:
+                return _stop(sweep, state, policy, None, f"round {state.round} could not be "
+                             f"submitted, {state.failures} times in a row (last: {err}); "
+                             f"fix it, then run notata shepherd {sweep.path}")
             say(f"round {state.round}: sbatch failed ({err}); a shepherd looks again later")
             return _next(sweep, policy, state, job_ids, busy, queue, me, failed=True)
+        state.failures = 0
     if job_ids or busy:
         return _next(sweep, policy, state, job_ids, busy, queue, me)
     return _settle(sweep, policy, state, report)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,10 @@ def submit_sweep(fn: Callable[[dict[str, Any], Logbook], Any],
     sweep = sweep_of(manifest)
     indices = sweep.check_indices(range(len(sweep)) if tasks is None else tasks)
     sweep.check_unique()
+    if (sweep.retry or {}).get("attempts"):
+        warnings.warn(f"{sweep.path.name}: its retry: section applies to notata submit, not "
+                      "to submit_sweep (submitit requeues timeouts and preemptions itself; "
+                      "see the README, submitit)", stacklevel=2)
     todo = [i for i in indices if not is_complete(sweep, i)]
     if not todo:
         return []
