@@ -9,4 +9,7 @@ cd "$(dirname "$0")/.."
 .venv/bin/python benchmarks/bench_logbook.py --notata03 benchmarks/.notata03 "$@"
 .venv/bin/python benchmarks/bench_sweep.py
 .venv/bin/python benchmarks/bench_scan.py --runs 100000 --repeats 3
-if command -v sbatch >/dev/null; then .venv/bin/python benchmarks/bench_slurm.py --tasks 500 --repeats 2; fi
+if command -v sbatch >/dev/null; then
+  .venv/bin/python benchmarks/bench_slurm.py --tasks 500 --repeats 2
+  .venv/bin/python benchmarks/bench_shepherd.py --tasks 100000 --fail 100 --repeats 3
+fi
