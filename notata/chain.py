@@ -242,8 +242,7 @@ def describe(base_dir: os.PathLike[str] | str, sweep: Sweep) -> list[str]:
                     f"notata shepherd {sweep.path}"]
         return [head + f"job {state.job_id} waits for jobs {', '.join(state.after) or '-'}, "
                 "then retries what failed among tasks " + state.tasks]
-    lines = [head + {SETTLING: "settling: ", SETTLED: "settled: ", STOPPED: "stopped: "}.get(
-        state.state, f"{state.state}: ") + state.why]
+    lines = [head + ("stopped: " if state.state == STOPPED else "") + state.why]
     if state.state == SETTLING and job_queued(state.then_job) is False \
             and state.then_status is None:
         lines.append(f"  its final job {state.then_job} is no longer queued and never ran: "

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -126,11 +127,15 @@ def start_early() -> None:
 
 
 @pytest.fixture(scope="module")
-def dozen(slurm_cluster: str) -> Scenario:
+def dozen(slurm_cluster: str) -> Iterator[Scenario]:
     global _SCENARIO
     if _SCENARIO is None:
         _SCENARIO = Scenario()
-    return _SCENARIO.settled()
+    try:
+        yield _SCENARIO.settled()
+    finally:
+        _SCENARIO.hook.close()
+        shutil.rmtree(_SCENARIO.base, ignore_errors=True)
 
 
 def test_every_task_ends_complete_with_exact_attempts(dozen: Scenario) -> None:
