@@ -7,7 +7,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from . import _attach, _fs, layout, scheduler, schema
+from . import _attach, _fs, layout, scheduler, schema, taskspec
 from .errors import ManifestError, RunCompleteError, UsageError
 from .logbook import Logbook
 from .manifest import Sweep, Task, load
@@ -16,8 +16,11 @@ from .manifest import Sweep, Task, load
 ENV_TASK = "NOTATA_TASK"
 #: Added to ``SLURM_ARRAY_TASK_ID`` when a sweep is split into several arrays.
 ENV_OFFSET = "NOTATA_TASK_OFFSET"
+#: The sweep indices of an array's tasks, in array task id order (a task list): an array
+#: of tasks scattered over the sweep (see :class:`notata.sbatch.ArrayPlan`).
+ENV_MAP = "NOTATA_TASK_MAP"
 #: What ``notata exec`` sets for one run's command; never inherited by another task or job.
-RUN_VARIABLES = frozenset({ENV_TASK, ENV_OFFSET, "NOTATA_RUN_DIR", "NOTATA_RUN_ID",
+RUN_VARIABLES = frozenset({ENV_TASK, ENV_OFFSET, ENV_MAP, "NOTATA_RUN_DIR", "NOTATA_RUN_ID",
                            "NOTATA_ATTEMPT",
                            "NOTATA_PARAMS", _attach.ENV_WRAPPER_PID, _attach.ENV_WRAPPER_HOST,
                            _attach.ENV_WRAPPER_JOB})
@@ -47,7 +50,20 @@ def task_index(environ: Mapping[str, str] | None = None) -> tuple[int, bool]:
         return _int(ENV_TASK, raw), False
     if array is None:
         raise UsageError("no task index: pass index=/--task, or run inside a job array")
+    listed = env.get(ENV_MAP, "")
+    if listed:
+        return _listed(listed, array), True
     return array + _int(ENV_OFFSET, env.get(ENV_OFFSET, "0")), True
+
+
+def _listed(spec: str, array: int) -> int:
+    """The ``array``-th sweep index of a ``NOTATA_TASK_MAP`` task list."""
+    if not taskspec.is_spec(spec):
+        raise UsageError(f"{ENV_MAP}={spec[:60]!r} is not a task list (e.g. 3,7,10-12)")
+    for k, index in enumerate(taskspec.expand(spec)):
+        if k == array:
+            return index
+    raise UsageError(f"array task {array} is outside {ENV_MAP} (it lists fewer tasks)")
 
 
 def _int(name: str, raw: str) -> int:

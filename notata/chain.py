@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from . import _fs, layout, runinfo, slurm
+from . import _fs, layout, runinfo, slurm, submissions
 from .errors import SchedulerError
 from .manifest import Sweep
 from .sbatch import OPTIONS, options_for, submit_job
@@ -169,8 +169,8 @@ def cancelled_tasks(arrays: Iterable[Mapping[str, Any]]) -> set[int]:
     longer knows tells nothing."""
     out: set[int] = set()
     for array in arrays:
-        job, offset = array.get("job_id"), array.get("offset", 0)
-        if job is None or not isinstance(offset, int):
+        job, index = array.get("job_id"), submissions.array_index(dict(array))
+        if job is None:
             continue
         try:
             text = slurm.run(["scontrol", "-o", "show", "job", str(job)])
@@ -184,7 +184,8 @@ def cancelled_tasks(arrays: Iterable[Mapping[str, Any]]) -> set[int]:
                 first, _, last = part.partition("-")
                 if first.isdigit():
                     end = int(last) if last.isdigit() else int(first)
-                    out.update(offset + i for i in range(int(first), end + 1))
+                    out.update(i for k in range(int(first), end + 1)
+                               if (i := index(k)) is not None)
     return out
 
 

@@ -114,7 +114,8 @@ def queued_tasks(sweep: Sweep, queue: Queue | None,
     """Sweep index -> queue state, for every task of this sweep that is queued.
 
     A queued array task is mapped through its array's offset (the sweep index of array
-    task 0): from the recorded submissions of this manifest file (of any version of it:
+    task 0), or its task list for an array that lists its tasks: from the recorded
+    submissions of this manifest file (of any version of it:
     a queued array runs the manifest as it is when it starts), found by job id or, for an
     array whose job id was never recorded, by the tag in its comment; else from
     ``arrays`` (array job id -> offset, learned from tasks that already ran in it, so
@@ -136,26 +137,32 @@ def queued_tasks(sweep: Sweep, queue: Queue | None,
             out[i] = LOCAL
     if queue is None:
         return out
+    located: dict[str, Callable[[int], int | None]] = {}  # array job -> its tasks' indices
     by_tag = {}
     for record in records:
         for array in record.get("arrays", []):
             if array.get("job_id") is not None:
-                offsets[str(array["job_id"])] = int(array.get("offset", 0))
+                located[str(array["job_id"])] = submissions.array_index(array)
             if array.get("tag"):
-                by_tag[str(array["tag"])] = int(array.get("offset", 0))
+                by_tag[str(array["tag"])] = submissions.array_index(array)
         if str(record.get("backend", "")).startswith("submitit"):
             tasks = taskspec.expand(record.get("tasks", ""))
             for job_id, i in zip(record.get("job_ids", []), tasks, strict=False):
                 offsets.pop(queue.provider.split_key(str(job_id))[0], None)
+                located.pop(queue.provider.split_key(str(job_id))[0], None)
                 if str(job_id) in queue.jobs:
                     out[i] = queue.jobs[str(job_id)]
     for job, tag in queue.tags.items():
         if tag in by_tag:
-            offsets.setdefault(job, by_tag[tag])
+            located.setdefault(job, by_tag[tag])
+    for job, offset in offsets.items():  # learned from runs: only where nothing recorded
+        located.setdefault(job, submissions.array_index({"offset": offset}))
     for key, state in queue.jobs.items():
         job, task = queue.provider.split_key(key)
-        if job in offsets and task is not None:
-            out.setdefault(offsets[job] + task, state)
+        if job in located and task is not None:
+            index = located[job](task)
+            if index is not None:
+                out.setdefault(index, state)
     return out
 
 def array_offsets(done: np.ndarray, ran: Iterable[tuple[str, int, int]],

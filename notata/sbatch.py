@@ -2,7 +2,8 @@
 
 The job script is a template (``slurm/array.sbatch.in``, installed as
 ``notata.templates``) filled with shell-quoted values; a sweep larger than SLURM's
-``MaxArraySize`` is split into several arrays, each with its ``NOTATA_TASK_OFFSET``. Every
+``MaxArraySize`` is split into several arrays, each with its ``NOTATA_TASK_OFFSET`` (or,
+for tasks scattered over it, its ``NOTATA_TASK_MAP``: see :class:`ArrayPlan`). Every
 call to a SLURM command goes through :func:`notata.slurm.run`.
 """
 
@@ -37,32 +38,49 @@ SECTION_KEYS = {"extra", "throttle", "warn_before"}
 DEFAULT_WARN_BEFORE = 120
 #: Arrays are also split so that an --array spec stays short enough for sbatch.
 MAX_SPEC_CHARS = 4000
+#: An array's task list (``NOTATA_TASK_MAP``) stays about this short.
+MAX_MAP_CHARS = 30000
 TEMPLATE = "array.sbatch.in"
 
 
 @dataclass(frozen=True)
 class ArrayPlan:
-    """One job array: sweep indices ``offset + id`` for each array task id in ``spec``."""
+    """One job array. By offset, array task id ``k`` runs sweep index ``offset + k``;
+    ``listed``, it runs ``indices[k]`` (the job script's ``NOTATA_TASK_MAP``): tasks
+    scattered over a large sweep, which by offset would need one array per
+    ``MaxArraySize`` span of the sweep, fit in one array per ``MaxArraySize`` tasks."""
 
     offset: int
     indices: tuple[int, ...]
+    listed: bool = False
 
     @property
     def spec(self) -> str:
+        if self.listed:
+            return compact(range(len(self.indices)))
         return compact(i - self.offset for i in self.indices)
+
+    @property
+    def task_map(self) -> str:
+        """The sweep indices in array task order, as a task list (``""`` by offset)."""
+        return compact(self.indices) if self.listed else ""
 
 
 def plan_arrays(indices: Sequence[int], max_array_size: int) -> list[ArrayPlan]:
     """Split sorted sweep indices into arrays whose task ids stay below ``max_array_size``.
 
-    Each array starts at its first index (the offset), so a sparse subset becomes a few
-    compact specs; a new array starts when an id would reach the limit or the spec
-    would grow past :data:`MAX_SPEC_CHARS`.
+    By offset, each array starts at its first index, so a contiguous sweep or a compact
+    subset becomes a few short specs; a new array starts when an id would reach the
+    limit or the spec would grow past :data:`MAX_SPEC_CHARS`. When that makes more arrays
+    than listing the tasks would (failures scattered over a sweep larger than the
+    limit), the arrays list their tasks instead (:attr:`ArrayPlan.listed`), up to
+    ``max_array_size`` each.
     """
+    ordered = sorted(set(indices))
     plans: list[ArrayPlan] = []
     current: list[int] = []
     spec_len = 0
-    for i in sorted(set(indices)):
+    for i in ordered:
         if current and (i - current[0] >= max_array_size or spec_len > MAX_SPEC_CHARS):
             plans.append(ArrayPlan(current[0], tuple(current)))
             current, spec_len = [], 0
@@ -70,6 +88,16 @@ def plan_arrays(indices: Sequence[int], max_array_size: int) -> list[ArrayPlan]:
         spec_len += len(str(i - current[0])) + 1
     if current:
         plans.append(ArrayPlan(current[0], tuple(current)))
+    chunks: list[list[int]] = []
+    chars = 0  # at most the task list's length: ranges only shorten it
+    for i in ordered:  # task lists stay far below the kernel's 128 KiB per variable
+        if not chunks or len(chunks[-1]) >= max_array_size or chars > MAX_MAP_CHARS:
+            chunks.append([])
+            chars = 0
+        chunks[-1].append(i)
+        chars += len(str(i)) + 1
+    if len(chunks) < len(plans):
+        return [ArrayPlan(0, tuple(chunk), listed=True) for chunk in chunks]
     return plans
 
 
@@ -269,6 +297,7 @@ def render(sweep: Sweep, plan: ArrayPlan, argv: Sequence[str], options: Mapping[
         "TASKS": compact(plan.indices), "SCRIPT": shlex.quote(str(script)),
         "RUNVARS": " ".join(sorted(RUN_VARIABLES)),
         "SBATCH": "\n".join(lines), "OFFSET": str(plan.offset),
+        "MAP": shlex.quote(plan.task_map),
         "COMMAND": shlex.join(command).replace("\n", "'$'\\n''"),
     }
     # One pass, so that a value holding "@NAME@" is never substituted again.
@@ -387,6 +416,8 @@ def submit(sweep: Sweep, indices: Sequence[int], argv: Sequence[str], *,
         entry: dict[str, Any] = {"job_id": None, "spec": plan.spec, "offset": plan.offset,
                                  "script": str(script), "tasks": compact(plan.indices),
                                  "tag": tag}
+        if plan.listed:
+            entry["map"] = plan.task_map
         if dry_run:
             print(f"# sbatch --parsable {shlex.quote(str(script))}\n{text}")
             arrays.append(entry)

@@ -12,7 +12,8 @@ Fields: ``schema``, ``submission``, ``part``, ``parts``, ``time``, ``unix``, ``u
 ``manifest_hash``, ``sweep``, ``tasks`` (compact spec), ``count``, ``command``,
 ``options`` (the scheduler options given on top of the manifest: ``time``, ``mem``...,
 ``sbatch_line``, ``throttle``, ``warn_before``, ``jobs``), ``job_ids``, ``arrays``
-(``job_id``, ``spec``, ``offset``, ``script``, ``tasks``, ``tag``); a submitit one,
+(``job_id``, ``spec``, ``offset``, ``script``, ``tasks``, ``tag``, and ``map``, the
+tasks in array task order, for an array that lists them); a submitit one,
 ``function``. Before each ``sbatch`` an ``intent`` line (``arrays`` with the ``tag`` the
 array's comment carries) says what may be queued if the answer never comes; all lines
 are built by :func:`entry`. A local submission also
@@ -29,7 +30,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,7 @@ def _well_formed(r: dict[str, Any]) -> bool:
         return False
     for a in r.get("arrays") or []:
         if not (isinstance(a, dict) and isinstance(a.get("offset", 0), int)
+                and isinstance(a.get("map", ""), str)
                 and isinstance(a.get("job_id"), (str, int, type(None)))):
             return False
     return True
@@ -196,3 +198,15 @@ def tries(records: Iterable[dict[str, Any]], manifest_hash: str) -> dict[int, in
         for i in taskspec.expand(str(r["tasks"])):
             out[i] = out.get(i, 0) + 1
     return out
+
+
+def array_index(array: dict[str, Any]) -> Callable[[int], int | None]:
+    """For a recorded array (``offset``, and ``map`` when it lists its tasks): array task
+    id -> the sweep index it runs (None: no such task in the array)."""
+    listed = array.get("map")
+    if isinstance(listed, str) and listed and taskspec.is_spec(listed):
+        order = list(taskspec.expand(listed))
+        return lambda k: order[k] if 0 <= k < len(order) else None
+    offset = array.get("offset", 0)
+    offset = offset if isinstance(offset, int) else 0
+    return lambda k: offset + k

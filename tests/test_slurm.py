@@ -40,10 +40,35 @@ def test_plan_arrays_splits_at_the_limit_and_compacts_subsets() -> None:
         ArrayPlan(0, tuple(range(1001))),
         ArrayPlan(1001, (1001,)),
     ]
-    plans = plan_arrays([1, 2, 3, 7, 9, 10, 5000, 5001], 1001)
-    assert [(p.offset, p.spec) for p in plans] == [(1, "0-2,6,8-9"), (5000, "0-1")]
+    [plan] = plan_arrays([1, 2, 3, 7, 9, 10], 1001)
+    assert (plan.offset, plan.spec, plan.listed) == (1, "0-2,6,8-9", False)
+    # two MaxArraySize spans would be two arrays by offset; listed, they are one
+    [listed] = plan_arrays([1, 2, 3, 7, 9, 10, 5000, 5001], 1001)
+    assert (listed.spec, listed.task_map) == ("0-7", "1-3,7,9-10,5000-5001")
     many = plan_arrays(list(range(0, 100_000, 2)), 1_000_000)
     assert sum(len(p.indices) for p in many) == 50_000 and all(len(p.spec) < 4100 for p in many)
+    assert all(p.listed and len(p.task_map) < 31_000 for p in many) and len(many) < 20
+
+
+def test_tasks_scattered_over_a_large_sweep_share_an_array_by_their_list() -> None:
+    """1,000 failures spread over 10^5 tasks: by offset, one array per MaxArraySize span
+    (100 of them); listed, one array per MaxArraySize tasks, each task found by its
+    position in the list, in the job script and in a job's environment."""
+    from notata.array import task_index
+
+    scattered = list(range(99, 100_000, 100))
+    [plan] = plan_arrays(scattered, 1001)
+    assert plan.listed and plan.spec == "0-999" and plan.task_map == ",".join(map(str, scattered))
+    assert len(plan_arrays(scattered, 100)) == 10
+    env = {"SLURM_ARRAY_TASK_ID": "7", "NOTATA_TASK_MAP": plan.task_map,
+           "NOTATA_TASK_OFFSET": "0"}
+    assert task_index(env) == (799, True)
+    with pytest.raises(notata.UsageError, match="outside NOTATA_TASK_MAP"):
+        task_index({**env, "SLURM_ARRAY_TASK_ID": "1000"})
+    with pytest.raises(notata.UsageError, match="is not a task list"):
+        task_index({**env, "NOTATA_TASK_MAP": "1;rm -rf"})
+    contiguous = plan_arrays(list(range(5, 2500)), 1001)  # as many either way: by offset
+    assert [p.listed for p in contiguous] == [False] * 3
 
 
 EXEC_TAIL = """python3 sim.py '{w}' '$HOME' '`id`' 'a b' 'it'"'"'s' 'line1'$'\\n''line2'"""
@@ -73,7 +98,8 @@ def test_rendered_script_quotes_everything(base: Path) -> None:
     UNSET = " ".join(sorted(RUN_VARIABLES))  # noqa: N806
     expected = f"""#!/bin/bash
 # Written by notata submit for sweep q (manifest hash {sweep.hash}), TIME.
-# Sweep task index = SLURM_ARRAY_TASK_ID + NOTATA_TASK_OFFSET; this array covers tasks 0-10.
+# Sweep task index = SLURM_ARRAY_TASK_ID + NOTATA_TASK_OFFSET, or, when NOTATA_TASK_MAP lists
+# the tasks, its (SLURM_ARRAY_TASK_ID)-th entry; this array covers tasks 0-10.
 # To run it again as it is: sbatch {shlex.quote(str(script))}
 #SBATCH --array=0-10%4
 #SBATCH --job-name="q"
@@ -84,7 +110,7 @@ def test_rendered_script_quotes_everything(base: Path) -> None:
 #SBATCH --exclusive
 # A task that submits the next sweep passes on its environment: none of its run's variables.
 unset {UNSET}
-export NOTATA_TASK_OFFSET=0
+export NOTATA_TASK_OFFSET=0 NOTATA_TASK_MAP=''
 # exec: the batch shell becomes notata, so that --signal=B:USR1 reaches it.
 exec /venv/bin/python -m notata exec {shlex.quote(str(manifest))} -- {EXEC_TAIL}
 """
@@ -161,15 +187,17 @@ def test_a_sweep_of_20_through_sbatch(slurm_cluster: str, base: Path) -> None:
 
 def test_throttle_subset_and_split_on_the_cluster(slurm_cluster: str, base: Path) -> None:
     manifest = write_sweep(base, f"name: big\ngrid: {{i: {list(range(1002))}}}\n")
-    # a subset across MaxArraySize: two arrays, offsets 0 and 1001
+    # a subset across MaxArraySize: by offset two arrays (0 and 1001); one listing its tasks
     assert submit(manifest, "--backend", "slurm", "--tasks", "0-2,1000-1001", "--throttle", "2",
                   "--", "sh", "-c", "sleep 1") == 0
     records = submissions.submitted(base / "outputs")  # one line per array, one submission
-    assert [(r["part"], r["parts"]) for r in records] == [(0, 2), (1, 2)]
-    assert len({r["submission"] for r in records}) == 1
-    assert [(a["offset"], a["spec"]) for r in records for a in r["arrays"]] == [
-        (0, "0-2,1000"), (1001, "0")]
+    assert [(r["part"], r["parts"]) for r in records] == [(0, 1)]
+    assert [(a["offset"], a["spec"], a["map"]) for r in records for a in r["arrays"]] == [
+        (0, "0-4", "0-2,1000-1001")]
     job_ids = [j for r in records for j in r["job_ids"]]
+    from notata import collect
+    seen = {r.task: r.status for r in collect(manifest).read if r.task in (0, 1, 2, 1000, 1001)}
+    assert "missing" not in seen.values() and len(seen) == 5, seen  # queued: pending
     peak = 0
     deadline = time.monotonic() + 300
     while not all(job_gone(j)() for j in job_ids):
@@ -190,7 +218,8 @@ def test_throttle_subset_and_split_on_the_cluster(slurm_cluster: str, base: Path
         "log_i1001",
         "log_i2",
     ]
-    assert read_meta(base / "outputs" / "log_i1001")["slurm"]["array_task_id"] == 0
+    meta = read_meta(base / "outputs" / "log_i1001")  # the 5th task of the list
+    assert (meta["task"], meta["slurm"]["array_task_id"]) == (1001, 4)
 
 
 def test_hostile_params_reach_the_payload_verbatim(slurm_cluster: str, base: Path) -> None:
