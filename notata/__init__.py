@@ -53,6 +53,7 @@ from ._version import __version__
 from .array import task
 from .collector import Report, scan
 from .errors import (
+    ChainRecordError,
     CorruptMetadataError,
     ManifestError,
     NotataError,
@@ -96,6 +97,7 @@ def collect(target: Sweep | str | os.PathLike[str], stale_after: float | None = 
 __all__ = [
     "resubmit",
     "submit",
+    "ChainRecordError",
     "CorruptMetadataError",
     "Experiment",
     "ExperimentReader",

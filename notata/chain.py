@@ -21,15 +21,18 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
-from . import _fs, layout, runinfo, slurm, submissions
-from .errors import SchedulerError
+from . import _fs, layout, lock, runinfo, slurm, submissions, taskspec
+from .errors import ChainRecordError, SchedulerError
 from .manifest import Sweep
-from .sbatch import OPTIONS, options_for, submit_job
+from .sbatch import OPTIONS, options_for, render_job, submit_job
+from .taskspec import compact
 
 #: The shepherd job's own needs: a scan and a few sbatch calls (seconds, even at 10^5
 #: tasks); the manifest's ``retry: shepherd:`` may say otherwise.
@@ -38,6 +41,7 @@ SHEPHERD_OPTIONS = {"time": "00:15:00", "mem": "1G", "cpus_per_task": "1"}
 KEPT = ("partition", "account", "qos")
 
 WAITING, SETTLING, SETTLED, STOPPED = "waiting", "settling", "settled", "stopped"
+STATES = (WAITING, SETTLING, SETTLED, STOPPED)
 
 
 @dataclass
@@ -63,22 +67,49 @@ class State:
     notified: bool = False
     given_up: dict[str, str] = field(default_factory=dict)  # task -> why
     failures: int = 0  # rounds in a row whose sbatch failed
+    closer: str | None = None  # the job that wraps up if the final job ends early
+    cwd: str | None = None  # where the sweep was submitted: its jobs run there
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
+#: The type of each field of a chain record (a hand edit or a torn disk must not reach
+#: the shepherd as another type).
+_TYPES: dict[str, Any] = {
+    "chain": str, "sweep": str, "manifest": str, "manifest_hash": str, "command": list,
+    "options": dict, "tasks": str, "attempts": (int, type(None)),
+    "started_unix": (int, float), "round": int, "state": str,
+    "job_id": (str, type(None)), "after": list, "why": str, "then_job": (str, type(None)),
+    "then_status": (int, type(None)), "notified": bool, "given_up": dict, "failures": int,
+    "closer": (str, type(None)), "cwd": (str, type(None))}
+
+
 def read(base_dir: os.PathLike[str] | str, sweep: str) -> State | None:
     """The chain's record, or None when no chain was started here. A record notata cannot
-    read is a :class:`ValueError` naming the file."""
+    read is a :class:`~notata.errors.ChainRecordError` naming the file."""
     path = layout.SweepPaths(base_dir).shepherd(sweep)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        return State(**data)
     except FileNotFoundError:
         return None
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"{path}: not a shepherd record notata can read ({err})") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ChainRecordError(str(path), f"not JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ChainRecordError(str(path), "not a JSON object")
+    for key, value in data.items():
+        if key not in _TYPES:
+            raise ChainRecordError(str(path), f"unknown field {key!r}")
+        if isinstance(value, bool) and _TYPES[key] is not bool or \
+                not isinstance(value, _TYPES[key]):
+            raise ChainRecordError(str(path), f"{key} is {value!r}")
+    if not taskspec.is_spec(data.get("tasks", "")) or data.get("state") not in STATES:
+        raise ChainRecordError(str(path), f"tasks {data.get('tasks')!r} or state "
+                                          f"{data.get('state')!r}")
+    try:
+        return State(**data)
+    except TypeError as err:  # a field missing
+        raise ChainRecordError(str(path), str(err)) from None
 
 
 def write(base_dir: os.PathLike[str] | str, state: State) -> None:
@@ -121,12 +152,13 @@ LOOK_AGAIN = "now+300"
 
 
 def submit_shepherd(sweep: Sweep, options: Mapping[str, str], after: Sequence[str], *,
-                    round_: int, python: str = sys.executable) -> str:
+                    round_: int, then: bool = False, python: str = sys.executable) -> str:
     """Queue ``notata shepherd MANIFEST`` to run once every job of ``after`` has ended
     (none: :data:`LOOK_AGAIN`); its job id. A job SLURM has already purged cannot be
-    depended on: then it waits that long instead."""
+    depended on: then it waits that long instead. ``then``: the closer of the final job."""
     argv = [python, "-m", "notata", "shepherd", str(sweep.path), "--as-job"]
-    purpose = f"shepherd of round {round_ + 1}"
+    argv += ["--then"] if then else []
+    purpose = "closer (after the final job)" if then else f"shepherd of round {round_ + 1}"
     if after:
         try:
             return submit_job(sweep, argv, options, purpose=purpose, after=after)
@@ -162,11 +194,15 @@ def job_queued(job_id: str | None) -> bool | None:
         return None
 
 
-def cancelled_tasks(arrays: Iterable[Mapping[str, Any]]) -> set[int]:
-    """The sweep tasks of these arrays (``job_id``, ``offset``) that SLURM records as
-    cancelled (``scontrol show job``, which remembers a job for ``MinJobAge`` after it
-    ended): a task cancelled before it started has no run to say so. A job SLURM no
-    longer knows tells nothing."""
+def cancelled_tasks(arrays: Iterable[Mapping[str, Any]],
+                    base_dir: os.PathLike[str] | str) -> set[int]:
+    """The sweep tasks of these arrays (``job_id``, ``spec``, ``offset`` or ``map``) that
+    the user cancelled, by SLURM's record (``scontrol show job``, which remembers a job
+    for ``MinJobAge`` after it ended): an element recorded ``CANCELLED``, or one missing
+    from the records of an array SLURM still knows that never wrote its output file
+    (SLURM 22.05 forgets a pending element cancelled on its own at once). A task
+    cancelled before it started has no run to say so. A job SLURM no longer knows
+    tells nothing."""
     out: set[int] = set()
     for array in arrays:
         job, index = array.get("job_id"), submissions.array_index(dict(array))
@@ -176,51 +212,89 @@ def cancelled_tasks(arrays: Iterable[Mapping[str, Any]]) -> set[int]:
             text = slurm.run(["scontrol", "-o", "show", "job", str(job)])
         except SchedulerError:
             continue
+        known: set[int] = set()
         for line in text.splitlines():
             record = slurm.parse_record(line)
-            if record.get("JobState") != "CANCELLED":
-                continue
-            for part in record.get("ArrayTaskId", "").split("%")[0].split(","):
-                first, _, last = part.partition("-")
-                if first.isdigit():
-                    end = int(last) if last.isdigit() else int(first)
-                    out.update(i for k in range(int(first), end + 1)
-                               if (i := index(k)) is not None)
+            ids = _ids(record.get("ArrayTaskId", ""))
+            known |= ids
+            if record.get("JobState") == "CANCELLED":
+                out.update(i for k in ids if (i := index(k)) is not None)
+        if not known:
+            continue
+        paths = layout.SweepPaths(base_dir)
+        for k in _ids(str(array.get("spec", ""))) - known:
+            i = index(k)
+            if i is not None and not paths.job_output(job, k).exists():
+                out.add(i)
+    return out
+
+
+def _ids(spec: str) -> set[int]:
+    """Array task ids of ``3,5-7`` (SLURM's ``%N`` throttle suffix dropped)."""
+    out: set[int] = set()
+    for part in spec.split("%")[0].split(","):
+        first, _, last = part.partition("-")
+        if first.isdigit():
+            out.update(range(int(first), (int(last) if last.isdigit() else int(first)) + 1))
     return out
 
 
 def start(sweep: Sweep, chain_id: str, *, command: Sequence[str], given: Mapping[str, Any],
-          tasks: str, attempts: int | None, own: Mapping[str, str],
-          after: Sequence[str]) -> State | None:
+          tasks: Sequence[int], attempts: int | None, own: Mapping[str, str],
+          after: Sequence[str]) -> State:
     """After a submission's first round: queue the chain's first shepherd behind the
-    round's arrays (``after``) and write the chain's record. None, with a line saying
-    so, when a shepherd already looks after the sweep (a second one is never started:
-    that one sees the new tasks as busy and waits for them too)."""
+    round's arrays (``after``) and write the chain's record. When a shepherd already
+    looks after the sweep, no second one is started: the new ``tasks`` join its chain
+    (under its policy), and it waits for them too. Returns the chain's record."""
     base = sweep.base_dir
-    current = read(base, sweep.name)
-    if current is not None and current.state in (WAITING, SETTLING) \
-            and job_queued(current.job_id) is not False:
-        print(f"notata submit: shepherd job {current.job_id} already looks after "
-              f"{sweep.name} (round {current.round}); it will wait for these tasks too, "
-              "under its own policy", file=sys.stderr)
-        return None
-    state = State(chain_id, sweep.name, str(sweep.path), sweep.hash, list(command),
-                  dict(given), tasks, attempts)
-    job = submit_shepherd(sweep, shepherd_options(sweep, given, own), after, round_=1)
-    state.job_id, state.after = job, list(after)
-    state.why = f"round 1 submitted; shepherd job {job} waits for jobs " \
-        f"{', '.join(after) or '(none)'}"
-    write(base, state)
-    log(base, sweep.name, f"chain {chain_id} started: tasks {tasks}, "
+    with lock.exclusive(layout.SweepPaths(base).shepherd_lock(sweep.name)):
+        current = read(base, sweep.name)
+        if current is not None and current.state in (WAITING, SETTLING) \
+                and job_queued(current.job_id) is not False:
+            joined = sorted(set(taskspec.expand(current.tasks)) | set(tasks))
+            current.tasks = compact(joined)
+            write(base, current)
+            log(base, sweep.name, f"tasks {compact(tasks)} joined the chain; shepherd job "
+                f"{current.job_id} waits for them too, under the chain's policy")
+            print(f"notata submit: shepherd job {current.job_id} already looks after "
+                  f"{sweep.name} (round {current.round}); these tasks join its chain",
+                  file=sys.stderr)
+            return current
+        state = State(chain_id, sweep.name, str(sweep.path), sweep.hash, list(command),
+                      dict(given), compact(tasks), attempts, cwd=os.getcwd())
+        job = submit_shepherd(sweep, shepherd_options(sweep, given, own), after, round_=1)
+        state.job_id, state.after = job, list(after)
+        state.why = f"round 1 submitted; shepherd job {job} waits for jobs " \
+            f"{', '.join(after) or '(none)'}"
+        write(base, state)
+    log(base, sweep.name, f"chain {chain_id} started: tasks {state.tasks}, "
         f"attempts {attempts or 'from the manifest'}; {state.why}")
     return state
+
+
+def check(sweep: Sweep, given: Mapping[str, Any], own: Mapping[str, str]) -> None:
+    """Before anything is queued: the chain's record can be read, and SLURM would take
+    the shepherd job as it is (``sbatch --test-only``: a partition that does not exist,
+    a time or memory it cannot give)."""
+    read(sweep.base_dir, sweep.name)
+    options = shepherd_options(sweep, given, own)
+    with tempfile.TemporaryDirectory() as folder:
+        script = Path(folder) / "shepherd.sbatch"
+        script.write_text(render_job(sweep, ["true"], options, script=script,
+                                     purpose="shepherd (checked, not submitted)"))
+        try:
+            slurm.run(["sbatch", "--test-only", str(script)])
+        except SchedulerError as err:
+            raise SchedulerError(err.argv, err.returncode, f"the retry shepherd's job would "
+                                 f"be refused ({err.stderr.strip()}); its options: "
+                                 f"{options}; nothing was submitted") from None
 
 
 def active(base_dir: os.PathLike[str] | str, sweep: Sweep) -> bool:
     """Whether the sweep's chain will still act: a shepherd or final job is queued."""
     try:
         state = read(base_dir, sweep.name)
-    except ValueError:
+    except ChainRecordError:
         return False
     return state is not None and state.state in (WAITING, SETTLING) \
         and job_queued(state.job_id) is not False
@@ -230,7 +304,7 @@ def describe(base_dir: os.PathLike[str] | str, sweep: Sweep) -> list[str]:
     """What ``notata status`` says of the sweep's retry chain (nothing without one)."""
     try:
         state = read(base_dir, sweep.name)
-    except ValueError as err:
+    except ChainRecordError as err:
         return [f"shepherd: {err}"]
     if state is None:
         return []
@@ -245,9 +319,9 @@ def describe(base_dir: os.PathLike[str] | str, sweep: Sweep) -> list[str]:
                 "then retries what failed among tasks " + state.tasks]
     lines = [head + ("stopped: " if state.state == STOPPED else "") + state.why]
     if state.state == SETTLING and job_queued(state.then_job) is False \
-            and state.then_status is None:
-        lines.append(f"  its final job {state.then_job} is no longer queued and never ran: "
-                     f"notata shepherd {sweep.path} --then runs it here")
+            and job_queued(state.closer) is False:
+        lines.append(f"  its final job {state.then_job} is no longer queued and did not "
+                     f"finish: notata shepherd {sweep.path} --then runs it here")
     for task, why in sorted(state.given_up.items(), key=lambda kv: int(kv[0])):
         lines.append(f"  gave up task {task}: {why}")
     return lines

@@ -37,6 +37,13 @@ class CorruptMetadataError(_AboutPath, ValueError):
     _message = "{path}: corrupt metadata ({problem}); fix or move the file away"
 
 
+class ChainRecordError(_AboutPath, ValueError):
+    """A retry chain's record (``.notata/shepherd-<sweep>.json``) cannot be read."""
+
+    _message = "{path}: not a retry chain record notata can read ({problem}); move it " \
+        "away to start a new chain"
+
+
 class RunLockedError(NotataError, BlockingIOError):
     """Another live process holds the run's lock.
 

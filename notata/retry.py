@@ -20,6 +20,7 @@ given up (None), since the same resources failed already.
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import subprocess
 import sys
@@ -145,7 +146,8 @@ def _rule(section: Mapping[str, Any], cause: str, what: str, fail: Any) -> Rule:
     if not isinstance(spec, Mapping) or set(spec) - {what, "max"}:
         raise fail(f"{cause} {spec!r}: give {{{what}: FACTOR, max: CAP}}")
     factor = spec.get(what, DEFAULT_FACTOR)
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 1:
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 1 \
+            or not math.isfinite(factor):
         raise fail(f"{cause}.{what} {factor!r}: give a factor of at least 1")
     cap = spec.get("max")
     if cap is None:
@@ -190,7 +192,9 @@ def plan_round(policy: Policy, chosen: list[RunRecord], given: Mapping[str, Any]
     given_up: list[tuple[RunRecord, str]] = []
     for r in chosen:
         asked = r.asked or {}
-        time_ = asked.get("time_limit") or given.get("time")
+        time_ = asked.get("time_limit")
+        if sbatch.time_limit_sec(None if time_ is None else str(time_)) is None:
+            time_ = given.get("time")  # UNLIMITED, or not recorded: as the sweep asked
         mem = sbatch.mem_text(asked["mem_bytes"]) if asked.get("mem_bytes") \
             else given.get("mem")
         nxt = next_resources(policy, r.status, None if time_ is None else str(time_),

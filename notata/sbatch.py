@@ -25,7 +25,7 @@ from . import _fs, layout, runinfo, submissions
 from .array import RUN_VARIABLES
 from .errors import ManifestError, SchedulerError
 from .manifest import Sweep, compact, parse_indices
-from .slurm import run
+from .slurm import run, submit_env
 
 #: sbatch options notata knows by name: manifest ``slurm:`` key or CLI flag -> sbatch option.
 OPTIONS = {
@@ -33,6 +33,27 @@ OPTIONS = {
     "cpus_per_task": "--cpus-per-task", "gpus": "--gpus", "account": "--account",
     "qos": "--qos", "job_name": "--job-name", "output": "--output", "error": "--error",
 }
+#: The short forms of :data:`OPTIONS` (``-t 10`` is ``--time``).
+_SHORT = {"partition": "-p", "time": "-t", "cpus_per_task": "-c", "gpus": "-G",
+          "account": "-A", "qos": "-q", "job_name": "-J", "output": "-o", "error": "-e"}
+
+
+def _named(line: str) -> str | None:
+    """The key of an option that :data:`OPTIONS` names, if ``line`` sets one."""
+    words = line.split()
+    if words and words[0] == "#SBATCH":
+        words = words[1:]
+    for word in words:
+        option = word.split("=", 1)[0]
+        for key, long in OPTIONS.items():
+            short = _SHORT.get(key)
+            if option == long or (short and not word.startswith("--")
+                                  and word.startswith(short)):
+                return key
+    return None
+
+
+_MEM_PER = re.compile(r"(^|\s)--mem-per-(cpu|gpu)\b")
 #: Other keys a manifest's ``slurm:`` section may hold.
 SECTION_KEYS = {"extra", "throttle", "warn_before"}
 DEFAULT_WARN_BEFORE = 120
@@ -156,6 +177,17 @@ def options_for(section: Mapping[str, Any], flags: Mapping[str, Any], where: str
         if re.search(r"(^|\s)(--array|-a)\b", line):
             raise ManifestError(where, f"slurm extra line {line!r}: notata sets the job "
                                        "array itself (use --tasks and --throttle)")
+        named = _named(line)
+        if named is not None:  # a later #SBATCH line would win over notata's (a retry's)
+            raise ManifestError(where, f"slurm extra line {line!r}: {OPTIONS[named]} has a "
+                                       f"name of its own: give it as {OPTIONS[named]} (or "
+                                       f"{named}: in the manifest's slurm: section)")
+    if "mem" in options:  # sbatch refuses --mem next to --mem-per-cpu/--mem-per-gpu
+        kept = [line for line in extra if not _MEM_PER.search(line)]
+        if len(kept) < len(extra):
+            print(f"notata: --mem {options['mem']} replaces "
+                  f"{'; '.join(sorted(set(extra) - set(kept)))}", file=sys.stderr)
+        extra = kept
     for key, least in (("throttle", 1), ("warn_before", 0)):
         value = settings.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
@@ -250,6 +282,12 @@ def _check_paths(sweep: Sweep, *paths: tuple[str, object]) -> None:
                                 "quote or a backslash, which cannot sit in a job script")
 
 
+def _pattern(sweep: Sweep, name: str) -> str:
+    """``--output`` for a file of the sweep's own folder: sbatch fills ``%A``, ``%a``,
+    ``%j`` in ``name``; a ``%`` of the folder's path is doubled so that it stays itself."""
+    return str(layout.SweepPaths(sweep.base_dir).folder).replace("%", "%%") + "/" + name
+
+
 def _word(purpose: str) -> str:
     """The first word of a job's purpose, as its name and script name take it."""
     return re.sub(r"[^A-Za-z0-9_-]", "", (purpose.split() or ["job"])[0]) or "job"
@@ -284,7 +322,7 @@ def render(sweep: Sweep, plan: ArrayPlan, argv: Sequence[str], options: Mapping[
             mine += " " + theirs[-1].group(1).strip().strip("\"'")
         lines.append(f'#SBATCH --comment="{mine}"')
     defaults = {"job_name": sweep.name,
-                "output": str(layout.SweepPaths(sweep.base_dir).job_output("%A", "%a"))}
+                "output": _pattern(sweep, "slurm-%A_%a.out")}
     lines += [_sbatch_line(sweep, key, value) for key, value in {**defaults, **options}.items()]
     if warn_before:
         lines.append(f"#SBATCH --signal=B:USR1@{int(warn_before)}")
@@ -319,7 +357,7 @@ def render_job(sweep: Sweep, argv: Sequence[str], options: Mapping[str, str], *,
                                          for job in after):
         raise ValueError(f"job ids {after!r}: not a list of SLURM job ids")
     defaults = {"job_name": f"{sweep.name}-{_word(purpose)}",
-                "output": str(layout.SweepPaths(sweep.base_dir).folder / "job-%j.out")}
+                "output": _pattern(sweep, "job-%j.out")}
     lines = [_sbatch_line(sweep, key, value) for key, value in {**defaults, **options}.items()]
     if after:
         lines.append(f"#SBATCH --dependency=afterany:{':'.join(map(str, after))}")
@@ -375,7 +413,8 @@ SBATCH_TIMEOUT = 300.0
 
 def submit_script(script: Path) -> str:
     """Submit ``script``; return its job id. sbatch's own message reaches the user on failure."""
-    out = run(["sbatch", "--parsable", str(script)], timeout=SBATCH_TIMEOUT)
+    out = run(["sbatch", "--parsable", str(script)], timeout=SBATCH_TIMEOUT,
+              env=submit_env(os.environ))
     return out.strip().split(";")[0]
 
 

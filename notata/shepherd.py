@@ -31,6 +31,7 @@ import os
 import shlex
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,20 +77,38 @@ def shepherd(manifest: str | os.PathLike[str] | Sweep, *, then: bool = False,
                 return 0
             state = named
         if then:
-            return _final(sweep, policy, state)
-        if not as_job:
-            state.failures = 0  # by hand: the user says the cause is fixed
+            return _final(sweep, policy, state, me)
         if not as_job and state.state in (chain.SETTLED, chain.STOPPED):
             chain.log(base, sweep.name, f"by hand: the chain had {state.state} "
                       f"({state.why}); it starts again from round {state.round}")
-            state.then_job = state.then_status = None
-            state.notified, state.given_up = False, {}
+            state.then_job = state.then_status = state.closer = None
+            state.notified, state.given_up, state.failures = False, {}, 0
+        if state.state == chain.SETTLING and (chain.job_queued(state.then_job) or
+                                              chain.job_queued(state.closer)):
+            print(f"notata shepherd: {sweep.name} has settled and its final job "
+                  f"{state.then_job} is queued: nothing to do")
+            return 0
         if state.manifest_hash != sweep.hash:
             return _stop(sweep, state, policy, None, "the manifest changed since the chain "
-                         f"began (hash {state.manifest_hash} -> {sweep.hash}): submit again")
-        return _round(sweep, policy, state, me)
+                         f"began (hash {state.manifest_hash} -> {sweep.hash}): submit again",
+                         outcome="stopped")
+        with _folder(state.cwd):  # the tasks run where the sweep was submitted
+            return _round(sweep, policy, state, me)
     finally:
         guard.release()
+
+
+@contextlib.contextmanager
+def _folder(path: str | None) -> Iterator[None]:
+    """Submit from ``path`` (sbatch gives a job the folder it was called from), or from
+    here when it is gone."""
+    here = os.getcwd()
+    with contextlib.suppress(OSError):
+        os.chdir(path or here)
+    try:
+        yield
+    finally:
+        os.chdir(here)
 
 
 #: Rounds in a row whose submission failed before the chain stops (it never loops).
@@ -103,11 +122,11 @@ def _named(sweep: Sweep, state: chain.State, me: str | None) -> chain.State | No
     """The chain's record, if it names this job as the one that acts; else None, said
     in the log (a job of a chain taken over by hand, or one already ended)."""
     deadline = time.monotonic() + NAMED_WITHIN
-    while state.job_id != me and state.state == chain.WAITING \
+    while me not in (state.job_id, state.closer) and state.state == chain.WAITING \
             and time.monotonic() < deadline:
         time.sleep(1.0)
         state = chain.read(sweep.base_dir, sweep.name) or state
-    if me is not None and state.job_id == me:
+    if me is not None and me in (state.job_id, state.closer):
         return state
     chain.log(sweep.base_dir, sweep.name, f"job {me} stands down: the chain's shepherd is "
               + (f"job {state.job_id}" if state.job_id else f"none ({state.state})"))
@@ -143,7 +162,11 @@ def _round(sweep: Sweep, policy: retry.Policy, state: chain.State, me: str | Non
         chain.log(base, name, line)
     looked_after = set(parse_indices(state.tasks, len(sweep)))
     with submissions.sweep_lock(base) as held:
-        queue = collector_queue(base, "shepherd", required=True)
+        try:
+            queue = collector_queue(base, "shepherd", required=True)
+        except SchedulerError as err:  # the controller is busy or down: later
+            return _failed(sweep, policy, state, me, f"SLURM's queue could not be read "
+                           f"({err})", [], [])
         report = scan(sweep, queue=queue)
         records = submissions.submitted(base)
         mine = [r for r in records if r.get("chain") == state.chain]
@@ -153,7 +176,7 @@ def _round(sweep: Sweep, policy: retry.Policy, state: chain.State, me: str | Non
         ran = {i for r in mine if r.get("round") == last_round
                for i in parse_indices(str(r.get("tasks") or ""), len(sweep))}
         cancelled = {i for i in ran if i in by_task and by_task[i].status == schema.CANCELLED}
-        cancelled |= {i for i in chain.cancelled_tasks(arrays)  # some never started
+        cancelled |= {i for i in chain.cancelled_tasks(arrays, base)  # some never started
                       if i in by_task and by_task[i].status != schema.COMPLETE}
         state.round = max(state.round, last_round)
         if cancelled & looked_after:
@@ -161,8 +184,9 @@ def _round(sweep: Sweep, policy: retry.Policy, state: chain.State, me: str | Non
                          f"tasks {compact(cancelled & looked_after)} were cancelled "
                          "(scancel): a cancel is the user's word, so the chain ends here, "
                          "without more retries or then", outcome="cancelled")
-        busy = [r for r in by_task.values() if r.task in looked_after
-                and (r.queued or r.status in schema.OPEN_STATUSES or r.status == PENDING)]
+        # the sweep has not settled while any of its tasks runs, looked after or not
+        busy = [r for r in by_task.values()
+                if r.queued or r.status in schema.OPEN_STATUSES or r.status == PENDING]
         chosen, left = report.to_resubmit(policy.on, None)
         for r, why in left:
             if r.task in looked_after and r not in busy:
@@ -188,38 +212,59 @@ def _round(sweep: Sweep, policy: retry.Policy, state: chain.State, me: str | Non
         job_ids: list[str] = []
         if groups:
             state.round += 1
-        try:
-            for (time_, mem), tasks in sorted(groups.items(), key=lambda g: g[1][0]):
-                given = dict(state.options)
-                given.update({k: v for k, v in (("time", time_), ("mem", mem)) if v})
-                causes: dict[str, list[int]] = {}
-                for i in tasks:
-                    causes.setdefault(by_task[i].status, []).append(i)
-                cause = {status: compact(ts) for status, ts in causes.items()}
+        for (time_, mem), tasks in sorted(groups.items(), key=lambda g: g[1][0]):
+            given = dict(state.options)
+            given.update({k: v for k, v in (("time", time_), ("mem", mem)) if v})
+            causes: dict[str, list[int]] = {}
+            for i in tasks:
+                causes.setdefault(by_task[i].status, []).append(i)
+            cause = {status: compact(ts) for status, ts in causes.items()}
+            what = ", ".join(f"--{k} {v}" for k, v in (("time", time_), ("mem", mem))
+                             if v) or "the same resources"
+            try:
                 done = _submit(sweep, tasks, state.command, "slurm", Options(), given,
                                progress=None, held=held, again=True,
                                fields={"chain": state.chain, "round": state.round,
                                        "why": cause})
-                job_ids += done.job_ids
-                say(f"round {state.round}: tasks {compact(tasks)} ("
-                    + "; ".join(f"{s}: {t}" for s, t in cause.items()) + ") with "
-                    + (", ".join(f"--{k} {v}" for k, v in (("time", time_), ("mem", mem))
-                                 if v) or "the same resources")
-                    + f": jobs {', '.join(done.job_ids) or '(none)'}")
-        except (NotataError, OSError) as err:
-            state.failures += 1
-            if not job_ids:
-                state.round -= 1  # this round did not happen
-            if state.failures >= MAX_FAILURES:
-                return _stop(sweep, state, policy, None, f"round {state.round} could not be "
-                             f"submitted, {state.failures} times in a row (last: {err}); "
-                             f"fix it, then run notata shepherd {sweep.path}")
-            say(f"round {state.round}: sbatch failed ({err}); a shepherd looks again later")
-            return _next(sweep, policy, state, job_ids, busy, queue, me, failed=True)
+            except SchedulerError as err:
+                said = "; ".join(line.strip() for line in (err.stderr or str(err)).splitlines()
+                                 if line.strip())
+                if err.returncode is None or err.returncode <= 0:  # no answer: try later
+                    state.round -= 0 if job_ids else 1  # a round with no array did not happen
+                    return _failed(sweep, policy, state, me, f"sbatch failed ({err})",
+                                   job_ids, busy, queue=queue)
+                for i in tasks:  # refused: these resources cannot be had
+                    state.given_up[str(i)] = f"{by_task[i].status}; sbatch refused its " \
+                        f"next attempt with {what}: {said}"
+                say(f"round {state.round}: tasks {compact(tasks)} given up: sbatch refused "
+                    f"them with {what}: {said}")
+                continue
+            except (NotataError, OSError) as err:
+                state.round -= 0 if job_ids else 1
+                return _failed(sweep, policy, state, me, f"round {state.round + 1} could not "
+                               f"be submitted ({err})", job_ids, busy, queue=queue)
+            job_ids += done.job_ids
+            say(f"round {state.round}: tasks {compact(tasks)} ("
+                + "; ".join(f"{s}: {t}" for s, t in cause.items()) + f") with {what}: "
+                f"jobs {', '.join(done.job_ids) or '(none)'}")
         state.failures = 0
     if job_ids or busy:
         return _next(sweep, policy, state, job_ids, busy, queue, me)
     return _settle(sweep, policy, state, report)
+
+
+def _failed(sweep: Sweep, policy: retry.Policy, state: chain.State, me: str | None,
+            why: str, job_ids: list[str], busy: list[RunRecord], *,
+            queue: Any = None) -> int:
+    """A round that SLURM did not answer: a later shepherd tries again, at most
+    :data:`MAX_FAILURES` rounds in a row (the chain never loops for ever)."""
+    state.failures += 1
+    if state.failures >= MAX_FAILURES:
+        return _stop(sweep, state, policy, None, f"{why}, {state.failures} times in a row; "
+                     f"once SLURM answers, run notata shepherd {sweep.path}",
+                     outcome="stopped")
+    chain.log(sweep.base_dir, sweep.name, f"{why}; a shepherd looks again later")
+    return _next(sweep, policy, state, job_ids, busy, queue, me, failed=True)
 
 
 def _next(sweep: Sweep, policy: retry.Policy, state: chain.State, job_ids: list[str],
@@ -242,7 +287,7 @@ def _next(sweep: Sweep, policy: retry.Policy, state: chain.State, job_ids: list[
         job = chain.submit_shepherd(sweep, options, after, round_=state.round)
     except (SchedulerError, OSError) as err:
         return _stop(sweep, state, policy, None, f"could not queue the next shepherd ({err}): "
-                     f"run notata shepherd {sweep.path} to resume", outcome=None)
+                     f"run notata shepherd {sweep.path} to resume", outcome="stopped")
     state.state, state.job_id, state.after = chain.WAITING, job, after
     state.why = (f"round {state.round}: " + ("sbatch failed; " if failed else "")
                  + f"shepherd job {job} waits for jobs {', '.join(after) or '(a while)'}")
@@ -252,16 +297,21 @@ def _next(sweep: Sweep, policy: retry.Policy, state: chain.State, job_ids: list[
 
 
 def _settle(sweep: Sweep, policy: retry.Policy, state: chain.State, report: Report) -> int:
-    """Nothing runs, nothing to retry: the final job, or the notification now."""
+    """Nothing runs, nothing to retry: the final job (and its closer, which wraps up if
+    the final job ends before ``then`` has), or the notification now."""
     base = sweep.base_dir
     counts = ", ".join(f"{n} {s}" for s, n in report.counts.items() if n)
     if policy.then:
         try:
             job = chain.submit_then(sweep, state.options)
-        except (SchedulerError, OSError) as err:
+            closer = chain.submit_shepherd(
+                sweep, chain.shepherd_options(sweep, state.options, policy.shepherd), [job],
+                round_=state.round, then=True)
+        except (NotataError, OSError) as err:
             return _stop(sweep, state, policy, report, f"settled ({counts}), but its final "
                          f"job could not be queued ({err})", outcome="settled")
         state.state, state.job_id, state.then_job, state.after = chain.SETTLING, job, job, []
+        state.closer, state.then_status = closer, None
         state.why = f"settled ({counts}); final job {job} runs: {shlex.join(policy.then)}"
         chain.write(base, state)
         chain.log(base, sweep.name, state.why)
@@ -274,13 +324,36 @@ def _settle(sweep: Sweep, policy: retry.Policy, state: chain.State, report: Repo
     return 0
 
 
-def _final(sweep: Sweep, policy: retry.Policy, state: chain.State) -> int:
-    """The sweep's final job: ``then``, once, then the notification."""
+#: ``then_status`` while ``then`` runs: a final job that ends before it has a status.
+STARTED = -1
+
+
+def _final(sweep: Sweep, policy: retry.Policy, state: chain.State, me: str | None) -> int:
+    """The sweep's final step: ``then``, once, then the notification. Run by the final
+    job, by hand (``--then``), or by the closer, which only wraps up a final job that
+    ended early (killed, out of time, requeued): said, notified, never run again."""
     base = sweep.base_dir
-    if state.state != chain.SETTLING or state.then_status is not None:
-        print(f"notata shepherd --then: the chain is {state.state}, not settling: nothing to do")
+    if state.state not in (chain.SETTLING, chain.SETTLED):
+        print(f"notata shepherd --then: the chain is {state.state}: the sweep has not "
+              "settled, nothing to do")
         return 0
-    state.then_status = -1  # started: a requeued final job does not run it twice
+    closing = me is not None and me == state.closer
+    if closing or (me is not None and state.then_status is not None):
+        if state.state == chain.SETTLED:
+            chain.log(base, sweep.name, f"job {me}: the final job finished; nothing to do")
+            return 0
+        ended = "before then finished" if state.then_status == STARTED else \
+            "before then started"
+        state.then_status = None
+        state.state, state.job_id, state.closer = chain.SETTLED, None, None
+        state.why = f"settled after {state.round} round(s); the final job {state.then_job} " \
+            f"ended {ended} (killed, out of time or requeued): notata shepherd " \
+            f"{sweep.path} --then runs it here"
+        _notify(sweep, policy, state, scan(sweep), "settled")
+        chain.write(base, state)
+        chain.log(base, sweep.name, state.why)
+        return 0
+    state.then_status = STARTED  # a requeued final job does not run it twice
     chain.write(base, state)
     chain.log(base, sweep.name, f"then: {shlex.join(policy.then)}")
     try:
@@ -299,13 +372,14 @@ def _final(sweep: Sweep, policy: retry.Policy, state: chain.State) -> int:
 
 def _stop(sweep: Sweep, state: chain.State, policy: retry.Policy, report: Report | None,
           why: str, outcome: str | None = None) -> int:
-    """End the chain, saying why; notify when the sweep ended (``outcome``)."""
+    """End the chain, saying why; notify when the sweep ended (``outcome``: settled,
+    cancelled; stopped, by an error: exit status 1)."""
     state.state, state.job_id, state.after, state.why = chain.STOPPED, None, [], why
     if outcome is not None:
         _notify(sweep, policy, state, report or scan(sweep), outcome)
     chain.write(sweep.base_dir, state)
     chain.log(sweep.base_dir, sweep.name, f"stopped: {why}")
-    return 0 if outcome is not None else 1
+    return 1 if outcome in (None, "stopped") else 0
 
 
 def _notify(sweep: Sweep, policy: retry.Policy, state: chain.State, report: Report,
@@ -316,7 +390,7 @@ def _notify(sweep: Sweep, policy: retry.Policy, state: chain.State, report: Repo
     looked_after = set(parse_indices(state.tasks, len(sweep)))
     left = [r for r in report.read if r.task in looked_after and r.status != schema.COMPLETE]
     why = {int(k): v for k, v in state.given_up.items()}
-    then = None if state.then_status == -1 else state.then_status
+    then = None if state.then_status == STARTED else state.then_status
     payload = retry.summary(sweep, report, left, then, time.time() - state.started_unix,
                             outcome, why)
     payload["rounds"] = state.round

@@ -46,11 +46,29 @@ ALIVE_STATES = frozenset({"RUNNING", "SUSPENDED", "COMPLETING", "CONFIGURING", "
                           "RESIZING", "SIGNALING", "STAGE_OUT"})
 
 
-def run(argv: Sequence[str], timeout: float = COMMAND_TIMEOUT) -> str:
+#: SLURM_* variables that configure the commands themselves (kept when a job submits).
+_INPUTS = frozenset({"SLURM_CONF", "SLURM_CLUSTERS", "SLURM_DEBUG_FLAGS", "SLURM_EXIT_ERROR",
+                     "SLURM_TIME_FORMAT"})
+
+
+def submit_env(environ: Mapping[str, str]) -> dict[str, str] | None:
+    """The environment to run sbatch in: inside a job (a shepherd, a task that submits),
+    without the job's own SLURM_* variables, which sbatch would pass on to the new job
+    (``--export=ALL``) where SLURM does not set them afresh (``SLURM_MEM_PER_NODE`` of a
+    job that asked for no memory, ``SLURM_CPUS_PER_TASK``, ``SLURM_JOB_DEPENDENCY``). None:
+    this process's environment as it is."""
+    if "SLURM_JOB_ID" not in environ:
+        return None
+    return {k: v for k, v in environ.items()
+            if not k.startswith("SLURM_") or k in _INPUTS}
+
+
+def run(argv: Sequence[str], timeout: float = COMMAND_TIMEOUT,
+        env: Mapping[str, str] | None = None) -> str:
     """Run one SLURM command and return its stdout; failures raise :class:`SchedulerError`."""
     try:
         proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
-                              check=False)
+                              check=False, env=None if env is None else dict(env))
     except (OSError, subprocess.TimeoutExpired) as err:
         raise SchedulerError(list(argv), None, str(err)) from err
     if proc.returncode != 0:

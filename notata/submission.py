@@ -130,7 +130,9 @@ def submit(manifest: str | os.PathLike[str] | Sweep, command: Sequence[str],
     backend = options.backend or _default_backend()
     policy = retry.policy(sweep.retry, options.retry, str(sweep.path))
     chain_id = chain.new_chain(sweep) if policy is not None and backend != "local" else None
-    if chain_id is not None:  # refuse bad shepherd options before anything is queued
+    if chain_id is not None and not options.dry_run:  # refused before anything is queued
+        chain.check(sweep, options.given(), policy.shepherd if policy else {})
+    elif chain_id is not None:
         chain.shepherd_options(sweep, options.given(), policy.shepherd if policy else {})
     done = _submit(sweep, indices, command, backend, options, options.given(),
                    progress=progress, held=None,
@@ -141,7 +143,7 @@ def submit(manifest: str | os.PathLike[str] | Sweep, command: Sequence[str],
         if done.tasks or done.busy:
             try:
                 chain.start(sweep, chain_id, command=command, given=options.given(),
-                            tasks=compact(indices), attempts=options.retry,
+                            tasks=indices, attempts=options.retry,
                             own=policy.shepherd, after=done.job_ids)
             except SchedulerError as err:
                 print(f"notata submit: the tasks were submitted, but not their retry "

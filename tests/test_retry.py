@@ -55,6 +55,7 @@ def test_no_policy_without_attempts_and_flags_win() -> None:
     ({"attempts": 3, "oom": {"mem": 2, "max": "lots"}}, "oom.max 'lots'"),
     ({"attempts": 3, "timeout": {"time": 2, "max": "soon"}}, "timeout.max 'soon'"),
     ({"attempts": 3, "timeout": {"memory": 2}}, "give {time: FACTOR, max: CAP}"),
+    ({"attempts": 3, "timeout": {"time": float("inf")}}, "timeout.time inf"),
     ({"attempts": 3, "notify": "hooks.example.org"}, "http:// or https://"),
     ({"attempts": 3, "then": 5}, "give a command"),
     ({"attempts": 3, "tries": 2}, "unknown key 'tries'"),

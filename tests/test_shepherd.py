@@ -55,7 +55,7 @@ if kind == "oom":
         with open("/proc/self/statm") as f:
             if int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") > granted:
                 os.kill(os.getpid(), signal.SIGKILL)
-print("done", kind, attempt)
+print("done", kind, attempt, "dependency=" + str(os.environ.get("SLURM_JOB_DEPENDENCY")))
 """
 KINDS = ["ok", "flaky", "ok", "oom", "ok", "slow", "flaky", "ok", "always", "ok", "flaky", "ok"]
 THEN = "import sys, time; open(sys.argv[1], 'a').write(f'{time.time()}\\n')"
@@ -69,9 +69,11 @@ def _sweep(base: Path, name: str, kinds: list[str], retry: str) -> Path:
                        f"retry:\n{retry}")
 
 
-def _notata(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def _notata(*args: str, timeout: float = 120, cwd: Path | str | None = None,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", CLI, *args], text=True, capture_output=True,
-                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          timeout=timeout, cwd=cwd,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
 
 
 def _state(manifest: Path) -> chain.State | None:
@@ -165,6 +167,9 @@ def test_each_retry_gets_more_of_what_ran_out(dozen: Scenario) -> None:
     assert asked(slow, 2)["time_limit"] == "00:02:00"
     assert asked(flaky, 2)["mem_bytes"] == 200 * 2**20
     assert asked(flaky, 2)["time_limit"] == "00:01:00"
+    # submitted from inside the shepherd's job, it inherited none of that job's variables
+    run = notata.load_sweep(dozen.manifest).task(flaky).run_dir
+    assert "done flaky 2 dependency=None" in (run / "stdout.txt").read_text()
     by_round = {}
     for r in _records(dozen.manifest):
         script = Path(r["arrays"][0]["script"]).read_text()
@@ -222,8 +227,8 @@ def _job_state(job: str) -> str:
 def test_a_cancelled_shepherd_shows_in_status_and_is_resumed_by_hand(
         slurm_cluster: str, base: Path) -> None:
     manifest = _sweep(base, "resume", ["flaky", "sleep", "ok"], "  attempts: 2\n")
-    cmd = [sys.executable, str(base / "payload.py"), "{kind}", "{attempt}", "5"]
-    out = _notata("submit", str(manifest), "--", *cmd)
+    cmd = [sys.executable, "payload.py", "{kind}", "{attempt}", "5"]  # relative to base
+    out = _notata("submit", str(manifest), "--", *cmd, cwd=base)
     assert out.returncode == 0, out.stderr
     state = _state(manifest)
     assert state is not None and state.job_id
@@ -234,7 +239,7 @@ def test_a_cancelled_shepherd_shows_in_status_and_is_resumed_by_hand(
     status = _notata("status", str(manifest)).stdout
     assert f"job {state.job_id} is no longer queued and never acted" in status
     assert f"notata shepherd {manifest}" in status
-    resumed = _notata("shepherd", str(manifest))
+    resumed = _notata("shepherd", str(manifest), cwd="/")  # its jobs run where submitted
     assert resumed.returncode == 0, resumed.stderr
     assert "round 2: tasks 0 (failed: 0)" in resumed.stdout
     wait_for(lambda: _ended(manifest), 180, "the resumed chain to settle")
@@ -279,17 +284,18 @@ def test_only_one_shepherd_acts(slurm_cluster: str, base: Path) -> None:
     while a shepherd waits does not queue another one."""
     manifest = _sweep(base, "two", ["flaky", "flaky", "sleep"], "  attempts: 3\n")
     cmd = [sys.executable, str(base / "payload.py"), "{kind}", "{attempt}", "8"]
-    out = _notata("submit", str(manifest), "--", *cmd)
+    out = _notata("submit", str(manifest), "--tasks", "0-1", "--", *cmd)
     assert out.returncode == 0, out.stderr
     state = _state(manifest)
-    assert state is not None
-    again = _notata("submit", str(manifest), "--tasks", "0-2", "--retry", "3", "--", *cmd)
+    assert state is not None and state.tasks == "0-1"
+    again = _notata("submit", str(manifest), "--tasks", "2", "--retry", "3", "--", *cmd)
     assert again.returncode == 0 and f"shepherd job {state.job_id} already looks after" \
         in again.stderr
-    assert _state(manifest).job_id == state.job_id  # type: ignore[union-attr]
+    joined = _state(manifest)
+    assert joined is not None and (joined.job_id, joined.tasks) == (state.job_id, "0-2")
     subprocess.run(["scancel", str(state.job_id)], check=True, timeout=30)
-    first = _records(manifest)[0]["job_ids"][0]
-    wait_for(lambda: _job_state(first) == "", 120, "the first round to end")
+    arrays = [r["job_ids"][0] for r in _records(manifest)]
+    wait_for(lambda: all(_job_state(j) == "" for j in arrays), 120, "the first round to end")
 
     lock_path = notata.load_sweep(manifest).base_dir / ".notata" / "shepherd-two.lock"
     holder = python("""
@@ -317,3 +323,129 @@ def test_only_one_shepherd_acts(slurm_cluster: str, base: Path) -> None:
     assert sorted(retried) == [0, 1], outs  # each failed task once, whoever acted
     wait_for(lambda: _ended(manifest), 180, "the chain to settle")
     assert _state(manifest).state == chain.SETTLED  # type: ignore[union-attr]
+
+
+def test_a_final_job_that_ends_before_then_finishes_is_wrapped_up(
+        slurm_cluster: str, base: Path) -> None:
+    """The final job cancelled while ``then`` runs: its closer says so, notifies once,
+    and the chain reads settled; ``then`` is not run again by a job."""
+    hook = Hook()
+    try:
+        then = json.dumps([sys.executable, "-c", "import time; time.sleep(300)"])
+        manifest = _sweep(base, "closer", ["ok"],
+                          f"  attempts: 2\n  then: {then}\n  notify: {hook.url}\n")
+        out = _notata("submit", str(manifest), "--", sys.executable,
+                      str(base / "payload.py"), "{kind}", "{attempt}")
+        assert out.returncode == 0, out.stderr
+
+        def then_runs() -> bool:
+            state = _state(manifest)
+            return state is not None and state.then_status == -1
+        wait_for(then_runs, 120, "the final job to start then")
+        final = _state(manifest)
+        assert final is not None and final.state == chain.SETTLING and final.closer
+        subprocess.run(["scancel", str(final.then_job)], check=True, timeout=30)
+        wait_for(lambda: _ended(manifest), 120, "the closer to wrap up")
+        state = _state(manifest)
+        assert state is not None and state.state == chain.SETTLED
+        assert f"the final job {final.then_job} ended before then finished" in state.why
+        wait_for(lambda: bool(hook.bodies), 30, "the notification")
+        time.sleep(2)
+        [told] = hook.bodies
+        assert told["outcome"] == "settled" and told["then_exit_status"] is None
+    finally:
+        hook.close()
+
+
+def test_a_pending_task_cancelled_alone_is_not_run_again(slurm_cluster: str,
+                                                          base: Path) -> None:
+    """SLURM forgets an array element cancelled while pending at once: the task reads
+    missing, yet it was the user's cancel, so the chain ends instead of retrying it."""
+    manifest = _sweep(base, "vanish", ["ok", "ok"], "  attempts: 3\n")
+    out = _notata("submit", str(manifest), "--sbatch-line=--hold", "--", sys.executable,
+                  str(base / "payload.py"), "{kind}", "{attempt}")
+    assert out.returncode == 0, out.stderr
+    array = _records(manifest)[0]["job_ids"][0]
+    subprocess.run(["scancel", f"{array}_1"], check=True, timeout=30)
+    subprocess.run(["scontrol", "release", array], check=True, timeout=30)
+    wait_for(lambda: _ended(manifest), 120, "the shepherd to see the cancel")
+    state = _state(manifest)
+    assert state is not None and state.state == chain.STOPPED
+    assert "tasks 1 were cancelled" in state.why, state.why
+    assert {r["round"] for r in _records(manifest)} == {1}
+    assert read_meta(notata.load_sweep(manifest).task(0).run_dir)["status"] == "complete"
+
+
+def test_an_escalation_the_cluster_cannot_give_is_given_up_and_the_sweep_settles(
+        slurm_cluster: str, base: Path) -> None:
+    """The OOM rule asks for more memory than any node has: sbatch refuses it, so the
+    task is given up with sbatch's words, the other tasks go on, and the sweep settles."""
+    hook = Hook()
+    try:
+        manifest = _sweep(base, "toomuch", ["oom", "flaky"],
+                          f"  attempts: 3\n  oom: {{mem: 100}}\n  notify: {hook.url}\n")
+        out = _notata("submit", str(manifest), "--mem", "100M", "--", sys.executable,
+                      str(base / "payload.py"), "{kind}", "{attempt}")
+        assert out.returncode == 0, out.stderr
+        wait_for(lambda: _ended(manifest), 180, "the sweep to settle")
+        state = _state(manifest)
+        assert state is not None and state.state == chain.SETTLED, state
+        assert "sbatch refused its next attempt with --mem 10000M" in state.given_up["0"]
+        sweep = notata.load_sweep(manifest)
+        assert read_meta(sweep.task(1).run_dir)["status"] == "complete"
+        wait_for(lambda: bool(hook.bodies), 30, "the notification")
+        assert [g["task"] for g in hook.bodies[0]["given_up"]] == [0]
+    finally:
+        hook.close()
+
+
+def test_a_corrupt_chain_record_is_one_line_and_nothing_is_submitted(
+        slurm_cluster: str, base: Path) -> None:
+    manifest = _sweep(base, "bad", ["ok"], "  attempts: 2\n")
+    record = base / "outputs" / ".notata" / "shepherd-bad.json"
+    record.parent.mkdir(parents=True)
+    for text, says in [("{bad", "not JSON"), ('{"tasks": 5}', "tasks is 5")]:
+        record.write_text(text)
+        for args in (["submit", str(manifest), "--", "true"], ["shepherd", str(manifest)],
+                     ["status", str(manifest)]):
+            out = _notata(*args)
+            said = out.stderr + out.stdout
+            assert "not a retry chain record notata can read" in said and says in said, said
+            assert "Traceback" not in said
+            assert out.returncode == (0 if args[0] == "status" else 1), said
+    assert not (base / "outputs" / ".notata" / "submissions.jsonl").exists()
+
+
+def test_a_shepherd_that_cannot_read_the_queue_tries_again_later(
+        slurm_cluster: str, base: Path) -> None:
+    """squeue times out (a busy controller): the shepherd queues a successor that looks
+    again later instead of leaving the chain broken; the third time in a row it stops,
+    saying how to resume."""
+    manifest = _sweep(base, "busy", ["flaky"], "  attempts: 2\n")
+    out = _notata("submit", str(manifest), "--sbatch-line=--hold", "--", "true")
+    assert out.returncode == 0, out.stderr
+    state = _state(manifest)
+    assert state is not None
+    jobs = [state.job_id, _records(manifest)[0]["job_ids"][0]]
+    shim = base / "bin"
+    shim.mkdir()
+    (shim / "squeue").write_text("#!/bin/sh\necho 'squeue: error: Socket timed out' >&2\n"
+                                 "exit 1\n")
+    (shim / "squeue").chmod(0o755)
+    try:
+        for n in (1, 2):
+            late = _notata("shepherd", str(manifest),
+                           env={"PATH": f"{shim}:{os.environ['PATH']}"})
+            state = _state(manifest)
+            assert state is not None
+            jobs.append(str(state.job_id))  # cancelled at the end, whatever happens
+            assert late.returncode == 1, late.stderr
+            assert state.failures == n and state.state == chain.WAITING
+            assert "SLURM's queue could not be read" in state.why or \
+                "sbatch failed" in state.why or "squeue" in (late.stdout + late.stderr)
+        last = _notata("shepherd", str(manifest), env={"PATH": f"{shim}:{os.environ['PATH']}"})
+        state = _state(manifest)
+        assert last.returncode == 1 and state is not None and state.state == chain.STOPPED
+        assert "3 times in a row" in state.why and "run notata shepherd" in state.why
+    finally:
+        subprocess.run(["scancel", *[j for j in jobs if j]], timeout=30)

@@ -144,6 +144,44 @@ def test_values_that_cannot_be_sbatch_options_are_refused(
     assert not (base / "outputs").exists()
 
 
+@pytest.mark.parametrize("line", ["--mem=100M", "#SBATCH --time 10", "-t 5", "-c4",
+                                  "--partition=debug"])
+def test_an_extra_line_may_not_set_an_option_notata_sets(
+        base: Path, capsys: pytest.CaptureFixture[str], line: str) -> None:
+    """A later #SBATCH line wins over an earlier one: a raw --mem would undo a retry's
+    escalated --mem without a word. So a line setting a named option is refused, naming
+    the option to use; --mem-per-cpu gives way to a --mem that is given."""
+    from notata.sbatch import options_for
+
+    manifest = write_sweep(base, "name: q\ngrid: {a: [1]}\n")
+    assert submit(manifest, "--backend", "slurm", "--dry-run", f"--sbatch-line={line}",
+                  "--", "true") == 2
+    err = capsys.readouterr().err
+    assert "has a name of its own: give it as --" in err and len(err.splitlines()) == 1, err
+    _, extra, _ = options_for({"extra": ["--mem-per-cpu=2G", "--exclusive"]}, {"mem": "4G"},
+                              "x.yaml")
+    assert extra == ["--exclusive"]
+    assert "--mem 4G replaces --mem-per-cpu=2G" in capsys.readouterr().err
+    assert not (base / "outputs").exists()
+
+
+def test_a_percent_sign_in_the_base_folder_stays_itself_in_output_paths(
+        tmp_path: Path) -> None:
+    """sbatch fills %A, %a, %j... in --output: a folder named "100%x" must not become
+    "100<job name>"."""
+    from notata.sbatch import render_job
+
+    folder = tmp_path / "runs 100%x"
+    folder.mkdir()
+    sweep = load(write_sweep(folder, "name: pc\ngrid: {a: [1]}\n"))
+    script = render(sweep, ArrayPlan(0, (0,)), ["true"], {}, [], throttle=None, warn_before=0,
+                    script=tmp_path / "a.sbatch")
+    assert f'--output="{folder}/outputs/.notata/slurm-%A_%a.out"'.replace(
+        "100%x", "100%%x") in script
+    job = render_job(sweep, ["true"], {}, script=tmp_path / "j.sbatch", purpose="x")
+    assert "100%%x/outputs/.notata/job-%j.out" in job
+
+
 def test_dry_run_prints_every_array_and_submits_nothing(
     base: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -345,13 +383,13 @@ def test_a_submission_that_fails_halfway_records_what_it_submitted(
     manifest = write_sweep(base, f"name: half\ngrid: {{i: {list(range(1002))}}}\n")
     out = base / "outputs"
     try:
-        rc = submit(manifest, "--backend", "slurm", "--tasks", "0-1,1001", "--sbatch-line=--hold",
+        rc = submit(manifest, "--backend", "slurm", "--tasks", "0-1001", "--sbatch-line=--hold",
                     "--", "true")
         said = capsys.readouterr()
         assert rc == 1
         [record] = submissions.submitted(out)
-        assert record["tasks"] == "0-1" and record["parts"] == 2 and record["job_ids"][0]
-        assert f"submitted job {record['job_ids'][0]}: tasks 0-1" in said.out
+        assert record["tasks"] == "0-1000" and record["parts"] == 2 and record["job_ids"][0]
+        assert f"submitted job {record['job_ids'][0]}: tasks 0-1000" in said.out
         assert "not submitted: tasks 1001" in said.err and "QOS policy" in said.err
         assert main(["resubmit", str(manifest), "--tasks", "0-1,1001", "--dry-run"]) == 0
         plan = capsys.readouterr()
