@@ -18,8 +18,10 @@ acts, and its successor becomes the chain's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
 import sys
 import tempfile
 import time
@@ -29,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _fs, layout, lock, runinfo, slurm, submissions, taskspec
-from .errors import ChainRecordError, SchedulerError
+from .errors import ChainRecordError, SchedulerError, UsageError
 from .manifest import Sweep
 from .sbatch import OPTIONS, options_for, render_job, submit_job
 from .taskspec import compact
@@ -131,8 +133,8 @@ def log(base_dir: os.PathLike[str] | str, sweep: str, line: str) -> None:
 
 
 def new_chain(sweep: Sweep) -> str:
-    """A chain id: ``<sweep>/<time>``."""
-    return f"{sweep.name}/{time.strftime('%Y%m%dT%H%M%S')}"
+    """A chain id: ``<sweep>/<time>-<4 random hex digits>``."""
+    return f"{sweep.name}/{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(2)}"
 
 
 def shepherd_options(sweep: Sweep, given: Mapping[str, Any],
@@ -194,16 +196,20 @@ def job_queued(job_id: str | None) -> bool | None:
         return None
 
 
-def cancelled_tasks(arrays: Iterable[Mapping[str, Any]],
-                    base_dir: os.PathLike[str] | str) -> set[int]:
+def cancelled_tasks(arrays: Iterable[Mapping[str, Any]], base_dir: os.PathLike[str] | str,
+                    *, own_output: bool = True) -> tuple[set[int], set[int]]:
     """The sweep tasks of these arrays (``job_id``, ``spec``, ``offset`` or ``map``) that
-    the user cancelled, by SLURM's record (``scontrol show job``, which remembers a job
-    for ``MinJobAge`` after it ended): an element recorded ``CANCELLED``, or one missing
-    from the records of an array SLURM still knows that never wrote its output file
-    (SLURM 22.05 forgets a pending element cancelled on its own at once). A task
-    cancelled before it started has no run to say so. A job SLURM no longer knows
-    tells nothing."""
-    out: set[int] = set()
+    SLURM's record (``scontrol show job``, which remembers a job for ``MinJobAge`` after
+    it ended) says the user cancelled: those recorded ``CANCELLED``, and those that
+    vanished: missing from the records of an array SLURM still knows, without the output
+    file every started element writes (SLURM 22.05 forgets a pending element cancelled
+    on its own at once). An element that ran and was forgotten after ``MinJobAge`` has
+    its output file; the caller counts a vanished task only if it has no run. Without
+    notata's own output files (``own_output`` False: the sweep sets ``--output``) nothing
+    vanishes. A job SLURM no longer knows tells nothing. Returns (cancelled, vanished)."""
+    cancelled: set[int] = set()
+    vanished: set[int] = set()
+    paths = layout.SweepPaths(base_dir)
     for array in arrays:
         job, index = array.get("job_id"), submissions.array_index(dict(array))
         if job is None:
@@ -218,15 +224,14 @@ def cancelled_tasks(arrays: Iterable[Mapping[str, Any]],
             ids = _ids(record.get("ArrayTaskId", ""))
             known |= ids
             if record.get("JobState") == "CANCELLED":
-                out.update(i for k in ids if (i := index(k)) is not None)
-        if not known:
+                cancelled.update(i for k in ids if (i := index(k)) is not None)
+        if not known or not own_output:
             continue
-        paths = layout.SweepPaths(base_dir)
         for k in _ids(str(array.get("spec", ""))) - known:
             i = index(k)
             if i is not None and not paths.job_output(job, k).exists():
-                out.add(i)
-    return out
+                vanished.add(i)
+    return cancelled, vanished
 
 
 def _ids(spec: str) -> set[int]:
@@ -239,27 +244,60 @@ def _ids(spec: str) -> set[int]:
     return out
 
 
+def joinable(sweep: Sweep, command: Sequence[str], given: Mapping[str, Any],
+             attempts: int | None) -> State | None:
+    """The chain a new ``submit --retry`` of this sweep joins: one whose shepherd is still
+    queued (not one that has settled), and that would retry the new tasks as this submit
+    asks (the same manifest version, command, options, ``--retry`` and folder); a chain
+    that would not is a :class:`~notata.errors.UsageError` (nothing submitted). None: a
+    new chain starts."""
+    current = read(sweep.base_dir, sweep.name)
+    if current is None or current.state != WAITING or job_queued(current.job_id) is False:
+        return None
+    ours = (sweep.hash, list(command), dict(given), attempts, os.getcwd())
+    theirs = (current.manifest_hash, current.command, current.options, current.attempts,
+              current.cwd)
+    if ours != theirs:
+        differ = [name for name, a, b in zip(("manifest version", "command", "options",
+                                              "--retry", "folder"), ours, theirs,
+                                             strict=True) if a != b]
+        raise UsageError(f"the retry chain {current.chain} (shepherd job {current.job_id}) "
+                         f"already looks after {sweep.name} with another "
+                         f"{', '.join(differ)}: its shepherd would retry these tasks as "
+                         f"that chain says; submit them after it has settled, or scancel "
+                         f"{current.job_id} first; nothing was submitted")
+    return current
+
+
 def start(sweep: Sweep, chain_id: str, *, command: Sequence[str], given: Mapping[str, Any],
           tasks: Sequence[int], attempts: int | None, own: Mapping[str, str],
           after: Sequence[str]) -> State:
     """After a submission's first round: queue the chain's first shepherd behind the
-    round's arrays (``after``) and write the chain's record. When a shepherd already
-    looks after the sweep, no second one is started: the new ``tasks`` join its chain
-    (under its policy), and it waits for them too. Returns the chain's record."""
+    round's arrays (``after``) and write the chain's record. When the submission joined
+    a chain (``chain_id`` is that chain's, see :func:`joinable`), its tasks are added to
+    it and its shepherd waits for them too. A chain that has settled but whose final job
+    has not run yet gives way: its final job and closer are cancelled (the sweep has
+    not settled after all) and this chain will settle it. Returns the chain's record."""
     base = sweep.base_dir
     with lock.exclusive(layout.SweepPaths(base).shepherd_lock(sweep.name)):
         current = read(base, sweep.name)
-        if current is not None and current.state in (WAITING, SETTLING) \
-                and job_queued(current.job_id) is not False:
-            joined = sorted(set(taskspec.expand(current.tasks)) | set(tasks))
-            current.tasks = compact(joined)
+        if current is not None and current.chain == chain_id:
+            current.tasks = compact(sorted(set(taskspec.expand(current.tasks)) | set(tasks)))
             write(base, current)
             log(base, sweep.name, f"tasks {compact(tasks)} joined the chain; shepherd job "
-                f"{current.job_id} waits for them too, under the chain's policy")
+                f"{current.job_id} waits for them too")
             print(f"notata submit: shepherd job {current.job_id} already looks after "
                   f"{sweep.name} (round {current.round}); these tasks join its chain",
                   file=sys.stderr)
             return current
+        if current is not None and current.state == SETTLING:
+            ended = [j for j in (current.then_job, current.closer) if j]
+            if ended:
+                with contextlib.suppress(SchedulerError):
+                    slurm.run(["scancel", *ended])
+            log(base, sweep.name, f"chain {current.chain} gives way to a new submission: "
+                f"its final job {current.then_job} is cancelled, the new chain settles "
+                "the sweep")
         state = State(chain_id, sweep.name, str(sweep.path), sweep.hash, list(command),
                       dict(given), compact(tasks), attempts, cwd=os.getcwd())
         job = submit_shepherd(sweep, shepherd_options(sweep, given, own), after, round_=1)
@@ -273,20 +311,21 @@ def start(sweep: Sweep, chain_id: str, *, command: Sequence[str], given: Mapping
 
 
 def check(sweep: Sweep, given: Mapping[str, Any], own: Mapping[str, str]) -> None:
-    """Before anything is queued: the chain's record can be read, and SLURM would take
-    the shepherd job as it is (``sbatch --test-only``: a partition that does not exist,
-    a time or memory it cannot give)."""
-    read(sweep.base_dir, sweep.name)
+    """Before anything is queued: SLURM would take the shepherd job as it is (``sbatch
+    --test-only``: a partition that does not exist, a time or memory it cannot give)."""
     options = shepherd_options(sweep, given, own)
     with tempfile.TemporaryDirectory() as folder:
         script = Path(folder) / "shepherd.sbatch"
         script.write_text(render_job(sweep, ["true"], options, script=script,
                                      purpose="shepherd (checked, not submitted)"))
         try:
-            slurm.run(["sbatch", "--test-only", str(script)])
+            slurm.run(["sbatch", "--test-only", str(script)],
+                      env=slurm.submit_env(os.environ, ("time", "mem", "partition", "account",
+                                                        "qos", "cpus-per-task")))
         except SchedulerError as err:
-            raise SchedulerError(err.argv, err.returncode, f"the retry shepherd's job would "
-                                 f"be refused ({err.stderr.strip()}); its options: "
+            said = "did not answer" if err.returncode is None else "would refuse it"
+            raise SchedulerError(err.argv, err.returncode, f"sbatch {said} for the retry "
+                                 f"shepherd's job ({err.stderr.strip()}); its options: "
                                  f"{options}; nothing was submitted") from None
 
 

@@ -47,8 +47,9 @@ def _named(line: str) -> str | None:
         option = word.split("=", 1)[0]
         for key, long in OPTIONS.items():
             short = _SHORT.get(key)
-            if option == long or (short and not word.startswith("--")
-                                  and word.startswith(short)):
+            # sbatch takes any unambiguous start of a long option (--outp, --parti)
+            if (option.startswith("--") and len(option) >= 4 and long.startswith(option)) \
+                    or (short and not word.startswith("--") and word.startswith(short)):
                 return key
     return None
 
@@ -413,8 +414,13 @@ SBATCH_TIMEOUT = 300.0
 
 def submit_script(script: Path) -> str:
     """Submit ``script``; return its job id. sbatch's own message reaches the user on failure."""
+    try:
+        options = re.findall(r"^#SBATCH\s+--([a-z-]+)", script.read_text(errors="replace"),
+                             re.MULTILINE)
+    except OSError:
+        options = []
     out = run(["sbatch", "--parsable", str(script)], timeout=SBATCH_TIMEOUT,
-              env=submit_env(os.environ))
+              env=submit_env(os.environ, options))
     return out.strip().split(";")[0]
 
 

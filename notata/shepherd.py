@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import subprocess
 import time
@@ -41,7 +42,8 @@ from .errors import NotataError, SchedulerError, UsageError
 from .layout import SweepPaths
 from .manifest import Sweep, compact, parse_indices
 from .manifest import load as load_sweep
-from .runstate import PENDING, RunRecord
+from .runstate import MISSING, PENDING, RunRecord
+from .sbatch import SBATCH_TIMEOUT
 from .slurm import collector_queue
 from .submission import Options, _submit, last_submission
 
@@ -57,7 +59,7 @@ def shepherd(manifest: str | os.PathLike[str] | Sweep, *, then: bool = False,
     guard = lock.exclusive(SweepPaths(base).shepherd_lock(sweep.name))
     # A job waits a little for its predecessor to finish writing; by hand, a second
     # shepherd exits at once.
-    deadline = time.monotonic() + (6 * NAMED_WITHIN if as_job else 0)
+    deadline = time.monotonic() + (2 * SBATCH_TIMEOUT + 60 if as_job else 0)
     while not guard.try_acquire():
         if time.monotonic() >= deadline:
             print(f"notata shepherd: another shepherd acts for {sweep.name} right now; "
@@ -77,7 +79,7 @@ def shepherd(manifest: str | os.PathLike[str] | Sweep, *, then: bool = False,
                 return 0
             state = named
         if then:
-            return _final(sweep, policy, state, me)
+            return _final(sweep, policy, state, me, guard)
         if not as_job and state.state in (chain.SETTLED, chain.STOPPED):
             chain.log(base, sweep.name, f"by hand: the chain had {state.state} "
                       f"({state.why}); it starts again from round {state.round}")
@@ -109,6 +111,20 @@ def _folder(path: str | None) -> Iterator[None]:
         yield
     finally:
         os.chdir(here)
+
+
+#: sbatch's words when the resources asked for cannot be had at all (not a limit that a
+#: later round may be under: a QOS submit limit, a controller that timed out).
+_NEVER = re.compile(r"node configuration is not available|Memory specification can not be "
+                    r"satisfied|Requested time limit is invalid|Invalid (partition|account|"
+                    r"qos)|More processors requested than permitted|Invalid generic resource",
+                    re.IGNORECASE)
+
+
+def _cannot_be_had(err: SchedulerError) -> bool:
+    """Whether sbatch refused for good (see :data:`_NEVER`), not for now."""
+    return err.returncode is not None and err.returncode > 0 and \
+        _NEVER.search(err.stderr or "") is not None
 
 
 #: Rounds in a row whose submission failed before the chain stops (it never loops).
@@ -176,8 +192,12 @@ def _round(sweep: Sweep, policy: retry.Policy, state: chain.State, me: str | Non
         ran = {i for r in mine if r.get("round") == last_round
                for i in parse_indices(str(r.get("tasks") or ""), len(sweep))}
         cancelled = {i for i in ran if i in by_task and by_task[i].status == schema.CANCELLED}
-        cancelled |= {i for i in chain.cancelled_tasks(arrays, base)  # some never started
+        own_output = "output" not in {**sweep.slurm, **state.options}
+        recorded, vanished = chain.cancelled_tasks(arrays, base, own_output=own_output)
+        cancelled |= {i for i in recorded
                       if i in by_task and by_task[i].status != schema.COMPLETE}
+        cancelled |= {i for i in vanished  # never started: no run at all
+                      if i in by_task and by_task[i].status in (MISSING, PENDING)}
         state.round = max(state.round, last_round)
         if cancelled & looked_after:
             return _stop(sweep, state, policy, report,
@@ -229,7 +249,7 @@ def _round(sweep: Sweep, policy: retry.Policy, state: chain.State, me: str | Non
             except SchedulerError as err:
                 said = "; ".join(line.strip() for line in (err.stderr or str(err)).splitlines()
                                  if line.strip())
-                if err.returncode is None or err.returncode <= 0:  # no answer: try later
+                if not _cannot_be_had(err):  # no answer, a limit for now: try later
                     state.round -= 0 if job_ids else 1  # a round with no array did not happen
                     return _failed(sweep, policy, state, me, f"sbatch failed ({err})",
                                    job_ids, busy, queue=queue)
@@ -304,12 +324,17 @@ def _settle(sweep: Sweep, policy: retry.Policy, state: chain.State, report: Repo
     if policy.then:
         try:
             job = chain.submit_then(sweep, state.options)
-            closer = chain.submit_shepherd(
-                sweep, chain.shepherd_options(sweep, state.options, policy.shepherd), [job],
-                round_=state.round, then=True)
         except (NotataError, OSError) as err:
             return _stop(sweep, state, policy, report, f"settled ({counts}), but its final "
                          f"job could not be queued ({err})", outcome="settled")
+        try:
+            closer: str | None = chain.submit_shepherd(
+                sweep, chain.shepherd_options(sweep, state.options, policy.shepherd), [job],
+                round_=state.round, then=True)
+        except (NotataError, OSError) as err:
+            closer = None
+            chain.log(base, sweep.name, f"no closer after final job {job} ({err}): if it "
+                      f"ends early, notata shepherd {sweep.path} --then runs then here")
         state.state, state.job_id, state.then_job, state.after = chain.SETTLING, job, job, []
         state.closer, state.then_status = closer, None
         state.why = f"settled ({counts}); final job {job} runs: {shlex.join(policy.then)}"
@@ -328,7 +353,8 @@ def _settle(sweep: Sweep, policy: retry.Policy, state: chain.State, report: Repo
 STARTED = -1
 
 
-def _final(sweep: Sweep, policy: retry.Policy, state: chain.State, me: str | None) -> int:
+def _final(sweep: Sweep, policy: retry.Policy, state: chain.State, me: str | None,
+           guard: lock.Exclusive) -> int:
     """The sweep's final step: ``then``, once, then the notification. Run by the final
     job, by hand (``--then``), or by the closer, which only wraps up a final job that
     ended early (killed, out of time, requeued): said, notified, never run again."""
@@ -356,11 +382,23 @@ def _final(sweep: Sweep, policy: retry.Policy, state: chain.State, me: str | Non
     state.then_status = STARTED  # a requeued final job does not run it twice
     chain.write(base, state)
     chain.log(base, sweep.name, f"then: {shlex.join(policy.then)}")
+    guard.release()  # then may take hours: a submit meanwhile must not wait for it
     try:
         status = subprocess.run(list(policy.then), cwd=Path(sweep.path).parent).returncode
     except OSError as err:
         chain.log(base, sweep.name, f"then could not start: {err}")
         status = 127
+    with guard:
+        now = chain.read(base, sweep.name)
+        if now is None or now.chain != state.chain or now.then_status != STARTED:
+            chain.log(base, sweep.name, f"then exited {status}; the chain moved on meanwhile "
+                      "(a new submission): not recorded as the sweep's end")
+            return 0
+        return _finish_then(sweep, policy, now, status)
+
+
+def _finish_then(sweep: Sweep, policy: retry.Policy, state: chain.State, status: int) -> int:
+    base = sweep.base_dir
     state.then_status = status
     state.state, state.job_id = chain.SETTLED, None
     state.why = f"settled after {state.round} round(s); then exited {status}"

@@ -13,7 +13,7 @@ import shutil
 import stat
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,19 +48,33 @@ ALIVE_STATES = frozenset({"RUNNING", "SUSPENDED", "COMPLETING", "CONFIGURING", "
 
 #: SLURM_* variables that configure the commands themselves (kept when a job submits).
 _INPUTS = frozenset({"SLURM_CONF", "SLURM_CLUSTERS", "SLURM_DEBUG_FLAGS", "SLURM_EXIT_ERROR",
-                     "SLURM_TIME_FORMAT"})
+                     "SLURM_TIME_FORMAT", "SLURM_HINT"})
+#: sbatch's input variables whose names are not the option's (``SBATCH_<OPTION>``).
+_SBATCH_VARS = {"time": ("SBATCH_TIMELIMIT",), "array": ("SBATCH_ARRAY_INX",),
+                "mem": ("SBATCH_MEM_PER_NODE", "SBATCH_MEM_PER_CPU", "SBATCH_MEM_PER_GPU"),
+                "signal": ("SBATCH_SIGNAL",)}
 
 
-def submit_env(environ: Mapping[str, str]) -> dict[str, str] | None:
-    """The environment to run sbatch in: inside a job (a shepherd, a task that submits),
-    without the job's own SLURM_* variables, which sbatch would pass on to the new job
-    (``--export=ALL``) where SLURM does not set them afresh (``SLURM_MEM_PER_NODE`` of a
-    job that asked for no memory, ``SLURM_CPUS_PER_TASK``, ``SLURM_JOB_DEPENDENCY``). None:
-    this process's environment as it is."""
-    if "SLURM_JOB_ID" not in environ:
-        return None
-    return {k: v for k, v in environ.items()
-            if not k.startswith("SLURM_") or k in _INPUTS}
+def submit_env(environ: Mapping[str, str], options: Iterable[str] = ()) -> dict[str, str]:
+    """The environment to run sbatch in, for a script that sets ``options`` (``time``,
+    ``mem``...). sbatch lets an ``SBATCH_*`` variable win over the script's ``#SBATCH``
+    line: those of the options the script sets are dropped, so that what notata asked for
+    (a retry's escalated ``--mem``) is what the job gets. Inside a job (a shepherd, a task
+    that submits), the job's own SLURM_* variables are dropped too: sbatch would pass
+    them on (``--export=ALL``) where SLURM does not set them afresh (``SLURM_MEM_PER_NODE``
+    of a job that asked for no memory, ``SLURM_CPUS_PER_TASK``, ``SLURM_JOB_DEPENDENCY``)."""
+    drop = {v for o in options
+            for v in _SBATCH_VARS.get(o, ("SBATCH_" + o.upper().replace("-", "_"),))}
+    inside = "SLURM_JOB_ID" in environ
+    return {k: v for k, v in environ.items() if k not in drop
+            and not (inside and k.startswith("SLURM_") and k not in _INPUTS)}
+
+
+def query_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment to run squeue in: no ``SQUEUE_*`` variable of the user's (one
+    that filters by state, partition or account would hide queued tasks, which would
+    then be taken for gone and run twice)."""
+    return {k: v for k, v in environ.items() if not k.startswith("SQUEUE_")}
 
 
 def run(argv: Sequence[str], timeout: float = COMMAND_TIMEOUT,
@@ -264,7 +278,7 @@ def queue(users: Sequence[str] = (), jobs: Sequence[str] = ()) -> list[tuple[str
     """
     who = ["-j", ",".join(jobs)] if jobs else ["-u", ",".join(users)] if users else ["--me"]
     try:
-        out = run(["squeue", *who, "-h", "-r", "-o", "%i|%T|%k"])
+        out = run(["squeue", *who, "-h", "-r", "-o", "%i|%T|%k"], env=query_env(os.environ))
     except SchedulerError as err:
         if jobs and "Invalid job id" in err.stderr:  # every one of them has left the queue
             return []

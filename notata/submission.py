@@ -129,14 +129,18 @@ def submit(manifest: str | os.PathLike[str] | Sweep, command: Sequence[str],
     sweep.check_unique(remember=not options.dry_run)
     backend = options.backend or _default_backend()
     policy = retry.policy(sweep.retry, options.retry, str(sweep.path))
-    chain_id = chain.new_chain(sweep) if policy is not None and backend != "local" else None
-    if chain_id is not None and not options.dry_run:  # refused before anything is queued
-        chain.check(sweep, options.given(), policy.shepherd if policy else {})
-    elif chain_id is not None:
-        chain.shepherd_options(sweep, options.given(), policy.shepherd if policy else {})
+    chain_id, round_ = None, 1
+    if policy is not None and backend != "local":  # checked before anything is queued
+        own = policy.shepherd
+        chain.shepherd_options(sweep, options.given(), own)
+        joined = chain.joinable(sweep, command, options.given(), options.retry)
+        chain_id, round_ = (joined.chain, joined.round) if joined else \
+            (chain.new_chain(sweep), 1)
+        if joined is None and not options.dry_run:
+            chain.check(sweep, options.given(), own)
     done = _submit(sweep, indices, command, backend, options, options.given(),
                    progress=progress, held=None,
-                   fields={"chain": chain_id, "round": 1} if chain_id else None)
+                   fields={"chain": chain_id, "round": round_} if chain_id else None)
     if policy is None or options.dry_run:
         return done
     if chain_id is not None:  # the cluster keeps the sweep going (notata.shepherd)

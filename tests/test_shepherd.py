@@ -288,11 +288,15 @@ def test_only_one_shepherd_acts(slurm_cluster: str, base: Path) -> None:
     assert out.returncode == 0, out.stderr
     state = _state(manifest)
     assert state is not None and state.tasks == "0-1"
-    again = _notata("submit", str(manifest), "--tasks", "2", "--retry", "3", "--", *cmd)
+    other = _notata("submit", str(manifest), "--tasks", "2", "--retry", "5", "--", *cmd)
+    assert other.returncode == 2 and "with another --retry" in other.stderr, other.stderr
+    assert len(_records(manifest)) == 1  # refused before anything was queued
+    again = _notata("submit", str(manifest), "--tasks", "2", "--", *cmd)
     assert again.returncode == 0 and f"shepherd job {state.job_id} already looks after" \
         in again.stderr
     joined = _state(manifest)
     assert joined is not None and (joined.job_id, joined.tasks) == (state.job_id, "0-2")
+    assert {r["chain"] for r in _records(manifest)} == {state.chain}  # one chain
     subprocess.run(["scancel", str(state.job_id)], check=True, timeout=30)
     arrays = [r["job_ids"][0] for r in _records(manifest)]
     wait_for(lambda: all(_job_state(j) == "" for j in arrays), 120, "the first round to end")

@@ -145,7 +145,8 @@ def test_values_that_cannot_be_sbatch_options_are_refused(
 
 
 @pytest.mark.parametrize("line", ["--mem=100M", "#SBATCH --time 10", "-t 5", "-c4",
-                                  "--partition=debug"])
+                                  "--partition=debug", "--parti=debug", "--outp=x.out",
+                                  "--qo=normal"])
 def test_an_extra_line_may_not_set_an_option_notata_sets(
         base: Path, capsys: pytest.CaptureFixture[str], line: str) -> None:
     """A later #SBATCH line wins over an earlier one: a raw --mem would undo a retry's
@@ -158,9 +159,10 @@ def test_an_extra_line_may_not_set_an_option_notata_sets(
                   "--", "true") == 2
     err = capsys.readouterr().err
     assert "has a name of its own: give it as --" in err and len(err.splitlines()) == 1, err
-    _, extra, _ = options_for({"extra": ["--mem-per-cpu=2G", "--exclusive"]}, {"mem": "4G"},
+    _, extra, _ = options_for({"extra": ["--mem-per-cpu=2G", "--exclusive", "--mail-type=END",
+                                         "--comment=x", "--constraint=a"]}, {"mem": "4G"},
                               "x.yaml")
-    assert extra == ["--exclusive"]
+    assert extra == ["--exclusive", "--mail-type=END", "--comment=x", "--constraint=a"]
     assert "--mem 4G replaces --mem-per-cpu=2G" in capsys.readouterr().err
     assert not (base / "outputs").exists()
 
@@ -642,3 +644,28 @@ def test_a_job_after_the_sweeps_jobs_starts_only_once_they_have_ended(
     with pytest.raises(notata.ManifestError, match="cannot be passed to sbatch safely"):
         render_job(sweep, ["true"], {"partition": 'debug" --comment="x'},
                    script=tmp_path / "x.sbatch", purpose="x")
+
+
+def test_the_users_sbatch_and_squeue_variables_never_override_notata(
+        slurm_cluster: str, base: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """sbatch lets SBATCH_TIMELIMIT win over the script's --time (a retry's longer time
+    would be undone); squeue with SQUEUE_STATES=RUNNING hides pending tasks (they would
+    be taken for gone and run twice). notata's own calls run without them."""
+    manifest = write_sweep(base, "name: env\ngrid: {k: [0, 1]}\n")
+    monkeypatch.setenv("SBATCH_TIMELIMIT", "00:01:00")
+    monkeypatch.setenv("SBATCH_MEM_PER_NODE", "50M")
+    monkeypatch.setenv("SQUEUE_STATES", "RUNNING")
+    try:
+        assert submit(manifest, "--backend", "slurm", "--time", "00:10:00", "--mem", "300M",
+                      "--sbatch-line=--hold", "--", "true") == 0
+        [record] = submissions.submitted(base / "outputs")
+        shown = subprocess.run(["scontrol", "-o", "show", "job", record["job_ids"][0]],
+                               text=True, capture_output=True, check=True).stdout
+        assert "TimeLimit=00:10:00" in shown and "mem=300M" in shown, shown
+        capsys.readouterr()
+        assert main(["resubmit", str(manifest), "--dry-run"]) == 0
+        said = capsys.readouterr()
+        assert "nothing to resubmit" in said.out, said
+    finally:
+        _cancel(submissions.submitted(base / "outputs"))
