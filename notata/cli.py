@@ -13,6 +13,7 @@ import argparse
 import errno
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -61,9 +62,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         n = len(sweep)
         print(f"sweep {sweep.name}: {n} task{'s' if n != 1 else ''}, manifest hash {sweep.hash}")
         print(f"runs in {sweep.base_dir}")
-        shown = list(range(min(n, 5)))
-        if n > 6:
-            shown.append(n - 1)
+        shown = list(range(n)) if n <= 6 else [0, 1, 2, 3, 4, n - 1]
         for i in shown:
             if i == n - 1 and n > 6:
                 print("  ...")
@@ -362,6 +361,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = args.debug or os.environ.get("NOTATA_DEBUG", "") not in ("", "0")
     try:
         return int(args.func(args))
+    except BrokenPipeError:  # `notata sweep --json | head -1`: end quietly, as Unix tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the flush at exit says nothing
+        return 128 + signal.SIGPIPE
+    except KeyboardInterrupt:  # Ctrl-C out of `status --watch`: no traceback
+        print(file=sys.stderr)
+        return 130
     except NotataError as err:  # a user's mistake (exit 2) or a failed operation (exit 1)
         if debug:
             raise

@@ -44,6 +44,8 @@ def test_sweep_prints_tasks(manifest: Path, capsys: pytest.CaptureFixture[str]) 
     out = capsys.readouterr().out
     assert out.startswith("sweep osc: 6 tasks, manifest hash ")
     assert "task 0: omega1.0_dt0.01" in out
+    assert [ln.split(":")[0].strip() for ln in out.splitlines()[2:]] == [
+        f"task {i}" for i in range(6)]  # all six: no task hidden without an ellipsis
     assert main(["sweep", str(manifest), "--task", "3"]) == 0
     task = json.loads(capsys.readouterr().out)
     assert task == {"task": 3, "run_id": "omega2.0_dt0.001",
@@ -261,3 +263,26 @@ def test_a_malformed_run_is_corrupt_and_never_stops_a_scan(
         assert runs[name]["status"] == "corrupt" and "malformed" in runs[name]["reason"], runs
     report = notata.collect(Path(base))  # a Path works as well as a str
     assert report.counts["corrupt"] == 4
+
+
+def test_a_pipe_closed_early_and_ctrl_c_end_quietly(tmp_path: Path) -> None:
+    """`notata sweep --json | head -1` and Ctrl-C out of `status --watch`: no traceback,
+    the exit statuses of a pipe closed early (141) and of Ctrl-C (130)."""
+    manifest = write_sweep(tmp_path, tasks=20000)
+    proc = subprocess.Popen([sys.executable, "-m", "notata", "sweep", str(manifest), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout is not None and proc.stderr is not None
+    assert json.loads(proc.stdout.readline())["task"] == 0
+    proc.stdout.close()  # as head does after one line
+    err = proc.stderr.read()
+    assert proc.wait(60) == 141 and err == "", err
+    watch = subprocess.Popen([sys.executable, "-m", "notata", "status", str(manifest),
+                              "--watch", "0.2"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert watch.stdout is not None
+    assert watch.stdout.readline().startswith("sweep sweep: 20000 tasks")
+    watch.send_signal(signal.SIGINT)
+    out, err = watch.communicate(timeout=60)
+    assert watch.returncode == 130 and "Traceback" not in err, err
