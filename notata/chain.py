@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import _fs, layout, lock, runinfo, slurm, submissions, taskspec
+from . import _fs, layout, runinfo, slurm, submissions, taskspec
 from .errors import ChainRecordError, SchedulerError, UsageError
 from .manifest import Sweep
 from .sbatch import OPTIONS, options_for, render_job, submit_job
@@ -69,6 +69,7 @@ class State:
     notified: bool = False
     given_up: dict[str, str] = field(default_factory=dict)  # task -> why
     failures: int = 0  # rounds in a row whose sbatch failed
+    refused: dict[str, int] = field(default_factory=dict)  # task -> rounds sbatch refused it
     closer: str | None = None  # the job that wraps up if the final job ends early
     cwd: str | None = None  # where the sweep was submitted: its jobs run there
 
@@ -84,6 +85,7 @@ _TYPES: dict[str, Any] = {
     "started_unix": (int, float), "round": int, "state": str,
     "job_id": (str, type(None)), "after": list, "why": str, "then_job": (str, type(None)),
     "then_status": (int, type(None)), "notified": bool, "given_up": dict, "failures": int,
+    "refused": dict,
     "closer": (str, type(None)), "cwd": (str, type(None))}
 
 
@@ -197,18 +199,19 @@ def job_queued(job_id: str | None) -> bool | None:
 
 
 def cancelled_tasks(arrays: Iterable[Mapping[str, Any]], base_dir: os.PathLike[str] | str,
-                    *, own_output: bool = True) -> tuple[set[int], set[int]]:
+                    *, own_output: bool = True) -> tuple[set[int], dict[int, str]]:
     """The sweep tasks of these arrays (``job_id``, ``spec``, ``offset`` or ``map``) that
     SLURM's record (``scontrol show job``, which remembers a job for ``MinJobAge`` after
     it ended) says the user cancelled: those recorded ``CANCELLED``, and those that
     vanished: missing from the records of an array SLURM still knows, without the output
     file every started element writes (SLURM 22.05 forgets a pending element cancelled
     on its own at once). An element that ran and was forgotten after ``MinJobAge`` has
-    its output file; the caller counts a vanished task only if it has no run. Without
+    its output file; the caller counts a vanished task only if it did not run in that
+    array (its last attempt ran in another job, or it has no run). Without
     notata's own output files (``own_output`` False: the sweep sets ``--output``) nothing
     vanishes. A job SLURM no longer knows tells nothing. Returns (cancelled, vanished)."""
     cancelled: set[int] = set()
-    vanished: set[int] = set()
+    vanished: dict[int, str] = {}  # task -> the array job it vanished from
     paths = layout.SweepPaths(base_dir)
     for array in arrays:
         job, index = array.get("job_id"), submissions.array_index(dict(array))
@@ -230,7 +233,7 @@ def cancelled_tasks(arrays: Iterable[Mapping[str, Any]], base_dir: os.PathLike[s
         for k in _ids(str(array.get("spec", ""))) - known:
             i = index(k)
             if i is not None and not paths.job_output(job, k).exists():
-                vanished.add(i)
+                vanished[i] = str(job)
     return cancelled, vanished
 
 
@@ -256,7 +259,7 @@ def joinable(sweep: Sweep, command: Sequence[str], given: Mapping[str, Any],
         return None
     ours = (sweep.hash, list(command), dict(given), attempts, os.getcwd())
     theirs = (current.manifest_hash, current.command, current.options, current.attempts,
-              current.cwd)
+              current.cwd or os.getcwd())  # a chain adopted by hand has no folder
     if ours != theirs:
         differ = [name for name, a, b in zip(("manifest version", "command", "options",
                                               "--retry", "folder"), ours, theirs,
@@ -277,34 +280,34 @@ def start(sweep: Sweep, chain_id: str, *, command: Sequence[str], given: Mapping
     a chain (``chain_id`` is that chain's, see :func:`joinable`), its tasks are added to
     it and its shepherd waits for them too. A chain that has settled but whose final job
     has not run yet gives way: its final job and closer are cancelled (the sweep has
-    not settled after all) and this chain will settle it. Returns the chain's record."""
+    not settled after all) and this chain will settle it. Returns the chain's record.
+    The caller holds the sweep's shepherd lock: :func:`joinable` decided under it."""
     base = sweep.base_dir
-    with lock.exclusive(layout.SweepPaths(base).shepherd_lock(sweep.name)):
-        current = read(base, sweep.name)
-        if current is not None and current.chain == chain_id:
-            current.tasks = compact(sorted(set(taskspec.expand(current.tasks)) | set(tasks)))
-            write(base, current)
-            log(base, sweep.name, f"tasks {compact(tasks)} joined the chain; shepherd job "
-                f"{current.job_id} waits for them too")
-            print(f"notata submit: shepherd job {current.job_id} already looks after "
-                  f"{sweep.name} (round {current.round}); these tasks join its chain",
-                  file=sys.stderr)
-            return current
-        if current is not None and current.state == SETTLING:
-            ended = [j for j in (current.then_job, current.closer) if j]
-            if ended:
-                with contextlib.suppress(SchedulerError):
-                    slurm.run(["scancel", *ended])
-            log(base, sweep.name, f"chain {current.chain} gives way to a new submission: "
-                f"its final job {current.then_job} is cancelled, the new chain settles "
-                "the sweep")
-        state = State(chain_id, sweep.name, str(sweep.path), sweep.hash, list(command),
-                      dict(given), compact(tasks), attempts, cwd=os.getcwd())
-        job = submit_shepherd(sweep, shepherd_options(sweep, given, own), after, round_=1)
-        state.job_id, state.after = job, list(after)
-        state.why = f"round 1 submitted; shepherd job {job} waits for jobs " \
-            f"{', '.join(after) or '(none)'}"
-        write(base, state)
+    current = read(base, sweep.name)
+    if current is not None and current.chain == chain_id:
+        current.tasks = compact(sorted(set(taskspec.expand(current.tasks)) | set(tasks)))
+        write(base, current)
+        log(base, sweep.name, f"tasks {compact(tasks)} joined the chain; shepherd job "
+            f"{current.job_id} waits for them too")
+        print(f"notata submit: shepherd job {current.job_id} already looks after "
+              f"{sweep.name} (round {current.round}); these tasks join its chain",
+              file=sys.stderr)
+        return current
+    if current is not None and current.state == SETTLING:
+        ended = [j for j in (current.then_job, current.closer) if j]
+        if ended:
+            with contextlib.suppress(SchedulerError):
+                slurm.run(["scancel", *ended])
+        log(base, sweep.name, f"chain {current.chain} gives way to a new submission: "
+            f"its final job {current.then_job} is cancelled, the new chain settles "
+            "the sweep")
+    state = State(chain_id, sweep.name, str(sweep.path), sweep.hash, list(command),
+                  dict(given), compact(tasks), attempts, cwd=os.getcwd())
+    job = submit_shepherd(sweep, shepherd_options(sweep, given, own), after, round_=1)
+    state.job_id, state.after = job, list(after)
+    state.why = f"round 1 submitted; shepherd job {job} waits for jobs " \
+        f"{', '.join(after) or '(none)'}"
+    write(base, state)
     log(base, sweep.name, f"chain {chain_id} started: tasks {state.tasks}, "
         f"attempts {attempts or 'from the manifest'}; {state.why}")
     return state

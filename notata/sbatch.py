@@ -38,23 +38,45 @@ _SHORT = {"partition": "-p", "time": "-t", "cpus_per_task": "-c", "gpus": "-G",
           "account": "-A", "qos": "-q", "job_name": "-J", "output": "-o", "error": "-e"}
 
 
-def _named(line: str) -> str | None:
-    """The key of an option that :data:`OPTIONS` names, if ``line`` sets one."""
+#: sbatch's short options that take no value (``-Qt 7`` is ``-Q -t 7``).
+_NO_VALUE = frozenset("HOQsvVWhku")
+
+
+def _options_of(line: str) -> list[str]:
+    """The options an ``#SBATCH`` line sets: long ones as written before ``=`` (``--outp``),
+    short ones one letter each, bundles unbundled (``-Qt7``: ``-Q``, ``-t``)."""
     words = line.split()
     if words and words[0] == "#SBATCH":
         words = words[1:]
+    out: list[str] = []
     for word in words:
-        option = word.split("=", 1)[0]
+        if word.startswith("--"):
+            out.append(word.split("=", 1)[0])
+        elif word.startswith("-") and len(word) > 1:
+            for letter in word[1:]:
+                out.append("-" + letter)
+                if letter not in _NO_VALUE:
+                    break  # the rest of the word is this option's value
+    return out
+
+
+def _sets(option: str, long: str, short: str | None = None) -> bool:
+    """Whether ``option`` (from :func:`_options_of`) is ``long``, an abbreviation of it
+    sbatch would take (``--outp``), or ``short``."""
+    if option.startswith("--"):
+        return len(option) >= 4 and long.startswith(option)
+    return option == short
+
+
+def _named(line: str) -> str | None:
+    """The key of an option that :data:`OPTIONS` names, if ``line`` sets one."""
+    for option in _options_of(line):
         for key, long in OPTIONS.items():
-            short = _SHORT.get(key)
-            # sbatch takes any unambiguous start of a long option (--outp, --parti)
-            if (option.startswith("--") and len(option) >= 4 and long.startswith(option)) \
-                    or (short and not word.startswith("--") and word.startswith(short)):
+            if _sets(option, long, _SHORT.get(key)):
                 return key
     return None
 
 
-_MEM_PER = re.compile(r"(^|\s)--mem-per-(cpu|gpu)\b")
 #: Other keys a manifest's ``slurm:`` section may hold.
 SECTION_KEYS = {"extra", "throttle", "warn_before"}
 DEFAULT_WARN_BEFORE = 120
@@ -175,7 +197,7 @@ def options_for(section: Mapping[str, Any], flags: Mapping[str, Any], where: str
     for line in extra:
         if "\n" in line or "\r" in line:
             raise ManifestError(where, f"slurm extra line {line!r} contains a newline")
-        if re.search(r"(^|\s)(--array|-a)\b", line):
+        if any(_sets(o, "--array", "-a") for o in _options_of(line)):
             raise ManifestError(where, f"slurm extra line {line!r}: notata sets the job "
                                        "array itself (use --tasks and --throttle)")
         named = _named(line)
@@ -184,7 +206,9 @@ def options_for(section: Mapping[str, Any], flags: Mapping[str, Any], where: str
                                        f"name of its own: give it as {OPTIONS[named]} (or "
                                        f"{named}: in the manifest's slurm: section)")
     if "mem" in options:  # sbatch refuses --mem next to --mem-per-cpu/--mem-per-gpu
-        kept = [line for line in extra if not _MEM_PER.search(line)]
+        kept = [line for line in extra if not any(
+            o.startswith("--mem-per-") or _sets(o, "--mem-per-cpu") or _sets(o, "--mem-per-gpu")
+            for o in _options_of(line))]
         if len(kept) < len(extra):
             print(f"notata: --mem {options['mem']} replaces "
                   f"{'; '.join(sorted(set(extra) - set(kept)))}", file=sys.stderr)

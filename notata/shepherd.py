@@ -42,7 +42,7 @@ from .errors import NotataError, SchedulerError, UsageError
 from .layout import SweepPaths
 from .manifest import Sweep, compact, parse_indices
 from .manifest import load as load_sweep
-from .runstate import MISSING, PENDING, RunRecord
+from .runstate import PENDING, RunRecord
 from .sbatch import SBATCH_TIMEOUT
 from .slurm import collector_queue
 from .submission import Options, _submit, last_submission
@@ -85,6 +85,7 @@ def shepherd(manifest: str | os.PathLike[str] | Sweep, *, then: bool = False,
                       f"({state.why}); it starts again from round {state.round}")
             state.then_job = state.then_status = state.closer = None
             state.notified, state.given_up, state.failures = False, {}, 0
+            state.refused = {}
         if state.state == chain.SETTLING and (chain.job_queued(state.then_job) or
                                               chain.job_queued(state.closer)):
             print(f"notata shepherd: {sweep.name} has settled and its final job "
@@ -168,7 +169,7 @@ def _adopt(sweep: Sweep) -> chain.State:
                          "--retry N -- CMD starts its retry chain")
     return chain.State(chain.new_chain(sweep), sweep.name, str(sweep.path), sweep.hash,
                        list(last["command"]), dict(last.get("options") or {}),
-                       compact(range(len(sweep))))
+                       compact(range(len(sweep))), cwd=os.getcwd())
 
 
 def _round(sweep: Sweep, policy: retry.Policy, state: chain.State, me: str | None) -> int:
@@ -196,8 +197,8 @@ def _round(sweep: Sweep, policy: retry.Policy, state: chain.State, me: str | Non
         recorded, vanished = chain.cancelled_tasks(arrays, base, own_output=own_output)
         cancelled |= {i for i in recorded
                       if i in by_task and by_task[i].status != schema.COMPLETE}
-        cancelled |= {i for i in vanished  # never started: no run at all
-                      if i in by_task and by_task[i].status in (MISSING, PENDING)}
+        cancelled |= {i for i, job in vanished.items()  # never started in that array
+                      if i in by_task and _not_run_in(by_task[i], job)}
         state.round = max(state.round, last_round)
         if cancelled & looked_after:
             return _stop(sweep, state, policy, report,
@@ -215,8 +216,8 @@ def _round(sweep: Sweep, policy: retry.Policy, state: chain.State, me: str | Non
         todo: list[RunRecord] = []
         given_up: dict[int, str] = {}
         for i in chosen:
-            if i not in looked_after:
-                continue
+            if i not in looked_after or str(i) in state.given_up:
+                continue  # a task given up stays so (by hand, a new chain tries again)
             if tries.get(i, 0) >= policy.attempts:
                 reason = (by_task[i].reason or "").strip().splitlines()
                 given_up[i] = f"{by_task[i].status} after {tries.get(i, 0)} attempt(s), " \
@@ -230,6 +231,7 @@ def _round(sweep: Sweep, policy: retry.Policy, state: chain.State, me: str | Non
                 say(f"task {i} given up: {why}")
             state.given_up[str(i)] = why
         job_ids: list[str] = []
+        later: list[int] = []  # refused for now: the next shepherd tries them again
         if groups:
             state.round += 1
         for (time_, mem), tasks in sorted(groups.items(), key=lambda g: g[1][0]):
@@ -249,26 +251,35 @@ def _round(sweep: Sweep, policy: retry.Policy, state: chain.State, me: str | Non
             except SchedulerError as err:
                 said = "; ".join(line.strip() for line in (err.stderr or str(err)).splitlines()
                                  if line.strip())
-                if not _cannot_be_had(err):  # no answer, a limit for now: try later
+                if err.returncode is None or err.returncode <= 0:  # no answer: all later
                     state.round -= 0 if job_ids else 1  # a round with no array did not happen
                     return _failed(sweep, policy, state, me, f"sbatch failed ({err})",
                                    job_ids, busy, queue=queue)
-                for i in tasks:  # refused: these resources cannot be had
-                    state.given_up[str(i)] = f"{by_task[i].status}; sbatch refused its " \
-                        f"next attempt with {what}: {said}"
-                say(f"round {state.round}: tasks {compact(tasks)} given up: sbatch refused "
-                    f"them with {what}: {said}")
+                for i in tasks:  # refused: for good, or for now (a QOS limit says no more)
+                    refused = state.refused.get(str(i), 0) + 1
+                    state.refused[str(i)] = refused
+                    if _cannot_be_had(err) or refused >= MAX_FAILURES:
+                        state.given_up[str(i)] = f"{by_task[i].status}; sbatch refused its " \
+                            f"next attempt with {what}" + ("" if _cannot_be_had(err) else
+                                                           f", {refused} times") + f": {said}"
+                    else:
+                        later.append(i)
+                say(f"round {state.round}: sbatch refused tasks {compact(tasks)} with {what}: "
+                    f"{said}; " + ("given up" if not later else
+                                   f"tasks {compact(later)} are tried again later"))
                 continue
             except (NotataError, OSError) as err:
                 state.round -= 0 if job_ids else 1
                 return _failed(sweep, policy, state, me, f"round {state.round + 1} could not "
                                f"be submitted ({err})", job_ids, busy, queue=queue)
             job_ids += done.job_ids
+            for i in tasks:
+                state.refused.pop(str(i), None)  # taken this time
             say(f"round {state.round}: tasks {compact(tasks)} ("
                 + "; ".join(f"{s}: {t}" for s, t in cause.items()) + f") with {what}: "
                 f"jobs {', '.join(done.job_ids) or '(none)'}")
         state.failures = 0
-    if job_ids or busy:
+    if job_ids or busy or later:
         return _next(sweep, policy, state, job_ids, busy, queue, me)
     return _settle(sweep, policy, state, report)
 
@@ -285,6 +296,13 @@ def _failed(sweep: Sweep, policy: retry.Policy, state: chain.State, me: str | No
                      outcome="stopped")
     chain.log(sweep.base_dir, sweep.name, f"{why}; a shepherd looks again later")
     return _next(sweep, policy, state, job_ids, busy, queue, me, failed=True)
+
+
+def _not_run_in(r: RunRecord, job: str) -> bool:
+    """Whether the run's last attempt did not run in array ``job`` (and is over)."""
+    if r.status == schema.COMPLETE or r.status in schema.OPEN_STATUSES:
+        return False
+    return r.array is None or str(r.array[0]) != job
 
 
 def _next(sweep: Sweep, policy: retry.Policy, state: chain.State, job_ids: list[str],
@@ -363,6 +381,10 @@ def _final(sweep: Sweep, policy: retry.Policy, state: chain.State, me: str | Non
         print(f"notata shepherd --then: the chain is {state.state}: the sweep has not "
               "settled, nothing to do")
         return 0
+    if me is None and state.then_status == STARTED and chain.job_queued(state.then_job):
+        print(f"notata shepherd --then: the final job {state.then_job} runs then right now: "
+              "nothing to do")
+        return 0
     closing = me is not None and me == state.closer
     if closing or (me is not None and state.then_status is not None):
         if state.state == chain.SETTLED:
@@ -391,8 +413,8 @@ def _final(sweep: Sweep, policy: retry.Policy, state: chain.State, me: str | Non
     with guard:
         now = chain.read(base, sweep.name)
         if now is None or now.chain != state.chain or now.then_status != STARTED:
-            chain.log(base, sweep.name, f"then exited {status}; the chain moved on meanwhile "
-                      "(a new submission): not recorded as the sweep's end")
+            chain.log(base, sweep.name, f"then exited {status}; the chain's record moved on "
+                      f"meanwhile ({now.why if now else 'gone'}): not recorded again")
             return 0
         return _finish_then(sweep, policy, now, status)
 

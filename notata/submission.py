@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import chain, local, lock, retry, sbatch, schema, slurm, submissions
+from . import chain, layout, local, lock, retry, sbatch, schema, slurm, submissions
 from .array import is_complete
 from .collector import Report, scan
 from .errors import SchedulerError, UsageError
@@ -129,35 +129,47 @@ def submit(manifest: str | os.PathLike[str] | Sweep, command: Sequence[str],
     sweep.check_unique(remember=not options.dry_run)
     backend = options.backend or _default_backend()
     policy = retry.policy(sweep.retry, options.retry, str(sweep.path))
-    chain_id, round_ = None, 1
-    if policy is not None and backend != "local":  # checked before anything is queued
-        own = policy.shepherd
-        chain.shepherd_options(sweep, options.given(), own)
-        joined = chain.joinable(sweep, command, options.given(), options.retry)
-        chain_id, round_ = (joined.chain, joined.round) if joined else \
-            (chain.new_chain(sweep), 1)
-        if joined is None and not options.dry_run:
-            chain.check(sweep, options.given(), own)
+    if policy is not None and backend != "local":
+        if options.dry_run:  # checked, nothing written
+            chain.shepherd_options(sweep, options.given(), policy.shepherd)
+            return _submit(sweep, indices, command, backend, options, options.given(),
+                           progress=progress, held=None)
+        # One submit or shepherd at a time decides about the chain: a chain joined is
+        # still the chain when this submit records itself in it.
+        with lock.exclusive(layout.SweepPaths(sweep.base_dir).shepherd_lock(sweep.name)):
+            return _submit_chained(sweep, indices, command, options, policy, progress)
     done = _submit(sweep, indices, command, backend, options, options.given(),
-                   progress=progress, held=None,
-                   fields={"chain": chain_id, "round": round_} if chain_id else None)
+                   progress=progress, held=None)
     if policy is None or options.dry_run:
-        return done
-    if chain_id is not None:  # the cluster keeps the sweep going (notata.shepherd)
-        if done.tasks or done.busy:
-            try:
-                chain.start(sweep, chain_id, command=command, given=options.given(),
-                            tasks=indices, attempts=options.retry,
-                            own=policy.shepherd, after=done.job_ids)
-            except SchedulerError as err:
-                print(f"notata submit: the tasks were submitted, but not their retry "
-                      f"shepherd ({err}); once they end, run: notata shepherd {sweep.path}",
-                      file=sys.stderr)
-                done.status = FAILED
         return done
     return retry.local_rounds(sweep, policy, done, indices, lambda todo: _submit(
         sweep, todo, command, backend, options, options.given(), progress=progress,
         held=None, again=True))
+
+
+def _submit_chained(sweep: Sweep, indices: list[int], command: list[str], options: Options,
+                    policy: retry.Policy, progress: Any) -> Submission:
+    """``submit --retry`` on SLURM, under the sweep's shepherd lock: join the chain that
+    looks after the sweep or check a new one (before anything is queued), submit, then
+    start the chain or add the tasks to it (:mod:`notata.chain`)."""
+    given = options.given()
+    chain.shepherd_options(sweep, given, policy.shepherd)
+    joined = chain.joinable(sweep, command, given, options.retry)
+    chain_id, round_ = (joined.chain, joined.round) if joined else (chain.new_chain(sweep), 1)
+    if joined is None:
+        chain.check(sweep, given, policy.shepherd)
+    done = _submit(sweep, indices, command, "slurm", options, given, progress=progress,
+                   held=None, fields={"chain": chain_id, "round": round_})
+    if done.tasks or done.busy:
+        try:
+            chain.start(sweep, chain_id, command=command, given=given, tasks=indices,
+                        attempts=options.retry, own=policy.shepherd, after=done.job_ids)
+        except SchedulerError as err:
+            print(f"notata submit: the tasks were submitted, but not their retry shepherd "
+                  f"({err}); once they end, run: notata shepherd {sweep.path}",
+                  file=sys.stderr)
+            done.status = FAILED
+    return done
 
 
 def resubmit(manifest: str | os.PathLike[str] | Sweep, statuses: Iterable[str] = (),

@@ -348,6 +348,8 @@ def test_a_final_job_that_ends_before_then_finishes_is_wrapped_up(
         wait_for(then_runs, 120, "the final job to start then")
         final = _state(manifest)
         assert final is not None and final.state == chain.SETTLING and final.closer
+        by_hand = _notata("shepherd", str(manifest), "--then")  # never then twice at once
+        assert by_hand.returncode == 0 and "runs then right now" in by_hand.stdout
         subprocess.run(["scancel", str(final.then_job)], check=True, timeout=30)
         wait_for(lambda: _ended(manifest), 120, "the closer to wrap up")
         state = _state(manifest)
@@ -453,3 +455,73 @@ def test_a_shepherd_that_cannot_read_the_queue_tries_again_later(
         assert "3 times in a row" in state.why and "run notata shepherd" in state.why
     finally:
         subprocess.run(["scancel", *[j for j in jobs if j]], timeout=30)
+
+
+def test_two_submits_at_once_make_one_chain(slurm_cluster: str, base: Path) -> None:
+    manifest = _sweep(base, "both", ["flaky", "flaky"], "  attempts: 2\n")
+    cmd = [sys.executable, str(base / "payload.py"), "{kind}", "{attempt}"]
+    both = [notata_process("submit", str(manifest), "--tasks", str(t), "--", *cmd)
+            for t in (0, 1)]
+    outs = [p.communicate(timeout=120) for p in both]
+    assert [p.returncode for p in both] == [0, 0], outs
+    state = _state(manifest)
+    assert state is not None and state.tasks == "0-1", state
+    assert {r["chain"] for r in _records(manifest)} == {state.chain}
+    wait_for(lambda: _ended(manifest), 180, "the chain to settle")
+    sweep = notata.load_sweep(manifest)
+    assert [read_meta(sweep.task(i).run_dir)["attempt"] for i in (0, 1)] == [2, 2]
+
+
+def test_a_retry_cancelled_while_pending_ends_the_chain(slurm_cluster: str,
+                                                        base: Path) -> None:
+    """Round 2's element for task 1 is cancelled while pending: SLURM forgets it, the task
+    still has its failed run of round 1, and the cancel is still the user's word."""
+    manifest = _sweep(base, "late", ["flaky", "flaky"], "  attempts: 3\n")
+    out = _notata("submit", str(manifest), "--sbatch-line=--begin=now+10", "--",
+                  sys.executable, str(base / "payload.py"), "{kind}", "{attempt}")
+    assert out.returncode == 0, out.stderr
+
+    def second_round() -> list[dict[str, Any]]:
+        return [r for r in _records(manifest) if r["round"] == 2]
+    wait_for(lambda: bool(second_round()), 120, "round 2")
+    array = second_round()[0]["job_ids"][0]
+    subprocess.run(["scancel", f"{array}_1"], check=True, timeout=30)
+    wait_for(lambda: _ended(manifest), 120, "the shepherd to see the cancel")
+    state = _state(manifest)
+    assert state is not None and state.state == chain.STOPPED, state
+    assert "tasks 1 were cancelled" in state.why
+    assert {r["round"] for r in _records(manifest)} == {1, 2}
+
+
+def test_a_refusal_for_now_is_tried_again_and_the_other_tasks_go_on(
+        slurm_cluster: str, base: Path) -> None:
+    """sbatch refuses the OOM task's larger memory with a QOS limit's words (which may
+    lift): that task waits for a later round, the plain failure is retried now."""
+    import shutil
+    real = shutil.which("sbatch")
+    shim = base / "bin"
+    shim.mkdir()
+    (shim / "sbatch").write_text(
+        "#!/bin/sh\nfor a; do script=$a; done\n"
+        "if grep -q -- '--mem=\"200M\"' \"$script\" 2>/dev/null; then\n"
+        "  echo 'sbatch: error: Batch job submission failed: Job violates accounting/QOS "
+        "policy (job submit limit, user'\"'\"'s size and/or time limits)' >&2; exit 1\nfi\n"
+        f"exec {real} \"$@\"\n")
+    (shim / "sbatch").chmod(0o755)
+    manifest = _sweep(base, "qos", ["oom", "flaky"], "  attempts: 3\n")
+    env = {"PATH": f"{shim}:{os.environ['PATH']}"}  # the shepherd job inherits it
+    out = _notata("submit", str(manifest), "--mem", "100M", "--", sys.executable,
+                  str(base / "payload.py"), "{kind}", "{attempt}", env=env)
+    assert out.returncode == 0, out.stderr
+
+    def refused_once() -> bool:
+        state = _state(manifest)
+        return state is not None and state.refused.get("0") == 1
+    wait_for(refused_once, 180, "the shepherd to meet the refusal")
+    state = _state(manifest)
+    assert state is not None and state.state == chain.WAITING and "0" not in state.given_up
+    [second] = [r for r in _records(manifest) if r["round"] == 2]
+    assert second["tasks"] == "1"  # the plain failure went on
+    log = (base / "outputs" / ".notata" / "shepherd.log").read_text()
+    assert "tasks 0 are tried again later" in log
+    subprocess.run(["scancel", str(state.job_id), *second["job_ids"]], timeout=30)
