@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import _fs, layout, runinfo, slurm, submissions, taskspec
+from . import _fs, layout, lock, runinfo, slurm, submissions, taskspec
 from .errors import ChainRecordError, SchedulerError, UsageError
 from .manifest import Sweep
 from .sbatch import OPTIONS, options_for, render_job, submit_job
@@ -70,6 +70,7 @@ class State:
     given_up: dict[str, str] = field(default_factory=dict)  # task -> why
     failures: int = 0  # rounds in a row whose sbatch failed
     refused: dict[str, int] = field(default_factory=dict)  # task -> rounds sbatch refused it
+    joined: list[str] = field(default_factory=list)  # ids of submissions' chains that joined
     closer: str | None = None  # the job that wraps up if the final job ends early
     cwd: str | None = None  # where the sweep was submitted: its jobs run there
 
@@ -85,7 +86,7 @@ _TYPES: dict[str, Any] = {
     "started_unix": (int, float), "round": int, "state": str,
     "job_id": (str, type(None)), "after": list, "why": str, "then_job": (str, type(None)),
     "then_status": (int, type(None)), "notified": bool, "given_up": dict, "failures": int,
-    "refused": dict,
+    "refused": dict, "joined": list,
     "closer": (str, type(None)), "cwd": (str, type(None))}
 
 
@@ -274,40 +275,54 @@ def joinable(sweep: Sweep, command: Sequence[str], given: Mapping[str, Any],
 
 def start(sweep: Sweep, chain_id: str, *, command: Sequence[str], given: Mapping[str, Any],
           tasks: Sequence[int], attempts: int | None, own: Mapping[str, str],
-          after: Sequence[str]) -> State:
-    """After a submission's first round: queue the chain's first shepherd behind the
-    round's arrays (``after``) and write the chain's record. When the submission joined
-    a chain (``chain_id`` is that chain's, see :func:`joinable`), its tasks are added to
-    it and its shepherd waits for them too. A chain that has settled but whose final job
-    has not run yet gives way: its final job and closer are cancelled (the sweep has
-    not settled after all) and this chain will settle it. Returns the chain's record.
-    The caller holds the sweep's shepherd lock: :func:`joinable` decided under it."""
+          after: Sequence[str]) -> State | None:
+    """After a submission's first round, under the sweep's shepherd lock (held for one
+    sbatch at most): the tasks join the chain that waits for the sweep, if it would
+    retry them as this submission asked (:func:`joinable`, asked again: another submit
+    may have started a chain meanwhile); or a new chain starts, its first shepherd
+    behind the round's arrays (``after``). A chain that settled but whose final job has
+    not run gives way: its final job and closer are cancelled (the sweep has not
+    settled after all). None, said on stderr, when another chain took the sweep
+    meanwhile with other options: it waits for these tasks, but does not retry them."""
     base = sweep.base_dir
-    current = read(base, sweep.name)
-    if current is not None and current.chain == chain_id:
-        current.tasks = compact(sorted(set(taskspec.expand(current.tasks)) | set(tasks)))
-        write(base, current)
-        log(base, sweep.name, f"tasks {compact(tasks)} joined the chain; shepherd job "
-            f"{current.job_id} waits for them too")
-        print(f"notata submit: shepherd job {current.job_id} already looks after "
-              f"{sweep.name} (round {current.round}); these tasks join its chain",
-              file=sys.stderr)
-        return current
-    if current is not None and current.state == SETTLING:
-        ended = [j for j in (current.then_job, current.closer) if j]
-        if ended:
-            with contextlib.suppress(SchedulerError):
-                slurm.run(["scancel", *ended])
-        log(base, sweep.name, f"chain {current.chain} gives way to a new submission: "
-            f"its final job {current.then_job} is cancelled, the new chain settles "
-            "the sweep")
-    state = State(chain_id, sweep.name, str(sweep.path), sweep.hash, list(command),
-                  dict(given), compact(tasks), attempts, cwd=os.getcwd())
-    job = submit_shepherd(sweep, shepherd_options(sweep, given, own), after, round_=1)
-    state.job_id, state.after = job, list(after)
-    state.why = f"round 1 submitted; shepherd job {job} waits for jobs " \
-        f"{', '.join(after) or '(none)'}"
-    write(base, state)
+    with lock.exclusive(layout.SweepPaths(base).shepherd_lock(sweep.name)):
+        current = read(base, sweep.name)
+        try:
+            joined = joinable(sweep, command, given, attempts)
+        except UsageError as err:
+            print(f"notata submit: the tasks were submitted, but {err}".replace(
+                "; nothing was submitted", ""), file=sys.stderr)
+            return None
+        if joined is not None:
+            mine = set(tasks)
+            joined.tasks = compact(sorted(set(taskspec.expand(joined.tasks)) | mine))
+            for i in map(str, mine):  # submitted again: the chain tries them afresh
+                joined.given_up.pop(i, None)
+                joined.refused.pop(i, None)
+            if chain_id != joined.chain and chain_id not in joined.joined:
+                joined.joined.append(chain_id)
+            write(base, joined)
+            log(base, sweep.name, f"tasks {compact(tasks)} joined the chain; shepherd job "
+                f"{joined.job_id} waits for them too")
+            print(f"notata submit: shepherd job {joined.job_id} already looks after "
+                  f"{sweep.name} (round {joined.round}); these tasks join its chain",
+                  file=sys.stderr)
+            return joined
+        if current is not None and current.state == SETTLING:
+            ended = [j for j in (current.then_job, current.closer) if j]
+            if ended:
+                with contextlib.suppress(SchedulerError):
+                    slurm.run(["scancel", *ended])
+            log(base, sweep.name, f"chain {current.chain} gives way to a new submission: "
+                f"its final job {current.then_job} is cancelled, the new chain settles "
+                "the sweep")
+        state = State(chain_id, sweep.name, str(sweep.path), sweep.hash, list(command),
+                      dict(given), compact(tasks), attempts, cwd=os.getcwd())
+        job = submit_shepherd(sweep, shepherd_options(sweep, given, own), after, round_=1)
+        state.job_id, state.after = job, list(after)
+        state.why = f"round 1 submitted; shepherd job {job} waits for jobs " \
+            f"{', '.join(after) or '(none)'}"
+        write(base, state)
     log(base, sweep.name, f"chain {chain_id} started: tasks {state.tasks}, "
         f"attempts {attempts or 'from the manifest'}; {state.why}")
     return state

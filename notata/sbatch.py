@@ -39,15 +39,17 @@ _SHORT = {"partition": "-p", "time": "-t", "cpus_per_task": "-c", "gpus": "-G",
 
 
 #: sbatch's short options that take no value (``-Qt 7`` is ``-Q -t 7``).
-_NO_VALUE = frozenset("HOQsvVWhku")
+_NO_VALUE = frozenset("HOQsvVWhu")
 
 
 def _options_of(line: str) -> list[str]:
     """The options an ``#SBATCH`` line sets: long ones as written before ``=`` (``--outp``),
     short ones one letter each, bundles unbundled (``-Qt7``: ``-Q``, ``-t``)."""
-    words = line.split()
-    if words and words[0] == "#SBATCH":
-        words = words[1:]
+    text = re.sub(r"^\s*#SBATCH", "", line)  # sbatch reads "#SBATCH--x" too
+    try:
+        words = shlex.split(text)  # a quoted value is one word: --comment="a -t b"
+    except ValueError:
+        words = text.split()
     out: list[str] = []
     for word in words:
         if word.startswith("--"):

@@ -62,6 +62,11 @@ def shepherd(manifest: str | os.PathLike[str] | Sweep, *, then: bool = False,
     deadline = time.monotonic() + (2 * SBATCH_TIMEOUT + 60 if as_job else 0)
     while not guard.try_acquire():
         if time.monotonic() >= deadline:
+            if as_job:  # the chain may now be broken: say so where status looks
+                chain.log(base, sweep.name, f"job {_my_job()} gave up waiting for the "
+                          "shepherd lock; if status calls the chain broken, run notata "
+                          f"shepherd {sweep.path}")
+                return 1
             print(f"notata shepherd: another shepherd acts for {sweep.name} right now; "
                   "this one exits")
             return 0
@@ -186,7 +191,8 @@ def _round(sweep: Sweep, policy: retry.Policy, state: chain.State, me: str | Non
                            f"({err})", [], [])
         report = scan(sweep, queue=queue)
         records = submissions.submitted(base)
-        mine = [r for r in records if r.get("chain") == state.chain]
+        mine = [r for r in records if r.get("chain") == state.chain
+                or r.get("chain") in state.joined]
         last_round = max((int(r.get("round") or 0) for r in mine), default=state.round)
         arrays = [a for r in mine if r.get("round") == last_round for a in r.get("arrays", [])]
         by_task = {r.task: r for r in report.read if r.task is not None}
@@ -251,6 +257,10 @@ def _round(sweep: Sweep, policy: retry.Policy, state: chain.State, me: str | Non
             except SchedulerError as err:
                 said = "; ".join(line.strip() for line in (err.stderr or str(err)).splitlines()
                                  if line.strip())
+                queued = _queued_in(sweep, state)  # a group split in arrays: some went
+                job_ids += [j for j in queued.values() if j not in job_ids]
+                tasks = [i for i in tasks if i not in queued]
+                here: list[int] = []
                 if err.returncode is None or err.returncode <= 0:  # no answer: all later
                     state.round -= 0 if job_ids else 1  # a round with no array did not happen
                     return _failed(sweep, policy, state, me, f"sbatch failed ({err})",
@@ -263,10 +273,11 @@ def _round(sweep: Sweep, policy: retry.Policy, state: chain.State, me: str | Non
                             f"next attempt with {what}" + ("" if _cannot_be_had(err) else
                                                            f", {refused} times") + f": {said}"
                     else:
-                        later.append(i)
+                        here.append(i)
+                later += here
                 say(f"round {state.round}: sbatch refused tasks {compact(tasks)} with {what}: "
-                    f"{said}; " + ("given up" if not later else
-                                   f"tasks {compact(later)} are tried again later"))
+                    f"{said}; " + (f"tasks {compact(here)} are tried again later" if here
+                                   else "given up"))
                 continue
             except (NotataError, OSError) as err:
                 state.round -= 0 if job_ids else 1
@@ -296,6 +307,14 @@ def _failed(sweep: Sweep, policy: retry.Policy, state: chain.State, me: str | No
                      outcome="stopped")
     chain.log(sweep.base_dir, sweep.name, f"{why}; a shepherd looks again later")
     return _next(sweep, policy, state, job_ids, busy, queue, me, failed=True)
+
+
+def _queued_in(sweep: Sweep, state: chain.State) -> dict[int, str]:
+    """Task -> job id, of what this round recorded as queued so far."""
+    return {i: str(j) for r in submissions.submitted(sweep.base_dir)
+            if r.get("chain") == state.chain and r.get("round") == state.round
+            for j in (r.get("job_ids") or [])[:1]
+            for i in parse_indices(str(r.get("tasks") or ""), len(sweep))}
 
 
 def _not_run_in(r: RunRecord, job: str) -> bool:
@@ -381,9 +400,10 @@ def _final(sweep: Sweep, policy: retry.Policy, state: chain.State, me: str | Non
         print(f"notata shepherd --then: the chain is {state.state}: the sweep has not "
               "settled, nothing to do")
         return 0
-    if me is None and state.then_status == STARTED and chain.job_queued(state.then_job):
-        print(f"notata shepherd --then: the final job {state.then_job} runs then right now: "
-              "nothing to do")
+    if me is None and state.state == chain.SETTLING \
+            and chain.job_queued(state.then_job) is not False:
+        print(f"notata shepherd --then: the final job {state.then_job} is queued or running "
+              "(or SLURM cannot say): it runs then; nothing to do here")
         return 0
     closing = me is not None and me == state.closer
     if closing or (me is not None and state.then_status is not None):

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import chain, layout, local, lock, retry, sbatch, schema, slurm, submissions
+from . import chain, local, lock, retry, sbatch, schema, slurm, submissions
 from .array import is_complete
 from .collector import Report, scan
 from .errors import SchedulerError, UsageError
@@ -134,10 +134,7 @@ def submit(manifest: str | os.PathLike[str] | Sweep, command: Sequence[str],
             chain.shepherd_options(sweep, options.given(), policy.shepherd)
             return _submit(sweep, indices, command, backend, options, options.given(),
                            progress=progress, held=None)
-        # One submit or shepherd at a time decides about the chain: a chain joined is
-        # still the chain when this submit records itself in it.
-        with lock.exclusive(layout.SweepPaths(sweep.base_dir).shepherd_lock(sweep.name)):
-            return _submit_chained(sweep, indices, command, options, policy, progress)
+        return _submit_chained(sweep, indices, command, options, policy, progress)
     done = _submit(sweep, indices, command, backend, options, options.given(),
                    progress=progress, held=None)
     if policy is None or options.dry_run:
@@ -149,9 +146,9 @@ def submit(manifest: str | os.PathLike[str] | Sweep, command: Sequence[str],
 
 def _submit_chained(sweep: Sweep, indices: list[int], command: list[str], options: Options,
                     policy: retry.Policy, progress: Any) -> Submission:
-    """``submit --retry`` on SLURM, under the sweep's shepherd lock: join the chain that
-    looks after the sweep or check a new one (before anything is queued), submit, then
-    start the chain or add the tasks to it (:mod:`notata.chain`)."""
+    """``submit --retry`` on SLURM: refuse a chain it could not join and check a new one
+    (before anything is queued), submit, then start the chain or add the tasks to it
+    (:func:`notata.chain.start` decides again under the sweep's shepherd lock)."""
     given = options.given()
     chain.shepherd_options(sweep, given, policy.shepherd)
     joined = chain.joinable(sweep, command, given, options.retry)
@@ -162,8 +159,10 @@ def _submit_chained(sweep: Sweep, indices: list[int], command: list[str], option
                    held=None, fields={"chain": chain_id, "round": round_})
     if done.tasks or done.busy:
         try:
-            chain.start(sweep, chain_id, command=command, given=given, tasks=indices,
-                        attempts=options.retry, own=policy.shepherd, after=done.job_ids)
+            if chain.start(sweep, chain_id, command=command, given=given, tasks=indices,
+                           attempts=options.retry, own=policy.shepherd,
+                           after=done.job_ids) is None:
+                done.status = FAILED
         except SchedulerError as err:
             print(f"notata submit: the tasks were submitted, but not their retry shepherd "
                   f"({err}); once they end, run: notata shepherd {sweep.path}",

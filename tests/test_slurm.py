@@ -146,7 +146,8 @@ def test_values_that_cannot_be_sbatch_options_are_refused(
 
 @pytest.mark.parametrize("line", ["--mem=100M", "#SBATCH --time 10", "-t 5", "-c4",
                                   "--partition=debug", "--parti=debug", "--outp=x.out",
-                                  "--qo=normal", "-Qt 7", "-Hp debug", "-Qc2"])
+                                  "--qo=normal", "-Qt 7", "-Hp debug", "-Qc2",
+                                  "#SBATCH--partition=x"])
 def test_an_extra_line_may_not_set_an_option_notata_sets(
         base: Path, capsys: pytest.CaptureFixture[str], line: str) -> None:
     """A later #SBATCH line wins over an earlier one: a raw --mem would undo a retry's
@@ -161,9 +162,10 @@ def test_an_extra_line_may_not_set_an_option_notata_sets(
     assert "has a name of its own: give it as --" in err and len(err.splitlines()) == 1, err
     _, extra, _ = options_for({"extra": ["--mem-per-cpu=2G", "--exclusive", "--mail-type=END",
                                          "--comment=x", "--constraint=a", "--mem-per-c=1G",
-                                         "-w node-p1", "-N 1"]}, {"mem": "4G"}, "x.yaml")
+                                         "-w node-p1", "-N 1", '--comment="run -t 3"']},
+                              {"mem": "4G"}, "x.yaml")
     assert extra == ["--exclusive", "--mail-type=END", "--comment=x", "--constraint=a",
-                     "-w node-p1", "-N 1"]
+                     "-w node-p1", "-N 1", '--comment="run -t 3"']
     with pytest.raises(notata.ManifestError, match="notata sets the job array"):
         options_for({"extra": ["--arr=0-3"]}, {}, "x.yaml")
     assert "--mem 4G replaces --mem-per-c=1G; --mem-per-cpu=2G" in capsys.readouterr().err
