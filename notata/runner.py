@@ -184,7 +184,8 @@ def exec_task(sweep: Sweep, index: int, argv: Sequence[str], *,
             log = open_task(sweep, index, heartbeat=heartbeat, track_children=True,
                             from_array=from_array)
     except RunCompleteError as err:
-        print(f"notata: task {index}: {err}", file=sys.stderr)
+        print(f"notata: task {index}: {err.path} is already complete, so it is not run "
+              "again (move its folder away to run it afresh)", file=sys.stderr)
         return 0
     except RunLockedError as err:
         print(f"notata: task {index}: {err}", file=sys.stderr)
@@ -218,12 +219,24 @@ def exec_task(sweep: Sweep, index: int, argv: Sequence[str], *,
             log._finish(schema.OOM, f"killed for memory: SIGKILL after a peak of "
                         f"{resources.size_text(peak)} of {resources.size_text(granted)} "
                         "granted")
+            _say_ended(index, log)
             return 128 - rc
         what = (f"command exited with status {rc}" if rc > 0
                 else f"command killed by {signal.Signals(-rc).name}")
         detail = reason or telling_line(log.path / layout.STDERR)
         log.mark_failed(f"{what}: {detail}" if detail else what)
+        _say_ended(index, log)
         return rc if rc > 0 else 128 - rc
+
+
+def _say_ended(index: int, log: Logbook) -> None:
+    """One line on stderr for a task that did not complete: what, and where its output
+    is (run by hand, everything else went to the run's files)."""
+    reason = str(log.metadata.get("failure_reason") or "").splitlines()
+    print(f"notata: task {index} ({log.run_id}) {log.metadata.get('status')}"
+          + (f": {reason[0]}" if reason else "")
+          + f"; its output: {log.path / layout.STDOUT}, {log.path / layout.STDERR}",
+          file=sys.stderr, flush=True)
 
 
 def _plain_fields(handed: Mapping[str, Any]) -> dict[str, Any]:

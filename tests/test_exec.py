@@ -63,10 +63,14 @@ def test_environment_and_placeholders_reach_the_command_verbatim(
     assert meta["exit_code"] == 0 and meta["manifest_hash"]
 
 
-def test_exit_status_decides_the_run(manifest: Path, base: Path) -> None:
+def test_exit_status_decides_the_run(manifest: Path, base: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
     code = "import sys; print('out line'); print('boom: bad input', file=sys.stderr); sys.exit(3)"
     assert main(["exec", str(manifest), "--task", "0", "--", sys.executable, "-c", code]) == 3
     d = run_dir(base, "plain")
+    said = capsys.readouterr().err.strip().splitlines()  # by hand: one line says it all
+    assert said == [f"notata: task 0 ({d.name[4:]}) failed: command exited with status 3: "
+                    f"boom: bad input; its output: {d / 'stdout.txt'}, {d / 'stderr.txt'}"]
     meta = read_meta(d)
     assert meta["status"] == "failed" and meta["exit_code"] == 3
     assert meta["failure_reason"] == "command exited with status 3: boom: bad input"
@@ -78,6 +82,10 @@ def test_exit_status_decides_the_run(manifest: Path, base: Path) -> None:
     assert meta["status"] == "complete" and meta["attempt"] == 2
     assert meta["attempts"][0]["status"] == "failed"
     assert "out line" in (d / "stdout.txt").read_text()
+    capsys.readouterr()
+    assert main(["exec", str(manifest), "--task", "0", "--", "true"]) == 0
+    said = capsys.readouterr().err
+    assert "already complete" in said and "overwrite=True" not in said  # a CLI's words
     # a complete task is not run again
     assert main(["exec", str(manifest), "--task", "0", "--", "false"]) == 0
     assert read_meta(d)["attempt"] == 2
