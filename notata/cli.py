@@ -27,7 +27,7 @@ from .collector import Report, Watcher
 from .errors import ManifestError, NotataError, RunDirError, UsageError
 from .heartbeat import interval_from
 from .local import LocalResult
-from .manifest import Sweep, load, parse_indices
+from .manifest import Sweep, compact, load, parse_indices
 from .resources import size_text
 from .runner import exec_task
 from .runstate import SELECTORS
@@ -212,7 +212,16 @@ def format_report(report: Report) -> str:
     pending = [r for r in report.read if r.status != "complete"]
     if pending:
         lines.append("not complete:")
-        for r in pending:
+        # tasks that never ran say nothing more than their status: one line of ranges each
+        never = [r for r in pending if r.path is None and r.task is not None
+                 and not r.reason and r.status in ("missing", "pending")]
+        for status in ("pending", "missing"):
+            tasks = [r.task for r in never if r.status == status and r.task is not None]
+            if tasks:
+                lines.append(f"  {'tasks ' + compact(tasks):<10} {status} ({len(tasks)}, "
+                             "never started)")
+        collapsed = {id(r) for r in never}
+        for r in (r for r in pending if id(r) not in collapsed):
             where = f"task {r.task}" if r.task is not None else "no task"
             line = f"  {where:<10} {r.run_id}  {r.status}"
             if r.attempt:

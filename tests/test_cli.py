@@ -85,7 +85,9 @@ def test_status_json_shape(manifest: Path, capsys: pytest.CaptureFixture[str]) -
     assert "missing" not in bare["counts"] and len(bare["runs"]) == 4
     assert main(["status", str(manifest)]) == 0
     text = capsys.readouterr().out
-    assert "failed (attempt 1): nan energy" in text and "missing" in text
+    assert "failed (attempt 1): nan energy" in text
+    # tasks that never ran are one line of ranges, not one line each (issue 15)
+    assert "  tasks 1,3-5 missing (4, never started)" in text.splitlines(), text
 
 
 def test_local_submit_runs_everything_and_reports_failures(manifest: Path) -> None:
