@@ -91,7 +91,14 @@ def main() -> None:
         saved = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
         calls = root / "calls.txt"
         env = shims(root / "bin", calls)
-        env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+        root_dir = Path(__file__).resolve().parent.parent
+        env["PYTHONPATH"] = str(root_dir)
+        which = subprocess.run([sys.executable, "-c", "import notata; print(notata.__version__,"
+                                " notata.__file__)"], env=env, cwd=root, capture_output=True,
+                               text=True, check=True).stdout.split()
+        print(f"measured: notata {which[0]} from {which[1]}; sbatch etc. through {root / 'bin'}")
+        if not Path(which[1]).resolve().is_relative_to(root_dir):
+            raise SystemExit(f"measured the wrong notata: {which[1]}, not this checkout's")
         commands = {"notata status MANIFEST (the scan)": [sys.executable, "-m", "notata",
                                                           "status", str(manifest)],
                     "notata shepherd MANIFEST (a round)": [sys.executable, "-m", "notata",
