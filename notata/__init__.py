@@ -28,8 +28,8 @@ scheduler layer names a scheduler's variables, job states or metadata fields).
 2. the run: ``_attempt`` (what carries over between attempts); ``_run`` (a run this
    process owns: lock, metadata, heartbeat, status); ``_outputs`` (the writers and
    log.txt); ``logbook`` (the Logbook); ``experiment``.
-3. tasks: ``array`` (a sweep task's Logbook); ``runner`` (``notata exec``); ``local``
-   (the local backend).
+3. tasks: ``array`` (a sweep task's Logbook); ``runner`` (``notata exec``); ``pack``
+   (several tasks one after another in one process); ``local`` (the local backend).
 4. scanning: ``runstate`` (one run's state); ``queue`` (which tasks the queue holds);
    ``collector`` (the scan, the report); ``tabulate``.
 5. schedulers: ``slurm`` (SLURM inside a job and its queue); ``sbatch`` (arrays, job
@@ -124,7 +124,8 @@ def resubmit(manifest: str | os.PathLike[str] | Sweep, *statuses: str,
              max_attempts: int | None = None, command: Sequence[str] = (),
              backend: str | None = None, dry_run: bool = False, full: bool = False,
              tasks: Sequence[int] | None = None, jobs: int | None = None,
-             stale_after: str | float | None = None, **sbatch: Any) -> int:
+             stale_after: str | float | None = None, pack: int | None = None,
+             **sbatch: Any) -> int:
     """``notata resubmit`` from Python: submit again exactly the tasks that need it.
 
     ``statuses`` are the selectors (``"failed"``, ``"stale"``, ``"cancelled"``...; none:
@@ -146,6 +147,7 @@ def resubmit(manifest: str | os.PathLike[str] | Sweep, *statuses: str,
     after = stale_after if isinstance(stale_after, (int, float)) or stale_after is None \
         else submission.duration(str(stale_after), "stale_after")
     options = _options("resubmit", command, backend, tasks, dry_run, jobs, sbatch)
+    options.pack = pack
     return submission.resubmit(manifest, statuses, list(command), options,
                                max_attempts=max_attempts, stale_after=after, full=full).status
 
@@ -153,7 +155,7 @@ def resubmit(manifest: str | os.PathLike[str] | Sweep, *statuses: str,
 def submit(manifest: str | os.PathLike[str] | Sweep, command: Sequence[str], *,
            backend: str | None = None, dry_run: bool = False,
            tasks: Sequence[int] | None = None, jobs: int | None = None,
-           retry: int | None = None, **sbatch: Any) -> int:
+           retry: int | None = None, pack: int | None = None, **sbatch: Any) -> int:
     """``notata submit`` from Python: submit the sweep's tasks (all, or ``tasks``).
 
     ``command`` is a list of arguments (``{param}`` placeholders are filled per task, no
@@ -161,7 +163,9 @@ def submit(manifest: str | os.PathLike[str] | Sweep, command: Sequence[str], *,
     ``sbatch`` takes the options of ``notata submit`` by their Python names, as
     :func:`resubmit` does; ``retry`` runs each task up to that many times in all (see
     :mod:`notata.retry`; on SLURM a shepherd job retries, :mod:`notata.shepherd`; locally
-    this call retries). Complete tasks and tasks still queued
+    this call retries); ``pack`` runs that many tasks one after another in each array
+    task (or local process), each its own run (:mod:`notata.pack`). Complete tasks and
+    tasks still queued
     or running are left out.
     Returns the command's exit status (0: submitted, or locally every task complete; 1: a
     local task failed). Raises as :func:`resubmit` does.
@@ -169,6 +173,7 @@ def submit(manifest: str | os.PathLike[str] | Sweep, command: Sequence[str], *,
     from . import submission
 
     options = _options("submit", command, backend, tasks, dry_run, jobs, sbatch)
+    options.pack = pack
     options.retry = retry  # submit's own: resubmit has max_attempts
     return submission.submit(manifest, list(command), options).status
 

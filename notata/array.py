@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from collections.abc import Mapping
@@ -19,8 +20,12 @@ ENV_OFFSET = "NOTATA_TASK_OFFSET"
 #: The sweep indices of an array's tasks, in array task id order (a task list): an array
 #: of tasks scattered over the sweep (see :class:`notata.sbatch.ArrayPlan`).
 ENV_MAP = "NOTATA_TASK_MAP"
+#: Tasks per array task of a packed array: array task ``k`` runs entries ``k*N`` to
+#: ``k*N+N-1`` of ``NOTATA_TASK_MAP``, one after another (see :mod:`notata.pack`).
+ENV_PACK = "NOTATA_PACK"
 #: What ``notata exec`` sets for one run's command; never inherited by another task or job.
-RUN_VARIABLES = frozenset({ENV_TASK, ENV_OFFSET, ENV_MAP, "NOTATA_RUN_DIR", "NOTATA_RUN_ID",
+RUN_VARIABLES = frozenset({ENV_TASK, ENV_OFFSET, ENV_MAP, ENV_PACK, "NOTATA_RUN_DIR",
+                           "NOTATA_RUN_ID",
                            "NOTATA_ATTEMPT",
                            "NOTATA_PARAMS", _attach.ENV_WRAPPER_PID, _attach.ENV_WRAPPER_HOST,
                            _attach.ENV_WRAPPER_JOB})
@@ -50,10 +55,33 @@ def task_index(environ: Mapping[str, str] | None = None) -> tuple[int, bool]:
         return _int(ENV_TASK, raw), False
     if array is None:
         raise UsageError("no task index: pass index=/--task, or run inside a job array")
+    if env.get(ENV_PACK):
+        raise UsageError(f"this array task runs a pack of tasks ({ENV_PACK}): run them "
+                         "through notata exec, or give the task's index")
     listed = env.get(ENV_MAP, "")
     if listed:
         return _listed(listed, array), True
     return array + _int(ENV_OFFSET, env.get(ENV_OFFSET, "0")), True
+
+
+def pack_tasks(environ: Mapping[str, str] | None = None) -> list[int] | None:
+    """The sweep indices this array task runs one after another when its array is packed
+    (``NOTATA_PACK``), in order; None when it is not (outside a packed array, or under
+    a ``notata exec`` wrapper, whose ``NOTATA_TASK`` names the one task)."""
+    env = os.environ if environ is None else environ
+    raw = env.get(ENV_PACK, "")
+    array = scheduler.array_task(env)
+    if not raw or array is None or _attach.under_wrapper(env):
+        return None
+    size = _int(ENV_PACK, raw)
+    listed = env.get(ENV_MAP, "")
+    if size < 1 or not taskspec.is_spec(listed):
+        raise UsageError(f"{ENV_PACK}={raw!r} with {ENV_MAP}={listed[:60]!r}: not a pack "
+                         "(a size of at least 1 and a task list)")
+    tasks = list(itertools.islice(taskspec.expand(listed), array * size, (array + 1) * size))
+    if not tasks:
+        raise UsageError(f"array task {array} is outside {ENV_MAP} (it lists fewer tasks)")
+    return tasks
 
 
 def _listed(spec: str, array: int) -> int:
@@ -101,10 +129,12 @@ def check_same_sweep(sweep: Sweep, t: Task, meta: Mapping[str, Any]) -> None:
 
 
 def open_task(sweep: Sweep, index: int, *, from_array: bool = False,
-              **logbook_kwargs: Any) -> Logbook:
+              pack: tuple[int, int] | None = None, **logbook_kwargs: Any) -> Logbook:
     """Open task ``index``'s Logbook with resume semantics and the sweep's fields in metadata
-    (``task_from``: ``array`` when the index is the job array's own, else ``given``; a
-    collector learns a user's own array's offset only from the former).
+    (``task_from``: ``array`` when the index is the job array's own, ``pack`` when it ran
+    in a pack, else ``given``; a collector learns a user's own array's offset only from
+    the first). ``pack``: (position, size) of the task in the pack that runs it,
+    recorded as ``pack: {position, size}``.
 
     Raises :class:`RunCompleteError` for a complete task, and what :class:`Logbook` raises.
     """
@@ -113,9 +143,10 @@ def open_task(sweep: Sweep, index: int, *, from_array: bool = False,
                   _check=lambda meta: check_same_sweep(sweep, t, meta), **logbook_kwargs)
     log.task = t
     if not log.attached:
+        where = ({"task_from": "pack", "pack": {"position": pack[0], "size": pack[1]}}
+                 if pack is not None else {"task_from": "array" if from_array else "given"})
         log._set(task=t.index, sweep=sweep.name, manifest=str(sweep.path),
-                 manifest_hash=sweep.hash, tasks=len(sweep),
-                 task_from="array" if from_array else "given")
+                 manifest_hash=sweep.hash, tasks=len(sweep), **where)
     return log
 
 

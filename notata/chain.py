@@ -228,13 +228,12 @@ def cancelled_tasks(arrays: Iterable[Mapping[str, Any]], base_dir: os.PathLike[s
             ids = _ids(record.get("ArrayTaskId", ""))
             known |= ids
             if record.get("JobState") == "CANCELLED":
-                cancelled.update(i for k in ids if (i := index(k)) is not None)
+                cancelled.update(i for k in ids for i in index(k))
         if not known or not own_output:
             continue
         for k in _ids(str(array.get("spec", ""))) - known:
-            i = index(k)
-            if i is not None and not paths.job_output(job, k).exists():
-                vanished[i] = str(job)
+            if not paths.job_output(job, k).exists():
+                vanished.update(dict.fromkeys(index(k), str(job)))
     return cancelled, vanished
 
 

@@ -22,12 +22,13 @@ from typing import Any
 
 from . import chain, sbatch, shepherd, slurm, submission, tabulate
 from ._version import __version__
-from .array import task_index
+from .array import pack_tasks, task_index
 from .collector import Report, Watcher
 from .errors import ManifestError, NotataError, RunDirError, UsageError
 from .heartbeat import interval_from
 from .local import LocalResult
 from .manifest import Sweep, compact, load, parse_indices
+from .pack import exec_pack
 from .resources import size_text
 from .runner import exec_task
 from .runstate import SELECTORS
@@ -76,12 +77,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_exec(args: argparse.Namespace) -> int:
     sweep = load(args.manifest)
-    index, from_array = (args.task, False) if args.task is not None else task_index()
-    _task(sweep, index)
     try:
         interval_from(args.heartbeat)
     except ValueError as err:
         raise UsageError(f"--heartbeat: {err}") from None
+    if args.task is not None and args.tasks is not None:
+        raise UsageError("give --task or --tasks, not both")
+    if args.tasks is not None:
+        tasks: list[int] | None = parse_indices(args.tasks, len(sweep))
+    else:
+        tasks = pack_tasks() if args.task is None else None
+    if tasks is not None:
+        sweep.check_indices(tasks)
+        return exec_pack(sweep, tasks, _command(args), heartbeat=args.heartbeat,
+                         report=args.report_fd)
+    index, from_array = (args.task, False) if args.task is not None else task_index()
+    _task(sweep, index)
     return exec_task(sweep, index, _command(args), heartbeat=args.heartbeat,
                      from_array=from_array)
 
@@ -133,7 +144,7 @@ def _options(args: argparse.Namespace, sweep: Sweep) -> submission.Options:
     scheduler.update(throttle=args.throttle, warn_before=args.warn_before,
                      sbatch_line=args.sbatch_line)
     options = submission.Options(backend=args.backend, tasks=tasks, dry_run=args.dry_run,
-                                 jobs=args.jobs, scheduler=scheduler,
+                                 jobs=args.jobs, pack=args.pack, scheduler=scheduler,
                                  retry=getattr(args, "retry", None))
     options.check()
     return options
@@ -253,6 +264,9 @@ def add_submit_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("slurm options (flags win over the manifest's slurm: section)")
     for key, option in sbatch.OPTIONS.items():
         g.add_argument(option, dest=key, metavar=key.upper().replace("_", "-"))
+    p.add_argument("--pack", type=int, metavar="N",
+                   help="run N tasks one after another in each array task (locally: in "
+                        "each process); each is still its own run")
     g.add_argument("--throttle", type=int, metavar="N", help="at most N tasks at once (%%N)")
     g.add_argument("--warn-before", type=int, metavar="SECS",
                    help="SIGUSR1 this long before the time limit (default 120; 0: none)")
@@ -275,13 +289,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_sweep)
 
     e = sub.add_parser("exec", help="run a command as one task of a sweep",
-                       usage="notata exec MANIFEST [--task I] [--heartbeat S] -- CMD [ARGS...]",
+                       usage="notata exec MANIFEST [--task I | --tasks LIST] [--heartbeat S] "
+                             "-- CMD [ARGS...]",
                        description="Open task I's Logbook and run CMD in it. {param} in ARGS is "
                        "replaced by the task's value (also {run_dir}, {run_id}, {task}, "
-                       "{attempt}); no shell is involved.")
+                       "{attempt}); no shell is involved. With --tasks (or in an array "
+                       "submitted with --pack), each task in turn, each its own run.")
     e.add_argument("manifest")
     e.add_argument("--task", type=int,
                    help="the task index (default: SLURM_ARRAY_TASK_ID + NOTATA_TASK_OFFSET)")
+    e.add_argument("--tasks", help="run these tasks one after another, e.g. 3,7,10-12")
+    e.add_argument("--report-fd", type=int, help=argparse.SUPPRESS)
     e.add_argument("--heartbeat", type=float, help="seconds between heartbeats (default 30)")
     e.set_defaults(func=cmd_exec)
 

@@ -177,7 +177,7 @@ def scan(target: Sweep | str | os.PathLike[str], *, stale_after: float | None = 
         report = _scan_all(sweep, read)
         arrays = array_offsets(_NO_INDEXED, _ran(report.read), queue) if queue is not None \
             else None
-        _mark_queued(report.read, queued_tasks(sweep, queue, arrays))
+        _mark_queued(report.read, queued_tasks(sweep, queue, arrays, _passed(report.read)))
         return report
     todo = np.ones(len(sweep), dtype=bool)
     todo[done["task"]] = False
@@ -191,13 +191,19 @@ def scan(target: Sweep | str | os.PathLike[str], *, stale_after: float | None = 
             record = RunRecord(i, rid, MISSING, 0)
         records.append(record)
     arrays = array_offsets(done, _ran(records), queue) if queue is not None else None
-    _mark_queued(records, queued_tasks(sweep, queue, arrays))
+    _mark_queued(records, queued_tasks(sweep, queue, arrays, _passed(records)))
     return Report(records, sweep, done)
 
 def _ran(records: Iterable[RunRecord]) -> list[tuple[str, int, int]]:
-    """(array job id, array task id, sweep index) of the runs read that ran as array tasks."""
+    """(array job id, array task id, sweep index) of the runs read that ran as array tasks
+    (one task each: not in a pack)."""
     return [(r.array[0], r.array[1], r.task) for r in records
-            if r.array is not None and r.task is not None]
+            if r.array is not None and r.task is not None and not r.packed]
+
+
+def _passed(records: Iterable[RunRecord]) -> dict[int, str]:
+    """Sweep index -> the job key of the still-queued pack that ran it and went on."""
+    return {r.task: r.passed for r in records if r.passed and r.task is not None}
 
 
 def _scan_all(sweep: Sweep, read: Callable[..., RunRecord]) -> Report:

@@ -1,7 +1,9 @@
 """The local backend: a sweep on this machine, every task through ``notata exec``.
 
 Each task runs as ``python -m notata exec MANIFEST --task I -- CMD...`` in a subprocess,
-N at a time, so that the local and cluster paths are the same code.
+N at a time, so that the local and cluster paths are the same code. Packed (``pack`` >
+1), each subprocess runs a pack of tasks one after another (``--tasks``) and reports
+each task's end on a pipe as it happens.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class LocalResult:
     failed: list[int] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
     busy: list[int] = field(default_factory=list)  # held by another process: not run here
+    unstarted: list[int] = field(default_factory=list)  # in a pack that was stopped first
     interrupted: bool = False
     signal: int = 0  # the signal that stopped the run (0: Ctrl-C, or none)
     why: str = ""  # "cancelled" (Ctrl-C), "hangup", "terminated"
@@ -40,6 +43,8 @@ class LocalResult:
                 f"{sec // 3600}:{sec // 60 % 60:02d}:{sec % 60:02d}")
         if self.busy:
             text += f", {len(self.busy)} run by another process ({compact(self.busy)})"
+        if self.unstarted:
+            text += f", {len(self.unstarted)} not started ({compact(self.unstarted)})"
         if self.failed:
             text += f"; failed tasks: {compact(self.failed)}"
         if self.interrupted:
@@ -49,8 +54,10 @@ class LocalResult:
 
 
 def run_local(sweep: Sweep, todo: Sequence[int], argv: Sequence[str], *, jobs: int,
-              skipped: Iterable[int] = (), progress: Any = None) -> LocalResult:
-    """Run ``notata exec`` for each task of ``todo``, ``jobs`` at a time.
+              pack: int = 1, skipped: Iterable[int] = (), progress: Any = None
+              ) -> LocalResult:
+    """Run ``notata exec`` for each task of ``todo``, ``jobs`` at a time (``pack`` tasks
+    one after another per process).
 
     The caller leaves out complete tasks (``skipped``, reported in the result).
     ``progress(result, running, total)`` is called as tasks start and end.
@@ -61,9 +68,9 @@ def run_local(sweep: Sweep, todo: Sequence[int], argv: Sequence[str], *, jobs: i
     """
     result = LocalResult(skipped=list(skipped))
     total = len(todo)
-    running: dict[int, subprocess.Popen[bytes]] = {}
+    running: list[_Process] = []
     base = [sys.executable, "-m", "notata", "exec", str(sweep.path)]
-    queue = list(reversed(todo))
+    queue = [list(todo[k:k + pack]) for k in range(0, len(todo), max(pack, 1))][::-1]
     env = clean_environment(os.environ)
 
     def report() -> None:
@@ -77,17 +84,18 @@ def run_local(sweep: Sweep, todo: Sequence[int], argv: Sequence[str], *, jobs: i
     try:
         while queue or running:
             while queue and len(running) < jobs:
-                i = queue.pop()
-                running[i] = subprocess.Popen([*base, "--task", str(i), "--", *argv],
-                                              stdin=subprocess.DEVNULL, env=env)
+                running.append(_Process(queue.pop(), base, argv, env, pack > 1))
                 report()
             time.sleep(0.05)
-            for i, proc in list(running.items()):
-                if proc.poll() is not None:
-                    del running[i]
-                    outcome = {0: result.done, IN_USE: result.busy}.get(proc.returncode,
-                                                                        result.failed)
-                    outcome.append(i)
+            for proc in list(running):
+                ended = proc.poll()
+                for i, rc in proc.outcomes():
+                    {0: result.done, IN_USE: result.busy}.get(rc, result.failed).append(i)
+                if ended:
+                    running.remove(proc)
+                    proc.close()
+                    result.failed += proc.left()  # a pack that died: its tasks did not run
+                if ended or proc.reported:
                     report()
     except (KeyboardInterrupt, _Stopped) as err:
         # Each wrapper stops its command and records why (a terminal's Ctrl-C or hangup
@@ -100,19 +108,89 @@ def run_local(sweep: Sweep, todo: Sequence[int], argv: Sequence[str], *, jobs: i
         result.signal = 0 if signum == signal.SIGINT else signum
         result.why = ("cancelled" if signum == signal.SIGINT
                       else "hangup" if signum == signal.SIGHUP else "terminated")
-        for proc in running.values():
-            proc.send_signal(signum)
-        for i, proc in running.items():
+        for proc in running:
+            proc.popen.send_signal(signum)
+        for proc in running:
             try:
-                proc.wait(STOP_GRACE + 10)
+                proc.popen.wait(STOP_GRACE + 10)
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            result.failed.append(i)
+                proc.popen.kill()
+                proc.popen.wait()
+            proc.poll()
+            for i, rc in proc.outcomes():
+                {0: result.done, IN_USE: result.busy}.get(rc, result.failed).append(i)
+            left = proc.left()
+            result.failed += left[:1]  # the task it was running
+            result.unstarted += left[1:]
         report()
     finally:
         _install(previous)
+        for proc in running:
+            proc.close()
     return result
+
+
+class _Process:
+    """One ``notata exec`` subprocess: one task (its exit status says how it ended), or a
+    pack (each task's end comes as a line ``INDEX STATUS`` on a pipe)."""
+
+    def __init__(self, tasks: list[int], base: list[str], argv: Sequence[str],
+                 env: dict[str, str], packed: bool) -> None:
+        self.tasks = tasks
+        self.done: set[int] = set()
+        self.reported = 0
+        self._pending: list[tuple[int, int]] = []
+        self._buffer = b""
+        self._read: int | None = None
+        if not packed:
+            self.popen = subprocess.Popen([*base, "--task", str(tasks[0]), "--", *argv],
+                                          stdin=subprocess.DEVNULL, env=env)
+            return
+        self._read, write = os.pipe()
+        try:
+            self.popen = subprocess.Popen(
+                [*base, "--tasks", compact(tasks), "--report-fd", str(write), "--", *argv],
+                stdin=subprocess.DEVNULL, env=env, pass_fds=(write,))
+        finally:
+            os.close(write)
+        os.set_blocking(self._read, False)
+
+    def poll(self) -> bool:
+        """Read what the process reported; whether it has ended."""
+        ended = self.popen.poll() is not None
+        if self._read is None:
+            if ended:
+                self._pending.append((self.tasks[0], self.popen.returncode))
+            return ended
+        while True:
+            try:
+                chunk = os.read(self._read, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            self._buffer += chunk
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for line in lines:
+            index, rc = line.split()
+            self._pending.append((int(index), int(rc)))
+        return ended
+
+    def outcomes(self) -> list[tuple[int, int]]:
+        """(task, exit status) of the tasks that ended since the last call."""
+        out, self._pending = self._pending, []
+        self.done.update(i for i, _ in out)
+        self.reported = len(out)
+        return out
+
+    def left(self) -> list[int]:
+        """The tasks it has not reported, in order (the first may have been running)."""
+        return [i for i in self.tasks if i not in self.done]
+
+    def close(self) -> None:
+        if self._read is not None:
+            os.close(self._read)
+            self._read = None
 
 
 class _Stopped(Exception):

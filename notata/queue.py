@@ -92,10 +92,14 @@ class Queue:
             return user not in self.unknown
         return True
 
+    def key(self, meta: Mapping[str, Any]) -> str | None:
+        """The key of the job a run's metadata names (``"123_4"`` for an array task)."""
+        ctx = meta.get(self.provider.name)
+        return self.provider.job_key(ctx) if isinstance(ctx, Mapping) else None
+
     def state(self, meta: Mapping[str, Any]) -> str | None:
         """The state of the job a run's metadata names, if queued."""
-        ctx = meta.get(self.provider.name)
-        key = self.provider.job_key(ctx) if isinstance(ctx, Mapping) else None
+        key = self.key(meta)
         return self.jobs.get(key) if key is not None else None
 
     def running(self) -> set[str]:
@@ -110,7 +114,8 @@ class Queue:
 LOCAL = "LOCAL"
 
 def queued_tasks(sweep: Sweep, queue: Queue | None,
-                 arrays: Mapping[str, int] | None = None) -> dict[int, str]:
+                 arrays: Mapping[str, int] | None = None,
+                 passed: Mapping[int, str] | None = None) -> dict[int, str]:
     """Sweep index -> queue state, for every task of this sweep that is queued.
 
     A queued array task is mapped through its array's offset (the sweep index of array
@@ -123,7 +128,9 @@ def queued_tasks(sweep: Sweep, queue: Queue | None,
     Submitit jobs are mapped only through the job ids their submission recorded
     (``map_array`` over chosen tasks has no offset). The tasks of a local submission whose
     process still runs (on this host, or in a SLURM job the queue lists as running) are
-    :data:`LOCAL`. One pass over the queue.
+    :data:`LOCAL`. An array task that runs a pack holds each of its tasks until it has
+    run it: ``passed`` (sweep index -> the job key of the pack that ended it) names
+    those it no longer holds. One pass over the queue.
     """
     out: dict[int, str] = {}
     offsets = dict(arrays or {})
@@ -137,7 +144,7 @@ def queued_tasks(sweep: Sweep, queue: Queue | None,
             out[i] = LOCAL
     if queue is None:
         return out
-    located: dict[str, Callable[[int], int | None]] = {}  # array job -> its tasks' indices
+    located: dict[str, Callable[[int], list[int]]] = {}  # array job -> its tasks' indices
     by_tag = {}
     for record in records:
         for array in record.get("arrays", []):
@@ -157,12 +164,13 @@ def queued_tasks(sweep: Sweep, queue: Queue | None,
             located.setdefault(job, by_tag[tag])
     for job, offset in offsets.items():  # learned from runs: only where nothing recorded
         located.setdefault(job, submissions.array_index({"offset": offset}))
+    passed = passed or {}
     for key, state in queue.jobs.items():
         job, task = queue.provider.split_key(key)
         if job in located and task is not None:
-            index = located[job](task)
-            if index is not None:
-                out.setdefault(index, state)
+            for index in located[job](task):
+                if passed.get(index) != key:
+                    out.setdefault(index, state)
     return out
 
 def array_offsets(done: np.ndarray, ran: Iterable[tuple[str, int, int]],

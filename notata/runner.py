@@ -167,14 +167,17 @@ def telling_line(path: os.PathLike[str] | str, limit: int = 65536) -> str:
 
 
 def exec_task(sweep: Sweep, index: int, argv: Sequence[str], *,
-              heartbeat: float | None = None, from_array: bool = False) -> int:
+              heartbeat: float | None = None, from_array: bool = False,
+              pack: tuple[int, int] | None = None) -> int:
     """Run ``argv`` as task ``index`` of ``sweep``; return the exit status for the wrapper.
 
     0 when the command succeeded or the task was already complete; :data:`IN_USE` (75)
     when another process holds the run (nothing is marked); the command's own status otherwise
     (128+N when it died of signal N, 127 when it could not be started). On SIGTERM or
     SIGHUP the status is recorded, the command is stopped (SIGTERM, then SIGKILL after
-    :data:`STOP_GRACE`), and only then is the run lock released.
+    :data:`STOP_GRACE`), and only then is the run lock released. ``pack``: the task's
+    (position, size) in the pack that runs it (:mod:`notata.pack`), which says what it
+    skips.
     """
     if not argv:
         raise UsageError("no command to run: give it after --")
@@ -182,8 +185,10 @@ def exec_task(sweep: Sweep, index: int, argv: Sequence[str], *,
     try:
         with interrupted:  # a Ctrl-C here must not leave a half-opened run behind
             log = open_task(sweep, index, heartbeat=heartbeat, track_children=True,
-                            from_array=from_array)
+                            from_array=from_array, pack=pack)
     except RunCompleteError as err:
+        if pack is not None:
+            return 0
         print(f"notata: task {index}: {err.path} is already complete, so it is not run "
               "again (move its folder away to run it afresh)", file=sys.stderr)
         return 0

@@ -41,6 +41,7 @@ from .heartbeat import DEFAULT_INTERVAL
 from .lock import LockFileError
 from .lock import is_held as lock_is_held
 from .manifest import Sweep
+from .pack import MOVED_ON
 
 if TYPE_CHECKING:
     from .queue import Queue
@@ -89,6 +90,8 @@ class RunRecord:
     limit: float | None = None  # the staleness threshold that applies to this run
     runtime_sec: float | None = None
     array: tuple[str, int] | None = None  # (array job id, array task id) it ran as
+    packed: bool = False  # its last attempt ran in a pack (``array`` is the pack's)
+    passed: str | None = None  # the job key of the still-queued pack that ended it
     orphan: bool = False  # its wrapper is gone but its command's processes still run here
     asked: dict[str, Any] | None = None  # what its last attempt asked the scheduler for
 
@@ -216,8 +219,13 @@ def _classify(meta: dict[str, Any], task: int | None, run_id: str, run_dir: str,
     if queue is not None:
         record.queued = queue.state(meta)
         array = scheduler.array_of(meta)
-        if array is not None and meta.get("task_from", "array") == "array":
+        came = meta.get("task_from", "array")
+        if array is not None and came in ("array", "pack"):
             record.array = (str(array[0]), array[1])
+            record.packed = came == "pack"
+        if came == "pack" and record.queued is not None and status in MOVED_ON:
+            # the pack goes on to its next tasks and never comes back to this one
+            record.passed, record.queued = queue.key(meta), None
     if status == schema.COMPLETE:
         return record
     try:  # a run that may be run again: its lock must be one notata can take

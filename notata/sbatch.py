@@ -94,16 +94,19 @@ class ArrayPlan:
     """One job array. By offset, array task id ``k`` runs sweep index ``offset + k``;
     ``listed``, it runs ``indices[k]`` (the job script's ``NOTATA_TASK_MAP``): tasks
     scattered over a large sweep, which by offset would need one array per
-    ``MaxArraySize`` span of the sweep, fit in one array per ``MaxArraySize`` tasks."""
+    ``MaxArraySize`` span of the sweep, fit in one array per ``MaxArraySize`` tasks.
+    Packed (``pack`` N > 1, always listed), array task ``k`` runs ``indices[k*N:(k+1)*N]``
+    one after another (``NOTATA_PACK``)."""
 
     offset: int
     indices: tuple[int, ...]
     listed: bool = False
+    pack: int = 1
 
     @property
     def spec(self) -> str:
         if self.listed:
-            return compact(range(len(self.indices)))
+            return compact(range(-(-len(self.indices) // self.pack)))
         return compact(i - self.offset for i in self.indices)
 
     @property
@@ -112,7 +115,8 @@ class ArrayPlan:
         return compact(self.indices) if self.listed else ""
 
 
-def plan_arrays(indices: Sequence[int], max_array_size: int) -> list[ArrayPlan]:
+def plan_arrays(indices: Sequence[int], max_array_size: int, pack: int = 1
+                ) -> list[ArrayPlan]:
     """Split sorted sweep indices into arrays whose task ids stay below ``max_array_size``.
 
     By offset, each array starts at its first index, so a contiguous sweep or a compact
@@ -120,9 +124,13 @@ def plan_arrays(indices: Sequence[int], max_array_size: int) -> list[ArrayPlan]:
     limit or the spec would grow past :data:`MAX_SPEC_CHARS`. When that makes more arrays
     than listing the tasks would (failures scattered over a sweep larger than the
     limit), the arrays list their tasks instead (:attr:`ArrayPlan.listed`), up to
-    ``max_array_size`` each.
+    ``max_array_size`` each. Packed (``pack`` > 1), every array lists its tasks, up to
+    ``max_array_size * pack`` each.
     """
     ordered = sorted(set(indices))
+    if pack > 1:
+        return [ArrayPlan(0, tuple(chunk), listed=True, pack=pack)
+                for chunk in _chunks(ordered, max_array_size * pack)]
     plans: list[ArrayPlan] = []
     current: list[int] = []
     spec_len = 0
@@ -134,17 +142,24 @@ def plan_arrays(indices: Sequence[int], max_array_size: int) -> list[ArrayPlan]:
         spec_len += len(str(i - current[0])) + 1
     if current:
         plans.append(ArrayPlan(current[0], tuple(current)))
+    chunks = _chunks(ordered, max_array_size)
+    if len(chunks) < len(plans):
+        return [ArrayPlan(0, tuple(chunk), listed=True) for chunk in chunks]
+    return plans
+
+
+def _chunks(ordered: list[int], most: int) -> list[list[int]]:
+    """``ordered`` in runs of at most ``most`` tasks whose task list stays about
+    :data:`MAX_MAP_CHARS` long (far below the kernel's 128 KiB per variable)."""
     chunks: list[list[int]] = []
     chars = 0  # at most the task list's length: ranges only shorten it
-    for i in ordered:  # task lists stay far below the kernel's 128 KiB per variable
-        if not chunks or len(chunks[-1]) >= max_array_size or chars > MAX_MAP_CHARS:
+    for i in ordered:
+        if not chunks or len(chunks[-1]) >= most or chars > MAX_MAP_CHARS:
             chunks.append([])
             chars = 0
         chunks[-1].append(i)
         chars += len(str(i)) + 1
-    if len(chunks) < len(plans):
-        return [ArrayPlan(0, tuple(chunk), listed=True) for chunk in chunks]
-    return plans
+    return chunks
 
 
 def max_array_size() -> int:
@@ -215,7 +230,7 @@ def options_for(section: Mapping[str, Any], flags: Mapping[str, Any], where: str
             print(f"notata: --mem {options['mem']} replaces "
                   f"{'; '.join(sorted(set(extra) - set(kept)))}", file=sys.stderr)
         extra = kept
-    for key, least in (("throttle", 1), ("warn_before", 0)):
+    for key, least in (("throttle", 1), ("warn_before", 0), ("pack", 1)):
         value = settings.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                   or value < least):
@@ -362,7 +377,7 @@ def render(sweep: Sweep, plan: ArrayPlan, argv: Sequence[str], options: Mapping[
         "TASKS": compact(plan.indices), "SCRIPT": shlex.quote(str(script)),
         "RUNVARS": " ".join(sorted(RUN_VARIABLES)),
         "SBATCH": "\n".join(lines), "OFFSET": str(plan.offset),
-        "MAP": shlex.quote(plan.task_map),
+        "MAP": shlex.quote(plan.task_map), "PACK": str(plan.pack) if plan.pack > 1 else "",
         "COMMAND": shlex.join(command).replace("\n", "'$'\\n''"),
     }
     # One pass, so that a value holding "@NAME@" is never substituted again.
@@ -458,7 +473,8 @@ def submit(sweep: Sweep, indices: Sequence[int], argv: Sequence[str], *,
            ) -> list[dict[str, Any]]:
     """Write one script per array under ``<base_dir>/.notata/jobs/`` and sbatch each.
 
-    Returns one ``{"job_id", "spec", "offset", "script", "tasks", "tag"}`` per array
+    Returns one ``{"job_id", "spec", "offset", "script", "tasks", "tag"}`` per array (and
+    ``map``, ``pack`` for an array that lists or packs its tasks)
     (job_id None in a dry run, which writes and submits nothing and prints the scripts).
     ``intended(entry, k, n)`` is called just before array k of n is handed to sbatch, and
     ``submitted(entry, k, n)`` the moment it is queued (so each can be recorded before
@@ -475,7 +491,8 @@ def submit(sweep: Sweep, indices: Sequence[int], argv: Sequence[str], *,
               f"{options['time']} (SLURM may send it up to {SIGNAL_SLACK} s early, before the "
               "task starts); " + (f"warning {warn} s before the end" if warn
                                   else "not asking for one"), file=sys.stderr)
-    plans = plan_arrays(indices, array_limit or max_array_size())
+    pack = int(settings.get("pack") or 1)
+    plans = plan_arrays(indices, array_limit or max_array_size(), pack)
     paths = layout.SweepPaths(sweep.base_dir)
     name = name or time.strftime("%Y%m%dT%H%M%S")
     arrays = []
@@ -489,6 +506,8 @@ def submit(sweep: Sweep, indices: Sequence[int], argv: Sequence[str], *,
                                  "tag": tag}
         if plan.listed:
             entry["map"] = plan.task_map
+        if plan.pack > 1:
+            entry["pack"] = plan.pack
         if dry_run:
             print(f"# sbatch --parsable {shlex.quote(str(script))}\n{text}")
             arrays.append(entry)

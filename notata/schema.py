@@ -29,7 +29,8 @@ Added by this notata:
 - Added by sweeps (``notata.task`` / ``notata exec``): ``task`` (the index), ``sweep``
   (its name), ``manifest`` (absolute path), ``manifest_hash``, ``tasks`` (the sweep's
   size), ``task_from`` (``array``: the index is the job array's own, task id + offset;
-  ``given``: passed in, so it says nothing of the array); by ``notata exec``:
+  ``pack``: the task ran in a pack, ``pack: {position, size}`` saying where; ``given``:
+  passed in, so it says nothing of the array); by ``notata exec``:
   ``command`` (the argv run), ``command_pid`` (its process, the leader of its group) and
   ``exit_code``.
 - In ``attempts``, an attempt that a newer open of the run in the same process took over
@@ -73,5 +74,5 @@ RESERVED: Final = frozenset({
     "schema", "run_id", "status", "attempt", "attempts", "start_time", "start_unix",
     "end_time", "end_unix", "runtime_sec", "failure_reason", "heartbeat", "signals", "host",
     "pid", "user", "task", "sweep", "manifest", "manifest_hash", "tasks", "command",
-    "command_pid", "exit_code", "task_from", "resources",
+    "command_pid", "exit_code", "task_from", "resources", "pack",
 })

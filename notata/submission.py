@@ -54,13 +54,15 @@ class Options:
     jobs: int | None = None
     scheduler: dict[str, Any] = field(default_factory=dict)
     retry: int | None = None  # attempts per task (see notata.retry); wins over the manifest's
+    pack: int | None = None  # tasks run one after another per array task (see notata.pack)
 
     def check(self) -> None:
         """Raise :class:`UsageError` for a value that cannot be used, before anything runs."""
         if self.backend is not None and self.backend not in BACKENDS:
             raise UsageError(f"backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
         for key, what in (("jobs", "a number of tasks at a time"),
-                          ("retry", "a number of attempts per task")):
+                          ("retry", "a number of attempts per task"),
+                          ("pack", "a number of tasks per array task")):
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):
@@ -83,8 +85,9 @@ class Options:
         """The options given (not None), as recorded in submissions.jsonl."""
         out = {k: (list(v) if k == "sbatch_line" else v)
                for k, v in self.scheduler.items() if v is not None}
-        if self.jobs is not None:
-            out["jobs"] = self.jobs
+        for key in ("jobs", "pack"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
         return out
 
 
@@ -292,7 +295,7 @@ def _submit(sweep: Sweep, indices: list[int], cmd: list[str], backend: str, opti
                                  options=dict(given), **more, **parts)
     flags = {k: given.get(k) for k in sbatch.OPTIONS}
     flags.update(extra=given.get("sbatch_line"), throttle=given.get("throttle"),
-                 warn_before=given.get("warn_before"))
+                 warn_before=given.get("warn_before"), pack=given.get("pack"))
     if backend == "slurm":  # refuse bad options before anything is written
         sbatch.options_for(sweep.slurm, flags, str(sweep.path))
     if options.dry_run:  # a dry run writes nothing, the sweep's lock file included
@@ -312,13 +315,15 @@ def _submit(sweep: Sweep, indices: list[int], cmd: list[str], backend: str, opti
                   f"{compact(busy)}", file=sys.stderr)
         if backend == "local":
             jobs = options.jobs or given.get("jobs") or os.cpu_count() or 1
+            pack = int(given.get("pack") or 1)
             if options.dry_run:
-                print(f"would run tasks {compact(todo) or '(none)'} here, {jobs} at a time")
+                print(f"would run tasks {compact(todo) or '(none)'} here, {jobs} at a time"
+                      + (f", {pack} per process" if pack > 1 else ""))
                 return done
             submissions.append(sweep.base_dir, record(todo, job_ids=[],
                                                       **submissions.this_process()))
             sweep_lock.release()  # a local run may take hours; its tasks now read queued
-            done.status = _run_here(sweep, todo, skipped, cmd, jobs, sub_id, progress)
+            done.status = _run_here(sweep, todo, skipped, cmd, jobs, pack, sub_id, progress)
             return done
         if skipped:
             print(f"notata submit: {len(skipped)} task(s) already complete, skipped",
@@ -362,11 +367,11 @@ def _sbatch(sweep: Sweep, todo: list[int], cmd: list[str], flags: Mapping[str, A
 
 
 def _run_here(sweep: Sweep, todo: list[int], skipped: list[int], cmd: list[str], jobs: int,
-              sub_id: str, progress: Any) -> int:
+              pack: int, sub_id: str, progress: Any) -> int:
     """The local backend: run the tasks here; record the submission's end."""
     t0 = time.monotonic()
     try:
-        result = local.run_local(sweep, todo, cmd, jobs=jobs, skipped=skipped,
+        result = local.run_local(sweep, todo, cmd, jobs=jobs, pack=pack, skipped=skipped,
                                   progress=progress)
     finally:
         submissions.append(sweep.base_dir, {"submission": sub_id, "ended": True,

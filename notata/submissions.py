@@ -200,13 +200,16 @@ def tries(records: Iterable[dict[str, Any]], manifest_hash: str) -> dict[int, in
     return out
 
 
-def array_index(array: dict[str, Any]) -> Callable[[int], int | None]:
-    """For a recorded array (``offset``, and ``map`` when it lists its tasks): array task
-    id -> the sweep index it runs (None: no such task in the array)."""
+def array_index(array: dict[str, Any]) -> Callable[[int], list[int]]:
+    """For a recorded array (``offset``, and ``map`` when it lists its tasks, ``pack``
+    when each array task runs several): array task id -> the sweep indices it runs
+    (``[]``: no such task in the array)."""
     listed = array.get("map")
+    pack = array.get("pack", 1)
+    pack = pack if isinstance(pack, int) and not isinstance(pack, bool) and pack > 0 else 1
     if isinstance(listed, str) and listed and taskspec.is_spec(listed):
         order = list(taskspec.expand(listed))
-        return lambda k: order[k] if 0 <= k < len(order) else None
+        return lambda k: order[k * pack:(k + 1) * pack] if k >= 0 else []
     offset = array.get("offset", 0)
     offset = offset if isinstance(offset, int) else 0
-    return lambda k: offset + k
+    return lambda k: [offset + k]

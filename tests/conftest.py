@@ -70,10 +70,13 @@ def group_users() -> tuple[str, list[str], str]:
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """The retry shepherd's dozen-task sweep takes minutes on the cluster: submitted as
-    soon as the session knows it will run, it runs while the other modules' tests do."""
-    if any(getattr(item, "module", None) is not None
-           and item.module.__name__ == "test_shepherd" for item in session.items):
-        import test_shepherd
-
-        test_shepherd.start_early()
+    """Scenarios that take minutes on the cluster (the retry shepherd's dozen-task sweep, a
+    pack that reaches its time limit) are submitted as soon as the session knows it will
+    run them, and run while the other modules' tests do: each module that has one
+    defines ``start_early()``."""
+    started = set()
+    for item in session.items:
+        module = getattr(item, "module", None)
+        if module is not None and hasattr(module, "start_early") and module not in started:
+            started.add(module)
+            module.start_early()

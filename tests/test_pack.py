@@ -1,0 +1,298 @@
+"""Packs: several tasks run one after another in one array task (or local process), each
+still its own run. Real processes and signals; the real test cluster for SLURM."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import job_gone, notata_process, read_meta, status_is, submit, wait_for, write_sweep
+
+import notata
+from notata import submission, submissions
+from notata.array import pack_tasks
+from notata.cli import main
+from notata.sbatch import ArrayPlan, plan_arrays
+
+PAYLOAD = """
+import os, signal, sys, time
+kind, folder = sys.argv[1], sys.argv[2]
+if kind == "raise":
+    raise RuntimeError("boom")
+if kind == "exit":
+    os._exit(3)
+if kind == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)
+if kind == "fail":  # fails until the test writes folder/fixed
+    sys.exit(0 if os.path.exists(os.path.join(folder, "fixed")) else 4)
+if kind == "wait":  # runs until the test writes folder/go
+    while not os.path.exists(os.path.join(folder, "go")):
+        time.sleep(0.05)
+if kind == "sleep":
+    time.sleep(float(sys.argv[3]))
+if kind == "forever":
+    while True:
+        time.sleep(1)
+"""
+
+
+def sweep_of(base: Path, kinds: list[str], name: str = "p", extra: str = "") -> Path:
+    """A sweep whose task n runs the payload's ``kinds[n]`` (run ids ``n0``, ``n1``...)."""
+    (base / "payload.py").write_text(PAYLOAD)
+    return write_sweep(base, f"name: {name}\nrun_id: 'n{{n}}'\nzip:\n  n: "
+                             f"{list(range(len(kinds)))}\n  kind: {json.dumps(kinds)}\n{extra}")
+
+
+def command(base: Path, *more: str) -> list[str]:
+    return [sys.executable, str(base / "payload.py"), "{kind}", str(base), *more]
+
+
+def run(base: Path, n: int) -> Path:
+    return base / "outputs" / f"log_n{n}"
+
+
+def statuses(manifest: Path) -> dict[int, str]:
+    return {r.task: r.status for r in notata.collect(manifest).read if r.task is not None} | {
+        i: "complete" for i in notata.collect(manifest).indices("complete")}
+
+
+# -- plans and the environment ---------------------------------------------------------------
+
+
+def test_a_packed_plan_lists_its_tasks_and_splits_at_max_array_size_times_pack() -> None:
+    [plan] = plan_arrays([0, 1, 2, 3, 4, 9, 10], 1001, pack=3)
+    assert (plan.spec, plan.task_map, plan.pack) == ("0-2", "0-4,9-10", 3)
+    plans = plan_arrays(list(range(2 * 5 * 3 + 1)), 5, pack=3)  # 5 array tasks of 3 each
+    assert [len(p.indices) for p in plans] == [15, 15, 1]
+    assert [p.spec for p in plans] == ["0-4", "0-4", "0"]
+    assert plan_arrays(list(range(4)), 1001) == [ArrayPlan(0, (0, 1, 2, 3))]  # unpacked: as before
+
+
+def test_an_array_task_finds_its_pack_in_the_environment() -> None:
+    env = {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_JOB_ID": "5", "NOTATA_PACK": "3",
+           "NOTATA_TASK_MAP": "0-4,9-10"}
+    assert pack_tasks(env) == [3, 4, 9]
+    assert pack_tasks({**env, "SLURM_ARRAY_TASK_ID": "2"}) == [10]
+    assert pack_tasks({k: v for k, v in env.items() if k != "NOTATA_PACK"}) is None
+    with pytest.raises(notata.UsageError, match="outside"):
+        pack_tasks({**env, "SLURM_ARRAY_TASK_ID": "3"})
+    with pytest.raises(notata.UsageError, match="not a pack"):
+        pack_tasks({**env, "NOTATA_TASK_MAP": "x"})
+    from notata.array import task_index
+    with pytest.raises(notata.UsageError, match="pack"):  # never one task of the pack
+        task_index(env)
+
+
+@pytest.mark.parametrize("backend", ["local", "slurm"])
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_a_bad_pack_is_one_error_and_nothing_is_submitted(base: Path, value: str, backend: str,
+                                                          capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    manifest = sweep_of(base, ["ok", "ok"])
+    assert submit(manifest, "--backend", backend, "--pack", value, "--", "true") == 2
+    assert f"pack {value}" in capsys.readouterr().err
+    assert not (base / "outputs").exists()
+
+
+# -- locally ---------------------------------------------------------------------------------
+
+
+def test_a_local_packed_sweep_records_every_task_whatever_its_command_does(
+        base: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A task that raises, one that calls os._exit(3), one SIGKILLed: each recorded, and
+    the tasks after it in its pack still run; each task is its own run, with where it
+    ran in its pack; resubmit takes exactly the failed ones."""
+    kinds = ["ok", "raise", "exit", "kill", "ok", "fail", "ok"]
+    manifest = sweep_of(base, kinds)
+    assert submit(manifest, "--backend", "local", "--pack", "3", "-j", "2", "--",
+                  *command(base)) == 1
+    err = capsys.readouterr().err
+    assert "4 done, 3 failed" in err or "3 done, 4 failed" in err, err
+    seen = statuses(manifest)
+    assert seen == {0: "complete", 1: "failed", 2: "failed", 3: "failed", 4: "complete",
+                    5: "failed", 6: "complete"}
+    assert "RuntimeError: boom" in read_meta(run(base, 1))["failure_reason"]
+    assert "status 3" in read_meta(run(base, 2))["failure_reason"]
+    assert "SIGKILL" in read_meta(run(base, 3))["failure_reason"]
+    for n in range(7):
+        meta = read_meta(run(base, n))
+        assert (meta["task"], meta["task_from"], meta["pack"]) == (
+            n, "pack", {"position": n % 3, "size": 3 if n < 6 else 1}), meta
+    [record] = submissions.submitted(base / "outputs")
+    assert record["options"]["pack"] == 3
+    chosen, _ = notata.collect(manifest).to_resubmit()
+    assert chosen == [1, 2, 3, 5]
+    (base / "fixed").write_text("")
+    done = submission.resubmit(manifest, ["failed"], command(base))  # the pack is reused
+    assert done.tasks == [1, 2, 3, 5] and done.status == 1  # 1-3 fail again
+    assert {n: read_meta(run(base, n))["pack"]["position"] for n in (1, 2, 3, 5)} == {
+        1: 0, 2: 1, 3: 2, 5: 0}  # packs of 3 rebuilt from what was left
+    assert read_meta(run(base, 5))["status"] == "complete"
+    assert [read_meta(run(base, n))["attempt"] for n in (1, 5, 6)] == [2, 2, 1]
+
+
+def exec_pack(manifest: Path, base: Path, tasks: str) -> subprocess.Popen[str]:
+    return notata_process("exec", str(manifest), "--tasks", tasks, "--", *command(base))
+
+
+def test_sigterm_records_the_running_task_and_leaves_the_rest_untouched(base: Path) -> None:
+    manifest = sweep_of(base, ["ok", "wait", "ok", "ok"])
+    proc = exec_pack(manifest, base, "0-3")
+    wait_for(status_is(run(base, 1), "running"), 30, "task 1 to run")
+    wait_for(lambda: "command_pid" in read_meta(run(base, 1)), 10, "its command")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 143, proc.communicate()
+    assert read_meta(run(base, 0))["status"] == "complete"
+    meta = read_meta(run(base, 1))
+    assert meta["status"] == "terminated" and meta["pack"]["position"] == 1
+    assert not run(base, 2).exists() and not run(base, 3).exists()
+    assert statuses(manifest)[2] == "missing"
+
+
+def test_the_time_limit_warning_lets_the_running_task_finish_and_starts_no_other(
+        base: Path) -> None:
+    manifest = sweep_of(base, ["ok", "wait", "ok", "ok"])
+    proc = exec_pack(manifest, base, "0-3")
+    wait_for(status_is(run(base, 1), "running"), 30, "task 1 to run")
+    wait_for(lambda: "command_pid" in read_meta(run(base, 1)), 10, "its command")
+    proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: "signals" in read_meta(run(base, 1)), 10, "the warning recorded")
+    (base / "go").write_text("")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "tasks 2-3 of this pack are left unstarted" in err
+    assert read_meta(run(base, 1))["status"] == "complete"
+    assert not run(base, 2).exists() and not run(base, 3).exists()
+
+
+def test_a_warning_between_tasks_is_not_lost(base: Path) -> None:
+    """SIGUSR1 while no run is open (the pack between two tasks) must neither kill the
+    pack (SIGUSR1's default action) nor be forgotten."""
+    manifest = sweep_of(base, ["ok"] * 400)
+    proc = exec_pack(manifest, base, "0-399")
+    wait_for(lambda: run(base, 3).exists(), 30, "a few tasks")
+    for _ in range(20):  # some land between tasks
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(0.01)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "left unstarted" in err
+    assert not run(base, 399).exists()
+
+
+# -- on the test cluster ---------------------------------------------------------------------
+
+
+def _job(manifest: Path, k: int = -1) -> str:
+    records = submissions.submitted(manifest.parent / "outputs")
+    return str(records[k]["job_ids"][0])
+
+
+def test_a_failure_inside_a_running_pack_is_resubmitted_alone(slurm_cluster: str,
+                                                              base: Path) -> None:
+    """While the pack still runs task 2, task 1 (failed) may be resubmitted and task 3
+    (not started) may not: it reads pending, not missing."""
+    manifest = sweep_of(base, ["ok", "fail", "wait", "ok"])
+    assert submit(manifest, "--backend", "slurm", "--pack", "4", "--", *command(base)) == 0
+    job = _job(manifest)
+    wait_for(status_is(run(base, 2), "running"), 120, "task 2 to run")
+    seen = statuses(manifest)
+    assert (seen[0], seen[1], seen[3]) == ("complete", "failed", "pending"), seen
+    (base / "fixed").write_text("")
+    done = submission.resubmit(manifest)  # the default selectors: missing among them
+    assert done.tasks == [1]
+    wait_for(status_is(run(base, 1), "complete"), 120, "task 1's second attempt")
+    (base / "go").write_text("")
+    wait_for(job_gone(job), 120, "the pack to end")
+    assert set(statuses(manifest).values()) == {"complete"}
+    meta = read_meta(run(base, 3))
+    assert meta["slurm"]["array_job_id"] == int(job) and meta["slurm"]["array_task_id"] == 0
+    assert meta["pack"] == {"position": 3, "size": 4}
+    assert read_meta(run(base, 1))["attempts"][0]["pack"] == {"position": 1, "size": 4}
+
+
+def test_a_pack_cancelled_midway(slurm_cluster: str, base: Path) -> None:
+    """Its finished tasks stay complete, its running task reads cancelled, its unstarted
+    ones have no run and read missing once it has gone; resubmit takes exactly the
+    unstarted ones, and the cancelled one too when asked."""
+    manifest = sweep_of(base, ["ok", "forever", "ok", "ok"])
+    assert submit(manifest, "--backend", "slurm", "--pack", "4", "--", *command(base)) == 0
+    job = _job(manifest)
+    wait_for(status_is(run(base, 1), "running"), 120, "task 1 to run")
+    subprocess.run(["scancel", job], check=True)
+    wait_for(status_is(run(base, 1), "cancelled"), 60, "cancelled")
+    wait_for(job_gone(job), 120, "the pack to end")
+    assert statuses(manifest) == {0: "complete", 1: "cancelled", 2: "missing", 3: "missing"}
+    assert notata.collect(manifest).to_resubmit()[0] == [2, 3]
+    assert notata.collect(manifest).to_resubmit(["cancelled", "missing"])[0] == [1, 2, 3]
+
+
+def test_a_packed_sweep_over_max_array_size_times_pack_splits(slurm_cluster: str,
+                                                               base: Path) -> None:
+    """2,003 tasks, 2 per array task: one array of 1,001 array tasks and one more; held,
+    every task reads pending (never missing) until the arrays are cancelled."""
+    manifest = write_sweep(base, name="big", tasks=2003)
+    assert submit(manifest, "--backend", "slurm", "--pack", "2", "--sbatch-line=--hold",
+                  "--", "true") == 0
+    records = submissions.submitted(base / "outputs")
+    arrays = [a for r in records for a in r["arrays"]]
+    try:
+        assert [(a["spec"], a["map"], a["pack"]) for a in arrays] == [
+            ("0-1000", "0-2001", 2), ("0", "2002", 2)]
+        counts = notata.collect(manifest).counts
+        assert {k: n for k, n in counts.items() if n} == {"pending": 2003}
+    finally:
+        subprocess.run(["scancel", *(str(a["job_id"]) for a in arrays)], check=True)
+
+
+# -- the time limit, started early (two minutes on the cluster) -------------------------------
+
+_LIMIT: dict[str, Any] = {}
+
+
+def start_early() -> None:
+    """Submit the time-limit sweep now, if the cluster is up (conftest calls this): two
+    packs of six; in the first every task sleeps 20 s (the warning lands in one of them,
+    which finishes; no other starts), in the second task 6 runs past the limit."""
+    if _LIMIT or not shutil.which("sbatch") or subprocess.run(
+            ["sinfo", "-h"], capture_output=True, timeout=30).returncode != 0:
+        return
+    base = Path(tempfile.mkdtemp(prefix="notata-pack-limit-"))
+    manifest = sweep_of(base, ["sleep"] * 6 + ["forever"] * 6, name="limit")
+    from notata.cli import main as cli
+    rc = cli(["submit", str(manifest), "--backend", "slurm", "--pack", "6", "--time", "2",
+              "--warn-before", "30", "--", *command(base, "20")])
+    _LIMIT.update(base=base, manifest=manifest, rc=rc, job=_job(manifest) if rc == 0 else None)
+
+
+def test_a_pack_at_its_time_limit(slurm_cluster: str) -> None:
+    start_early()
+    base, manifest = _LIMIT["base"], _LIMIT["manifest"]
+    try:
+        assert _LIMIT["rc"] == 0
+        wait_for(job_gone(_LIMIT["job"]), 400, "the time limit")
+        seen = statuses(manifest)
+        ran = [n for n in range(6) if run(base, n).exists()]
+        assert ran == list(range(len(ran))) and 1 <= len(ran) < 6, seen
+        assert all(seen[n] == "complete" for n in ran)  # the warned one finished too
+        assert all(seen[n] == "missing" for n in range(len(ran), 6))
+        assert seen[6] == "timeout" and [s["signal"] for s in read_meta(run(base, 6))[
+            "signals"]] == ["SIGUSR1", "SIGTERM"]
+        assert all(seen[n] == "missing" for n in range(7, 12)), seen
+        out = base / "outputs" / ".notata"
+        first = (out / f"slurm-{_LIMIT['job']}_0.out").read_text()
+        assert f"the time limit is near: tasks {len(ran)}" in first and "left unstarted" in first
+        second = (out / f"slurm-{_LIMIT['job']}_1.out").read_text()
+        assert "SIGTERM ended this pack: tasks 7-11 left unstarted" in second
+        assert main(["resubmit", str(manifest), "--dry-run"]) == 0
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
