@@ -87,8 +87,12 @@ def _stop(proc: subprocess.Popen[bytes], signum: int, grace: float = STOP_GRACE)
 
 
 def _gone(proc: subprocess.Popen[bytes]) -> bool:
-    """Whether nothing of the command is left: three listings in a row, 20 ms apart,
-    find nothing (one listing can miss a process that is changing its pid)."""
+    """Whether nothing of the command is left: this process (the command's subreaper) has
+    no child left and its group no member, by the kernel's own lists (one read each);
+    else three listings in a row, 20 ms apart, find nothing (one listing of ``/proc`` can
+    miss a process that is changing its pid)."""
+    if not _remaining_children(proc) and not _group_alive(proc.pid):
+        return True
     for _ in range(3):
         if _remaining(proc):
             return False
@@ -96,9 +100,41 @@ def _gone(proc: subprocess.Popen[bytes]) -> bool:
     return True
 
 
-def _remaining(proc: subprocess.Popen[bytes]) -> list[int]:
-    """The live processes of the command: its group and this process's descendants.
-    Reaps those that have exited (the command itself included)."""
+def _remaining_children(proc: subprocess.Popen[bytes]) -> bool:
+    """Whether this process has a child left, after reaping those that have exited (the
+    command included), from ``/proc/self/task/*/children``: every descendant left by the
+    command is one, or a child's descendant, since this process is their subreaper.
+    True when the kernel does not keep those lists (the slower listings decide)."""
+    _reap(proc)
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return True
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/children", "rb") as f:
+                if f.read().strip():
+                    return True
+        except FileNotFoundError:  # a thread that has just ended
+            continue
+        except OSError:
+            return True
+    return False
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether process group ``pgid`` has a member left."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # a member we may not signal is still a member
+        return True
+    return True
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> None:
+    """Reap this process's children that have exited; the command's status is kept."""
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -108,6 +144,12 @@ def _remaining(proc: subprocess.Popen[bytes]) -> list[int]:
             break
         if pid == proc.pid:
             proc.returncode = os.waitstatus_to_exitcode(status)
+
+
+def _remaining(proc: subprocess.Popen[bytes]) -> list[int]:
+    """The live processes of the command: its group and this process's descendants.
+    Reaps those that have exited (the command itself included)."""
+    _reap(proc)
     alive = set(_group(proc.pid))
     with contextlib.suppress(psutil.Error):
         for child in psutil.Process().children(recursive=True):
