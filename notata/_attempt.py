@@ -21,7 +21,7 @@ from .errors import RunCompleteError
 # Fields of one attempt that move into ``attempts`` when the next attempt starts.
 _ATTEMPT_FIELDS = ("attempt", "status", "start_time", "end_time", "start_unix", "end_unix",
                    "runtime_sec", "failure_reason", "host", "pid", "exit_code", "resources",
-                   "pack")
+                   "pack", "signals")
 # Fields that describe one attempt only: the next attempt starts without them.
 _VOLATILE = frozenset({"end_time", "end_unix", "runtime_sec", "failure_reason", "signals",
                        "heartbeat", "command", "exit_code", "resources", "pack"})

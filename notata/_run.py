@@ -75,7 +75,8 @@ class OwnedRun:
             raise RunDirError(str(self.path), f"its {layout.LOCK} is {err.strerror}") from err
 
     def begin(self, overwrite: bool, superseded: str | None, interval: float,
-              track_children: bool, check: Callable[[dict[str, Any]], None] | None) -> None:
+              track_children: bool, check: Callable[[dict[str, Any]], None] | None,
+              fields: Mapping[str, Any]) -> None:
         """Under the lock, with signals held: take the run over and write its first record.
 
         ``check(previous metadata)`` may refuse the run before anything is written (a
@@ -91,7 +92,8 @@ class OwnedRun:
         self.scheduler = sched[0] if sched else None
         self._sampler = Resources(tree=track_children)
         self._peak = resources.Peak()  # the kernel's figures so far
-        self.meta = first_record(self.run_id, previous, superseded, interval, start)
+        self.meta = {**first_record(self.run_id, previous, superseded, interval, start),
+                     **fields}
         if sched:
             self.meta[sched[0].name] = sched[1]
         # The first write, before anything slow: a task killed from here on leaves a run
@@ -172,6 +174,12 @@ class OwnedRun:
             (self.meta.get("attempt"), self.meta.get("start_unix"))
 
     # -- writing -------------------------------------------------------------------------------
+
+    def stage(self, **fields: Any) -> None:
+        """Merge ``fields`` into the record; the next write carries them."""
+        self.check_usable()
+        with self.locked():
+            self.meta.update(fields)
 
     def set(self, **fields: Any) -> None:
         """Merge ``fields`` into the record and write it."""

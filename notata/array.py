@@ -139,14 +139,14 @@ def open_task(sweep: Sweep, index: int, *, from_array: bool = False,
     Raises :class:`RunCompleteError` for a complete task, and what :class:`Logbook` raises.
     """
     t = sweep.task(index)
+    where = ({"task_from": "pack", "pack": {"position": pack[0], "size": pack[1]}}
+             if pack is not None else {"task_from": "array" if from_array else "given"})
     log = Logbook(t.run_id, sweep.base_dir, params=t.params, resume=True,
-                  _check=lambda meta: check_same_sweep(sweep, t, meta), **logbook_kwargs)
+                  _check=lambda meta: check_same_sweep(sweep, t, meta),
+                  _fields={"task": t.index, "sweep": sweep.name, "manifest": str(sweep.path),
+                           "manifest_hash": sweep.hash, "tasks": len(sweep), **where},
+                  **logbook_kwargs)
     log.task = t
-    if not log.attached:
-        where = ({"task_from": "pack", "pack": {"position": pack[0], "size": pack[1]}}
-                 if pack is not None else {"task_from": "array" if from_array else "given"})
-        log._set(task=t.index, sweep=sweep.name, manifest=str(sweep.path),
-                 manifest_hash=sweep.hash, tasks=len(sweep), **where)
     return log
 
 

@@ -88,9 +88,14 @@ def cmd_exec(args: argparse.Namespace) -> int:
     else:
         tasks = pack_tasks() if args.task is None else None
     if tasks is not None:
-        sweep.check_indices(tasks)
-        return exec_pack(sweep, tasks, _command(args), heartbeat=args.heartbeat,
-                         report=args.report_fd)
+        outside = [i for i in tasks if i >= len(sweep)]
+        if outside:  # the rest of the pack still runs
+            print(f"notata: tasks {compact(outside)} are outside the sweep's {len(sweep)} "
+                  "tasks (was the manifest changed since it was submitted?): not run",
+                  file=sys.stderr)
+        rc = exec_pack(sweep, [i for i in tasks if i < len(sweep)], _command(args),
+                       heartbeat=args.heartbeat, report=args.report_fd)
+        return rc or (1 if outside else 0)
     index, from_array = (args.task, False) if args.task is not None else task_index()
     _task(sweep, index)
     return exec_task(sweep, index, _command(args), heartbeat=args.heartbeat,

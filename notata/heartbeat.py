@@ -46,6 +46,28 @@ def interval_from(value: float | None) -> float:
     return float(value)
 
 
+def has_children(pid: int) -> bool:
+    """Whether process ``pid`` has a child, from ``/proc/PID/task/*/children`` (one small
+    read per thread; listing the descendants reads every process of the machine). True
+    when the kernel does not keep those lists."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return True
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                if f.read().strip():
+                    return True
+        except FileNotFoundError:
+            if os.path.isdir(f"/proc/{pid}/task/{tid}"):
+                return True  # the thread is there, its list is not: the kernel keeps none
+            continue  # a thread that has just ended
+        except OSError:
+            return True
+    return False
+
+
 class Resources:
     """Memory and CPU of a process, optionally with all its descendants (psutil)."""
 
@@ -60,7 +82,7 @@ class Resources:
     def sample(self) -> dict[str, Any]:
         """``rss_bytes``, ``peak_rss_bytes``, ``cpu_time_sec``, ``cpu_percent``, ``pids``."""
         procs = [self.process]
-        if self.tree:
+        if self.tree and has_children(self.process.pid):
             with contextlib.suppress(psutil.Error):
                 procs += self.process.children(recursive=True)
         rss = 0

@@ -18,8 +18,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import _fs, layout
 from .manifest import Sweep, compact
-from .runner import IN_USE, STOP_GRACE, clean_environment
+from .runner import BUSY, IN_USE, SKIPPED, STOP_GRACE, clean_environment
+from .schema import COMPLETE
 
 
 @dataclass
@@ -80,22 +82,25 @@ def run_local(sweep: Sweep, todo: Sequence[int], argv: Sequence[str], *, jobs: i
     def stop(signum: int, frame: object) -> None:
         raise _Stopped(signum)
 
+    def take(proc: _Process, ended: bool) -> None:
+        for i, kind in proc.outcomes(ended):
+            getattr(result, kind).append(i)
+
     previous = _install({signal.SIGTERM: stop, signal.SIGHUP: stop})
     try:
         while queue or running:
             while queue and len(running) < jobs:
-                running.append(_Process(queue.pop(), base, argv, env, pack > 1))
+                running.append(_Process(sweep, queue.pop(), base, argv, env, pack > 1))
                 report()
             time.sleep(0.05)
             for proc in list(running):
-                ended = proc.poll()
-                for i, rc in proc.outcomes():
-                    {0: result.done, IN_USE: result.busy}.get(rc, result.failed).append(i)
+                ended = proc.popen.poll() is not None
+                before = len(result.done) + len(result.failed) + len(result.busy)
+                take(proc, ended)
                 if ended:
                     running.remove(proc)
                     proc.close()
-                    result.failed += proc.left()  # a pack that died: its tasks did not run
-                if ended or proc.reported:
+                if ended or len(result.done) + len(result.failed) + len(result.busy) > before:
                     report()
     except (KeyboardInterrupt, _Stopped) as err:
         # Each wrapper stops its command and records why (a terminal's Ctrl-C or hangup
@@ -116,12 +121,7 @@ def run_local(sweep: Sweep, todo: Sequence[int], argv: Sequence[str], *, jobs: i
             except subprocess.TimeoutExpired:
                 proc.popen.kill()
                 proc.popen.wait()
-            proc.poll()
-            for i, rc in proc.outcomes():
-                {0: result.done, IN_USE: result.busy}.get(rc, result.failed).append(i)
-            left = proc.left()
-            result.failed += left[:1]  # the task it was running
-            result.unstarted += left[1:]
+            take(proc, True)
         report()
     finally:
         _install(previous)
@@ -132,16 +132,17 @@ def run_local(sweep: Sweep, todo: Sequence[int], argv: Sequence[str], *, jobs: i
 
 class _Process:
     """One ``notata exec`` subprocess: one task (its exit status says how it ended), or a
-    pack (each task's end comes as a line ``INDEX STATUS`` on a pipe)."""
+    pack (each task's end comes as a line ``INDEX HOW`` on a pipe; what it did not report
+    before it ended is read from the runs)."""
 
-    def __init__(self, tasks: list[int], base: list[str], argv: Sequence[str],
+    def __init__(self, sweep: Sweep, tasks: list[int], base: list[str], argv: Sequence[str],
                  env: dict[str, str], packed: bool) -> None:
+        self.sweep = sweep
         self.tasks = tasks
-        self.done: set[int] = set()
-        self.reported = 0
-        self._pending: list[tuple[int, int]] = []
+        self.reported: set[int] = set()
         self._buffer = b""
         self._read: int | None = None
+        self.started = time.time()
         if not packed:
             self.popen = subprocess.Popen([*base, "--task", str(tasks[0]), "--", *argv],
                                           stdin=subprocess.DEVNULL, env=env)
@@ -155,14 +156,28 @@ class _Process:
             os.close(write)
         os.set_blocking(self._read, False)
 
-    def poll(self) -> bool:
-        """Read what the process reported; whether it has ended."""
-        ended = self.popen.poll() is not None
+    def outcomes(self, ended: bool) -> list[tuple[int, str]]:
+        """(task, ``done``/``failed``/``busy``/``unstarted``) of the tasks that ended since
+        the last call; once the process has ended (``ended``), of all the rest too."""
         if self._read is None:
-            if ended:
-                self._pending.append((self.tasks[0], self.popen.returncode))
-            return ended
-        while True:
+            if not ended or self.reported:
+                return []
+            self.reported.add(self.tasks[0])
+            rc = self.popen.returncode
+            return [(self.tasks[0], "done" if rc == 0 else "busy" if rc == IN_USE
+                     else "failed")]
+        out = []
+        for index, how in self._lines():
+            self.reported.add(index)
+            out.append((index, "done" if how in (COMPLETE, SKIPPED) else
+                        "busy" if how == BUSY else "failed"))
+        if ended:
+            out += [(i, self._settled(i)) for i in self.tasks if i not in self.reported]
+            self.reported.update(self.tasks)
+        return out
+
+    def _lines(self) -> list[tuple[int, str]]:
+        while self._read is not None:
             try:
                 chunk = os.read(self._read, 65536)
             except BlockingIOError:
@@ -171,21 +186,24 @@ class _Process:
                 break
             self._buffer += chunk
         *lines, self._buffer = self._buffer.split(b"\n")
+        out = []
         for line in lines:
-            index, rc = line.split()
-            self._pending.append((int(index), int(rc)))
-        return ended
-
-    def outcomes(self) -> list[tuple[int, int]]:
-        """(task, exit status) of the tasks that ended since the last call."""
-        out, self._pending = self._pending, []
-        self.done.update(i for i, _ in out)
-        self.reported = len(out)
+            index, _, how = line.decode(errors="replace").partition(" ")
+            if index.isdigit():
+                out.append((int(index), how.strip()))
         return out
 
-    def left(self) -> list[int]:
-        """The tasks it has not reported, in order (the first may have been running)."""
-        return [i for i in self.tasks if i not in self.done]
+    def _settled(self, index: int) -> str:
+        """How a task the pack did not report ended, from its run: not started (no run,
+        or one older than the pack), complete, or not (stopped, or the pack died)."""
+        try:
+            meta = _fs.read_json_object(self.sweep.task(index).run_dir / layout.METADATA)
+        except (OSError, ValueError):
+            return "unstarted"
+        start = meta.get("start_unix")
+        if not isinstance(start, (int, float)) or start < self.started - 1:
+            return "unstarted"
+        return "done" if meta.get("status") == COMPLETE else "failed"
 
     def close(self) -> None:
         if self._read is not None:

@@ -88,6 +88,7 @@ class Logbook(Outputs):
         level: str = "INFO",
         track_children: bool = False,
         _check: Callable[[dict[str, Any]], None] | None = None,
+        _fields: Mapping[str, Any] | None = None,
     ) -> None:
         if isinstance(base_dir, Mapping):
             raise TypeError("Logbook's second argument is base_dir (as in notata 0.3); "
@@ -124,12 +125,14 @@ class Logbook(Outputs):
                 _signals.listen(self._signals)
             return
         self._open(overwrite, resume, interval, params_file, preallocate, track_children,
-                   signals, on_warning, _check)
+                   signals, on_warning, _check, _fields or {})
 
     def _open(self, overwrite: bool, resume: bool, interval: float, params_file: bytes | None,
               preallocate: bool, track_children: bool, signals: bool, on_warning: Any,
-              check: Callable[[dict[str, Any]], None] | None) -> None:
-        """Take the run (this process holds it): lock, first record, params, heartbeat."""
+              check: Callable[[dict[str, Any]], None] | None,
+              fields: Mapping[str, Any]) -> None:
+        """Take the run (this process holds it): lock, first record (with notata's own
+        ``fields``: a sweep task's), params, heartbeat."""
         existed = os.path.lexists(self.path)
         if existed and not (overwrite or resume):
             raise RunExistsError(f"Run directory {self.path} already exists.")
@@ -150,7 +153,7 @@ class Logbook(Outputs):
                     # Looked at again under the lock: the folder may have been swapped for a
                     # symlink while the lock was busy; nothing is emptied or written before.
                     layout.check_run_dir(self.path)
-                    run.begin(overwrite, superseded, interval, track_children, check)
+                    run.begin(overwrite, superseded, interval, track_children, check, fields)
                     if preallocate:
                         for d in (self.datadir, self.plotdir, self.artifactsdir):
                             d.mkdir(exist_ok=True)
@@ -220,6 +223,14 @@ class Logbook(Outputs):
     def _set(self, **fields: Any) -> None:
         """Merge notata's own fields (a sweep task's, exec's) into the run's metadata."""
         self._run.set(**fields)
+
+    def _stage(self, **fields: Any) -> None:
+        """Merge notata's own fields into the run's metadata for its next write (the
+        terminal status's, say): one write less where nothing must be on disk sooner."""
+        if isinstance(self._run, OwnedRun):
+            self._run.stage(**fields)
+        else:
+            self._run.set(**fields)
 
     # -- signals -------------------------------------------------------------------------------
 

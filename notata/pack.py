@@ -1,28 +1,31 @@
 """Packs: several tasks of a sweep run one after another by one process (``notata submit
 --pack N``: one array task per N tasks; ``notata exec MANIFEST --tasks 3,7,10-12`` by hand).
 
-Every task of a pack is still its own run: :func:`notata.runner.exec_task` opens its
+Every task of a pack is still its own run: :func:`notata.runner.run_task` opens its
 Logbook (lock, heartbeat, attempt history, index record) and runs the command, and the run
 records where it ran (``task_from: pack``, ``pack: {position, size}``, the array task
 it ran as). What the pack adds:
 
+- **A task that fails** (an exit status, an exception, ``os._exit``, a SIGKILL of its
+  command) is recorded, and the pack goes on: each command is its own process group.
 - **The time-limit warning** (SIGUSR1) stops the pack from starting another task; the
   task running goes on (it was warned) until it ends or SLURM's SIGTERM ends it as
   ``timeout``. Tasks never started are left untouched: no run directory, or the one
   their last attempt left.
 - **SIGTERM or SIGHUP** records the running task as a lone task records it (``timeout``,
   ``cancelled``, ``preempted``...), stops its command, and ends the pack. Between tasks,
-  it ends the pack at once.
+  it ends the pack at once; while a task's run opens, it waits until the run is open.
 - **What the queue holds.** While the array task is queued or running it holds every
   task of its pack it has not yet run: they read ``pending`` and no resubmit or retry
-  takes them. One it has run to ``complete``, ``failed`` or ``oom`` (:data:`MOVED_ON`)
-  it has let go: a resubmit may take it while the pack goes on.
+  takes them. A task it has ended without a signal (complete, failed, oom, or marked by
+  its command) it has let go (:func:`let_go`): a resubmit may take it while the pack
+  goes on.
 - **A requeued array task** (preemption, a node lost) runs its pack again from the
-  start, skipping what it has let go (a run whose last attempt it ran and that reads
-  :data:`MOVED_ON`), and running again what a signal ended.
-
-Isolation: each task's command is its own process group, as under ``notata exec``; a
-command that crashes, leaks or is killed ends only its own run.
+  start, skipping what it has let go in an earlier life, and running again what a
+  signal ended.
+- **Tasks left unstarted** by a warning or a signal are recorded in the sweep's
+  submissions record, so that the retry shepherd does not count that submission as one
+  of their attempts.
 """
 
 from __future__ import annotations
@@ -32,55 +35,89 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from . import _fs, layout, scheduler, schema
+from . import _fs, layout, scheduler, schema, submissions
+from .errors import UsageError
 from .manifest import Sweep, compact
-from .runner import IN_USE, exec_task
+from .runner import BUSY, IN_USE, INTERRUPTED, SKIPPED, run_task
 
-#: The statuses with which a pack goes on to its next task and never comes back to this
-#: one (a signal's statuses end the pack, and a requeued pack runs that task again).
-MOVED_ON = frozenset({schema.COMPLETE, schema.FAILED, schema.OOM})
+#: The largest pack: its tasks are listed in one job script and sliced by position.
+MAX_PACK = 1_000_000
+_ENDING_NAMES = frozenset({"SIGTERM", "SIGHUP"})
+
+
+def check_size(value: Any) -> int:
+    """A pack size as given (``--pack``, ``pack=``, a recorded submission's): a whole
+    number from 1 to :data:`MAX_PACK`, else :class:`~notata.errors.UsageError`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PACK:
+        raise UsageError(f"pack {value!r}: give a number of tasks per array task, from 1 "
+                         f"to {MAX_PACK:,}")
+    return value
+
+
+def let_go(attempt: Mapping[str, Any]) -> bool:
+    """Whether a pack that ran this attempt (a run's metadata, or an entry of its
+    ``attempts``) is done with the task for good: it ended without a signal ending it."""
+    signals = attempt.get("signals") or []
+    return attempt.get("status") in schema.TERMINAL_STATUSES and not any(
+        isinstance(s, Mapping) and s.get("signal") in _ENDING_NAMES for s in signals)
 
 
 def exec_pack(sweep: Sweep, indices: Sequence[int], argv: Sequence[str], *,
               heartbeat: float | None = None, report: int | None = None) -> int:
     """Run ``argv`` as each task of ``indices`` in turn, each its own run (see the module
     docstring). Returns 0 when every task completed (or was complete), 1 when one did
-    not, 130 on Ctrl-C, 128+N when signal N ended the pack. ``report``: a file
-    descriptor that gets a line ``INDEX STATUS`` as each task ends (the local backend
-    reads it)."""
+    not, :data:`~notata.runner.IN_USE` when one was held by another process and none
+    failed, 130 on Ctrl-C; SIGTERM or SIGHUP end it with SystemExit(128+N). ``report``:
+    a file descriptor that gets a line ``INDEX HOW`` as each task ends (``HOW``: the
+    run's status, or ``skipped``, ``busy``, ``interrupted``; the local backend reads it).
+    """
     me = _job_key()
     failed: list[int] = []
+    busy: list[int] = []
     position = 0
     with _listening() as warned:
         try:
             for position, index in enumerate(indices):
                 if warned:
-                    print(f"notata: the time limit is near: tasks "
-                          f"{compact(indices[position:])} of this pack are left unstarted",
-                          file=sys.stderr, flush=True)
+                    _left(sweep, indices[position:], me, "the time limit is near")
                     break
-                if me is not None and _let_go(sweep, index, me):
+                if me is not None and _ran_here(sweep, index, me):
                     continue
-                rc = exec_task(sweep, index, argv, heartbeat=heartbeat,
-                               pack=(position, len(indices)))
+                ended = run_task(sweep, index, argv, heartbeat=heartbeat,
+                                 pack=(position, len(indices)))
                 if report is not None:
-                    os.write(report, f"{index} {rc}\n".encode())
-                if rc == 130:  # Ctrl-C, by hand: the task is recorded cancelled
-                    return rc
-                if rc not in (0, IN_USE):
+                    with contextlib.suppress(OSError):  # the reader is gone: go on
+                        os.write(report, f"{index} {ended.how}\n".encode())
+                if ended.how == INTERRUPTED:
+                    _left(sweep, indices[position + 1:], None, "Ctrl-C")
+                    return 130
+                if ended.how == BUSY:
+                    busy.append(index)
+                elif ended.how not in (schema.COMPLETE, SKIPPED):
                     failed.append(index)
         except SystemExit as stop:  # SIGTERM or SIGHUP: the running task is recorded
-            left = indices[position + 1:]
-            name = signal.Signals(int(stop.code or 0) - 128).name \
-                if isinstance(stop.code, int) and stop.code > 128 else "a signal"
-            if left:
-                print(f"notata: {name} ended this pack: tasks {compact(left)} left "
-                      "unstarted", file=sys.stderr, flush=True)
+            code = stop.code if isinstance(stop.code, int) else 0
+            name = signal.Signals(code - 128).name if code > 128 else "a signal"
+            _left(sweep, indices[position + 1:], me, f"{name} ended this pack")
             raise
-    return 1 if failed else 0
+    return 1 if failed else IN_USE if busy else 0
+
+
+def _left(sweep: Sweep, tasks: Sequence[int], me: str | None, why: str) -> None:
+    """Say which tasks the pack leaves unstarted; in a job, record them (a retry does not
+    count this submission as one of their attempts)."""
+    if not tasks:
+        return
+    print(f"notata: {why}: tasks {compact(tasks)} of this pack are left unstarted",
+          file=sys.stderr, flush=True)
+    if me is not None:
+        with contextlib.suppress(OSError):
+            submissions.append(sweep.base_dir, {
+                "left": compact(tasks), "job": me, "manifest": str(sweep.path),
+                "manifest_hash": sweep.hash})
 
 
 def _job_key() -> str | None:
@@ -89,15 +126,17 @@ def _job_key() -> str | None:
     return found[0].job_key(found[1]) if found is not None else None
 
 
-def _let_go(sweep: Sweep, index: int, me: str) -> bool:
-    """Whether this array task ran ``index`` already and let it go (it was requeued)."""
+def _ran_here(sweep: Sweep, index: int, me: str) -> bool:
+    """Whether this array task (requeued since) already ran ``index`` and let it go."""
     try:
         meta = _fs.read_json_object(sweep.task(index).run_dir / layout.METADATA)
     except (OSError, ValueError):
         return False
-    job = scheduler.job_of(meta)
-    return (meta.get("status") in MOVED_ON and job is not None
-            and job[0].job_key(job[1]) == me)
+    for attempt in [*(meta.get("attempts") or []), meta]:
+        job = scheduler.job_of(attempt) if isinstance(attempt, Mapping) else None
+        if job is not None and job[0].job_key(job[1]) == me and let_go(attempt):
+            return True
+    return False
 
 
 @contextlib.contextmanager

@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import psutil
@@ -33,6 +34,7 @@ import psutil
 from . import _attach, layout, resources, schema
 from .array import ENV_TASK, RUN_VARIABLES, open_task
 from .errors import RunCompleteError, RunLockedError, UsageError
+from .heartbeat import has_children
 from .logbook import Logbook
 from .manifest import Sweep
 
@@ -106,20 +108,7 @@ def _remaining_children(proc: subprocess.Popen[bytes]) -> bool:
     command is one, or a child's descendant, since this process is their subreaper.
     True when the kernel does not keep those lists (the slower listings decide)."""
     _reap(proc)
-    try:
-        tasks = os.listdir("/proc/self/task")
-    except OSError:
-        return True
-    for tid in tasks:
-        try:
-            with open(f"/proc/self/task/{tid}/children", "rb") as f:
-                if f.read().strip():
-                    return True
-        except FileNotFoundError:  # a thread that has just ended
-            continue
-        except OSError:
-            return True
-    return False
+    return has_children(os.getpid())
 
 
 def _group_alive(pgid: int) -> bool:
@@ -209,34 +198,62 @@ def telling_line(path: os.PathLike[str] | str, limit: int = 65536) -> str:
 
 
 def exec_task(sweep: Sweep, index: int, argv: Sequence[str], *,
-              heartbeat: float | None = None, from_array: bool = False,
-              pack: tuple[int, int] | None = None) -> int:
+              heartbeat: float | None = None, from_array: bool = False) -> int:
     """Run ``argv`` as task ``index`` of ``sweep``; return the exit status for the wrapper.
 
     0 when the command succeeded or the task was already complete; :data:`IN_USE` (75)
     when another process holds the run (nothing is marked); the command's own status otherwise
     (128+N when it died of signal N, 127 when it could not be started). On SIGTERM or
     SIGHUP the status is recorded, the command is stopped (SIGTERM, then SIGKILL after
-    :data:`STOP_GRACE`), and only then is the run lock released. ``pack``: the task's
-    (position, size) in the pack that runs it (:mod:`notata.pack`), which says what it
-    skips.
+    :data:`STOP_GRACE`), and only then is the run lock released.
+    """
+    return run_task(sweep, index, argv, heartbeat=heartbeat, from_array=from_array).status
+
+
+@dataclass(frozen=True)
+class Ended:
+    """How :func:`run_task` ended: the wrapper's exit status, and ``how`` the task ended,
+    which the status alone cannot tell (a command may exit 75 or 130 itself): the run's
+    recorded status, or :data:`SKIPPED` (already complete), :data:`BUSY` (another process
+    holds the run) or :data:`INTERRUPTED` (Ctrl-C: recorded ``cancelled``)."""
+
+    status: int
+    how: str
+
+
+SKIPPED, BUSY, INTERRUPTED = "skipped", "busy", "interrupted"
+
+
+def run_task(sweep: Sweep, index: int, argv: Sequence[str], *,
+             heartbeat: float | None = None, from_array: bool = False,
+             pack: tuple[int, int] | None = None) -> Ended:
+    """:func:`exec_task`, saying how the task ended. ``pack``: the task's (position, size)
+    in the pack that runs it (:mod:`notata.pack`), recorded in its metadata.
+
+    SIGTERM and SIGHUP wait while the run opens (blocked, so that the kernel keeps them):
+    one that comes then is handled the moment the run is open, and recorded, rather than
+    ending the process between the run's folder and its first record.
     """
     if not argv:
         raise UsageError("no command to run: give it after --")
     interrupted = _Deferred()
+    main = threading.current_thread() is threading.main_thread()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _ENDING) if main else None
     try:
         with interrupted:  # a Ctrl-C here must not leave a half-opened run behind
             log = open_task(sweep, index, heartbeat=heartbeat, track_children=True,
                             from_array=from_array, pack=pack)
     except RunCompleteError as err:
-        if pack is not None:
-            return 0
-        print(f"notata: task {index}: {err.path} is already complete, so it is not run "
-              "again (move its folder away to run it afresh)", file=sys.stderr)
-        return 0
+        if pack is None:
+            print(f"notata: task {index}: {err.path} is already complete, so it is not run "
+                  "again (move its folder away to run it afresh)", file=sys.stderr)
+        return Ended(0, SKIPPED)
     except RunLockedError as err:
         print(f"notata: task {index}: {err}", file=sys.stderr)
-        return IN_USE
+        return Ended(IN_USE, BUSY)
+    finally:
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     _become_subreaper()
     with log:  # the lock is released on leaving this block: after the command has stopped
         try:
@@ -246,19 +263,19 @@ def exec_task(sweep: Sweep, index: int, argv: Sequence[str], *,
             rc = _run_command(log, index, argv)
         except KeyboardInterrupt:
             log.mark_cancelled("KeyboardInterrupt")
-            return 130
+            return Ended(130, INTERRUPTED)
         if rc is None:
-            return 127
+            return Ended(127, schema.FAILED)
         handed = _attach.take_handed_over(log.path)
         marked, reason = handed.pop("status", None), handed.pop("failure_reason", None)
-        log._set(**_plain_fields(handed), exit_code=rc)
+        log._stage(**_plain_fields(handed), exit_code=rc)  # written with the status
         if rc == 0 and marked in (schema.FAILED, schema.TIMEOUT, schema.CANCELLED):
             log._finish(marked, f"the command marked the run {marked}"
                         + (f": {reason}" if reason else ""))
-            return 0
+            return Ended(0, str(marked))
         if rc == 0:
             log.mark_complete()
-            return 0
+            return Ended(0, schema.COMPLETE)
         peak = resources.children_peak()  # the command's (not this wrapper's), when it
         peak = peak if peak > before else 0  # passed every earlier child's
         granted = log.metadata.get("resources", {}).get("asked", {}).get("mem_bytes")
@@ -267,13 +284,17 @@ def exec_task(sweep: Sweep, index: int, argv: Sequence[str], *,
                         f"{resources.size_text(peak)} of {resources.size_text(granted)} "
                         "granted")
             _say_ended(index, log)
-            return 128 - rc
+            return Ended(128 - rc, schema.OOM)
         what = (f"command exited with status {rc}" if rc > 0
                 else f"command killed by {signal.Signals(-rc).name}")
         detail = reason or telling_line(log.path / layout.STDERR)
         log.mark_failed(f"{what}: {detail}" if detail else what)
         _say_ended(index, log)
-        return rc if rc > 0 else 128 - rc
+        return Ended(rc if rc > 0 else 128 - rc, schema.FAILED)
+
+
+#: The signals that end a run (see :mod:`notata._signals`).
+_ENDING = frozenset({signal.SIGTERM, signal.SIGHUP})
 
 
 def _say_ended(index: int, log: Logbook) -> None:
@@ -300,7 +321,7 @@ def _run_command(log: Logbook, index: int, argv: Sequence[str]) -> int | None:
     values = {"run_dir": str(log.path), "run_id": log.run_id, "task": index,
               "attempt": log.attempt, **params}
     cmd = substitute(argv, values)
-    log._set(command=cmd)
+    log._stage(command=cmd)  # written with its pid, or with the failure to start it
     # nothing from an earlier attempt's command may leak into this one
     _attach.take_handed_over(log.path)
     env = {**clean_environment(os.environ), "NOTATA_RUN_DIR": str(log.path),

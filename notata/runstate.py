@@ -41,7 +41,7 @@ from .heartbeat import DEFAULT_INTERVAL
 from .lock import LockFileError
 from .lock import is_held as lock_is_held
 from .manifest import Sweep
-from .pack import MOVED_ON
+from .pack import let_go
 
 if TYPE_CHECKING:
     from .queue import Queue
@@ -223,7 +223,7 @@ def _classify(meta: dict[str, Any], task: int | None, run_id: str, run_dir: str,
         if array is not None and came in ("array", "pack"):
             record.array = (str(array[0]), array[1])
             record.packed = came == "pack"
-        if came == "pack" and record.queued is not None and status in MOVED_ON:
+        if came == "pack" and record.queued is not None and let_go(meta):
             # the pack goes on to its next tasks and never comes back to this one
             record.passed, record.queued = queue.key(meta), None
     if status == schema.COMPLETE:

@@ -25,6 +25,7 @@ from . import _fs, layout, runinfo, submissions
 from .array import RUN_VARIABLES
 from .errors import ManifestError, SchedulerError
 from .manifest import Sweep, compact, parse_indices
+from .pack import check_size
 from .slurm import run, submit_env
 
 #: sbatch options notata knows by name: manifest ``slurm:`` key or CLI flag -> sbatch option.
@@ -230,7 +231,9 @@ def options_for(section: Mapping[str, Any], flags: Mapping[str, Any], where: str
             print(f"notata: --mem {options['mem']} replaces "
                   f"{'; '.join(sorted(set(extra) - set(kept)))}", file=sys.stderr)
         extra = kept
-    for key, least in (("throttle", 1), ("warn_before", 0), ("pack", 1)):
+    if settings.get("pack") is not None:
+        check_size(settings["pack"])
+    for key, least in (("throttle", 1), ("warn_before", 0)):
         value = settings.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                   or value < least):

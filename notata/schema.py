@@ -12,7 +12,8 @@ Added by this notata:
 - ``schema``: 1.
 - ``attempt``: 1 for the first attempt, N+1 after each resume.
 - ``attempts``: the earlier attempts, oldest first, each ``{attempt, status,
-  start_time, end_time, runtime_sec, failure_reason, host, pid, slurm, resources}``.
+  start_time, end_time, runtime_sec, failure_reason, host, pid, slurm, resources, pack,
+  signals}`` (those it had).
 - ``start_unix`` / ``end_unix``: the same instants as seconds since the epoch.
 - ``host``, ``pid``, ``user``, ``cwd``, ``argv``, ``python``, ``notata``.
 - ``slurm``: present inside SLURM: ``job_id``, ``array_job_id``, ``array_task_id``,

@@ -190,7 +190,8 @@ def _round(sweep: Sweep, policy: retry.Policy, state: chain.State, me: str | Non
             return _failed(sweep, policy, state, me, f"SLURM's queue could not be read "
                            f"({err})", [], [])
         report = scan(sweep, queue=queue)
-        records = submissions.submitted(base)
+        every = submissions.read(base)
+        records = [r for r in every if r.get("backend") and not r.get("intent")]
         mine = [r for r in records if r.get("chain") == state.chain
                 or r.get("chain") in state.joined]
         last_round = max((int(r.get("round") or 0) for r in mine), default=state.round)
@@ -218,7 +219,7 @@ def _round(sweep: Sweep, policy: retry.Policy, state: chain.State, me: str | Non
         for r, why in left:
             if r.task in looked_after and r not in busy:
                 say(f"round {state.round}: task {r.task} left: {why}")
-        tries = submissions.tries(records, sweep.hash)
+        tries = submissions.tries(every, sweep.hash)
         todo: list[RunRecord] = []
         given_up: dict[int, str] = {}
         for i in chosen:

@@ -30,6 +30,7 @@ from .collector import Report, scan
 from .errors import SchedulerError, UsageError
 from .manifest import Sweep, compact, parse_indices
 from .manifest import load as load_sweep
+from .pack import check_size
 from .runstate import DEFAULT_RESUBMIT, PENDING, SELECTORS
 
 BACKENDS = ("slurm", "local")
@@ -61,12 +62,13 @@ class Options:
         if self.backend is not None and self.backend not in BACKENDS:
             raise UsageError(f"backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
         for key, what in (("jobs", "a number of tasks at a time"),
-                          ("retry", "a number of attempts per task"),
-                          ("pack", "a number of tasks per array task")):
+                          ("retry", "a number of attempts per task")):
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):
                 raise UsageError(f"{key} {value!r}: give {what}, at least 1")
+        if self.pack is not None:
+            check_size(self.pack)
         unknown = sorted(set(self.scheduler) - set(SCHEDULER_OPTIONS))
         if unknown:
             raise UsageError(f"unknown scheduler option {unknown[0]!r}; known: "
@@ -315,7 +317,7 @@ def _submit(sweep: Sweep, indices: list[int], cmd: list[str], backend: str, opti
                   f"{compact(busy)}", file=sys.stderr)
         if backend == "local":
             jobs = options.jobs or given.get("jobs") or os.cpu_count() or 1
-            pack = int(given.get("pack") or 1)
+            pack = check_size(given.get("pack") or 1)
             if options.dry_run:
                 print(f"would run tasks {compact(todo) or '(none)'} here, {jobs} at a time"
                       + (f", {pack} per process" if pack > 1 else ""))

@@ -122,7 +122,8 @@ def read(base_dir: Path) -> list[dict[str, Any]]:
 
 def submitted(base_dir: Path) -> list[dict[str, Any]]:
     """The records of what was submitted (one per array, or per local run), oldest first:
-    not the intent lines written before each sbatch, nor the end lines of local runs."""
+    not the intent lines written before each sbatch, the end lines of local runs, nor the
+    lines of packs that left tasks unstarted."""
     return [r for r in read(base_dir) if r.get("backend") and not r.get("intent")]
 
 
@@ -134,7 +135,7 @@ def _well_formed(r: dict[str, Any]) -> bool:
     if not all(kind(k, t) for k, t in (("tasks", str), ("backend", str), ("command", list),
                                        ("options", dict), ("job_ids", list), ("arrays", list),
                                        ("user", str), ("host", str), ("manifest", str),
-                                       ("manifest_hash", str))):
+                                       ("manifest_hash", str), ("left", str))):
         return False
     if not all(isinstance(c, str) for c in r.get("command") or []):
         return False
@@ -189,15 +190,20 @@ def live_local(records: list[dict[str, Any]], host: str, running_jobs: Iterable[
 
 def tries(records: Iterable[dict[str, Any]], manifest_hash: str) -> dict[int, int]:
     """Task -> how many of notata's submissions of this manifest version included it (the
-    attempts a retry policy counts: SLURM's own requeues of a task are not among them).
-    ``records``: :func:`submitted`."""
+    attempts a retry policy counts: SLURM's own requeues of a task are not among them),
+    less those whose pack said it left the task unstarted (a ``left`` line).
+    ``records``: :func:`read`."""
     out: dict[int, int] = {}
     for r in records:
-        if r.get("manifest_hash") != manifest_hash or not r.get("tasks"):
+        if r.get("manifest_hash") != manifest_hash or r.get("intent"):
             continue
-        for i in taskspec.expand(str(r["tasks"])):
-            out[i] = out.get(i, 0) + 1
-    return out
+        if r.get("backend") and r.get("tasks"):
+            for i in taskspec.expand(str(r["tasks"])):
+                out[i] = out.get(i, 0) + 1
+        elif isinstance(r.get("left"), str) and taskspec.is_spec(r["left"]):
+            for i in taskspec.expand(r["left"]):
+                out[i] = out.get(i, 0) - 1
+    return {i: n for i, n in out.items() if n > 0}
 
 
 def array_index(array: dict[str, Any]) -> Callable[[int], list[int]]:

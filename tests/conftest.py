@@ -73,10 +73,14 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     """Scenarios that take minutes on the cluster (the retry shepherd's dozen-task sweep, a
     pack that reaches its time limit) are submitted as soon as the session knows it will
     run them, and run while the other modules' tests do: each module that has one
-    defines ``start_early()``."""
+    defines ``start_early()``, and ``START_EARLY_FOR``, the tests that need it (default:
+    any of the module's)."""
     started = set()
     for item in session.items:
         module = getattr(item, "module", None)
-        if module is not None and hasattr(module, "start_early") and module not in started:
+        if module is None or not hasattr(module, "start_early") or module in started:
+            continue
+        wanted = getattr(module, "START_EARLY_FOR", None)
+        if wanted is None or getattr(item, "originalname", item.name) in wanted:
             started.add(module)
             module.start_early()

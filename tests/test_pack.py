@@ -4,6 +4,7 @@ still its own run. Real processes and signals; the real test cluster for SLURM."
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -14,7 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import job_gone, notata_process, read_meta, status_is, submit, wait_for, write_sweep
+from helpers import (
+    job_gone,
+    notata_process,
+    python,
+    read_meta,
+    status_is,
+    submit,
+    wait_for,
+    write_sweep,
+)
 
 import notata
 from notata import submission, submissions
@@ -31,6 +41,11 @@ if kind == "exit":
     os._exit(3)
 if kind == "kill":
     os.kill(os.getpid(), signal.SIGKILL)
+if kind.startswith("status"):  # status130 exits 130, as a Ctrl-C'd program would
+    sys.exit(int(kind[6:]))
+if kind == "killgrandparent":  # the pack's parent: the local backend's submit
+    with open(f"/proc/{os.getppid()}/stat") as f:
+        os.kill(int(f.read().rsplit(")", 1)[1].split()[1]), signal.SIGKILL)
 if kind == "fail":  # fails until the test writes folder/fixed
     sys.exit(0 if os.path.exists(os.path.join(folder, "fixed")) else 4)
 if kind == "wait":  # runs until the test writes folder/go
@@ -139,8 +154,103 @@ def test_a_local_packed_sweep_records_every_task_whatever_its_command_does(
     assert [read_meta(run(base, n))["attempt"] for n in (1, 5, 6)] == [2, 2, 1]
 
 
-def exec_pack(manifest: Path, base: Path, tasks: str) -> subprocess.Popen[str]:
-    return notata_process("exec", str(manifest), "--tasks", tasks, "--", *command(base))
+def exec_pack(manifest: Path, base: Path, tasks: str, **kw: Any) -> subprocess.Popen[str]:
+    return notata_process("exec", str(manifest), "--tasks", tasks, "--", *command(base), **kw)
+
+
+def test_a_command_exiting_130_or_75_is_a_failure_and_the_pack_goes_on(
+        base: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The statuses Ctrl-C and a busy run give the wrapper are a command's own here."""
+    manifest = sweep_of(base, ["ok", "status130", "ok", "status75", "ok"])
+    assert submit(manifest, "--backend", "local", "--pack", "5", "--", *command(base)) == 1
+    assert "3 done, 2 failed" in capsys.readouterr().err
+    assert statuses(manifest) == {0: "complete", 1: "failed", 2: "complete", 3: "failed",
+                                  4: "complete"}
+
+
+def test_a_task_held_by_another_process_is_left_and_said(base: Path) -> None:
+    manifest = sweep_of(base, ["ok", "wait", "ok"])
+    holder = notata_process("exec", str(manifest), "--task", "1", "--", *command(base))
+    try:
+        wait_for(status_is(run(base, 1), "running"), 30, "the holder")
+        proc = exec_pack(manifest, base, "0-2")
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 75 and "in use" in err, err  # not complete, not failed
+        assert statuses(manifest) == {0: "complete", 1: "running", 2: "complete"}
+    finally:
+        (base / "go").write_text("")
+        holder.communicate(timeout=60)
+
+
+def test_a_huge_pack_is_refused(base: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = sweep_of(base, ["ok"])
+    for backend in ("local", "slurm"):
+        assert submit(manifest, "--backend", backend, "--dry-run", "--pack",
+                      "99999999999999999999", "--", "true") == 2
+        assert "from 1 to 1,000,000" in capsys.readouterr().err
+
+
+def test_tasks_a_changed_manifest_no_longer_has_are_said_and_the_rest_run(base: Path) -> None:
+    """An array submitted before the manifest shrank: its pack runs the tasks that are
+    still there."""
+    manifest = sweep_of(base, ["ok"] * 4)
+    env = {"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_JOB_ID": "999999",
+           "SLURM_JOB_ID": "999999", "NOTATA_PACK": "6", "NOTATA_TASK_MAP": "0-5"}
+    proc = notata_process("exec", str(manifest), "--", "true", env=env)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "tasks 4-5 are outside the sweep's 4 tasks" in err, err
+    assert statuses(manifest) == dict.fromkeys(range(4), "complete")
+
+
+def test_a_task_that_kills_the_local_backend_does_not_end_its_pack(base: Path) -> None:
+    manifest = sweep_of(base, ["ok", "killgrandparent", "ok", "ok"])
+    proc = notata_process("submit", str(manifest), "--backend", "local", "--pack", "4", "--",
+                          *command(base))
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    wait_for(lambda: statuses(manifest) == dict.fromkeys(range(4), "complete"), 30,
+             "the pack to finish without its reader")
+
+
+def test_sigterm_while_a_run_opens_waits_for_it_to_be_open(base: Path) -> None:
+    """A SIGTERM landing between a run's new folder and its first record is handled once
+    the run is open, and recorded: never a run folder without metadata.json."""
+    manifest = sweep_of(base, ["ok"] * 3)
+    code = """
+    import os, signal, sys
+    from notata import layout
+    real, calls = layout.check_run_dir, []
+    def hooked(path):  # its second call: after the folder is made, before the lock
+        out = real(path)
+        if path.name == "log_n1":
+            calls.append(path)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return out
+    layout.check_run_dir = hooked
+    from notata.cli import main
+    sys.exit(main(sys.argv[1:]))
+    """
+    proc = python(code, "exec", str(manifest), "--tasks", "0-2", "--", *command(base))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert read_meta(run(base, 1))["status"] == "terminated"
+    assert "tasks 2 of this pack are left unstarted" in err and not run(base, 2).exists()
+
+
+def test_a_local_run_stopped_by_sigterm_counts_what_each_task_did(base: Path) -> None:
+    manifest = sweep_of(base, ["ok"] * 400)
+    proc = notata_process("submit", str(manifest), "--backend", "local", "--pack", "400", "--",
+                          *command(base))
+    wait_for(lambda: len(list((base / "outputs").glob("log_*"))) > 20, 60, "some tasks")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    complete = sum(s == "complete" for s in statuses(manifest).values())
+    ran = len(list((base / "outputs").glob("log_*")))
+    summary = err.strip().splitlines()[-1]
+    assert summary.startswith(f"{complete} done, {ran - complete} failed"), (summary, ran)
+    assert f"{400 - ran} not started" in summary, summary
 
 
 def test_sigterm_records_the_running_task_and_leaves_the_rest_untouched(base: Path) -> None:
@@ -186,6 +296,52 @@ def test_a_warning_between_tasks_is_not_lost(base: Path) -> None:
     assert proc.returncode == 0, err
     assert "left unstarted" in err
     assert not run(base, 399).exists()
+
+
+def test_attempts_left_unstarted_by_a_pack_are_not_counted() -> None:
+    records = [
+        {"backend": "slurm", "manifest_hash": "h", "tasks": "0-5"},
+        {"backend": "slurm", "manifest_hash": "h", "tasks": "3-5"},
+        {"left": "3-5", "job": "7_0", "manifest_hash": "h"},
+        {"left": "4-5", "job": "8_0", "manifest_hash": "h"},
+        {"backend": "slurm", "manifest_hash": "other", "tasks": "0-5"},
+    ]
+    assert submissions.tries(records, "h") == {0: 1, 1: 1, 2: 1, 3: 1}
+
+
+def test_a_requeued_pack_skips_what_it_let_go_in_any_earlier_attempt(base: Path) -> None:
+    """Its own failure stays let go even after another job's attempt; a task a signal
+    ended in it runs again."""
+    from notata.pack import _ran_here
+
+    manifest = sweep_of(base, ["ok", "ok"])
+    sweep = notata.load_sweep(manifest)
+    mine = {"job_id": 12, "array_job_id": 11, "array_task_id": 0}
+    other = {"job_id": 20, "array_job_id": 20, "array_task_id": 3}
+    for n, attempts in ((0, [{"status": "failed", "slurm": mine},
+                             {"status": "failed", "slurm": other}]),
+                        (1, [{"status": "preempted", "slurm": mine,
+                              "signals": [{"signal": "SIGTERM"}]}])):
+        run(base, n).mkdir(parents=True)
+        (run(base, n) / "metadata.json").write_text(json.dumps(
+            {**attempts[-1], "attempts": attempts[:-1], "task": n}))
+    assert _ran_here(sweep, 0, "11_0") and not _ran_here(sweep, 1, "11_0")
+    assert not _ran_here(sweep, 0, "11_1")
+
+
+def test_without_the_kernels_child_lists_the_slow_listing_decides(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from notata import heartbeat
+
+    real = open
+
+    def no_lists(path: Any, *args: Any, **kw: Any) -> Any:
+        if str(path).endswith("/children"):
+            raise FileNotFoundError(path)
+        return real(path, *args, **kw)
+
+    monkeypatch.setattr("builtins.open", no_lists)
+    assert heartbeat.has_children(os.getpid())
 
 
 # -- on the test cluster ---------------------------------------------------------------------
@@ -256,6 +412,7 @@ def test_a_packed_sweep_over_max_array_size_times_pack_splits(slurm_cluster: str
 # -- the time limit, started early (two minutes on the cluster) -------------------------------
 
 _LIMIT: dict[str, Any] = {}
+START_EARLY_FOR = {"test_a_pack_at_its_time_limit"}
 
 
 def start_early() -> None:
@@ -291,7 +448,13 @@ def test_a_pack_at_its_time_limit(slurm_cluster: str) -> None:
         first = (out / f"slurm-{_LIMIT['job']}_0.out").read_text()
         assert f"the time limit is near: tasks {len(ran)}" in first and "left unstarted" in first
         second = (out / f"slurm-{_LIMIT['job']}_1.out").read_text()
-        assert "SIGTERM ended this pack: tasks 7-11 left unstarted" in second
+        assert "SIGTERM ended this pack: tasks 7-11 of this pack are left unstarted" in second
+        records = submissions.read(base / "outputs")  # left unstarted: not an attempt
+        from notata.manifest import compact
+        assert {r["left"] for r in records if "left" in r} == {
+            compact(range(len(ran), 6)), "7-11"}
+        tries = submissions.tries(records, notata.load_sweep(manifest).hash)
+        assert sorted(tries) == [*ran, 6]
         assert main(["resubmit", str(manifest), "--dry-run"]) == 0
     finally:
         shutil.rmtree(base, ignore_errors=True)

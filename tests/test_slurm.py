@@ -99,7 +99,8 @@ def test_rendered_script_quotes_everything(base: Path) -> None:
     expected = f"""#!/bin/bash
 # Written by notata submit for sweep q (manifest hash {sweep.hash}), TIME.
 # Sweep task index = SLURM_ARRAY_TASK_ID + NOTATA_TASK_OFFSET, or, when NOTATA_TASK_MAP lists
-# the tasks, its (SLURM_ARRAY_TASK_ID)-th entry; this array covers tasks 0-10.
+# the tasks, its (SLURM_ARRAY_TASK_ID)-th entry; packed (NOTATA_PACK=N), array task K runs
+# entries K*N to K*N+N-1 of the list, one after another; this array covers tasks 0-10.
 # To run it again as it is: sbatch {shlex.quote(str(script))}
 #SBATCH --array=0-10%4
 #SBATCH --job-name="q"
@@ -110,7 +111,7 @@ def test_rendered_script_quotes_everything(base: Path) -> None:
 #SBATCH --exclusive
 # A task that submits the next sweep passes on its environment: none of its run's variables.
 unset {UNSET}
-export NOTATA_TASK_OFFSET=0 NOTATA_TASK_MAP=''
+export NOTATA_TASK_OFFSET=0 NOTATA_TASK_MAP='' NOTATA_PACK=
 # exec: the batch shell becomes notata, so that --signal=B:USR1 reaches it.
 exec /venv/bin/python -m notata exec {shlex.quote(str(manifest))} -- {EXEC_TAIL}
 """
