@@ -1,14 +1,16 @@
 """The liveness thread and the resource figures it reports.
 
-While a run is open a daemon thread calls a beat function every ``interval``
-seconds (default 30, or ``NOTATA_HEARTBEAT``). The beat rewrites the run's
-metadata atomically with a counter, the time, and the process's resources, so
-that a collector can tell a live run from a dead one by content alone.
+While a run is open the process's heartbeat thread (one for all its runs) calls the
+run's beat function every ``interval`` seconds (default 30, or ``NOTATA_HEARTBEAT``).
+The beat rewrites the run's metadata atomically with a counter, the time, and the
+process's resources, so that a collector can tell a live run from a dead one by content
+alone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import heapq
 import logging
 import os
 import resource
@@ -116,33 +118,112 @@ class Resources:
 
 
 class Heartbeat:
-    """A daemon thread calling ``beat()`` every ``interval`` seconds until :meth:`stop`."""
+    """Calls ``beat()`` every ``interval`` seconds until :meth:`stop`, from the process's
+    one heartbeat thread (:class:`_Beater`): a pack runs thousands of runs one after
+    another, and a thread started and joined per run cost more than the run's writes."""
 
     def __init__(self, interval: float, beat: Callable[[], None]) -> None:
         self.interval = interval
         self._beat = beat
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="notata-heartbeat", daemon=True)
+        self.stopped = False
+        self._warned = False
 
     def start(self) -> None:
-        self._thread.start()
+        _beater().add(self)
 
     def stop(self, wait: bool = True) -> None:
-        """Stop beating; with ``wait``, return once the thread has finished its last beat."""
-        self._stop.set()
-        if wait and self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join()
+        """Stop beating; with ``wait``, return once a beat of this run under way is done."""
+        _beater().remove(self, wait)
 
     def is_current(self) -> bool:
-        """Whether the caller is the heartbeat thread itself (which cannot wait for itself)."""
-        return threading.current_thread() is self._thread
+        """Whether the caller is this run's beat (which cannot wait for itself)."""
+        return _beater().running(self)
+
+    def beat_once(self) -> None:
+        try:
+            self._beat()
+        except Exception as err:  # a full disk must not kill the run; say so once
+            if not self._warned:
+                logger.warning("notata heartbeat failed: %s", err)
+                self._warned = True
+
+
+class _Beater:
+    """The process's heartbeat thread: beats each open run when it is due (a heap by due
+    time). A beat that blocks (a hung filesystem) delays the other runs' beats too; runs
+    open at once in one process are few. Started on the first run, a daemon."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self._cond = threading.Condition()
+        self._due: list[tuple[float, int, Heartbeat]] = []
+        self._current: Heartbeat | None = None
+        self._thread: threading.Thread | None = None
+        self._count = 0
+
+    def add(self, hb: Heartbeat) -> None:
+        with self._cond:
+            self._count += 1
+            heapq.heappush(self._due, (time.monotonic() + hb.interval, self._count, hb))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="notata-heartbeat",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def remove(self, hb: Heartbeat, wait: bool) -> None:
+        with self._cond:
+            hb.stopped = True
+            self._due = [d for d in self._due if d[2] is not hb]
+            heapq.heapify(self._due)
+            while wait and self._current is hb and threading.current_thread() is not self._thread:
+                self._cond.wait()
+
+    def running(self, hb: Heartbeat) -> bool:
+        return threading.current_thread() is self._thread and self._current is hb
 
     def _run(self) -> None:
-        warned = False
-        while not self._stop.wait(self.interval):
+        while True:
+            with self._cond:
+                while True:
+                    now = time.monotonic()
+                    if self._due and self._due[0][0] <= now:
+                        _, _, hb = heapq.heappop(self._due)
+                        self._current = hb
+                        break
+                    self._cond.wait(self._due[0][0] - now if self._due else None)
             try:
-                self._beat()
-            except Exception as err:  # a full disk must not kill the run; say so once
-                if not warned:
-                    logger.warning("notata heartbeat failed: %s", err)
-                    warned = True
+                hb.beat_once()
+            finally:
+                with self._cond:
+                    self._current = None
+                    if not hb.stopped:
+                        self._count += 1
+                        heapq.heappush(self._due, (time.monotonic() + hb.interval,
+                                                   self._count, hb))
+                    self._cond.notify_all()
+
+
+_BEATER: _Beater | None = None
+_BEATER_LOCK = threading.Lock()
+
+
+def _forget_in_child() -> None:
+    """A forked child has no heartbeat thread, and a lock another thread held at the fork
+    would stay held in it: start from nothing."""
+    global _BEATER, _BEATER_LOCK
+    _BEATER, _BEATER_LOCK = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
+
+
+def _beater() -> _Beater:
+    """The process's beater (a forked child gets its own: the parent's thread is not
+    there)."""
+    global _BEATER
+    with _BEATER_LOCK:
+        if _BEATER is None or _BEATER.pid != os.getpid():
+            _BEATER = _Beater()
+        return _BEATER

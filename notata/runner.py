@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
+import functools
 import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -341,11 +344,12 @@ def _run_command(log: Logbook, index: int, argv: Sequence[str]) -> int | None:
         # SIGHUP wait until the command is started and its stop hook is in place.
         with started, log.holding_signals():
             try:
-                proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
+                argv, preexec = _dying_with_this_process(cmd, env)
+                proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
                                         stdout=streams[0], stderr=streams[1],
-                                        start_new_session=True,
-                                        preexec_fn=_die_with_parent(os.getpid()))
+                                        start_new_session=True, preexec_fn=preexec)
             except OSError as err:
+                log._stage(command=cmd)
                 log.mark_failed(f"cannot start {cmd[0]!r}: {err.strerror or err}")
                 return None
             log.on_terminate(lambda _log, signum: _stopped(_log, proc))
@@ -373,6 +377,39 @@ def _stopped(log: Logbook, proc: subprocess.Popen[bytes]) -> None:
     rc = _stop(proc, signal.SIGTERM)
     handed = _attach.take_handed_over(log.path)
     log._set(**_plain_fields(handed), exit_code=rc)
+
+
+def _dying_with_this_process(cmd: list[str], env: Mapping[str, str]
+                             ) -> tuple[list[str], Callable[[], None] | None]:
+    """How to start ``cmd`` so that the kernel SIGKILLs it when this wrapper dies (a
+    SIGKILLed wrapper runs no code: without this its command would run on unsupervised
+    beside the next attempt): through util-linux's ``setpriv --pdeathsig KILL``, which
+    sets it and execs the command (a spawn without Python code in the child is about
+    3 ms faster per task, which a pack of short tasks feels); else a ``preexec_fn``.
+    A command that cannot be started raises OSError, as Popen would."""
+    setpriv = _setpriv()
+    if setpriv is None:
+        return cmd, _die_with_parent(os.getpid())
+    found = shutil.which(cmd[0], path=env.get("PATH", os.defpath))
+    if found is None:  # say it as Popen would have, not as setpriv's exit status 127
+        exists = os.sep in cmd[0] and os.path.exists(cmd[0])
+        raise OSError(errno.EACCES if exists else errno.ENOENT,
+                      os.strerror(errno.EACCES if exists else errno.ENOENT))
+    return [setpriv, "--pdeathsig", "KILL", "--", *cmd], None
+
+
+@functools.cache
+def _setpriv() -> str | None:
+    """util-linux's setpriv, if it knows ``--pdeathsig`` (2.33 and later)."""
+    path = shutil.which("setpriv")
+    if path is None:
+        return None
+    try:
+        text = subprocess.run([path, "--help"], capture_output=True, text=True,
+                              timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return path if "--pdeathsig" in text else None
 
 
 def _die_with_parent(parent: int) -> Callable[[], None] | None:

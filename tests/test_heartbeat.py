@@ -27,6 +27,42 @@ def test_beats_advance_with_resources_and_stop_at_close(base: Path) -> None:
     assert read_meta(log.path)["status"] == "complete"
 
 
+def test_one_thread_beats_every_open_run_each_at_its_interval(base: Path) -> None:
+    """Runs open at once share the process's heartbeat thread; closing one leaves the
+    others beating; a forked child that opens a run gets a thread of its own."""
+    import os
+    import threading
+
+    def beat(log: Logbook) -> int:
+        return int(read_meta(log.path)["heartbeat"]["beat"])
+
+    def threads() -> int:
+        return sum(t.name == "notata-heartbeat" for t in threading.enumerate())
+
+    with Logbook("a", base, heartbeat=0.05) as a, Logbook("b", base, heartbeat=0.2) as b:
+        with Logbook("c", base, heartbeat=0.05) as c:
+            wait_for(lambda: beat(a) >= 8 and beat(c) >= 8 and beat(b) >= 1, what="beats")
+            assert threads() == 1
+            assert beat(b) < beat(a)  # each at its own interval
+        closed = (c.path / "metadata.json").read_bytes()
+        before = beat(a)
+        wait_for(lambda: beat(a) >= before + 3, what="a still beating")
+        assert (c.path / "metadata.json").read_bytes() == closed
+        pid = os.fork()
+        if pid == 0:  # the child's run must beat, though the parent's thread is not there
+            code = 1
+            try:
+                with Logbook("child", base, heartbeat=0.05) as d:
+                    deadline = time.monotonic() + 10
+                    while beat(d) < 3 and time.monotonic() < deadline:
+                        time.sleep(0.02)
+                    code = 0 if beat(d) >= 3 else 2
+            finally:
+                os._exit(code)
+        assert os.waitpid(pid, 0)[1] == 0
+    assert read_meta(base / "log_child")["status"] == "complete"
+
+
 def test_interval_from_environment(base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NOTATA_HEARTBEAT", "2.5")
     with Logbook("env", base) as log:
