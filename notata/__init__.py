@@ -28,7 +28,8 @@ scheduler layer names a scheduler's variables, job states or metadata fields).
 2. the run: ``_attempt`` (what carries over between attempts); ``_run`` (a run this
    process owns: lock, metadata, heartbeat, status); ``_outputs`` (the writers and
    log.txt); ``logbook`` (the Logbook); ``experiment``.
-3. tasks: ``array`` (a sweep task's Logbook); ``runner`` (``notata exec``); ``pack``
+3. tasks: ``array`` (a sweep task's Logbook); ``_command`` (a task's command's processes:
+   start, warn, stop); ``runner`` (``notata exec``); ``pack``
    (several tasks one after another in one process); ``local`` (the local backend).
 4. scanning: ``runstate`` (one run's state); ``queue`` (which tasks the queue holds);
    ``collector`` (the scan, the report); ``tabulate``.

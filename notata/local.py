@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _fs, layout
+from ._command import STOP_GRACE
 from .manifest import Sweep, compact
-from .runner import BUSY, IN_USE, SKIPPED, STOP_GRACE, clean_environment
+from .runner import BUSY, IN_USE, SKIPPED, clean_environment
 from .schema import COMPLETE
 
 

@@ -15,40 +15,27 @@ The local backend (:mod:`notata.local`) runs every task through this wrapper.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
-import functools
 import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import psutil
-
-from . import _attach, layout, resources, schema
+from . import _attach, _command, layout, resources, schema
 from .array import ENV_TASK, RUN_VARIABLES, open_task
 from .errors import RunCompleteError, RunLockedError, UsageError
-from .heartbeat import has_children
 from .logbook import Logbook
 from .manifest import Sweep
 
-#: Seconds the wrapper gives its command to exit after passing on SIGTERM or Ctrl-C.
-STOP_GRACE = 20.0
 #: ``notata exec``'s exit status when another process holds the run (EX_TEMPFAIL): told
 #: apart from a command that failed, so a local sweep beside another one counts it apart.
 IN_USE = 75
-#: Seconds of SIGKILLs after which a command that will not die (stuck in the kernel) is
-#: given up on, and the run let go anyway (said on stderr).
-KILL_GIVE_UP = 30.0
 _HEADER = "=== notata attempt"
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -67,103 +54,6 @@ def as_argument(value: Any) -> str:
     way (:mod:`notata.manifest`)."""
     return json.dumps(value) if isinstance(value, (dict, list, bool)) or value is None \
         else str(value)
-
-
-def _stop(proc: subprocess.Popen[bytes], signum: int, grace: float = STOP_GRACE) -> int | None:
-    """Stop the command and everything it started: ``signum`` to its process group and to
-    every descendant (the wrapper is their subreaper, so a daemon that left the group is
-    still one); wait up to ``grace`` for all of them to exit; then SIGKILL what is left,
-    again and again (a process forked meanwhile, or one that keeps changing its pid),
-    until nothing is left or :data:`KILL_GIVE_UP` seconds have passed (a process stuck in
-    the kernel). The command's exit status (None if it could not be told)."""
-    _signal_all(proc, signum)
-    deadline = time.monotonic() + grace
-    while not _gone(proc) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    deadline = time.monotonic() + KILL_GIVE_UP
-    while not _gone(proc):
-        _signal_all(proc, signal.SIGKILL)
-        if time.monotonic() > deadline:
-            print(f"notata: processes {_remaining(proc)} of the command would not die; "
-                  "letting the run go", file=sys.stderr)
-            break
-        time.sleep(0.05)
-    return proc.returncode
-
-
-def _gone(proc: subprocess.Popen[bytes]) -> bool:
-    """Whether nothing of the command is left: this process (the command's subreaper) has
-    no child left and its group no member, by the kernel's own lists (one read each);
-    else three listings in a row, 20 ms apart, find nothing (one listing of ``/proc`` can
-    miss a process that is changing its pid)."""
-    if not _remaining_children(proc) and not _group_alive(proc.pid):
-        return True
-    for _ in range(3):
-        if _remaining(proc):
-            return False
-        time.sleep(0.02)
-    return True
-
-
-def _remaining_children(proc: subprocess.Popen[bytes]) -> bool:
-    """Whether this process has a child left, after reaping those that have exited (the
-    command included), from ``/proc/self/task/*/children``: every descendant left by the
-    command is one, or a child's descendant, since this process is their subreaper.
-    True when the kernel does not keep those lists (the slower listings decide)."""
-    _reap(proc)
-    return has_children(os.getpid())
-
-
-def _group_alive(pgid: int) -> bool:
-    """Whether process group ``pgid`` has a member left."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # a member we may not signal is still a member
-        return True
-    return True
-
-
-def _reap(proc: subprocess.Popen[bytes]) -> None:
-    """Reap this process's children that have exited; the command's status is kept."""
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            break
-        if not pid:
-            break
-        if pid == proc.pid:
-            proc.returncode = os.waitstatus_to_exitcode(status)
-
-
-def _remaining(proc: subprocess.Popen[bytes]) -> list[int]:
-    """The live processes of the command: its group and this process's descendants.
-    Reaps those that have exited (the command itself included)."""
-    _reap(proc)
-    alive = set(_group(proc.pid))
-    with contextlib.suppress(psutil.Error):
-        for child in psutil.Process().children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                if child.status() != psutil.STATUS_ZOMBIE:
-                    alive.add(child.pid)
-    return sorted(alive)
-
-
-def _signal_all(proc: subprocess.Popen[bytes], signum: int) -> None:
-    _signal_group(proc, signum)
-    with contextlib.suppress(psutil.Error):
-        for child in psutil.Process().children(recursive=True):
-            with contextlib.suppress(psutil.Error, ProcessLookupError, PermissionError):
-                os.kill(child.pid, signum)
-
-
-def _become_subreaper() -> None:
-    """Orphans of the command are re-parented to this wrapper (not to init), so that it can
-    stop them before it lets the run go. Linux 3.4+; elsewhere the group must do."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
 
 
 _TRACEBACK = "Traceback (most recent call last):"
@@ -257,7 +147,7 @@ def run_task(sweep: Sweep, index: int, argv: Sequence[str], *,
     finally:
         if mask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    _become_subreaper()
+    _command.become_subreaper()
     with log:  # the lock is released on leaving this block: after the command has stopped
         try:
             if interrupted.caught:
@@ -344,7 +234,7 @@ def _run_command(log: Logbook, index: int, argv: Sequence[str]) -> int | None:
         # SIGHUP wait until the command is started and its stop hook is in place.
         with started, log.holding_signals():
             try:
-                argv, preexec = _dying_with_this_process(cmd, env)
+                argv, preexec = _command.start_args(cmd, env)
                 proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
                                         stdout=streams[0], stderr=streams[1],
                                         start_new_session=True, preexec_fn=preexec)
@@ -353,20 +243,20 @@ def _run_command(log: Logbook, index: int, argv: Sequence[str]) -> int | None:
                 log.mark_failed(f"cannot start {cmd[0]!r}: {err.strerror or err}")
                 return None
             log.on_terminate(lambda _log, signum: _stopped(_log, proc))
-            log.on_warning(lambda _log: _pass_warning(proc))
+            log.on_warning(lambda _log: _command.pass_warning(proc))
             log._set(command_pid=proc.pid)
         try:
             if started.caught:
                 raise KeyboardInterrupt
             rc = proc.wait()
         except KeyboardInterrupt:
-            _stop(proc, signal.SIGINT)
+            _command.stop(proc, signal.SIGINT)
             raise
-        if not _gone(proc):  # it ended, but left processes running in the run: they end with it
-            left = _remaining(proc)
+        if not _command.gone(proc):  # it ended, but left processes running: they end with it
+            left = _command.remaining(proc)
             log.warning(f"the command left {len(left) or 'some'} process(es) running "
                         f"({', '.join(map(str, left[:5]))}); stopping them")
-            _stop(proc, signal.SIGTERM)
+            _command.stop(proc, signal.SIGTERM)
         return rc
 
 
@@ -374,61 +264,9 @@ def _stopped(log: Logbook, proc: subprocess.Popen[bytes]) -> None:
     """The wrapper's SIGTERM/SIGHUP hook: stop the command (Ctrl-C cannot cut that short),
     then keep what it handed over (the signal's status and reason stand)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    rc = _stop(proc, signal.SIGTERM)
+    rc = _command.stop(proc, signal.SIGTERM)
     handed = _attach.take_handed_over(log.path)
     log._set(**_plain_fields(handed), exit_code=rc)
-
-
-def _dying_with_this_process(cmd: list[str], env: Mapping[str, str]
-                             ) -> tuple[list[str], Callable[[], None] | None]:
-    """How to start ``cmd`` so that the kernel SIGKILLs it when this wrapper dies (a
-    SIGKILLed wrapper runs no code: without this its command would run on unsupervised
-    beside the next attempt): through util-linux's ``setpriv --pdeathsig KILL``, which
-    sets it and execs the command (a spawn without Python code in the child is about
-    3 ms faster per task, which a pack of short tasks feels); else a ``preexec_fn``.
-    A command that cannot be started raises OSError, as Popen would."""
-    setpriv = _setpriv()
-    if setpriv is None:
-        return cmd, _die_with_parent(os.getpid())
-    found = shutil.which(cmd[0], path=env.get("PATH", os.defpath))
-    if found is None:  # say it as Popen would have, not as setpriv's exit status 127
-        exists = os.sep in cmd[0] and os.path.exists(cmd[0])
-        raise OSError(errno.EACCES if exists else errno.ENOENT,
-                      os.strerror(errno.EACCES if exists else errno.ENOENT))
-    return [setpriv, "--pdeathsig", "KILL", "--", *cmd], None
-
-
-@functools.cache
-def _setpriv() -> str | None:
-    """util-linux's setpriv, if it knows ``--pdeathsig`` (2.33 and later)."""
-    path = shutil.which("setpriv")
-    if path is None:
-        return None
-    try:
-        text = subprocess.run([path, "--help"], capture_output=True, text=True,
-                              timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return path if "--pdeathsig" in text else None
-
-
-def _die_with_parent(parent: int) -> Callable[[], None] | None:
-    """A ``preexec_fn`` that has the kernel SIGKILL the command when its wrapper dies (a
-    SIGKILLed wrapper runs no code: without this its command would run on unsupervised
-    beside the next attempt). Linux only; the child calls a function resolved here,
-    before the fork."""
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    set_pdeathsig, kill = 1, int(signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-    def child() -> None:
-        prctl(set_pdeathsig, kill, 0, 0, 0)
-        if os.getppid() != parent:  # the wrapper died before the line above
-            os.kill(os.getpid(), kill)
-
-    return child
 
 
 def clean_environment(environ: Mapping[str, str]) -> dict[str, str]:
@@ -462,45 +300,3 @@ def _interrupt_once(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _signal_group(proc: subprocess.Popen[bytes], signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signum)
-
-
-def _pass_warning(proc: subprocess.Popen[bytes]) -> list[int]:
-    """Pass SIGUSR1 to the processes of the command's group that handle it; the pids.
-
-    SIGUSR1's default action kills: a program that never asked for the warning would die
-    minutes before its time limit and read ``failed``. So only a process whose
-    ``/proc/PID/status`` shows SIGUSR1 caught (``SigCgt``) gets it. Elsewhere than Linux,
-    the whole group gets it.
-    """
-    bit = 1 << (signal.SIGUSR1 - 1)
-    sent = []
-    for pid in _group(proc.pid):
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                caught = next(int(line.split()[1], 16) for line in f
-                              if line.startswith("SigCgt:"))
-        except FileNotFoundError:
-            if not os.path.isdir("/proc/self"):
-                _signal_group(proc, signal.SIGUSR1)
-                return [proc.pid]
-            continue
-        except (OSError, StopIteration, ValueError):
-            continue
-        if caught & bit:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGUSR1)
-                sent.append(pid)
-    return sent
-
-
-def _group(pgid: int) -> list[int]:
-    """The live processes of process group ``pgid``."""
-    out = []
-    for p in psutil.process_iter():
-        with contextlib.suppress(psutil.Error, OSError):
-            if os.getpgid(p.pid) == pgid:
-                out.append(p.pid)
-    return out
