@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 
@@ -208,6 +209,24 @@ def pass_warning(proc: subprocess.Popen[bytes]) -> list[int]:
                 os.kill(pid, signal.SIGUSR1)
                 sent.append(pid)
     return sent
+
+
+#: Seconds a command that started after the warning has to take SIGUSR1 in hand.
+LATE_WARNING = 30.0
+
+
+def pass_warning_late(proc: subprocess.Popen[bytes], within: float = LATE_WARNING) -> None:
+    """The warning came before the command started: pass it on once a process of the
+    command handles SIGUSR1 (a Python program installs its handler after its imports),
+    from a daemon thread that looks every 0.1 s for ``within`` seconds."""
+    def wait_and_pass() -> None:
+        deadline = time.monotonic() + within
+        while proc.poll() is None and time.monotonic() < deadline:
+            if pass_warning(proc):
+                return
+            time.sleep(0.1)
+
+    threading.Thread(target=wait_and_pass, name="notata-late-warning", daemon=True).start()
 
 
 def group(pgid: int) -> list[int]:

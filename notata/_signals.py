@@ -114,6 +114,33 @@ def critical() -> Iterator[None]:
             _dispatch(_pending.pop(0), None)
 
 
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """On the main thread: SIGTERM, SIGHUP and SIGUSR1 arriving in the block wait for its
+    end, then reach the runs open by then (a run opened in the block hears them), or the
+    handler there was before. ``notata exec`` opens a run in such a block: a SIGTERM
+    there is recorded once the run is open, rather than ending the process between the
+    run's folder and its first record. (Blocking the signals would not do: a library's
+    native threads, OpenBLAS's say, take the signal for the process.)"""
+    if not _main_thread():
+        yield
+        return
+    installed = []
+    for signum in ALL:
+        current = signal.getsignal(signum)
+        if current is not _dispatch and current is not signal.SIG_IGN:
+            _previous[signum] = current
+            signal.signal(signum, _dispatch)
+            installed.append(signum)
+    try:
+        with critical():
+            yield
+    finally:
+        for signum in installed:  # ours again, unless a run now listens
+            if not _listeners.get(signum) and signal.getsignal(signum) is _dispatch:
+                signal.signal(signum, _previous.pop(signum))
+
+
 def _dispatch(signum: int, frame: FrameType | None) -> None:
     """The process's handler of SIGTERM, SIGHUP and SIGUSR1 (see the module docstring)."""
     global _stopping

@@ -94,7 +94,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
                   "tasks (was the manifest changed since it was submitted?): not run",
                   file=sys.stderr)
         rc = exec_pack(sweep, [i for i in tasks if i < len(sweep)], _command(args),
-                       heartbeat=args.heartbeat, report=args.report_fd)
+                       heartbeat=args.heartbeat, report=args.report_fd,
+                       element=args.tasks is None)
         return rc or (1 if outside else 0)
     index, from_array = (args.task, False) if args.task is not None else task_index()
     _task(sweep, index)

@@ -201,8 +201,8 @@ def _ran(records: Iterable[RunRecord]) -> list[tuple[str, int, int]]:
             if r.array is not None and r.task is not None and not r.packed]
 
 
-def _passed(records: Iterable[RunRecord]) -> dict[int, str]:
-    """Sweep index -> the job key of the still-queued pack that ran it and went on."""
+def _passed(records: Iterable[RunRecord]) -> dict[int, frozenset[str]]:
+    """Sweep index -> the job keys of the packs that ran it and went on."""
     return {r.task: r.passed for r in records if r.passed and r.task is not None}
 
 

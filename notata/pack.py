@@ -35,13 +35,13 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from . import _fs, layout, scheduler, schema, submissions
-from .errors import UsageError
+from .errors import NotataError, UsageError
 from .manifest import Sweep, compact
-from .runner import BUSY, IN_USE, INTERRUPTED, SKIPPED, run_task
+from .runner import BUSY, IN_USE, INTERRUPTED, SKIPPED, Ended, run_task
 
 #: The largest pack: its tasks are listed in one job script and sliced by position.
 MAX_PACK = 1_000_000
@@ -65,34 +65,64 @@ def let_go(attempt: Mapping[str, Any]) -> bool:
         isinstance(s, Mapping) and s.get("signal") in _ENDING_NAMES for s in signals)
 
 
+def let_go_by(meta: Mapping[str, Any], key: Callable[[Mapping[str, Any]], str | None]
+              ) -> set[str]:
+    """The job keys (``key(attempt)``) of the packs that ran an attempt of this run and let
+    it go (:func:`let_go`): none of them holds the task any more."""
+    out = set()
+    for attempt in [*(meta.get("attempts") or []), meta]:
+        if isinstance(attempt, Mapping) and "pack" in attempt and let_go(attempt):
+            k = key(attempt)
+            if k is not None:
+                out.add(k)
+    return out
+
+
 def exec_pack(sweep: Sweep, indices: Sequence[int], argv: Sequence[str], *,
-              heartbeat: float | None = None, report: int | None = None) -> int:
+              heartbeat: float | None = None, report: int | None = None,
+              element: bool = False) -> int:
     """Run ``argv`` as each task of ``indices`` in turn, each its own run (see the module
     docstring). Returns 0 when every task completed (or was complete), 1 when one did
     not, :data:`~notata.runner.IN_USE` when one was held by another process and none
     failed, 130 on Ctrl-C; SIGTERM or SIGHUP end it with SystemExit(128+N). ``report``:
     a file descriptor that gets a line ``INDEX HOW`` as each task ends (``HOW``: the
-    run's status, or ``skipped``, ``busy``, ``interrupted``; the local backend reads it).
+    run's status, or ``skipped``, ``busy``, ``interrupted``, ``error``; the local
+    backend reads it). ``element``: the tasks are an array task's pack (``NOTATA_PACK``),
+    which, requeued, skips what it let go, and records what it leaves unstarted.
     """
-    me = _job_key()
+    me = _job_key() if element else None
     failed: list[int] = []
     busy: list[int] = []
-    position = 0
+    said: list[bool] = []
+    nxt = 0  # the position of the first task not yet begun
+
+    def leave(why: str) -> None:
+        if not said:
+            said.append(True)
+            _left(sweep, indices[nxt:], me, why)
+
     with _listening() as warned:
         try:
             for position, index in enumerate(indices):
                 if warned:
-                    _left(sweep, indices[position:], me, "the time limit is near")
+                    leave("the time limit is near")
                     break
                 if me is not None and _ran_here(sweep, index, me):
+                    nxt = position + 1
                     continue
-                ended = run_task(sweep, index, argv, heartbeat=heartbeat,
-                                 pack=(position, len(indices)))
+                nxt = position + 1  # from here on, the task counts as begun
+                try:
+                    ended = run_task(sweep, index, argv, heartbeat=heartbeat,
+                                     pack=(position, len(indices)),
+                                     warned=lambda: bool(warned))
+                except (NotataError, OSError) as err:  # this run cannot be opened
+                    print(f"notata: task {index}: {err}", file=sys.stderr, flush=True)
+                    ended = Ended(1, _ERROR)
                 if report is not None:
                     with contextlib.suppress(OSError):  # the reader is gone: go on
                         os.write(report, f"{index} {ended.how}\n".encode())
                 if ended.how == INTERRUPTED:
-                    _left(sweep, indices[position + 1:], None, "Ctrl-C")
+                    leave("Ctrl-C")
                     return 130
                 if ended.how == BUSY:
                     busy.append(index)
@@ -100,15 +130,18 @@ def exec_pack(sweep: Sweep, indices: Sequence[int], argv: Sequence[str], *,
                     failed.append(index)
         except SystemExit as stop:  # SIGTERM or SIGHUP: the running task is recorded
             code = stop.code if isinstance(stop.code, int) else 0
-            name = signal.Signals(code - 128).name if code > 128 else "a signal"
-            _left(sweep, indices[position + 1:], me, f"{name} ended this pack")
+            leave(f"{signal.Signals(code - 128).name if code > 128 else 'a signal'} "
+                  "ended this pack")
             raise
     return 1 if failed else IN_USE if busy else 0
 
 
+_ERROR = "error"
+
+
 def _left(sweep: Sweep, tasks: Sequence[int], me: str | None, why: str) -> None:
-    """Say which tasks the pack leaves unstarted; in a job, record them (a retry does not
-    count this submission as one of their attempts)."""
+    """Say which tasks the pack leaves unstarted; in an array task, record them (a retry
+    does not count this submission as one of their attempts)."""
     if not tasks:
         return
     print(f"notata: {why}: tasks {compact(tasks)} of this pack are left unstarted",
@@ -126,17 +159,24 @@ def _job_key() -> str | None:
     return found[0].job_key(found[1]) if found is not None else None
 
 
+def _key(attempt: Mapping[str, Any]) -> str | None:
+    job = scheduler.job_of(attempt)
+    return job[0].job_key(job[1]) if job is not None else None
+
+
 def _ran_here(sweep: Sweep, index: int, me: str) -> bool:
     """Whether this array task (requeued since) already ran ``index`` and let it go."""
     try:
         meta = _fs.read_json_object(sweep.task(index).run_dir / layout.METADATA)
     except (OSError, ValueError):
         return False
-    for attempt in [*(meta.get("attempts") or []), meta]:
-        job = scheduler.job_of(attempt) if isinstance(attempt, Mapping) else None
-        if job is not None and job[0].job_key(job[1]) == me and let_go(attempt):
-            return True
-    return False
+    return me in let_go_by(meta, _key)
+
+
+def started_in(meta: Mapping[str, Any]) -> set[str]:
+    """The job keys every attempt of this run ran in."""
+    return {k for attempt in [*(meta.get("attempts") or []), meta]
+            if isinstance(attempt, Mapping) and (k := _key(attempt)) is not None}
 
 
 @contextlib.contextmanager

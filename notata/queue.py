@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -115,7 +115,7 @@ LOCAL = "LOCAL"
 
 def queued_tasks(sweep: Sweep, queue: Queue | None,
                  arrays: Mapping[str, int] | None = None,
-                 passed: Mapping[int, str] | None = None) -> dict[int, str]:
+                 passed: Mapping[int, Collection[str]] | None = None) -> dict[int, str]:
     """Sweep index -> queue state, for every task of this sweep that is queued.
 
     A queued array task is mapped through its array's offset (the sweep index of array
@@ -129,8 +129,8 @@ def queued_tasks(sweep: Sweep, queue: Queue | None,
     (``map_array`` over chosen tasks has no offset). The tasks of a local submission whose
     process still runs (on this host, or in a SLURM job the queue lists as running) are
     :data:`LOCAL`. An array task that runs a pack holds each of its tasks until it has
-    run it: ``passed`` (sweep index -> the job key of the pack that ended it) names
-    those it no longer holds. One pass over the queue.
+    run it: ``passed`` (sweep index -> the job keys of the packs that let it go) names
+    those that no longer hold it. One pass over the queue.
     """
     out: dict[int, str] = {}
     offsets = dict(arrays or {})
@@ -169,7 +169,7 @@ def queued_tasks(sweep: Sweep, queue: Queue | None,
         job, task = queue.provider.split_key(key)
         if job in located and task is not None:
             for index in located[job](task):
-                if passed.get(index) != key:
+                if key not in passed.get(index, ()):
                     out.setdefault(index, state)
     return out
 

@@ -202,9 +202,22 @@ def plan_round(policy: Policy, chosen: list[RunRecord], given: Mapping[str, Any]
         if nxt is None:
             what = "--time" if r.status == schema.TIMEOUT else "--mem"
             given_up.append((r, f"{r.status} again with {what} at its cap"))
-        elif r.task is not None:
-            groups.setdefault((nxt.get("time"), nxt.get("mem")), []).append(r.task)
+        elif r.task is not None:  # "2" and "00:02:00" are one array (one pack)
+            groups.setdefault((_same_time(nxt.get("time")), _same_mem(nxt.get("mem"))),
+                              []).append(r.task)
     return groups, given_up
+
+
+def _same_time(value: str | None) -> str | None:
+    """A ``--time`` value as one spelling (``2`` -> ``00:02:00``); as given if not read."""
+    sec = sbatch.time_limit_sec(value)
+    return value if sec is None else sbatch.time_text(sec)
+
+
+def _same_mem(value: str | None) -> str | None:
+    """A ``--mem`` value as one spelling (``4096M`` -> ``4G``); as given if not read."""
+    n = sbatch.mem_bytes(value)
+    return value if n is None else sbatch.mem_text(n)
 
 
 def local_rounds(sweep: Sweep, policy: Policy, first: R, tasks: list[int],

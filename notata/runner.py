@@ -23,11 +23,11 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import _attach, _command, layout, resources, schema
+from . import _attach, _command, _signals, layout, resources, schema
 from .array import ENV_TASK, RUN_VARIABLES, open_task
 from .errors import RunCompleteError, RunLockedError, UsageError
 from .logbook import Logbook
@@ -119,21 +119,23 @@ SKIPPED, BUSY, INTERRUPTED = "skipped", "busy", "interrupted"
 
 def run_task(sweep: Sweep, index: int, argv: Sequence[str], *,
              heartbeat: float | None = None, from_array: bool = False,
-             pack: tuple[int, int] | None = None) -> Ended:
+             pack: tuple[int, int] | None = None,
+             warned: Callable[[], bool] | None = None) -> Ended:
     """:func:`exec_task`, saying how the task ended. ``pack``: the task's (position, size)
-    in the pack that runs it (:mod:`notata.pack`), recorded in its metadata.
+    in the pack that runs it (:mod:`notata.pack`), recorded in its metadata; ``warned()``
+    true once the time-limit warning has come (to the pack, perhaps before this run could
+    hear it): the run records it and the command is warned as soon as it is started.
 
-    SIGTERM and SIGHUP wait while the run opens (blocked, so that the kernel keeps them):
+    SIGTERM, SIGHUP and SIGUSR1 wait while the run opens (:func:`notata._signals.deferred`):
     one that comes then is handled the moment the run is open, and recorded, rather than
     ending the process between the run's folder and its first record.
     """
     if not argv:
         raise UsageError("no command to run: give it after --")
     interrupted = _Deferred()
-    main = threading.current_thread() is threading.main_thread()
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _ENDING) if main else None
     try:
-        with interrupted:  # a Ctrl-C here must not leave a half-opened run behind
+        # a Ctrl-C, SIGTERM or SIGHUP here must not leave a half-opened run behind
+        with interrupted, _signals.deferred():
             log = open_task(sweep, index, heartbeat=heartbeat, track_children=True,
                             from_array=from_array, pack=pack)
     except RunCompleteError as err:
@@ -144,16 +146,13 @@ def run_task(sweep: Sweep, index: int, argv: Sequence[str], *,
     except RunLockedError as err:
         print(f"notata: task {index}: {err}", file=sys.stderr)
         return Ended(IN_USE, BUSY)
-    finally:
-        if mask is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     _command.become_subreaper()
     with log:  # the lock is released on leaving this block: after the command has stopped
         try:
             if interrupted.caught:
                 raise KeyboardInterrupt
             before = resources.children_peak()  # scontrol's, say: not the command's
-            rc = _run_command(log, index, argv)
+            rc = _run_command(log, index, argv, warned)
         except KeyboardInterrupt:
             log.mark_cancelled("KeyboardInterrupt")
             return Ended(130, INTERRUPTED)
@@ -161,7 +160,10 @@ def run_task(sweep: Sweep, index: int, argv: Sequence[str], *,
             return Ended(127, schema.FAILED)
         handed = _attach.take_handed_over(log.path)
         marked, reason = handed.pop("status", None), handed.pop("failure_reason", None)
-        log._stage(**_plain_fields(handed), exit_code=rc)  # written with the status
+        if handed:  # on disk now: the file that held them is gone
+            log._set(**_plain_fields(handed), exit_code=rc)
+        else:
+            log._stage(exit_code=rc)  # written with the status
         if rc == 0 and marked in (schema.FAILED, schema.TIMEOUT, schema.CANCELLED):
             log._finish(marked, f"the command marked the run {marked}"
                         + (f": {reason}" if reason else ""))
@@ -186,10 +188,6 @@ def run_task(sweep: Sweep, index: int, argv: Sequence[str], *,
         return Ended(rc if rc > 0 else 128 - rc, schema.FAILED)
 
 
-#: The signals that end a run (see :mod:`notata._signals`).
-_ENDING = frozenset({signal.SIGTERM, signal.SIGHUP})
-
-
 def _say_ended(index: int, log: Logbook) -> None:
     """One line on stderr for a task that did not complete: what, and where its output
     is (run by hand, everything else went to the run's files)."""
@@ -205,7 +203,8 @@ def _plain_fields(handed: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in handed.items() if k not in schema.RESERVED}
 
 
-def _run_command(log: Logbook, index: int, argv: Sequence[str]) -> int | None:
+def _run_command(log: Logbook, index: int, argv: Sequence[str],
+                 warned: Callable[[], bool] | None = None) -> int | None:
     """Start the task's command under ``log`` and wait for it; its exit status as Popen
     gives it, or None (the run marked failed) when it cannot be started. On Ctrl-C the
     command is stopped before KeyboardInterrupt goes on."""
@@ -245,6 +244,11 @@ def _run_command(log: Logbook, index: int, argv: Sequence[str]) -> int | None:
             log.on_terminate(lambda _log, signum: _stopped(_log, proc))
             log.on_warning(lambda _log: _command.pass_warning(proc))
             log._set(command_pid=proc.pid)
+            if warned is not None and warned():  # the warning came before the command
+                if not any(s.get("signal") == "SIGUSR1"
+                           for s in log.metadata.get("signals", [])):
+                    os.kill(os.getpid(), signal.SIGUSR1)  # recorded once the block ends
+                _command.pass_warning_late(proc)
         try:
             if started.caught:
                 raise KeyboardInterrupt

@@ -41,7 +41,7 @@ from .heartbeat import DEFAULT_INTERVAL
 from .lock import LockFileError
 from .lock import is_held as lock_is_held
 from .manifest import Sweep
-from .pack import let_go
+from .pack import let_go_by
 
 if TYPE_CHECKING:
     from .queue import Queue
@@ -91,7 +91,7 @@ class RunRecord:
     runtime_sec: float | None = None
     array: tuple[str, int] | None = None  # (array job id, array task id) it ran as
     packed: bool = False  # its last attempt ran in a pack (``array`` is the pack's)
-    passed: str | None = None  # the job key of the still-queued pack that ended it
+    passed: frozenset[str] = frozenset()  # job keys of the packs that ran it and let it go
     orphan: bool = False  # its wrapper is gone but its command's processes still run here
     asked: dict[str, Any] | None = None  # what its last attempt asked the scheduler for
 
@@ -223,9 +223,10 @@ def _classify(meta: dict[str, Any], task: int | None, run_id: str, run_dir: str,
         if array is not None and came in ("array", "pack"):
             record.array = (str(array[0]), array[1])
             record.packed = came == "pack"
-        if came == "pack" and record.queued is not None and let_go(meta):
-            # the pack goes on to its next tasks and never comes back to this one
-            record.passed, record.queued = queue.key(meta), None
+        # packs that ran this task and went on (never to come back to it) hold it no more
+        record.passed = frozenset(let_go_by(meta, queue.key))
+        if record.queued is not None and queue.key(meta) in record.passed:
+            record.queued = None
     if status == schema.COMPLETE:
         return record
     try:  # a run that may be run again: its lock must be one notata can take

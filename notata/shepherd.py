@@ -36,12 +36,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import chain, lock, retry, scheduler, schema, submissions
+from . import _fs, chain, layout, lock, retry, scheduler, schema, submissions
 from .collector import Report, scan
 from .errors import NotataError, SchedulerError, UsageError
 from .layout import SweepPaths
 from .manifest import Sweep, compact, parse_indices
 from .manifest import load as load_sweep
+from .pack import started_in
 from .runstate import PENDING, RunRecord
 from .sbatch import SBATCH_TIMEOUT
 from .slurm import collector_queue
@@ -220,14 +221,18 @@ def _round(sweep: Sweep, policy: retry.Policy, state: chain.State, me: str | Non
             if r.task in looked_after and r not in busy:
                 say(f"round {state.round}: task {r.task} left: {why}")
         tries = submissions.tries(every, sweep.hash)
+        unbegun = submissions.left(every, sweep.hash, len(sweep))
         todo: list[RunRecord] = []
         given_up: dict[int, str] = {}
         for i in chosen:
             if i not in looked_after or str(i) in state.given_up:
                 continue  # a task given up stays so (by hand, a new chain tries again)
-            if tries.get(i, 0) >= policy.attempts:
+            made = tries.get(i, 0)
+            if made >= policy.attempts and i in unbegun:  # packs that never began it
+                made -= len(unbegun[i] - _began_in(by_task[i]))
+            if made >= policy.attempts:
                 reason = (by_task[i].reason or "").strip().splitlines()
-                given_up[i] = f"{by_task[i].status} after {tries.get(i, 0)} attempt(s), " \
+                given_up[i] = f"{by_task[i].status} after {made} attempt(s), " \
                     "the policy's limit" + (f": {reason[0]}" if reason else "")
             else:
                 todo.append(by_task[i])
@@ -316,6 +321,16 @@ def _queued_in(sweep: Sweep, state: chain.State) -> dict[int, str]:
             if r.get("chain") == state.chain and r.get("round") == state.round
             for j in (r.get("job_ids") or [])[:1]
             for i in parse_indices(str(r.get("tasks") or ""), len(sweep))}
+
+
+def _began_in(r: RunRecord) -> set[str]:
+    """The jobs (array task keys) any attempt of this task's run began in."""
+    if r.run_dir is None:
+        return set()
+    try:
+        return started_in(_fs.read_json_object(r.run_dir / layout.METADATA))
+    except (OSError, ValueError):
+        return set()
 
 
 def _not_run_in(r: RunRecord, job: str) -> bool:

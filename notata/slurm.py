@@ -13,6 +13,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -199,7 +200,7 @@ class SlurmProvider:
         environment), and would be taken for that array task."""
         ctx = dict(context)
         try:
-            record = show_job(ctx["job_id"])
+            record = _job_record(ctx["job_id"])
         except SchedulerError:
             return ctx  # the controller is busy or gone: the environment still says a lot
         if "TimeLimit" in record:
@@ -252,6 +253,23 @@ class SlurmProvider:
         if state in ("CANCELLED", "COMPLETING"):
             return schema.CANCELLED
         return None
+
+
+#: Seconds a job's record is reused for the next run the same job opens: a pack opens
+#: thousands of runs, and the controller need not be asked each time.
+RECORD_REUSE = 300.0
+_records: dict[str, tuple[float, dict[str, str]]] = {}
+
+
+def _job_record(job_id: object) -> dict[str, str]:
+    """:func:`show_job`, reused for :data:`RECORD_REUSE` seconds within this process."""
+    now = time.monotonic()
+    kept = _records.get(str(job_id))
+    if kept is None or now - kept[0] > RECORD_REUSE:
+        kept = (now, show_job(job_id))
+        _records.clear()  # one job at a time
+        _records[str(job_id)] = kept
+    return dict(kept[1])
 
 
 def show_job(job_id: object) -> dict[str, str]:

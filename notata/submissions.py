@@ -190,20 +190,33 @@ def live_local(records: list[dict[str, Any]], host: str, running_jobs: Iterable[
 
 def tries(records: Iterable[dict[str, Any]], manifest_hash: str) -> dict[int, int]:
     """Task -> how many of notata's submissions of this manifest version included it (the
-    attempts a retry policy counts: SLURM's own requeues of a task are not among them),
-    less those whose pack said it left the task unstarted (a ``left`` line).
-    ``records``: :func:`read`."""
+    attempts a retry policy counts: SLURM's own requeues of a task are not among them;
+    see :func:`left` for those a pack never began). ``records``: :func:`read`."""
     out: dict[int, int] = {}
     for r in records:
-        if r.get("manifest_hash") != manifest_hash or r.get("intent"):
+        if r.get("manifest_hash") != manifest_hash or r.get("intent") or not r.get("backend"):
             continue
-        if r.get("backend") and r.get("tasks"):
-            for i in taskspec.expand(str(r["tasks"])):
-                out[i] = out.get(i, 0) + 1
-        elif isinstance(r.get("left"), str) and taskspec.is_spec(r["left"]):
-            for i in taskspec.expand(r["left"]):
-                out[i] = out.get(i, 0) - 1
-    return {i: n for i, n in out.items() if n > 0}
+        for i in taskspec.expand(str(r.get("tasks") or "")):
+            out[i] = out.get(i, 0) + 1
+    return out
+
+
+def left(records: Iterable[dict[str, Any]], manifest_hash: str, n_tasks: int
+         ) -> dict[int, set[str]]:
+    """Task -> the array tasks (job keys) whose pack said it left the task unstarted (a
+    ``left`` line), for tasks below ``n_tasks``. A requeued pack may begin it later: the
+    caller checks the run's attempts before it takes one back."""
+    out: dict[int, set[str]] = {}
+    for r in records:
+        spec, job = r.get("left"), r.get("job")
+        if r.get("manifest_hash") != manifest_hash or not isinstance(spec, str) \
+                or not isinstance(job, str) or not taskspec.is_spec(spec):
+            continue
+        for part in spec.split(","):  # a hand-made line cannot name more than the sweep
+            lo, _, hi = part.partition("-")
+            for i in range(int(lo), min(int(hi or lo), n_tasks - 1) + 1):
+                out.setdefault(i, set()).add(job)
+    return out
 
 
 def array_index(array: dict[str, Any]) -> Callable[[int], list[int]]:

@@ -51,6 +51,13 @@ if kind == "fail":  # fails until the test writes folder/fixed
 if kind == "wait":  # runs until the test writes folder/go
     while not os.path.exists(os.path.join(folder, "go")):
         time.sleep(0.05)
+if kind == "trap":  # notes the warning, and waits a little for it
+    n = os.environ["NOTATA_TASK"]
+    signal.signal(signal.SIGUSR1, lambda *a: open(os.path.join(folder, "warned-" + n), "w"))
+    for _ in range(100):
+        if os.path.exists(os.path.join(folder, "warned-" + n)):
+            break
+        time.sleep(0.05)
 if kind == "sleep":
     time.sleep(float(sys.argv[3]))
 if kind == "forever":
@@ -212,26 +219,32 @@ def test_a_task_that_kills_the_local_backend_does_not_end_its_pack(base: Path) -
              "the pack to finish without its reader")
 
 
-def test_sigterm_while_a_run_opens_waits_for_it_to_be_open(base: Path) -> None:
-    """A SIGTERM landing between a run's new folder and its first record is handled once
-    the run is open, and recorded: never a run folder without metadata.json."""
-    manifest = sweep_of(base, ["ok"] * 3)
-    code = """
-    import os, signal, sys
+def signal_while_opening(signum: int, manifest: Path, base: Path) -> subprocess.Popen[str]:
+    """``notata exec --tasks 0-2`` that sends itself ``signum`` while task 1's run opens:
+    after its folder is made, before its lock is taken (the second check of the folder)."""
+    code = f"""
+    import os, sys
     from notata import layout
     real, calls = layout.check_run_dir, []
-    def hooked(path):  # its second call: after the folder is made, before the lock
+    def hooked(path):
         out = real(path)
         if path.name == "log_n1":
             calls.append(path)
             if len(calls) == 2:
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), {int(signum)})
         return out
     layout.check_run_dir = hooked
     from notata.cli import main
     sys.exit(main(sys.argv[1:]))
     """
-    proc = python(code, "exec", str(manifest), "--tasks", "0-2", "--", *command(base))
+    return python(code, "exec", str(manifest), "--tasks", "0-2", "--", *command(base))
+
+
+def test_sigterm_while_a_run_opens_waits_for_it_to_be_open(base: Path) -> None:
+    """A SIGTERM landing between a run's new folder and its first record is handled once
+    the run is open, and recorded: never a run folder without metadata.json."""
+    manifest = sweep_of(base, ["ok"] * 3)
+    proc = signal_while_opening(signal.SIGTERM, manifest, base)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
     assert read_meta(run(base, 1))["status"] == "terminated"
@@ -298,15 +311,24 @@ def test_a_warning_between_tasks_is_not_lost(base: Path) -> None:
     assert not run(base, 399).exists()
 
 
-def test_attempts_left_unstarted_by_a_pack_are_not_counted() -> None:
+def test_tasks_a_pack_left_unstarted_are_read_per_array_task() -> None:
     records = [
         {"backend": "slurm", "manifest_hash": "h", "tasks": "0-5"},
         {"backend": "slurm", "manifest_hash": "h", "tasks": "3-5"},
         {"left": "3-5", "job": "7_0", "manifest_hash": "h"},
-        {"left": "4-5", "job": "8_0", "manifest_hash": "h"},
+        {"left": "4-5", "job": "7_0", "manifest_hash": "h"},  # the same pack, requeued
+        {"left": "5", "job": "8_0", "manifest_hash": "h"},
+        {"left": "2-99999999999999", "job": "9_0", "manifest_hash": "other"},
+        {"left": "4-99999999999999", "job": "9_1", "manifest_hash": "h"},  # bounded
         {"backend": "slurm", "manifest_hash": "other", "tasks": "0-5"},
     ]
-    assert submissions.tries(records, "h") == {0: 1, 1: 1, 2: 1, 3: 1}
+    assert submissions.tries(records, "h") == {0: 1, 1: 1, 2: 1, 3: 2, 4: 2, 5: 2}
+    assert submissions.left(records, "h", 6) == {3: {"7_0"}, 4: {"7_0", "9_1"},
+                                                 5: {"7_0", "8_0", "9_1"}}
+    from notata.pack import started_in
+    meta = {"slurm": {"job_id": 3, "array_job_id": 7, "array_task_id": 0},
+            "attempts": [{"slurm": {"job_id": 9, "array_job_id": 8, "array_task_id": 0}}, {}]}
+    assert started_in(meta) == {"7_0", "8_0"}
 
 
 def test_a_requeued_pack_skips_what_it_let_go_in_any_earlier_attempt(base: Path) -> None:
@@ -318,9 +340,10 @@ def test_a_requeued_pack_skips_what_it_let_go_in_any_earlier_attempt(base: Path)
     sweep = notata.load_sweep(manifest)
     mine = {"job_id": 12, "array_job_id": 11, "array_task_id": 0}
     other = {"job_id": 20, "array_job_id": 20, "array_task_id": 3}
-    for n, attempts in ((0, [{"status": "failed", "slurm": mine},
-                             {"status": "failed", "slurm": other}]),
-                        (1, [{"status": "preempted", "slurm": mine,
+    packed = {"position": 0, "size": 4}
+    for n, attempts in ((0, [{"status": "failed", "slurm": mine, "pack": packed},
+                             {"status": "failed", "slurm": other, "pack": packed}]),
+                        (1, [{"status": "preempted", "slurm": mine, "pack": packed,
                               "signals": [{"signal": "SIGTERM"}]}])):
         run(base, n).mkdir(parents=True)
         (run(base, n) / "metadata.json").write_text(json.dumps(
@@ -342,6 +365,67 @@ def test_without_the_kernels_child_lists_the_slow_listing_decides(
 
     monkeypatch.setattr("builtins.open", no_lists)
     assert heartbeat.has_children(os.getpid())
+
+
+def test_a_pack_run_again_in_the_same_job_runs_its_failures_again(base: Path) -> None:
+    """Only a requeued array task skips what it let go: the same command run twice in
+    one job (an sbatch script, an salloc shell) runs a task that failed the first time."""
+    manifest = sweep_of(base, ["ok", "fail"])
+    env = {"SLURM_JOB_ID": "999999", "SLURM_JOB_NAME": "x"}  # a job, not an array task
+    for expected in (1, 0):
+        proc = exec_pack(manifest, base, "0-1", env=env)
+        assert proc.wait(60) == expected, proc.communicate()
+        (base / "fixed").write_text("")
+    assert statuses(manifest) == {0: "complete", 1: "complete"}
+
+
+def test_a_run_that_cannot_be_opened_is_said_and_the_pack_goes_on(base: Path) -> None:
+    manifest = sweep_of(base, ["ok"] * 4)
+    run(base, 1).mkdir(parents=True)
+    (run(base, 1) / "metadata.json").write_text("{bad")
+    proc = exec_pack(manifest, base, "0-3")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "task 1:" in err and "metadata.json" in err, err
+    assert [read_meta(run(base, n))["status"] for n in (0, 2, 3)] == ["complete"] * 3
+
+
+def test_a_warning_while_a_run_opens_reaches_its_command(base: Path) -> None:
+    """SIGUSR1 landing before the run could hear it: the run records it, its command is
+    warned once it has started, and the pack starts no other task."""
+    manifest = sweep_of(base, ["ok", "trap", "ok"])
+    proc = signal_while_opening(signal.SIGUSR1, manifest, base)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    meta = read_meta(run(base, 1))
+    assert meta["status"] == "complete" and "SIGUSR1" in [s["signal"] for s in meta["signals"]]
+    assert (base / "warned-1").exists()  # the command's own handler ran
+    assert not run(base, 2).exists() and "tasks 2 of this pack are left unstarted" in err
+
+
+def test_a_pack_that_let_a_task_go_does_not_hold_it_after_another_job_ran_it(
+        base: Path) -> None:
+    """Pack 31_0 ran task 0 and let it go; job 40_0 ran it since (and it failed again):
+    while 31_0 still runs, task 0 is free for a resubmit, and task 2 (not reached) is not."""
+    from notata.queue import Queue
+
+    manifest = sweep_of(base, ["ok", "ok", "ok"])
+    sweep = notata.load_sweep(manifest)
+    first = {"status": "failed", "pack": {"position": 0, "size": 3},
+             "slurm": {"job_id": 32, "array_job_id": 31, "array_task_id": 0}}
+    run(base, 0).mkdir(parents=True)
+    (run(base, 0) / "metadata.json").write_text(json.dumps({
+        "status": "failed", "attempt": 2, "task": 0, "manifest_hash": sweep.hash,
+        "task_from": "pack", "pack": {"position": 0, "size": 1}, "attempts": [first],
+        "slurm": {"job_id": 40, "array_job_id": 40, "array_task_id": 0}}))
+    submissions.append(base / "outputs", {
+        "backend": "slurm", "submission": "s", "manifest": str(manifest),
+        "manifest_hash": sweep.hash, "tasks": "0-2", "job_ids": ["31"],
+        "arrays": [{"job_id": "31", "spec": "0", "offset": 0, "map": "0-2", "pack": 3}]})
+    queue = Queue({"31_0": "RUNNING"})
+    report = notata.scan(sweep, queue=queue)
+    by_task = {r.task: r for r in report.read}
+    assert by_task[0].queued is None and by_task[2].queued == "RUNNING"
+    assert report.to_resubmit()[0] == [0]
 
 
 # -- on the test cluster ---------------------------------------------------------------------
@@ -453,8 +537,10 @@ def test_a_pack_at_its_time_limit(slurm_cluster: str) -> None:
         from notata.manifest import compact
         assert {r["left"] for r in records if "left" in r} == {
             compact(range(len(ran), 6)), "7-11"}
-        tries = submissions.tries(records, notata.load_sweep(manifest).hash)
-        assert sorted(tries) == [*ran, 6]
+        unbegun = submissions.left(records, notata.load_sweep(manifest).hash, 12)
+        job = _LIMIT["job"]
+        assert unbegun == {**{n: {f"{job}_0"} for n in range(len(ran), 6)},
+                           **{n: {f"{job}_1"} for n in range(7, 12)}}
         assert main(["resubmit", str(manifest), "--dry-run"]) == 0
     finally:
         shutil.rmtree(base, ignore_errors=True)

@@ -227,6 +227,9 @@ def test_a_round_groups_tasks_by_the_resources_their_next_attempt_asks_for() -> 
                       ("00:01:00", "400M"): [2], ("00:04:00", "200M"): [6]}
     assert [(r.task, why) for r, why in given_up] == [
         (4, "timeout again with --time at its cap"), (5, "oom again with --mem at its cap")]
+    # the sweep's "1" and "200" are the recorded 00:01:00 and 200M: one array, one pack
+    groups, _ = plan_round(p, chosen[:4], {"time": "1", "mem": "200"})
+    assert groups[("00:01:00", "200M")] == [0, 3]
 
 
 def test_the_oom_rule() -> None:
