@@ -156,7 +156,9 @@ def resubmit(manifest: str | os.PathLike[str] | Sweep, *statuses: str,
 def submit(manifest: str | os.PathLike[str] | Sweep, command: Sequence[str], *,
            backend: str | None = None, dry_run: bool = False,
            tasks: Sequence[int] | None = None, jobs: int | None = None,
-           retry: int | None = None, pack: int | None = None, **sbatch: Any) -> int:
+           retry: int | None = None, pack: int | None = None,
+           pack_time: str | float | None = None, task_time: str | float | None = None,
+           **sbatch: Any) -> int:
     """``notata submit`` from Python: submit the sweep's tasks (all, or ``tasks``).
 
     ``command`` is a list of arguments (``{param}`` placeholders are filled per task, no
@@ -165,8 +167,9 @@ def submit(manifest: str | os.PathLike[str] | Sweep, command: Sequence[str], *,
     :func:`resubmit` does; ``retry`` runs each task up to that many times in all (see
     :mod:`notata.retry`; on SLURM a shepherd job retries, :mod:`notata.shepherd`; locally
     this call retries); ``pack`` runs that many tasks one after another in each array
-    task (or local process), each its own run (:mod:`notata.pack`). Complete tasks and
-    tasks still queued
+    task (or local process), each its own run (:mod:`notata.pack`), or ``pack_time``
+    (seconds, or ``"30m"``) as many as fill it, from the runtimes of complete runs or
+    ``task_time``. Complete tasks and tasks still queued
     or running are left out.
     Returns the command's exit status (0: submitted, or locally every task complete; 1: a
     local task failed). Raises as :func:`resubmit` does.
@@ -175,6 +178,9 @@ def submit(manifest: str | os.PathLike[str] | Sweep, command: Sequence[str], *,
 
     options = _options("submit", command, backend, tasks, dry_run, jobs, sbatch)
     options.pack = pack
+    options.pack_time, options.task_time = (
+        t if isinstance(t, (int, float)) or t is None else submission.duration(t, name)
+        for t, name in ((pack_time, "pack_time"), (task_time, "task_time")))
     options.retry = retry  # submit's own: resubmit has max_attempts
     return submission.submit(manifest, list(command), options).status
 

@@ -150,7 +150,10 @@ def _options(args: argparse.Namespace, sweep: Sweep) -> submission.Options:
     scheduler.update(throttle=args.throttle, warn_before=args.warn_before,
                      sbatch_line=args.sbatch_line)
     options = submission.Options(backend=args.backend, tasks=tasks, dry_run=args.dry_run,
-                                 jobs=args.jobs, pack=args.pack, scheduler=scheduler,
+                                 jobs=args.jobs, pack=args.pack,
+                                 pack_time=submission.duration(args.pack_time, "--pack-time"),
+                                 task_time=submission.duration(args.task_time, "--task-time"),
+                                 scheduler=scheduler,
                                  retry=getattr(args, "retry", None))
     options.check()
     return options
@@ -273,6 +276,12 @@ def add_submit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pack", type=int, metavar="N",
                    help="run N tasks one after another in each array task (locally: in "
                         "each process); each is still its own run")
+    p.add_argument("--pack-time", metavar="DURATION",
+                   help="instead of --pack: as many tasks per array task as fill DURATION "
+                        "(30m), from the runtimes of the sweep's complete runs")
+    p.add_argument("--task-time", metavar="DURATION",
+                   help="with --pack-time, before any run is complete: how long one task "
+                        "takes (20s)")
     g.add_argument("--throttle", type=int, metavar="N", help="at most N tasks at once (%%N)")
     g.add_argument("--warn-before", type=int, metavar="SECS",
                    help="SIGUSR1 this long before the time limit (default 120; 0: none)")

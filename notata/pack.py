@@ -38,7 +38,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from . import _fs, layout, scheduler, schema, submissions
+from . import _fs, index, layout, scheduler, schema, submissions
 from .errors import NotataError, UsageError
 from .manifest import Sweep, compact
 from .runner import BUSY, IN_USE, INTERRUPTED, SKIPPED, Ended, run_task
@@ -63,6 +63,40 @@ def let_go(attempt: Mapping[str, Any]) -> bool:
     signals = attempt.get("signals") or []
     return attempt.get("status") in schema.TERMINAL_STATUSES and not any(
         isinstance(s, Mapping) and s.get("signal") in _ENDING_NAMES for s in signals)
+
+
+#: How many complete runs a ``--pack-time`` estimate reads, spread over the sweep.
+SAMPLE = 200
+
+
+def size_for(sweep: Sweep, pack_time: float, task_time: float | None) -> tuple[int, str]:
+    """The pack size that fills ``pack_time`` seconds, and how it was found: from the
+    runtimes of the sweep's complete runs (their 90th percentile, from up to
+    :data:`SAMPLE` of them), else from ``task_time``. A
+    :class:`~notata.errors.UsageError` when neither is there, or one task takes longer
+    than ``pack_time``."""
+    done = index.complete_tasks(sweep.base_dir, sweep.hash, len(sweep))
+    runtimes: list[float] = []
+    if done is not None and len(done):
+        step = max(1, len(done) // SAMPLE)
+        for i in done["task"][::step][:SAMPLE].tolist():
+            with contextlib.suppress(OSError, ValueError):
+                sec = _fs.read_json_object(sweep.task(int(i)).run_dir / layout.METADATA).get(
+                    "runtime_sec")
+                if isinstance(sec, (int, float)) and sec >= 0:
+                    runtimes.append(float(sec))
+    if runtimes:
+        runtimes.sort()
+        each = runtimes[min(len(runtimes) - 1, int(0.9 * len(runtimes)))]
+        how = f"the 90th percentile of {len(runtimes)} complete runs' runtimes, {each:.3g} s"
+    elif task_time is not None:
+        each, how = task_time, f"--task-time {task_time:g} s"
+    else:
+        raise UsageError("--pack-time: no run of this sweep is complete yet, so its tasks' "
+                         "runtime is not known: give --task-time too (e.g. --task-time 20s)")
+    if each > pack_time:
+        raise UsageError(f"--pack-time {pack_time:g} s is shorter than one task ({how})")
+    return check_size(max(1, min(MAX_PACK, int(pack_time // max(each, 1e-3))))), how
 
 
 def let_go_by(meta: Mapping[str, Any], key: Callable[[Mapping[str, Any]], str | None]

@@ -21,7 +21,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import chain, local, lock, retry, sbatch, schema, slurm, submissions
@@ -30,7 +30,7 @@ from .collector import Report, scan
 from .errors import SchedulerError, UsageError
 from .manifest import Sweep, compact, parse_indices
 from .manifest import load as load_sweep
-from .pack import check_size
+from .pack import check_size, size_for
 from .runstate import DEFAULT_RESUBMIT, PENDING, SELECTORS
 
 BACKENDS = ("slurm", "local")
@@ -56,6 +56,8 @@ class Options:
     scheduler: dict[str, Any] = field(default_factory=dict)
     retry: int | None = None  # attempts per task (see notata.retry); wins over the manifest's
     pack: int | None = None  # tasks run one after another per array task (see notata.pack)
+    pack_time: float | None = None  # seconds of work per array task: sets pack from runtimes
+    task_time: float | None = None  # seconds one task takes, until some have completed
 
     def check(self) -> None:
         """Raise :class:`UsageError` for a value that cannot be used, before anything runs."""
@@ -69,6 +71,15 @@ class Options:
                 raise UsageError(f"{key} {value!r}: give {what}, at least 1")
         if self.pack is not None:
             check_size(self.pack)
+        if self.pack_time is not None and self.pack is not None:
+            raise UsageError("give --pack or --pack-time, not both")
+        for key in ("pack_time", "task_time"):
+            value = getattr(self, key)
+            if value is not None and not (isinstance(value, (int, float))
+                                          and not isinstance(value, bool) and value > 0):
+                raise UsageError(f"{key} {value!r}: give a positive number of seconds")
+        if self.task_time is not None and self.pack_time is None:
+            raise UsageError("--task-time goes with --pack-time")
         unknown = sorted(set(self.scheduler) - set(SCHEDULER_OPTIONS))
         if unknown:
             raise UsageError(f"unknown scheduler option {unknown[0]!r}; known: "
@@ -129,6 +140,7 @@ def submit(manifest: str | os.PathLike[str] | Sweep, command: Sequence[str],
     options.check()
     command = _command(command)
     sweep = manifest if isinstance(manifest, Sweep) else load_sweep(manifest)
+    options = _sized(sweep, options)
     indices = sweep.check_indices(options.tasks if options.tasks is not None
                                   else range(len(sweep)))
     sweep.check_unique(remember=not options.dry_run)
@@ -211,6 +223,7 @@ def resubmit(manifest: str | os.PathLike[str] | Sweep, statuses: Iterable[str] =
     # does not compute every run id; the check is remembered per manifest hash).
     sweep = manifest if isinstance(manifest, Sweep) else load_sweep(manifest)
     sweep.check_indices(options.tasks or ())
+    options = _sized(sweep, options)
     sweep.check_unique(remember=not options.dry_run)
     sweep_lock = (lock.no_lock() if options.dry_run
                   else submissions.sweep_lock(sweep.base_dir))
@@ -242,6 +255,22 @@ def resubmit(manifest: str | os.PathLike[str] | Sweep, statuses: Iterable[str] =
             print(f"  command: {shlex.join(cmd)}")
         return _submit(sweep, indices, cmd, backend, options, given, progress=progress,
                        held=held, again=True)
+
+
+def _sized(sweep: Sweep, options: Options) -> Options:
+    """``options`` with ``--pack-time`` made a pack size (:func:`notata.pack.size_for`),
+    and, where no ``--time`` is given, a time limit that holds it (``--pack-time`` plus a
+    tenth and five minutes); says both."""
+    if options.pack_time is None:
+        return options
+    pack, how = size_for(sweep, options.pack_time, options.task_time)
+    scheduler = dict(options.scheduler)
+    said = f"notata: {pack} task(s) per array task, to fill {options.pack_time:g} s ({how})"
+    if scheduler.get("time") is None and "time" not in sweep.slurm:
+        scheduler["time"] = sbatch.time_text(math.ceil(options.pack_time * 1.1) + 300)
+        said += f"; --time {scheduler['time']}"
+    print(said, file=sys.stderr)
+    return replace(options, pack=pack, pack_time=None, task_time=None, scheduler=scheduler)
 
 
 def _choose(report: Report, statuses: list[str], max_attempts: int | None,

@@ -428,6 +428,38 @@ def test_a_pack_that_let_a_task_go_does_not_hold_it_after_another_job_ran_it(
     assert report.to_resubmit()[0] == [0]
 
 
+def test_pack_time_sizes_packs_from_task_time_then_from_complete_runs(
+        base: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = sweep_of(base, ["ok"] * 40)
+    sweep = notata.load_sweep(manifest)
+    # nothing complete yet: --task-time is needed, and must fit
+    assert submit(manifest, "--backend", "slurm", "--dry-run", "--pack-time", "1m",
+                  "--", "true") == 2
+    assert "give --task-time" in capsys.readouterr().err
+    assert submit(manifest, "--backend", "slurm", "--dry-run", "--pack-time", "1m",
+                  "--task-time", "2m", "--", "true") == 2
+    assert "shorter than one task" in capsys.readouterr().err
+    assert submit(manifest, "--backend", "slurm", "--dry-run", "--pack", "3", "--pack-time",
+                  "1m", "--", "true") == 2
+    assert submit(manifest, "--backend", "slurm", "--dry-run", "--pack-time", "1m",
+                  "--task-time", "20s", "--", "true") == 0
+    out, err = capsys.readouterr()
+    assert "3 task(s) per array task" in err and "--time 00:06:06" in err
+    assert "NOTATA_PACK=3" in out and "--array=0-13" in out and '--time="00:06:06"' in out
+    # twenty complete runs of about 2 s: 30 s of work is 15 tasks (90th percentile)
+    for i in range(20):
+        with notata.task(sweep, i) as log:
+            log._set(status="running")
+        meta = read_meta(run(base, i))
+        meta["runtime_sec"] = 2.0 if i < 18 else 1.0
+        (run(base, i) / "metadata.json").write_text(json.dumps(meta))
+    assert submit(manifest, "--backend", "slurm", "--dry-run", "--pack-time", "30s",
+                  "--task-time", "1s", "--time", "5", "--", "true") == 0
+    out, err = capsys.readouterr()
+    assert "15 task(s) per array task" in err and "20 complete runs" in err
+    assert "--time" not in err.split("(")[0] and "NOTATA_PACK=15" in out
+
+
 # -- on the test cluster ---------------------------------------------------------------------
 
 
