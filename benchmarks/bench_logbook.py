@@ -1,7 +1,9 @@
 """Logbook overhead, measured against baselines in the same run (ratios of medians).
 
 1. Per-run overhead: open + params + one 1,000-element array + one JSON artifact
-   + close, against plain ``np.save`` + ``json.dump`` of the same files, and against
+   + close, against plain ``np.save`` + ``json.dump`` of the same files, against the
+   fsync floor (the same files and a log and metadata file written and fsynced, with
+   their folders: the 9 fsyncs notata's durability costs, and nothing else), and against
    the published notata 0.3.0 when ``--notata03 DIR`` names a folder it is installed in
    (``benchmarks/run.sh`` does that).
 2. Heartbeat cost: a tight numpy loop with a 0.1 s heartbeat against the same loop
@@ -20,7 +22,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -55,6 +59,37 @@ def plain(base: Path, runs: int) -> float:
         np.save(d / "data" / "x.npy", ARRAY)
         with open(d / "artifacts" / "final_state.json", "w") as f:
             json.dump(RESULT, f)
+    return (time.perf_counter() - t0) / runs
+
+
+def fsync_floor(base: Path, runs: int) -> float:
+    """The same files as :func:`plain`, plus a log and a metadata file, each fsynced, and
+    their folders: what notata must sync per run (9 fsyncs), with nothing else."""
+    def synced(path: Path, write: Callable[[Any], object], mode: str = "w") -> None:
+        with open(path, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def sync_dir(path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    t0 = time.perf_counter()
+    for i in range(runs):
+        d = base / f"log_r{i}"
+        (d / "data").mkdir(parents=True)
+        (d / "artifacts").mkdir()
+        synced(d / "params.yaml", lambda f: json.dump(PARAMS, f))
+        synced(d / "data" / "x.npy", lambda f: np.save(f, ARRAY), "wb")
+        synced(d / "artifacts" / "final_state.json", lambda f: json.dump(RESULT, f))
+        synced(d / "log.txt", lambda f: f.write("opened\nclosed\n"))
+        synced(d / "metadata.json", lambda f: json.dump({"status": "complete", **PARAMS}, f))
+        for folder in (d / "data", d / "artifacts", d, d):
+            sync_dir(folder)
     return (time.perf_counter() - t0) / runs
 
 
@@ -117,7 +152,8 @@ def main() -> None:
     ap.add_argument("--notata03", help="a folder where notata 0.3.0 is installed (pip --target)")
     args = ap.parse_args()
 
-    times: dict[str, list[float]] = {"plain": [], "notata": [], "notata 0.3.0": []}
+    times: dict[str, list[float]] = {"plain": [], "fsync floor": [], "notata": [],
+                                     "notata 0.3.0": []}
     for _ in range(args.repeats):
         for name in times:
             if name == "notata 0.3.0" and not args.notata03:
@@ -125,6 +161,8 @@ def main() -> None:
             with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
                 if name == "plain":
                     times[name].append(plain(Path(tmp), args.runs))
+                elif name == "fsync floor":
+                    times[name].append(fsync_floor(Path(tmp), args.runs))
                 elif name == "notata":
                     times[name].append(ours(Path(tmp), args.runs))
                 else:
@@ -137,6 +175,9 @@ def main() -> None:
         print(f"  {name:14s} {t * 1e3:8.3f} ms/run   ratio to plain {t / med['plain']:5.2f}")
     if "notata 0.3.0" in med:
         print(f"  notata / notata 0.3.0 = {med['notata'] / med['notata 0.3.0']:.2f}")
+        above = med["notata"] - med["fsync floor"]
+        print(f"  (notata - fsync floor) / notata 0.3.0 = {above / med['notata 0.3.0']:.2f} "
+              f"({above * 1e3:.3f} ms above the floor)")
     hb, no = heartbeat_cost(args.repeats)
     print(f"heartbeat 0.1 s on a numpy loop: {hb:.3f} s vs {no:.3f} s without, "
           f"cost {100 * (hb / no - 1):+.2f}%")

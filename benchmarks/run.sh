@@ -15,4 +15,5 @@ command -v parallel >/dev/null || { [ "$(id -u)" = 0 ] && apt-get install -y -q 
 if command -v sbatch >/dev/null; then
   .venv/bin/python benchmarks/bench_slurm.py --tasks 500 --repeats 2
   .venv/bin/python benchmarks/bench_shepherd.py --tasks 100000 --fail 100 --repeats 3
+  .venv/bin/python benchmarks/bench_pack_slurm.py --tasks 20000 --pack 500 --repeats 2
 fi

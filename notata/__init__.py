@@ -157,8 +157,8 @@ def submit(manifest: str | os.PathLike[str] | Sweep, command: Sequence[str], *,
            backend: str | None = None, dry_run: bool = False,
            tasks: Sequence[int] | None = None, jobs: int | None = None,
            retry: int | None = None, pack: int | None = None,
-           pack_time: str | float | None = None, task_time: str | float | None = None,
-           **sbatch: Any) -> int:
+           pack_parallel: int | None = None, pack_time: str | float | None = None,
+           task_time: str | float | None = None, **sbatch: Any) -> int:
     """``notata submit`` from Python: submit the sweep's tasks (all, or ``tasks``).
 
     ``command`` is a list of arguments (``{param}`` placeholders are filled per task, no
@@ -167,7 +167,8 @@ def submit(manifest: str | os.PathLike[str] | Sweep, command: Sequence[str], *,
     :func:`resubmit` does; ``retry`` runs each task up to that many times in all (see
     :mod:`notata.retry`; on SLURM a shepherd job retries, :mod:`notata.shepherd`; locally
     this call retries); ``pack`` runs that many tasks one after another in each array
-    task (or local process), each its own run (:mod:`notata.pack`), or ``pack_time``
+    task (or local process), each its own run (:mod:`notata.pack`), ``pack_parallel`` of
+    them at a time on SLURM, or ``pack_time``
     (seconds, or ``"30m"``) as many as fill it, from the runtimes of complete runs or
     ``task_time``. Complete tasks and tasks still queued
     or running are left out.
@@ -177,7 +178,7 @@ def submit(manifest: str | os.PathLike[str] | Sweep, command: Sequence[str], *,
     from . import submission
 
     options = _options("submit", command, backend, tasks, dry_run, jobs, sbatch)
-    options.pack = pack
+    options.pack, options.pack_parallel = pack, pack_parallel
     options.pack_time, options.task_time = (
         t if isinstance(t, (int, float)) or t is None else submission.duration(t, name)
         for t, name in ((pack_time, "pack_time"), (task_time, "task_time")))

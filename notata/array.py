@@ -23,8 +23,11 @@ ENV_MAP = "NOTATA_TASK_MAP"
 #: Tasks per array task of a packed array: array task ``k`` runs entries ``k*N`` to
 #: ``k*N+N-1`` of ``NOTATA_TASK_MAP``, one after another (see :mod:`notata.pack`).
 ENV_PACK = "NOTATA_PACK"
+#: Tasks of a pack run at a time (``--pack-parallel``).
+ENV_PACK_PARALLEL = "NOTATA_PACK_PARALLEL"
 #: What ``notata exec`` sets for one run's command; never inherited by another task or job.
-RUN_VARIABLES = frozenset({ENV_TASK, ENV_OFFSET, ENV_MAP, ENV_PACK, "NOTATA_RUN_DIR",
+RUN_VARIABLES = frozenset({ENV_TASK, ENV_OFFSET, ENV_MAP, ENV_PACK, ENV_PACK_PARALLEL,
+                           "NOTATA_RUN_DIR",
                            "NOTATA_RUN_ID",
                            "NOTATA_ATTEMPT",
                            "NOTATA_PARAMS", _attach.ENV_WRAPPER_PID, _attach.ENV_WRAPPER_HOST,
@@ -62,6 +65,14 @@ def task_index(environ: Mapping[str, str] | None = None) -> tuple[int, bool]:
     if listed:
         return _listed(listed, array), True
     return array + _int(ENV_OFFSET, env.get(ENV_OFFSET, "0")), True
+
+
+def pack_parallel(environ: Mapping[str, str] | None = None) -> int:
+    """How many tasks of this array task's pack run at a time (``NOTATA_PACK_PARALLEL``;
+    1 when unset)."""
+    env = os.environ if environ is None else environ
+    raw = env.get(ENV_PACK_PARALLEL, "")
+    return max(1, _int(ENV_PACK_PARALLEL, raw)) if raw else 1
 
 
 def pack_tasks(environ: Mapping[str, str] | None = None) -> list[int] | None:

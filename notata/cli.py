@@ -22,13 +22,13 @@ from typing import Any
 
 from . import chain, sbatch, shepherd, slurm, submission, tabulate
 from ._version import __version__
-from .array import pack_tasks, task_index
+from .array import pack_parallel, pack_tasks, task_index
 from .collector import Report, Watcher
 from .errors import ManifestError, NotataError, RunDirError, UsageError
 from .heartbeat import interval_from
 from .local import LocalResult
 from .manifest import Sweep, compact, load, parse_indices
-from .pack import exec_pack
+from .pack import exec_pack, exec_queue
 from .resources import size_text
 from .runner import exec_task
 from .runstate import SELECTORS
@@ -83,6 +83,9 @@ def cmd_exec(args: argparse.Namespace) -> int:
         raise UsageError(f"--heartbeat: {err}") from None
     if args.task is not None and args.tasks is not None:
         raise UsageError("give --task or --tasks, not both")
+    if args.queue_fd is not None:  # a worker of a pack run side by side
+        return exec_queue(sweep, args.queue_fd, args.pack_size or 0, _command(args),
+                          heartbeat=args.heartbeat, element=pack_tasks() is not None)
     if args.tasks is not None:
         tasks: list[int] | None = parse_indices(args.tasks, len(sweep))
     else:
@@ -95,7 +98,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         rc = exec_pack(sweep, [i for i in tasks if i < len(sweep)], _command(args),
                        heartbeat=args.heartbeat, report=args.report_fd,
-                       element=args.tasks is None)
+                       element=args.tasks is None,
+                       parallel=pack_parallel() if args.tasks is None else 1)
         return rc or (1 if outside else 0)
     index, from_array = (args.task, False) if args.task is not None else task_index()
     _task(sweep, index)
@@ -151,6 +155,7 @@ def _options(args: argparse.Namespace, sweep: Sweep) -> submission.Options:
                      sbatch_line=args.sbatch_line)
     options = submission.Options(backend=args.backend, tasks=tasks, dry_run=args.dry_run,
                                  jobs=args.jobs, pack=args.pack,
+                                 pack_parallel=args.pack_parallel,
                                  pack_time=submission.duration(args.pack_time, "--pack-time"),
                                  task_time=submission.duration(args.task_time, "--task-time"),
                                  scheduler=scheduler,
@@ -276,6 +281,9 @@ def add_submit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pack", type=int, metavar="N",
                    help="run N tasks one after another in each array task (locally: in "
                         "each process); each is still its own run")
+    p.add_argument("--pack-parallel", type=int, metavar="P",
+                   help="with --pack: P tasks at a time in each array task (at most its "
+                        "--cpus-per-task)")
     p.add_argument("--pack-time", metavar="DURATION",
                    help="instead of --pack: as many tasks per array task as fill DURATION "
                         "(30m), from the runtimes of the sweep's complete runs")
@@ -315,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the task index (default: SLURM_ARRAY_TASK_ID + NOTATA_TASK_OFFSET)")
     e.add_argument("--tasks", help="run these tasks one after another, e.g. 3,7,10-12")
     e.add_argument("--report-fd", type=int, help=argparse.SUPPRESS)
+    e.add_argument("--queue-fd", type=int, help=argparse.SUPPRESS)
+    e.add_argument("--pack-size", type=int, help=argparse.SUPPRESS)
     e.add_argument("--heartbeat", type=float, help="seconds between heartbeats (default 30)")
     e.set_defaults(func=cmd_exec)
 

@@ -23,6 +23,10 @@ it ran as). What the pack adds:
 - **A requeued array task** (preemption, a node lost) runs its pack again from the
   start, skipping what it has let go in an earlier life, and running again what a
   signal ended.
+- **Side by side** (``--pack-parallel P``): the array task's process starts P workers
+  that take the pack's tasks one at a time from a pipe (:func:`_side_by_side`); each
+  worker is a pack as above; the warning and SIGTERM are passed to every worker, and
+  what is still in the pipe when they stop is what was left unstarted.
 - **Tasks left unstarted** by a warning or a signal are recorded in the sweep's
   submissions record, so that the retry shepherd does not count that submission as one
   of their attempts.
@@ -32,7 +36,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -41,7 +47,7 @@ from typing import Any
 from . import _fs, index, layout, scheduler, schema, submissions
 from .errors import NotataError, UsageError
 from .manifest import Sweep, compact
-from .runner import BUSY, IN_USE, INTERRUPTED, SKIPPED, Ended, run_task
+from .runner import BUSY, IN_USE, INTERRUPTED, SKIPPED, run_task
 
 #: The largest pack: its tasks are listed in one job script and sliced by position.
 MAX_PACK = 1_000_000
@@ -114,7 +120,7 @@ def let_go_by(meta: Mapping[str, Any], key: Callable[[Mapping[str, Any]], str | 
 
 def exec_pack(sweep: Sweep, indices: Sequence[int], argv: Sequence[str], *,
               heartbeat: float | None = None, report: int | None = None,
-              element: bool = False) -> int:
+              element: bool = False, parallel: int = 1) -> int:
     """Run ``argv`` as each task of ``indices`` in turn, each its own run (see the module
     docstring). Returns 0 when every task completed (or was complete), 1 when one did
     not, :data:`~notata.runner.IN_USE` when one was held by another process and none
@@ -123,10 +129,12 @@ def exec_pack(sweep: Sweep, indices: Sequence[int], argv: Sequence[str], *,
     run's status, or ``skipped``, ``busy``, ``interrupted``, ``error``; the local
     backend reads it). ``element``: the tasks are an array task's pack (``NOTATA_PACK``),
     which, requeued, skips what it let go, and records what it leaves unstarted.
+    ``parallel`` > 1: that many tasks at a time (:func:`_side_by_side`).
     """
+    if parallel > 1 and len(indices) > 1:
+        return _side_by_side(sweep, indices, argv, heartbeat, element, parallel)
     me = _job_key() if element else None
-    failed: list[int] = []
-    busy: list[int] = []
+    outcome = _Outcome()
     said: list[bool] = []
     nxt = 0  # the position of the first task not yet begun
 
@@ -141,36 +149,164 @@ def exec_pack(sweep: Sweep, indices: Sequence[int], argv: Sequence[str], *,
                 if warned:
                     leave("the time limit is near")
                     break
-                if me is not None and _ran_here(sweep, index, me):
-                    nxt = position + 1
-                    continue
                 nxt = position + 1  # from here on, the task counts as begun
-                try:
-                    ended = run_task(sweep, index, argv, heartbeat=heartbeat,
-                                     pack=(position, len(indices)),
-                                     warned=lambda: bool(warned))
-                except (NotataError, OSError) as err:  # this run cannot be opened
-                    print(f"notata: task {index}: {err}", file=sys.stderr, flush=True)
-                    ended = Ended(1, _ERROR)
-                if report is not None:
-                    with contextlib.suppress(OSError):  # the reader is gone: go on
-                        os.write(report, f"{index} {ended.how}\n".encode())
-                if ended.how == INTERRUPTED:
+                if me is not None and _ran_here(sweep, index, me):
+                    continue
+                how = _one(sweep, index, (position, len(indices)), argv, heartbeat, warned,
+                           report)
+                if how == INTERRUPTED:
                     leave("Ctrl-C")
                     return 130
-                if ended.how == BUSY:
-                    busy.append(index)
-                elif ended.how not in (schema.COMPLETE, SKIPPED):
-                    failed.append(index)
+                outcome.add(index, how)
         except SystemExit as stop:  # SIGTERM or SIGHUP: the running task is recorded
-            code = stop.code if isinstance(stop.code, int) else 0
-            leave(f"{signal.Signals(code - 128).name if code > 128 else 'a signal'} "
-                  "ended this pack")
+            leave(f"{_name(stop)} ended this pack")
             raise
-    return 1 if failed else IN_USE if busy else 0
+    return outcome.status()
+
+
+def exec_queue(sweep: Sweep, fd: int, size: int, argv: Sequence[str], *,
+               heartbeat: float | None = None, element: bool = False) -> int:
+    """One worker of :func:`_side_by_side`: run tasks read from ``fd`` (records of
+    :data:`_RECORD` bytes, ``INDEX POSITION``) until it is empty or the warning comes;
+    the array task's own process says what was left."""
+    me = _job_key() if element else None
+    outcome = _Outcome()
+    with _listening() as warned:
+        while not warned:
+            raw = os.read(fd, _RECORD)
+            if len(raw) < _RECORD:
+                break
+            index, position = map(int, raw.split())
+            if me is not None and _ran_here(sweep, index, me):
+                continue
+            how = _one(sweep, index, (position, size), argv, heartbeat, warned, None)
+            if how == INTERRUPTED:
+                return 130
+            outcome.add(index, how)
+    return outcome.status()
 
 
 _ERROR = "error"
+#: A task of a side-by-side pack as its workers read it: index and position, fixed width.
+_RECORD = 24
+
+
+def _side_by_side(sweep: Sweep, indices: Sequence[int], argv: Sequence[str],
+                  heartbeat: float | None, element: bool, parallel: int) -> int:
+    """``parallel`` workers (``notata exec --queue-fd``) take the pack's tasks one at a time
+    from a pipe, in order, each task its own run. The warning and SIGTERM/SIGHUP are
+    passed to every worker (each records its running task as a lone pack would); the
+    pipe is then emptied, and what was still in it is what the pack left unstarted."""
+    me = _job_key() if element else None
+    read, write = os.pipe()
+    records = [f"{i} {k}".ljust(_RECORD - 1).encode() + b"\n" for k, i in enumerate(indices)]
+    fed: list[int] = []  # records written so far
+    stop = threading.Event()
+
+    def feed() -> None:  # the only user of ``write``: it closes it, when done or stopped
+        try:
+            for record in records:
+                while not stop.is_set() and not select.select([], [write], [], 0.2)[1]:
+                    pass  # the pipe is full: the workers are busy
+                if stop.is_set():
+                    break
+                os.write(write, record)  # under PIPE_BUF: whole, or not at all
+                fed.append(1)
+        except OSError:
+            pass  # every worker is gone
+        finally:
+            os.close(write)
+
+    base = [sys.executable, "-m", "notata", "exec", str(sweep.path), "--queue-fd", str(read),
+            "--pack-size", str(len(indices))]
+    if heartbeat is not None:
+        base += ["--heartbeat", str(heartbeat)]
+    workers = [subprocess.Popen([*base, "--", *argv], pass_fds=(read,),
+                                stdin=subprocess.DEVNULL) for _ in range(parallel)]
+    feeder = threading.Thread(target=feed, name="notata-pack-feed", daemon=True)
+    feeder.start()
+    stopping: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        if signum != signal.SIGUSR1:
+            stopping.append(signum)
+        stop.set()
+        for w in workers:
+            with contextlib.suppress(OSError):
+                w.send_signal(signum)
+
+    wanted = (signal.SIGUSR1, signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+    before = {s: signal.signal(s, forward) for s in wanted
+              if signal.getsignal(s) is not signal.SIG_IGN}
+    try:
+        codes = []
+        for w in workers:
+            while True:
+                try:
+                    codes.append(w.wait())
+                    break
+                except InterruptedError:
+                    continue
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+    stop.set()
+    feeder.join()
+    os.set_blocking(read, False)
+    left: list[int] = []
+    with contextlib.suppress(OSError):
+        while len(raw := os.read(read, _RECORD)) == _RECORD:
+            left.append(int(raw.split()[0]))
+    os.close(read)
+    left += [int(r.split()[0]) for r in records[len(fed):]]
+    why = _name(SystemExit(128 + stopping[0])) + " ended this pack" if stopping \
+        else "the time limit is near"
+    if left:
+        _left(sweep, sorted(left), me, why)
+    if stopping:
+        raise SystemExit(128 + stopping[0])
+    if any(c == 130 for c in codes):
+        return 130
+    return 1 if any(c not in (0, IN_USE) for c in codes) else IN_USE if IN_USE in codes else 0
+
+
+class _Outcome:
+    """What the tasks of a pack did: the exit status they add up to."""
+
+    def __init__(self) -> None:
+        self.failed: list[int] = []
+        self.busy: list[int] = []
+
+    def add(self, index: int, how: str) -> None:
+        if how == BUSY:
+            self.busy.append(index)
+        elif how not in (schema.COMPLETE, SKIPPED):
+            self.failed.append(index)
+
+    def status(self) -> int:
+        return 1 if self.failed else IN_USE if self.busy else 0
+
+
+def _one(sweep: Sweep, index: int, where: tuple[int, int], argv: Sequence[str],
+         heartbeat: float | None, warned: list[bool], report: int | None) -> str:
+    """Run one task of the pack; how it ended (:class:`~notata.runner.Ended`'s ``how``)."""
+    try:
+        how = run_task(sweep, index, argv, heartbeat=heartbeat, pack=where,
+                       warned=lambda: bool(warned)).how
+    except (NotataError, OSError) as err:  # this run cannot be opened
+        print(f"notata: task {index}: {err}", file=sys.stderr, flush=True)
+        how = _ERROR
+    if report is not None:
+        with contextlib.suppress(OSError):  # the reader is gone: go on
+            os.write(report, f"{index} {how}\n".encode())
+    return how
+
+
+def _name(stop: SystemExit) -> str:
+    code = stop.code if isinstance(stop.code, int) else 0
+    return signal.Signals(code - 128).name if code > 128 else "a signal"
+
+
 
 
 def _left(sweep: Sweep, tasks: Sequence[int], me: str | None, why: str) -> None:

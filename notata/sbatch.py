@@ -23,7 +23,7 @@ from typing import Any
 
 from . import _fs, layout, runinfo, submissions
 from .array import RUN_VARIABLES
-from .errors import ManifestError, SchedulerError
+from .errors import ManifestError, SchedulerError, UsageError
 from .manifest import Sweep, compact, parse_indices
 from .pack import check_size
 from .slurm import run, submit_env
@@ -233,6 +233,17 @@ def options_for(section: Mapping[str, Any], flags: Mapping[str, Any], where: str
         extra = kept
     if settings.get("pack") is not None:
         check_size(settings["pack"])
+    side = settings.get("pack_parallel")
+    if side is not None:
+        cpus = options.get("cpus_per_task", "1")
+        if isinstance(side, bool) or not isinstance(side, int) or side < 1:
+            raise UsageError(f"--pack-parallel {side!r}: give a number of tasks at a time, "
+                             "at least 1")
+        if side > 1 and (settings.get("pack") or 1) < 2:
+            raise UsageError("--pack-parallel goes with --pack (or --pack-time)")
+        if not cpus.isdigit() or side > int(cpus):
+            raise UsageError(f"--pack-parallel {side} is more than the array task's CPUs "
+                             f"(--cpus-per-task {cpus}): give --cpus-per-task {side} or more")
     for key, least in (("throttle", 1), ("warn_before", 0)):
         value = settings.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
@@ -349,7 +360,7 @@ def _sbatch_line(sweep: Sweep, key: str, value: str) -> str:
 
 def render(sweep: Sweep, plan: ArrayPlan, argv: Sequence[str], options: Mapping[str, str],
            extra: Sequence[str], *, throttle: int | None, warn_before: int, script: Path,
-           python: str = sys.executable, tag: str = "") -> str:
+           python: str = sys.executable, tag: str = "", parallel: int = 1) -> str:
     """The job script of one array. Every value that reaches the shell is quoted; a path
     that cannot sit on a line of the script (a newline, a quote) is refused.
 
@@ -381,6 +392,7 @@ def render(sweep: Sweep, plan: ArrayPlan, argv: Sequence[str], options: Mapping[
         "RUNVARS": " ".join(sorted(RUN_VARIABLES)),
         "SBATCH": "\n".join(lines), "OFFSET": str(plan.offset),
         "MAP": shlex.quote(plan.task_map), "PACK": str(plan.pack) if plan.pack > 1 else "",
+        "PARALLEL": str(parallel) if plan.pack > 1 and parallel > 1 else "",
         "COMMAND": shlex.join(command).replace("\n", "'$'\\n''"),
     }
     # One pass, so that a value holding "@NAME@" is never substituted again.
@@ -503,7 +515,7 @@ def submit(sweep: Sweep, indices: Sequence[int], argv: Sequence[str], *,
         script = paths.job_script(sweep.name, name, k)
         tag = f"{name}-{k}"
         text = render(sweep, plan, argv, options, extra, throttle=throttle, warn_before=warn,
-                      script=script, tag=tag)
+                      script=script, tag=tag, parallel=int(settings.get("pack_parallel") or 1))
         entry: dict[str, Any] = {"job_id": None, "spec": plan.spec, "offset": plan.offset,
                                  "script": str(script), "tasks": compact(plan.indices),
                                  "tag": tag}

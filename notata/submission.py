@@ -56,6 +56,7 @@ class Options:
     scheduler: dict[str, Any] = field(default_factory=dict)
     retry: int | None = None  # attempts per task (see notata.retry); wins over the manifest's
     pack: int | None = None  # tasks run one after another per array task (see notata.pack)
+    pack_parallel: int | None = None  # tasks of a pack at a time (at most its CPUs)
     pack_time: float | None = None  # seconds of work per array task: sets pack from runtimes
     task_time: float | None = None  # seconds one task takes, until some have completed
 
@@ -98,7 +99,7 @@ class Options:
         """The options given (not None), as recorded in submissions.jsonl."""
         out = {k: (list(v) if k == "sbatch_line" else v)
                for k, v in self.scheduler.items() if v is not None}
-        for key in ("jobs", "pack"):
+        for key in ("jobs", "pack", "pack_parallel"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         return out
@@ -326,7 +327,8 @@ def _submit(sweep: Sweep, indices: list[int], cmd: list[str], backend: str, opti
                                  options=dict(given), **more, **parts)
     flags = {k: given.get(k) for k in sbatch.OPTIONS}
     flags.update(extra=given.get("sbatch_line"), throttle=given.get("throttle"),
-                 warn_before=given.get("warn_before"), pack=given.get("pack"))
+                 warn_before=given.get("warn_before"), pack=given.get("pack"),
+                 pack_parallel=given.get("pack_parallel"))
     if backend == "slurm":  # refuse bad options before anything is written
         sbatch.options_for(sweep.slurm, flags, str(sweep.path))
     if options.dry_run:  # a dry run writes nothing, the sweep's lock file included
@@ -347,6 +349,9 @@ def _submit(sweep: Sweep, indices: list[int], cmd: list[str], backend: str, opti
         if backend == "local":
             jobs = options.jobs or given.get("jobs") or os.cpu_count() or 1
             pack = check_size(given.get("pack") or 1)
+            if (given.get("pack_parallel") or 1) != 1:
+                raise UsageError("--pack-parallel is for SLURM array tasks; locally, -j runs "
+                                 "packs side by side")
             if options.dry_run:
                 print(f"would run tasks {compact(todo) or '(none)'} here, {jobs} at a time"
                       + (f", {pack} per process" if pack > 1 else ""))

@@ -460,6 +460,76 @@ def test_pack_time_sizes_packs_from_task_time_then_from_complete_runs(
     assert "--time" not in err.split("(")[0] and "NOTATA_PACK=15" in out
 
 
+def element_env(tasks: str, pack: int, parallel: int) -> dict[str, str]:
+    """The environment of array task 0 of a packed array (no real job behind it)."""
+    return {"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_JOB_ID": "999998",
+            "SLURM_JOB_ID": "999999", "NOTATA_PACK": str(pack), "NOTATA_TASK_MAP": tasks,
+            "NOTATA_PACK_PARALLEL": str(parallel)}
+
+
+def most_at_once(base: Path, tasks: range) -> int:
+    """The most runs of ``tasks`` whose attempts overlapped in time."""
+    spans = [(read_meta(run(base, n))["start_unix"], read_meta(run(base, n))["end_unix"])
+             for n in tasks]
+    return max(sum(a <= t < b for a, b in spans) for t, _ in spans)
+
+
+def test_a_pack_run_side_by_side_runs_that_many_at_a_time(base: Path) -> None:
+    manifest = sweep_of(base, ["sleep"] * 7)
+    proc = notata_process("exec", str(manifest), "--", *command(base, "0.4"),
+                          env=element_env("0-6", 7, 3))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert statuses(manifest) == dict.fromkeys(range(7), "complete")
+    assert sorted(read_meta(run(base, n))["pack"]["position"] for n in range(7)) == list(
+        range(7))
+    assert 2 <= most_at_once(base, range(7)) <= 3
+
+
+def test_a_pack_side_by_side_stopped_by_sigterm_or_warned(base: Path) -> None:
+    """SIGTERM: every running task recorded, the rest untouched and named; the warning:
+    the running tasks finish, no other starts."""
+    manifest = sweep_of(base, ["wait"] * 8)
+    proc = notata_process("exec", str(manifest), "--", *command(base),
+                          env=element_env("0-7", 8, 3))
+    wait_for(lambda: all(status_is(run(base, n), "running")() for n in range(3)), 60,
+             "three tasks running")
+    wait_for(lambda: all("command_pid" in read_meta(run(base, n)) for n in range(3)), 10)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert [read_meta(run(base, n))["status"] for n in range(3)] == ["terminated"] * 3
+    assert not any(run(base, n).exists() for n in range(3, 8))
+    assert "SIGTERM ended this pack: tasks 3-7 of this pack are left unstarted" in err
+    shutil.rmtree(base / "outputs")
+    proc = notata_process("exec", str(manifest), "--", *command(base),
+                          env=element_env("0-7", 8, 3))
+    wait_for(lambda: all(status_is(run(base, n), "running")() for n in range(3)), 60,
+             "three tasks running")
+    proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: all("signals" in read_meta(run(base, n)) for n in range(3)), 10)
+    (base / "go").write_text("")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert [read_meta(run(base, n))["status"] for n in range(3)] == ["complete"] * 3
+    assert not any(run(base, n).exists() for n in range(3, 8))
+    assert "the time limit is near: tasks 3-7 of this pack are left unstarted" in err
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--pack", "4", "--pack-parallel", "4", "--cpus-per-task", "2"], "more than the array"),
+    (["--pack-parallel", "2", "--cpus-per-task", "2"], "goes with --pack"),
+    (["--pack", "4", "--pack-parallel", "0"], "at least 1"),
+    (["--backend", "local", "--pack", "4", "--pack-parallel", "2"], "-j runs packs"),
+])
+def test_a_pack_parallel_the_array_task_cannot_hold_is_refused(
+        base: Path, args: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = sweep_of(base, ["ok"] * 8)
+    backend = [] if "--backend" in args else ["--backend", "slurm"]
+    assert submit(manifest, *backend, "--dry-run", *args, "--", "true") == 2
+    assert says in capsys.readouterr().err
+
+
 # -- on the test cluster ---------------------------------------------------------------------
 
 
@@ -489,6 +559,18 @@ def test_a_failure_inside_a_running_pack_is_resubmitted_alone(slurm_cluster: str
     assert meta["slurm"]["array_job_id"] == int(job) and meta["slurm"]["array_task_id"] == 0
     assert meta["pack"] == {"position": 3, "size": 4}
     assert read_meta(run(base, 1))["attempts"][0]["pack"] == {"position": 1, "size": 4}
+
+
+def test_a_packed_sweep_side_by_side_on_the_cluster(slurm_cluster: str, base: Path) -> None:
+    manifest = sweep_of(base, ["sleep"] * 8 + ["fail"])
+    assert submit(manifest, "--backend", "slurm", "--pack", "9", "--pack-parallel", "2",
+                  "--cpus-per-task", "2", "--", *command(base, "0.5")) == 0
+    job = _job(manifest)
+    wait_for(job_gone(job), 180, "the pack to end")
+    assert statuses(manifest) == {**dict.fromkeys(range(8), "complete"), 8: "failed"}
+    assert most_at_once(base, range(8)) == 2
+    assert {read_meta(run(base, n))["slurm"]["array_task_id"] for n in range(9)} == {0}
+    assert notata.collect(manifest).to_resubmit()[0] == [8]
 
 
 def test_a_pack_cancelled_midway(slurm_cluster: str, base: Path) -> None:

@@ -111,7 +111,7 @@ def test_rendered_script_quotes_everything(base: Path) -> None:
 #SBATCH --exclusive
 # A task that submits the next sweep passes on its environment: none of its run's variables.
 unset {UNSET}
-export NOTATA_TASK_OFFSET=0 NOTATA_TASK_MAP='' NOTATA_PACK=
+export NOTATA_TASK_OFFSET=0 NOTATA_TASK_MAP='' NOTATA_PACK= NOTATA_PACK_PARALLEL=
 # exec: the batch shell becomes notata, so that --signal=B:USR1 reaches it.
 exec /venv/bin/python -m notata exec {shlex.quote(str(manifest))} -- {EXEC_TAIL}
 """
