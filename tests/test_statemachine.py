@@ -186,6 +186,7 @@ def check(w: Walk) -> None:
     # its lock) is
     full = bool(w.rng.getrandbits(1))
     report = scan(w.sweep, full=full)
+    after = flock_holders()  # a task starting meanwhile may have taken its lock since
     by_task = {r.task: r for r in report.runs}
     for i in range(TASKS):
         r = by_task[i]
@@ -193,10 +194,10 @@ def check(w: Walk) -> None:
         if held[i]:
             assert r.status != "stale", (i, r, held[i])
         elif m is not None and m["status"] in ("running", "initialized") \
-                and not psutil.pid_exists(int(m["pid"])):  # type: ignore[call-overload]
+                and not psutil.pid_exists(int(m["pid"])) \
+                and not holder_of(w.sweep.task(i).run_dir, after):  # type: ignore[call-overload]
             assert r.status == "stale", (i, r)
     chosen, _ = report.to_resubmit()
-    after = flock_holders()
     for i in chosen:  # a holder before and after the choice held it throughout
         still = held[i] & holder_of(w.sweep.task(i).run_dir, after)
         assert not still, f"resubmit chose task {i}, whose lock {still} held throughout"
