@@ -131,8 +131,11 @@ def start_args(cmd: list[str], env: Mapping[str, str]
     SIGKILLed wrapper runs no code: without this its command would run on unsupervised
     beside the next attempt): through util-linux's ``setpriv --pdeathsig KILL``, which
     sets it and execs the command (a spawn without Python code in the child is about
-    3 ms faster per task, which a pack of short tasks feels); else a ``preexec_fn``.
-    A command that cannot be started raises OSError, as Popen would."""
+    3 ms faster per task, which a pack of short tasks feels), for a program the kernel
+    surely runs (an ELF file of this machine, a script whose interpreter is there); else
+    (no setpriv, a file setpriv's ``execvp`` would hand to ``/bin/sh``) a ``preexec_fn``,
+    and the kernel's own answer. A command that cannot be found raises OSError, as Popen
+    would."""
     setpriv = _setpriv()
     if setpriv is None:
         return cmd, _die_with_parent(os.getpid())
@@ -141,7 +144,36 @@ def start_args(cmd: list[str], env: Mapping[str, str]
         exists = os.sep in cmd[0] and os.path.exists(cmd[0])
         raise OSError(errno.EACCES if exists else errno.ENOENT,
                       os.strerror(errno.EACCES if exists else errno.ENOENT))
+    if not _surely_runs(found):
+        return cmd, _die_with_parent(os.getpid())
     return [setpriv, "--pdeathsig", "KILL", "--", *cmd], None
+
+
+def _surely_runs(path: str) -> bool:
+    """Whether the kernel runs ``path`` as it is: an ELF file for this machine, or a
+    ``#!`` script whose interpreter is an executable file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(256)
+    except OSError:
+        return False
+    if head.startswith(b"\x7fELF"):
+        return head[18:20] == _own_elf()[18:20] and head[4:6] == _own_elf()[4:6]
+    if head.startswith(b"#!"):
+        words = head[2:].split(b"\n", 1)[0].split()
+        interpreter = os.fsdecode(words[0]) if words else ""
+        return os.path.isfile(interpreter) and os.access(interpreter, os.X_OK)
+    return False
+
+
+@functools.cache
+def _own_elf() -> bytes:
+    """The start of this interpreter's own ELF header (class, byte order, machine)."""
+    try:
+        with open("/proc/self/exe", "rb") as f:
+            return f.read(20)
+    except OSError:
+        return b""
 
 
 @functools.cache
@@ -180,6 +212,16 @@ def _die_with_parent(parent: int) -> Callable[[], None] | None:
 def signal_group(proc: subprocess.Popen[bytes], signum: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signum)
+
+
+def catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` handles ``signum`` (``SigCgt`` in ``/proc/PID/status``)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            caught = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+    except (OSError, StopIteration, ValueError):
+        return False
+    return bool(caught & (1 << (signum - 1)))
 
 
 def pass_warning(proc: subprocess.Popen[bytes]) -> list[int]:

@@ -53,6 +53,7 @@ _previous: dict[int, Any] = {}  # the handler before ours, per signal we handle
 _listeners: dict[int, list[RunSignals]] = {}  # the open runs each signal reaches
 _pending: list[int] = []  # signals held back by a critical section, in order
 _depth = 0  # critical sections open on the main thread
+_unhook_later: set[int] = set()  # signals nobody listens to, whose handler goes back at the end
 _stopping = False  # an ending signal is being handled: the process is on its way out
 
 
@@ -85,11 +86,18 @@ def forget(log: RunSignals) -> None:
         if _listeners[signum]:
             continue
         del _listeners[signum]
-        if _main_thread():
-            previous = _previous.pop(signum)
-            if signal.getsignal(signum) is _dispatch:  # else someone replaced ours: keep theirs
-                signal.signal(signum, previous)
+        if _main_thread() and _depth:  # a signal held back meanwhile goes to the previous
+            _unhook_later.add(signum)  # handler: ours stays until the section's end
+        elif _main_thread():
+            _unhook(signum)
         # elsewhere our dispatcher stays, with nobody to tell: it only calls the previous one
+
+
+def _unhook(signum: int) -> None:
+    """Put back the handler that was there before ours (unless someone replaced ours)."""
+    previous = _previous.pop(signum)
+    if signal.getsignal(signum) is _dispatch:  # else someone replaced ours: keep theirs
+        signal.signal(signum, previous)
 
 
 @contextlib.contextmanager
@@ -110,8 +118,14 @@ def critical() -> Iterator[None]:
         yield
     finally:
         _depth -= 1
-        while _depth == 0 and _pending:
-            _dispatch(_pending.pop(0), None)
+        try:
+            while _depth == 0 and _pending:
+                _dispatch(_pending.pop(0), None)
+        finally:
+            while _depth == 0 and _unhook_later:
+                signum = _unhook_later.pop()
+                if not _listeners.get(signum) and signum in _previous:
+                    _unhook(signum)
 
 
 @contextlib.contextmanager
@@ -137,7 +151,8 @@ def deferred() -> Iterator[None]:
             yield
     finally:
         for signum in installed:  # ours again, unless a run now listens
-            if not _listeners.get(signum) and signal.getsignal(signum) is _dispatch:
+            if not _listeners.get(signum) and signum in _previous \
+                    and signal.getsignal(signum) is _dispatch:
                 signal.signal(signum, _previous.pop(signum))
 
 
@@ -185,6 +200,7 @@ def _forget_all_in_child() -> None:
     global _depth, _stopping
     _listeners.clear()
     _pending.clear()
+    _unhook_later.clear()
     _depth, _stopping = 0, False
     if _main_thread():
         for signum, previous in _previous.items():

@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from . import _fs, index, layout, scheduler, schema, submissions
+from ._command import catches, start_args
 from .errors import NotataError, UsageError
 from .manifest import Sweep, compact
 from .runner import BUSY, IN_USE, INTERRUPTED, SKIPPED, run_task
@@ -75,12 +76,18 @@ def let_go(attempt: Mapping[str, Any]) -> bool:
 SAMPLE = 200
 
 
-def size_for(sweep: Sweep, pack_time: float, task_time: float | None) -> tuple[int, str]:
-    """The pack size that fills ``pack_time`` seconds, and how it was found: from the
-    runtimes of the sweep's complete runs (their 90th percentile, from up to
-    :data:`SAMPLE` of them), else from ``task_time``. A
-    :class:`~notata.errors.UsageError` when neither is there, or one task takes longer
-    than ``pack_time``."""
+#: Seconds a packed task costs beyond its run's own runtime (opening and closing the run,
+#: starting the command): a few ms here, more on a busy shared filesystem.
+OVERHEAD = 0.1
+
+
+def size_for(sweep: Sweep, pack_time: float, task_time: float | None,
+             parallel: int = 1) -> tuple[int, str]:
+    """The pack size that fills ``pack_time`` seconds with ``parallel`` tasks at a time,
+    and how it was found: each task takes the 90th percentile of the sweep's complete
+    runs' runtimes (up to :data:`SAMPLE` of them), else ``task_time``, plus
+    :data:`OVERHEAD`. A :class:`~notata.errors.UsageError` when neither is there, or one
+    task takes longer than ``pack_time``."""
     done = index.complete_tasks(sweep.base_dir, sweep.hash, len(sweep))
     runtimes: list[float] = []
     if done is not None and len(done):
@@ -102,7 +109,8 @@ def size_for(sweep: Sweep, pack_time: float, task_time: float | None) -> tuple[i
                          "runtime is not known: give --task-time too (e.g. --task-time 20s)")
     if each > pack_time:
         raise UsageError(f"--pack-time {pack_time:g} s is shorter than one task ({how})")
-    return check_size(max(1, min(MAX_PACK, int(pack_time // max(each, 1e-3))))), how
+    fits = int(pack_time // (each + OVERHEAD)) * max(1, parallel)
+    return check_size(max(1, min(MAX_PACK, fits))), how
 
 
 def let_go_by(meta: Mapping[str, Any], key: Callable[[Mapping[str, Any]], str | None]
@@ -221,16 +229,30 @@ def _side_by_side(sweep: Sweep, indices: Sequence[int], argv: Sequence[str],
             "--pack-size", str(len(indices))]
     if heartbeat is not None:
         base += ["--heartbeat", str(heartbeat)]
-    workers = [subprocess.Popen([*base, "--", *argv], pass_fds=(read,),
-                                stdin=subprocess.DEVNULL) for _ in range(parallel)]
-    feeder = threading.Thread(target=feed, name="notata-pack-feed", daemon=True)
-    feeder.start()
+    workers: list[subprocess.Popen[bytes]] = []
     stopping: list[int] = []
+    warned: list[bool] = []
+    left: list[int] = []  # tasks taken back from the pipe
+
+    def drain() -> None:  # (the workers share the pipe's blocking mode: select first)
+        with contextlib.suppress(OSError):
+            while select.select([read], [], [], 0)[0]:
+                raw = os.read(read, _RECORD)  # a worker may take the last: then EOF
+                if len(raw) < _RECORD:       # comes once the feeder stops (0.2 s)
+                    break
+                left.append(int(raw.split()[0]))
 
     def forward(signum: int, frame: Any) -> None:
-        if signum != signal.SIGUSR1:
-            stopping.append(signum)
-        stop.set()
+        stop.set()  # no more tasks: what is still in the pipe is left
+        if signum == signal.SIGUSR1:
+            warned[:] = [True]
+            drain()  # a worker still starting finds the pipe empty
+            for w in workers:  # and is not sent the warning, which would kill it
+                if catches(w.pid, signal.SIGUSR1):
+                    with contextlib.suppress(OSError):
+                        w.send_signal(signum)
+            return
+        stopping.append(signum)
         for w in workers:
             with contextlib.suppress(OSError):
                 w.send_signal(signum)
@@ -238,7 +260,13 @@ def _side_by_side(sweep: Sweep, indices: Sequence[int], argv: Sequence[str],
     wanted = (signal.SIGUSR1, signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
     before = {s: signal.signal(s, forward) for s in wanted
               if signal.getsignal(s) is not signal.SIG_IGN}
+    feeder = threading.Thread(target=feed, name="notata-pack-feed", daemon=True)
     try:
+        for _ in range(parallel):  # each dies with this process, as a command does
+            args, preexec = start_args([*base, "--", *argv], os.environ)
+            workers.append(subprocess.Popen(args, pass_fds=(read,), stdin=subprocess.DEVNULL,
+                                            preexec_fn=preexec))
+        feeder.start()
         codes = []
         for w in workers:
             while True:
@@ -247,26 +275,27 @@ def _side_by_side(sweep: Sweep, indices: Sequence[int], argv: Sequence[str],
                     break
                 except InterruptedError:
                     continue
+        stop.set()
+        feeder.join()
+        drain()
+        left += [int(r.split()[0]) for r in records[len(fed):]]
+        if stopping or warned:
+            why = (f"{_name(SystemExit(128 + stopping[0]))} ended this pack" if stopping
+                   else "the time limit is near")
+            _left(sweep, sorted(left), me, why)
+        elif left:  # the workers died: those tasks were given their chance (an attempt)
+            print(f"notata: the pack's workers ended before tasks {compact(sorted(left))}",
+                  file=sys.stderr, flush=True)
     finally:
         for s, h in before.items():
             signal.signal(s, h)
-    stop.set()
-    feeder.join()
-    os.set_blocking(read, False)
-    left: list[int] = []
-    with contextlib.suppress(OSError):
-        while len(raw := os.read(read, _RECORD)) == _RECORD:
-            left.append(int(raw.split()[0]))
-    os.close(read)
-    left += [int(r.split()[0]) for r in records[len(fed):]]
-    why = _name(SystemExit(128 + stopping[0])) + " ended this pack" if stopping \
-        else "the time limit is near"
-    if left:
-        _left(sweep, sorted(left), me, why)
+        os.close(read)
     if stopping:
         raise SystemExit(128 + stopping[0])
     if any(c == 130 for c in codes):
         return 130
+    if left and not warned:
+        return 1
     return 1 if any(c not in (0, IN_USE) for c in codes) else IN_USE if IN_USE in codes else 0
 
 

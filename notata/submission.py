@@ -224,7 +224,8 @@ def resubmit(manifest: str | os.PathLike[str] | Sweep, statuses: Iterable[str] =
     # does not compute every run id; the check is remembered per manifest hash).
     sweep = manifest if isinstance(manifest, Sweep) else load_sweep(manifest)
     sweep.check_indices(options.tasks or ())
-    options = _sized(sweep, options)
+    last = last_submission(sweep)
+    options = _sized(sweep, options, (last or {}).get("options"))
     sweep.check_unique(remember=not options.dry_run)
     sweep_lock = (lock.no_lock() if options.dry_run
                   else submissions.sweep_lock(sweep.base_dir))
@@ -258,16 +259,19 @@ def resubmit(manifest: str | os.PathLike[str] | Sweep, statuses: Iterable[str] =
                        held=held, again=True)
 
 
-def _sized(sweep: Sweep, options: Options) -> Options:
+def _sized(sweep: Sweep, options: Options, recorded: Mapping[str, Any] | None = None
+           ) -> Options:
     """``options`` with ``--pack-time`` made a pack size (:func:`notata.pack.size_for`),
     and, where no ``--time`` is given, a time limit that holds it (``--pack-time`` plus a
     tenth and five minutes); says both."""
     if options.pack_time is None:
         return options
-    pack, how = size_for(sweep, options.pack_time, options.task_time)
+    parallel = options.pack_parallel or (recorded or {}).get("pack_parallel") or 1
+    pack, how = size_for(sweep, options.pack_time, options.task_time, int(parallel))
     scheduler = dict(options.scheduler)
     said = f"notata: {pack} task(s) per array task, to fill {options.pack_time:g} s ({how})"
-    if scheduler.get("time") is None and "time" not in sweep.slurm:
+    if scheduler.get("time") is None and "time" not in sweep.slurm \
+            and "time" not in (recorded or {}):
         scheduler["time"] = sbatch.time_text(math.ceil(options.pack_time * 1.1) + 300)
         said += f"; --time {scheduler['time']}"
     print(said, file=sys.stderr)

@@ -100,6 +100,30 @@ def test_command_killed_by_a_signal_and_missing_command(manifest: Path, base: Pa
     assert "cannot start" in read_meta(run_dir(base, "ünï"))["failure_reason"]
 
 
+@pytest.mark.parametrize("kind, says", [
+    ("no #! line", "cannot start"), ("a missing interpreter", "cannot start"),
+    ("another machine's ELF", "cannot start"), ("a good script", None)])
+def test_a_command_the_kernel_would_not_run_cannot_start(manifest: Path, base: Path,
+                                                        kind: str, says: str | None) -> None:
+    """What the kernel refuses is refused (127, "cannot start"), whatever the fast way of
+    starting commands would do with it (setpriv's execvp hands such a file to /bin/sh)."""
+    program = base / "program"
+    body = {"no #! line": b"echo ran > ran.txt\n",
+            "a missing interpreter": b"#!/no/such/sh\necho ran\n",
+            "another machine's ELF": b"\x7fELF\x02\x01\x01" + b"\0" * 9 + b"\x02\0\x99\x99"
+                                     + b"\0" * 44,
+            "a good script": b"#!/bin/sh\nexit 0\n"}[kind]
+    program.write_bytes(body)
+    program.chmod(0o755)
+    rc = main(["exec", str(manifest), "--task", "0", "--", str(program)])
+    meta = read_meta(run_dir(base, "plain"))
+    if says is None:
+        assert rc == 0 and meta["status"] == "complete"
+    else:
+        assert rc == 127 and says in meta["failure_reason"], meta
+        assert not (base / "ran.txt").exists()
+
+
 def test_bad_task_and_missing_command_are_usage_errors(
     manifest: Path, base: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from helpers import (
     job_gone,
@@ -43,6 +44,9 @@ if kind == "kill":
     os.kill(os.getpid(), signal.SIGKILL)
 if kind.startswith("status"):  # status130 exits 130, as a Ctrl-C'd program would
     sys.exit(int(kind[6:]))
+if kind == "killparent":  # its wrapper: a worker of a side-by-side pack
+    os.kill(os.getppid(), signal.SIGKILL)
+    time.sleep(5)
 if kind == "killgrandparent":  # the pack's parent: the local backend's submit
     with open(f"/proc/{os.getppid()}/stat") as f:
         os.kill(int(f.read().rsplit(")", 1)[1].split()[1]), signal.SIGKILL)
@@ -442,11 +446,15 @@ def test_pack_time_sizes_packs_from_task_time_then_from_complete_runs(
     assert submit(manifest, "--backend", "slurm", "--dry-run", "--pack", "3", "--pack-time",
                   "1m", "--", "true") == 2
     assert submit(manifest, "--backend", "slurm", "--dry-run", "--pack-time", "1m",
-                  "--task-time", "20s", "--", "true") == 0
-    out, err = capsys.readouterr()
+                  "--task-time", "19s", "--", "true") == 0
+    out, err = capsys.readouterr()  # 19 s and 0.1 s of notata's own: 3 fit in a minute
     assert "3 task(s) per array task" in err and "--time 00:06:06" in err
     assert "NOTATA_PACK=3" in out and "--array=0-13" in out and '--time="00:06:06"' in out
-    # twenty complete runs of about 2 s: 30 s of work is 15 tasks (90th percentile)
+    assert submit(manifest, "--backend", "slurm", "--dry-run", "--pack-time", "1m",
+                  "--task-time", "19s", "--pack-parallel", "3", "--cpus-per-task", "3",
+                  "--", "true") == 0
+    assert "9 task(s) per array task" in capsys.readouterr().err  # 3 at a time
+    # twenty complete runs of about 2 s: 30 s of work is 14 tasks (90th percentile)
     for i in range(20):
         with notata.task(sweep, i) as log:
             log._set(status="running")
@@ -456,8 +464,8 @@ def test_pack_time_sizes_packs_from_task_time_then_from_complete_runs(
     assert submit(manifest, "--backend", "slurm", "--dry-run", "--pack-time", "30s",
                   "--task-time", "1s", "--time", "5", "--", "true") == 0
     out, err = capsys.readouterr()
-    assert "15 task(s) per array task" in err and "20 complete runs" in err
-    assert "--time" not in err.split("(")[0] and "NOTATA_PACK=15" in out
+    assert "14 task(s) per array task" in err and "20 complete runs" in err
+    assert "--time" not in err.split("(")[0] and "NOTATA_PACK=14" in out
 
 
 def element_env(tasks: str, pack: int, parallel: int) -> dict[str, str]:
@@ -514,6 +522,51 @@ def test_a_pack_side_by_side_stopped_by_sigterm_or_warned(base: Path) -> None:
     assert [read_meta(run(base, n))["status"] for n in range(3)] == ["complete"] * 3
     assert not any(run(base, n).exists() for n in range(3, 8))
     assert "the time limit is near: tasks 3-7 of this pack are left unstarted" in err
+
+
+def test_a_side_by_side_pack_warned_as_its_workers_start_leaves_everything(
+        base: Path) -> None:
+    """A worker still importing is not sent the warning (it would die of it): it finds
+    the pipe emptied, and the pack exits 0 with every task left and recorded."""
+    manifest = sweep_of(base, ["ok"] * 12)
+    proc = notata_process("exec", str(manifest), "--", *command(base),
+                          env=element_env("0-11", 12, 3))
+    wait_for(lambda: len(psutil.Process(proc.pid).children()) == 3, 20, "the workers")
+    proc.send_signal(signal.SIGUSR1)  # ...and its workers are still importing
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    ran = [n for n in range(12) if run(base, n).exists()]
+    assert "the time limit is near" in err and ran == list(range(len(ran)))
+    left = [r["left"] for r in submissions.read(base / "outputs") if "left" in r]
+    from notata.manifest import compact
+    assert left == [compact(range(len(ran), 12))]
+
+
+def test_side_by_side_workers_that_die_are_not_a_warning(base: Path) -> None:
+    """Workers that die (here each kills its own at its first task) leave their tasks to
+    count as attempts: said, exit 1, no left line."""
+    manifest = sweep_of(base, ["killparent"] * 6)
+    proc = notata_process("exec", str(manifest), "--", *command(base),
+                          env=element_env("0-5", 6, 2))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "the pack's workers ended before tasks 2-5" in err, err
+    assert not any("left" in r for r in submissions.read(base / "outputs"))
+
+
+def test_killing_a_side_by_side_array_task_kills_its_workers(base: Path) -> None:
+    manifest = sweep_of(base, ["wait"] * 6)
+    proc = notata_process("exec", str(manifest), "--", *command(base),
+                          env=element_env("0-5", 6, 2))
+    wait_for(lambda: all(status_is(run(base, n), "running")() for n in range(2)), 60,
+             "two tasks running")
+    workers = psutil.Process(proc.pid).children()
+    proc.kill()
+    proc.wait()
+    wait_for(lambda: not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE
+                             for w in workers), 20, "the workers to die with it")
+    (base / "go").write_text("")
+    time.sleep(0.5)
+    assert not any(run(base, n).exists() for n in range(2, 6))  # nobody ran the rest
 
 
 @pytest.mark.parametrize("args, says", [

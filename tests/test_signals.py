@@ -80,6 +80,31 @@ def test_users_own_handler_is_chained(base: Path) -> None:
     assert read_meta(base / "log_run")["status"] == "terminated"
 
 
+@pytest.mark.parametrize("signame", ["SIGUSR1", "SIGTERM"])
+def test_a_signal_during_the_last_runs_close_reaches_the_users_handler(
+        base: Path, signame: str) -> None:
+    """The close's writes hold signals back, and the run stops listening meanwhile: the
+    signal held back goes to the handler that was there before, not nowhere."""
+    code = """
+        import signal, sys
+        from notata import Logbook, _fs
+        got = []
+        signal.signal(getattr(signal, sys.argv[2]), lambda s, f: got.append(s))
+        real = _fs.fsync_paths
+        def fsync_paths(paths):
+            real(paths)
+            signal.raise_signal(getattr(signal, sys.argv[2]))  # inside the close
+        _fs.fsync_paths = fsync_paths
+        with Logbook("run", sys.argv[1]) as log:
+            log.save_json("x", {"a": 1})
+        print("handled" if got else "lost", flush=True)
+        """
+    proc = python(code, str(base), signame)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and out.strip() == "handled", (out, err)
+    assert read_meta(base / "log_run")["status"] == "complete"
+
+
 def test_handlers_are_restored_after_the_run(base: Path) -> None:
     before = signal.getsignal(signal.SIGTERM)
     with Logbook("r", base):
