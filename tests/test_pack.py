@@ -383,6 +383,29 @@ def test_a_pack_run_again_in_the_same_job_runs_its_failures_again(base: Path) ->
     assert statuses(manifest) == {0: "complete", 1: "complete"}
 
 
+def test_a_warning_while_a_run_closes_stops_the_pack(base: Path) -> None:
+    """SIGUSR1 landing in the close of task 1's run (its last writes, when the run no
+    longer listens) still reaches the pack: task 2 never starts."""
+    manifest = sweep_of(base, ["ok"] * 3)
+    code = """
+    import os, signal, sys
+    from notata import _fs
+    real, calls = _fs.fsync_paths, []
+    def fsync_paths(paths):
+        real(paths)
+        if any("log_n1" in str(p) for p in paths):
+            os.kill(os.getpid(), signal.SIGUSR1)
+    _fs.fsync_paths = fsync_paths
+    from notata.cli import main
+    sys.exit(main(sys.argv[1:]))
+    """
+    proc = python(code, "exec", str(manifest), "--tasks", "0-2", "--", *command(base))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert read_meta(run(base, 1))["status"] == "complete" and not run(base, 2).exists()
+    assert "tasks 2 of this pack are left unstarted" in err
+
+
 def test_a_run_that_cannot_be_opened_is_said_and_the_pack_goes_on(base: Path) -> None:
     manifest = sweep_of(base, ["ok"] * 4)
     run(base, 1).mkdir(parents=True)
