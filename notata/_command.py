@@ -135,7 +135,9 @@ def start_args(cmd: list[str], env: Mapping[str, str]
     surely runs (an ELF file of this machine, a script whose interpreter is there); else
     (no setpriv, a file setpriv's ``execvp`` would hand to ``/bin/sh``) a ``preexec_fn``,
     and the kernel's own answer. A command that cannot be found raises OSError, as Popen
-    would."""
+    would. (Unlike the ``preexec_fn``, setpriv cannot check that the wrapper is still
+    alive once the signal is set: a wrapper SIGKILLed in that instant leaves its command
+    running, and the collector's orphan rule names it.)"""
     setpriv = _setpriv()
     if setpriv is None:
         return cmd, _die_with_parent(os.getpid())
