@@ -161,6 +161,8 @@ def _without_metadata(run_dir: str, task: int | None, run_id: str, now: float) -
     by the file system's clock, is a start that died: ``stale``, resubmitted, resumed.
     A folder with other files and no lock was never opened by notata: ``corrupt``.
     """
+    if not os.path.lexists(run_dir):  # gone, or not made yet (a scan racing a start)
+        return RunRecord(task, run_id, MISSING, 0)
     if not os.path.isdir(run_dir):
         return RunRecord(task, run_id, CORRUPT, 0, "not a folder", run_dir)
     try:
