@@ -9,8 +9,10 @@ import ctypes
 import errno
 import functools
 import os
+import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -151,20 +153,36 @@ def start_args(cmd: list[str], env: Mapping[str, str]
     return [setpriv, "--pdeathsig", "KILL", "--", *cmd], None
 
 
-def _surely_runs(path: str) -> bool:
-    """Whether the kernel runs ``path`` as it is: an ELF file for this machine, or a
-    ``#!`` script whose interpreter is an executable file."""
+def _surely_runs(path: str, depth: int = 0) -> bool:
+    """Whether the kernel runs ``path`` as it is: an executable ELF file for this machine
+    whose program headers are all there, or a ``#!`` script whose interpreter surely runs
+    (read as the kernel reads it: up to a space, a tab or the line's end). Anything else
+    (another format, a text file without ``#!``) is left to the faithful way."""
     try:
         with open(path, "rb") as f:
             head = f.read(256)
-    except OSError:
+            size = os.fstat(f.fileno()).st_size
+    except OSError:  # execute-only, say
         return False
+    own = _own_elf()
     if head.startswith(b"\x7fELF"):
-        return head[18:20] == _own_elf()[18:20] and head[4:6] == _own_elf()[4:6]
-    if head.startswith(b"#!"):
-        words = head[2:].split(b"\n", 1)[0].split()
-        interpreter = os.fsdecode(words[0]) if words else ""
-        return os.path.isfile(interpreter) and os.access(interpreter, os.X_OK)
+        if len(head) < 64 or len(own) < 20 or head[4:6] != own[4:6] or head[18:20] != own[18:20]:
+            return False
+        order = "<" if head[5] == 1 else ">"
+        if head[4] == 2:  # 64-bit
+            e_type, = struct.unpack_from(order + "H", head, 16)
+            phoff, = struct.unpack_from(order + "Q", head, 32)
+            phentsize, phnum = struct.unpack_from(order + "HH", head, 54)
+        else:
+            e_type, = struct.unpack_from(order + "H", head, 16)
+            phoff, = struct.unpack_from(order + "I", head, 28)
+            phentsize, phnum = struct.unpack_from(order + "HH", head, 42)
+        return e_type in (2, 3) and phnum > 0 and phoff + phentsize * phnum <= size
+    if head.startswith(b"#!") and depth < 4:
+        line = head[2:].split(b"\n", 1)[0].lstrip(b" \t")
+        interpreter = os.fsdecode(re.split(rb"[ \t]", line, maxsplit=1)[0])
+        return bool(interpreter) and os.path.isfile(interpreter) \
+            and os.access(interpreter, os.X_OK) and _surely_runs(interpreter, depth + 1)
     return False
 
 
@@ -173,7 +191,7 @@ def _own_elf() -> bytes:
     """The start of this interpreter's own ELF header (class, byte order, machine)."""
     try:
         with open("/proc/self/exe", "rb") as f:
-            return f.read(20)
+            return f.read(64)
     except OSError:
         return b""
 

@@ -54,6 +54,7 @@ _listeners: dict[int, list[RunSignals]] = {}  # the open runs each signal reache
 _pending: list[int] = []  # signals held back by a critical section, in order
 _depth = 0  # critical sections open on the main thread
 _unhook_later: set[int] = set()  # signals nobody listens to, whose handler goes back at the end
+_draining = False  # the outermost critical section's end is delivering held signals
 _stopping = False  # an ending signal is being handled: the process is on its way out
 
 
@@ -95,6 +96,8 @@ def forget(log: RunSignals) -> None:
 
 def _unhook(signum: int) -> None:
     """Put back the handler that was there before ours (unless someone replaced ours)."""
+    if signum not in _previous:  # ours was put back by hand over ours: nothing to undo
+        return
     previous = _previous.pop(signum)
     if signal.getsignal(signum) is _dispatch:  # else someone replaced ours: keep theirs
         signal.signal(signum, previous)
@@ -109,23 +112,28 @@ def critical() -> Iterator[None]:
     interrupted code holds. Signals run only on the main thread, so other threads need
     no tracking.
     """
-    global _depth
+    global _depth, _draining
     if not _main_thread():
         yield
         return
+    pid = os.getpid()
     _depth += 1
     try:
         yield
     finally:
-        _depth -= 1
-        try:
-            while _depth == 0 and _pending:
-                _dispatch(_pending.pop(0), None)
-        finally:
-            while _depth == 0 and _unhook_later:
-                signum = _unhook_later.pop()
-                if not _listeners.get(signum) and signum in _previous:
-                    _unhook(signum)
+        if os.getpid() == pid:  # a child forked in the section starts afresh
+            _depth -= 1
+        if _depth == 0 and not _draining:  # the outermost end delivers, in order: a
+            _draining = True  # signal's own writes (critical too) must not deliver the next
+            try:
+                while _pending:
+                    _dispatch(_pending.pop(0), None)
+            finally:
+                _draining = False
+                while _unhook_later:
+                    signum = _unhook_later.pop()
+                    if not _listeners.get(signum):
+                        _unhook(signum)
 
 
 @contextlib.contextmanager
@@ -172,6 +180,9 @@ def _dispatch(signum: int, frame: FrameType | None) -> None:
                 logger.warning("notata: %s: %s", signal.Signals(signum).name, err)
         if callable(previous):
             previous(signum, frame)
+        elif previous == signal.SIG_DFL and not runs and not _stopping:  # held back for
+            signal.signal(signum, signal.SIG_DFL)  # nobody: as Python would have done
+            signal.raise_signal(signum)  # (not while a SIGTERM's exit is under way)
         return
     if _stopping:  # a second SIGTERM/SIGHUP: the first one's stop is under way
         if callable(previous):
@@ -197,7 +208,8 @@ def _dispatch(signum: int, frame: FrameType | None) -> None:
 
 def _forget_all_in_child() -> None:
     """After fork: the parent's runs and handlers are not the child's."""
-    global _depth, _stopping
+    global _depth, _stopping, _draining
+    _draining = False
     _listeners.clear()
     _pending.clear()
     _unhook_later.clear()

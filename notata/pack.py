@@ -157,11 +157,16 @@ def exec_pack(sweep: Sweep, indices: Sequence[int], argv: Sequence[str], *,
                 if warned:
                     leave("the time limit is near")
                     break
-                nxt = position + 1  # from here on, the task counts as begun
                 if me is not None and _ran_here(sweep, index, me):
+                    nxt = position + 1
                     continue
+
+                def begun(position: int = position) -> None:
+                    nonlocal nxt
+                    nxt = position + 1  # its run is open: no longer left unstarted
                 how = _one(sweep, index, (position, len(indices)), argv, heartbeat, warned,
-                           report)
+                           report, begun)
+                nxt = position + 1  # skipped (complete, held, not openable): not left
                 if how == INTERRUPTED:
                     leave("Ctrl-C")
                     return 130
@@ -179,18 +184,27 @@ def exec_queue(sweep: Sweep, fd: int, size: int, argv: Sequence[str], *,
     the array task's own process says what was left."""
     me = _job_key() if element else None
     outcome = _Outcome()
+    held: list[int] = []  # the task read from the pipe and not yet begun
     with _listening() as warned:
-        while not warned:
-            raw = os.read(fd, _RECORD)
-            if len(raw) < _RECORD:
-                break
-            index, position = map(int, raw.split())
-            if me is not None and _ran_here(sweep, index, me):
-                continue
-            how = _one(sweep, index, (position, size), argv, heartbeat, warned, None)
-            if how == INTERRUPTED:
-                return 130
-            outcome.add(index, how)
+        try:
+            while not warned:
+                raw = os.read(fd, _RECORD)
+                if len(raw) < _RECORD:
+                    break
+                index, position = map(int, raw.split())
+                held[:] = [index]
+                if me is not None and _ran_here(sweep, index, me):
+                    held.clear()
+                    continue
+                how = _one(sweep, index, (position, size), argv, heartbeat, warned, None,
+                           held.clear)
+                held.clear()
+                if how == INTERRUPTED:
+                    return 130
+                outcome.add(index, how)
+        except SystemExit as stop:  # a task taken from the pipe but never begun is left
+            _left(sweep, held, me, f"{_name(stop)} ended this pack", say=False)
+            raise
     return outcome.status()
 
 
@@ -287,8 +301,8 @@ def _side_by_side(sweep: Sweep, indices: Sequence[int], argv: Sequence[str],
             print(f"notata: the pack's workers ended before tasks {compact(sorted(left))}",
                   file=sys.stderr, flush=True)
     finally:
-        for s, h in before.items():
-            signal.signal(s, h)
+        for s, h in before.items():  # a warning repeated as the pack ends is taken too
+            signal.signal(s, signal.SIG_IGN if s == signal.SIGUSR1 and warned else h)
         os.close(read)
     if stopping:
         raise SystemExit(128 + stopping[0])
@@ -317,11 +331,12 @@ class _Outcome:
 
 
 def _one(sweep: Sweep, index: int, where: tuple[int, int], argv: Sequence[str],
-         heartbeat: float | None, warned: list[bool], report: int | None) -> str:
+         heartbeat: float | None, warned: list[bool], report: int | None,
+         begun: Callable[[], None] | None = None) -> str:
     """Run one task of the pack; how it ended (:class:`~notata.runner.Ended`'s ``how``)."""
     try:
         how = run_task(sweep, index, argv, heartbeat=heartbeat, pack=where,
-                       warned=lambda: bool(warned)).how
+                       warned=lambda: bool(warned), opened=begun).how
     except (NotataError, OSError) as err:  # this run cannot be opened
         print(f"notata: task {index}: {err}", file=sys.stderr, flush=True)
         how = _ERROR
@@ -338,13 +353,15 @@ def _name(stop: SystemExit) -> str:
 
 
 
-def _left(sweep: Sweep, tasks: Sequence[int], me: str | None, why: str) -> None:
+def _left(sweep: Sweep, tasks: Sequence[int], me: str | None, why: str,
+          say: bool = True) -> None:
     """Say which tasks the pack leaves unstarted; in an array task, record them (a retry
     does not count this submission as one of their attempts)."""
     if not tasks:
         return
-    print(f"notata: {why}: tasks {compact(tasks)} of this pack are left unstarted",
-          file=sys.stderr, flush=True)
+    if say:
+        print(f"notata: {why}: tasks {compact(tasks)} of this pack are left unstarted",
+              file=sys.stderr, flush=True)
     if me is not None:
         with contextlib.suppress(OSError):
             submissions.append(sweep.base_dir, {

@@ -120,11 +120,14 @@ SKIPPED, BUSY, INTERRUPTED = "skipped", "busy", "interrupted"
 def run_task(sweep: Sweep, index: int, argv: Sequence[str], *,
              heartbeat: float | None = None, from_array: bool = False,
              pack: tuple[int, int] | None = None,
-             warned: Callable[[], bool] | None = None) -> Ended:
+             warned: Callable[[], bool] | None = None,
+             opened: Callable[[], None] | None = None) -> Ended:
     """:func:`exec_task`, saying how the task ended. ``pack``: the task's (position, size)
     in the pack that runs it (:mod:`notata.pack`), recorded in its metadata; ``warned()``
     true once the time-limit warning has come (to the pack, perhaps before this run could
-    hear it): the run records it and the command is warned as soon as it is started.
+    hear it): the run records it and the command is warned as soon as it is started;
+    ``opened()`` is called the moment the run is open (before a signal held back while it
+    opened is handled), so that a pack knows the task has begun.
 
     SIGTERM, SIGHUP and SIGUSR1 wait while the run opens (:func:`notata._signals.deferred`):
     one that comes then is handled the moment the run is open, and recorded, rather than
@@ -138,6 +141,8 @@ def run_task(sweep: Sweep, index: int, argv: Sequence[str], *,
         with interrupted, _signals.deferred():
             log = open_task(sweep, index, heartbeat=heartbeat, track_children=True,
                             from_array=from_array, pack=pack)
+            if opened is not None:
+                opened()
     except RunCompleteError as err:
         if pack is None:
             print(f"notata: task {index}: {err.path} is already complete, so it is not run "

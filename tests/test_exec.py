@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -102,13 +104,23 @@ def test_command_killed_by_a_signal_and_missing_command(manifest: Path, base: Pa
 
 @pytest.mark.parametrize("kind, says", [
     ("no #! line", "cannot start"), ("a missing interpreter", "cannot start"),
-    ("another machine's ELF", "cannot start"), ("a good script", None)])
+    ("another machine's ELF", "cannot start"), ("a good script", None),
+    ("an interpreter without #!", "cannot start"), ("a #! line ending in CRLF", "cannot start"),
+    ("a truncated ELF", "cannot start"), ("a relocatable ELF", "cannot start")])
 def test_a_command_the_kernel_would_not_run_cannot_start(manifest: Path, base: Path,
                                                         kind: str, says: str | None) -> None:
     """What the kernel refuses is refused (127, "cannot start"), whatever the fast way of
     starting commands would do with it (setpriv's execvp hands such a file to /bin/sh)."""
     program = base / "program"
+    interpreter = Path(tempfile.mkdtemp()) / "interp"  # a path without spaces
+    interpreter.write_bytes(b"echo ran > ran.txt\n")
+    interpreter.chmod(0o755)
+    true = Path(shutil.which("true") or "/bin/true").read_bytes()
     body = {"no #! line": b"echo ran > ran.txt\n",
+            "an interpreter without #!": b"#!" + bytes(interpreter) + b"\necho x\n",
+            "a #! line ending in CRLF": b"#!/bin/sh\r\necho ran > ran.txt\n",
+            "a truncated ELF": true[:64],
+            "a relocatable ELF": true[:16] + b"\x01" + true[17:],
             "a missing interpreter": b"#!/no/such/sh\necho ran\n",
             "another machine's ELF": b"\x7fELF\x02\x01\x01" + b"\0" * 9 + b"\x02\0\x99\x99"
                                      + b"\0" * 44,

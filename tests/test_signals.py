@@ -105,6 +105,66 @@ def test_a_signal_during_the_last_runs_close_reaches_the_users_handler(
     assert read_meta(base / "log_run")["status"] == "complete"
 
 
+def test_signals_held_back_reach_every_run_in_order(base: Path) -> None:
+    """SIGUSR1 then SIGTERM held back by one run's write: both runs hear the warning
+    before the SIGTERM (the warning's own writes do not deliver the next signal)."""
+    code = """
+        import os, signal, sys
+        from notata import Logbook
+        outer = Logbook("outer", sys.argv[1])
+        inner = Logbook("inner", sys.argv[1])
+        with inner.holding_signals():
+            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), signal.SIGTERM)
+        """
+    proc = python(code, str(base))
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, err
+    for name in ("outer", "inner"):
+        meta = read_meta(base / f"log_{name}")
+        assert meta["status"] == "timeout", (name, meta)
+        assert [x["signal"] for x in meta["signals"]] == ["SIGUSR1", "SIGTERM"]
+
+
+def test_a_child_forked_inside_a_held_section_still_holds_its_own(base: Path) -> None:
+    code = """
+        import os, signal, sys
+        from notata import Logbook
+        a = Logbook("a", sys.argv[1])
+        with a.holding_signals():
+            pid = os.fork()
+        if pid == 0:
+            b = Logbook("b", sys.argv[1])
+            with b.holding_signals():
+                os.kill(os.getpid(), signal.SIGTERM)
+                print("held", flush=True)  # reached only if the section held it
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        a.close()
+        """
+    proc = python(code, str(base))
+    out, err = proc.communicate(timeout=30)
+    assert "held" in out, (out, err)
+    assert read_meta(base / "log_b")["status"] == "terminated"
+
+
+def test_our_handler_put_back_by_hand_breaks_nothing(base: Path) -> None:
+    code = """
+        import signal, sys
+        from notata import Logbook
+        a = Logbook("a", sys.argv[1])
+        old = signal.signal(signal.SIGTERM, lambda s, f: None)
+        a.close()
+        signal.signal(signal.SIGTERM, old)  # notata's dispatcher, with nobody to tell
+        c = Logbook("c", sys.argv[1])
+        Logbook("c", sys.argv[1], overwrite=True).close()
+        print("fine", flush=True)
+        """
+    proc = python(code, str(base))
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "fine" in out, err
+
+
 def test_handlers_are_restored_after_the_run(base: Path) -> None:
     before = signal.getsignal(signal.SIGTERM)
     with Logbook("r", base):
