@@ -153,13 +153,19 @@ def _chunks(ordered: list[int], most: int) -> list[list[int]]:
     """``ordered`` in runs of at most ``most`` tasks whose task list stays about
     :data:`MAX_MAP_CHARS` long (far below the kernel's 128 KiB per variable)."""
     chunks: list[list[int]] = []
-    chars = 0  # at most the task list's length: ranges only shorten it
+    chars = 0  # the task list's length so far (compact: a range is written "a-b")
+    start = -1  # where the range the last task is in began
     for i in ordered:
         if not chunks or len(chunks[-1]) >= most or chars > MAX_MAP_CHARS:
             chunks.append([])
             chars = 0
-        chunks[-1].append(i)
-        chars += len(str(i)) + 1
+        chunk = chunks[-1]
+        if chunk and i == chunk[-1] + 1:  # "a" becomes "a-i"; "a-b" becomes "a-i"
+            chars += len(str(i)) + (1 if chunk[-1] == start else -len(str(chunk[-1])))
+        else:
+            start = i
+            chars += len(str(i)) + 1
+        chunk.append(i)
     return chunks
 
 

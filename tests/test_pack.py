@@ -100,6 +100,11 @@ def test_a_packed_plan_lists_its_tasks_and_splits_at_max_array_size_times_pack()
     assert [len(p.indices) for p in plans] == [15, 15, 1]
     assert [p.spec for p in plans] == ["0-4", "0-4", "0"]
     assert plan_arrays(list(range(4)), 1001) == [ArrayPlan(0, (0, 1, 2, 3))]  # unpacked: as before
+    # a task list is as long as it is written: 20,000 tasks in a row are "0-19999", one array
+    assert [(p.spec, p.task_map) for p in plan_arrays(list(range(20000)), 1001, pack=500)] \
+        == [("0-39", "0-19999")]
+    scattered = plan_arrays(list(range(0, 60000, 2)), 10**6, pack=500)
+    assert all(len(p.task_map) < 31000 for p in scattered) and len(scattered) == 6
 
 
 def test_an_array_task_finds_its_pack_in_the_environment() -> None:
