@@ -224,16 +224,21 @@ def _side_by_side(sweep: Sweep, indices: Sequence[int], argv: Sequence[str],
     records = [f"{i} {k}".ljust(_RECORD - 1).encode() + b"\n" for k, i in enumerate(indices)]
     fed: list[int] = []  # records written so far
     stop = threading.Event()
+    feeding = threading.RLock()  # a record is written, or the pipe emptied, never both
+    # this process's own reading end, that never blocks (the workers' blocks: on Linux,
+    # opening /proc/self/fd/N of a pipe makes a description of its own)
+    mine = os.open(f"/proc/self/fd/{read}", os.O_RDONLY | os.O_NONBLOCK)
 
     def feed() -> None:  # the only user of ``write``: it closes it, when done or stopped
         try:
             for record in records:
                 while not stop.is_set() and not select.select([], [write], [], 0.2)[1]:
                     pass  # the pipe is full: the workers are busy
-                if stop.is_set():
-                    break
-                os.write(write, record)  # under PIPE_BUF: whole, or not at all
-                fed.append(1)
+                with feeding:
+                    if stop.is_set():
+                        break
+                    os.write(write, record)  # under PIPE_BUF: whole, and at once
+                    fed.append(1)
         except OSError:
             pass  # every worker is gone
         finally:
@@ -248,13 +253,12 @@ def _side_by_side(sweep: Sweep, indices: Sequence[int], argv: Sequence[str],
     warned: list[bool] = []
     left: list[int] = []  # tasks taken back from the pipe
 
-    def drain() -> None:  # (the workers share the pipe's blocking mode: select first)
-        with contextlib.suppress(OSError):
-            while select.select([read], [], [], 0)[0]:
-                raw = os.read(read, _RECORD)  # a worker may take the last: then EOF
-                if len(raw) < _RECORD:       # comes once the feeder stops (0.2 s)
-                    break
-                left.append(int(raw.split()[0]))
+    def drain() -> None:  # stop feeding, and take back what no worker has taken
+        with feeding:
+            stop.set()
+            with contextlib.suppress(OSError):  # BlockingIOError: empty
+                while len(raw := os.read(mine, _RECORD)) == _RECORD:
+                    left.append(int(raw.split()[0]))
 
     def forward(signum: int, frame: Any) -> None:
         stop.set()  # no more tasks: what is still in the pipe is left
@@ -301,9 +305,10 @@ def _side_by_side(sweep: Sweep, indices: Sequence[int], argv: Sequence[str],
             print(f"notata: the pack's workers ended before tasks {compact(sorted(left))}",
                   file=sys.stderr, flush=True)
     finally:
-        for s, h in before.items():  # a warning repeated as the pack ends is taken too
-            signal.signal(s, signal.SIG_IGN if s == signal.SIGUSR1 and warned else h)
+        for s, h in before.items():  # a warning as the pack ends is taken too: it is over
+            signal.signal(s, signal.SIG_IGN if s == signal.SIGUSR1 else h)
         os.close(read)
+        os.close(mine)
     if stopping:
         raise SystemExit(128 + stopping[0])
     if any(c == 130 for c in codes):
@@ -417,5 +422,5 @@ def _listening() -> Iterator[list[bool]]:
     try:
         yield warned
     finally:
-        for s, h in before.items():  # a warning repeated as the pack ends is taken too
-            signal.signal(s, signal.SIG_IGN if s == signal.SIGUSR1 and warned else h)
+        for s, h in before.items():  # a warning as the pack ends is taken too: it is over
+            signal.signal(s, signal.SIG_IGN if s == signal.SIGUSR1 else h)
