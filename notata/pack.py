@@ -142,6 +142,7 @@ def exec_pack(sweep: Sweep, indices: Sequence[int], argv: Sequence[str], *,
     if parallel > 1 and len(indices) > 1:
         return _side_by_side(sweep, indices, argv, heartbeat, element, parallel)
     me = _job_key() if element else None
+    again = me is not None and _requeued()  # one read per task only in a second life
     outcome = _Outcome()
     said: list[bool] = []
     nxt = 0  # the position of the first task not yet begun
@@ -157,7 +158,7 @@ def exec_pack(sweep: Sweep, indices: Sequence[int], argv: Sequence[str], *,
                 if warned:
                     leave("the time limit is near")
                     break
-                if me is not None and _ran_here(sweep, index, me):
+                if again and _ran_here(sweep, index, me):
                     nxt = position + 1
                     continue
 
@@ -183,6 +184,7 @@ def exec_queue(sweep: Sweep, fd: int, size: int, argv: Sequence[str], *,
     :data:`_RECORD` bytes, ``INDEX POSITION``) until it is empty or the warning comes;
     the array task's own process says what was left."""
     me = _job_key() if element else None
+    again = me is not None and _requeued()
     outcome = _Outcome()
     held: list[int] = []  # the task read from the pipe and not yet begun
     with _listening() as warned:
@@ -193,7 +195,7 @@ def exec_queue(sweep: Sweep, fd: int, size: int, argv: Sequence[str], *,
                     break
                 index, position = map(int, raw.split())
                 held[:] = [index]
-                if me is not None and _ran_here(sweep, index, me):
+                if again and _ran_here(sweep, index, me):
                     held.clear()
                     continue
                 how = _one(sweep, index, (position, size), argv, heartbeat, warned, None,
@@ -305,8 +307,7 @@ def _side_by_side(sweep: Sweep, indices: Sequence[int], argv: Sequence[str],
             print(f"notata: the pack's workers ended before tasks {compact(sorted(left))}",
                   file=sys.stderr, flush=True)
     finally:
-        for s, h in before.items():  # a warning as the pack ends is taken too: it is over
-            signal.signal(s, signal.SIG_IGN if s == signal.SIGUSR1 else h)
+        _put_back(before)
         os.close(read)
         os.close(mine)
     if stopping:
@@ -380,12 +381,18 @@ def _job_key() -> str | None:
     return found[0].job_key(found[1]) if found is not None else None
 
 
+def _requeued() -> bool:
+    """Whether this array task has run before: only then can it have let a task go."""
+    found = scheduler.current(os.environ)
+    return found is not None and found[0].requeued(found[1])
+
+
 def _key(attempt: Mapping[str, Any]) -> str | None:
     job = scheduler.job_of(attempt)
     return job[0].job_key(job[1]) if job is not None else None
 
 
-def _ran_here(sweep: Sweep, index: int, me: str) -> bool:
+def _ran_here(sweep: Sweep, index: int, me: str | None) -> bool:
     """Whether this array task (requeued since) already ran ``index`` and let it go."""
     try:
         meta = _fs.read_json_object(sweep.task(index).run_dir / layout.METADATA)
@@ -398,6 +405,13 @@ def started_in(meta: Mapping[str, Any]) -> set[str]:
     """The job keys every attempt of this run ran in."""
     return {k for attempt in [*(meta.get("attempts") or []), meta]
             if isinstance(attempt, Mapping) and (k := _key(attempt)) is not None}
+
+
+def _put_back(before: Mapping[Any, Any]) -> None:
+    """The handlers a pack replaced, back; SIGUSR1 stays taken (ignored): a warning that
+    lands as the pack ends must not kill a process whose tasks are all done."""
+    for signum, handler in before.items():
+        signal.signal(signum, signal.SIG_IGN if signum == signal.SIGUSR1 else handler)
 
 
 @contextlib.contextmanager
@@ -422,5 +436,4 @@ def _listening() -> Iterator[list[bool]]:
     try:
         yield warned
     finally:
-        for s, h in before.items():  # a warning as the pack ends is taken too: it is over
-            signal.signal(s, signal.SIG_IGN if s == signal.SIGUSR1 else h)
+        _put_back(before)

@@ -225,10 +225,10 @@ def _classify(meta: dict[str, Any], task: int | None, run_id: str, run_dir: str,
         if array is not None and came in ("array", "pack"):
             record.array = (str(array[0]), array[1])
             record.packed = came == "pack"
-        # packs that ran this task and went on (never to come back to it) hold it no more
-        record.passed = frozenset(let_go_by(meta, queue.key))
-        if record.queued is not None and queue.key(meta) in record.passed:
-            record.queued = None
+        if status != schema.COMPLETE:  # packs that ran it and went on hold it no more
+            record.passed = frozenset(let_go_by(meta, queue.key))
+            if record.queued is not None and queue.key(meta) in record.passed:
+                record.queued = None
     if status == schema.COMPLETE:
         return record
     try:  # a run that may be run again: its lock must be one notata can take

@@ -44,6 +44,9 @@ class SchedulerProvider(Protocol):
         """Whether this job really is an array task (asks the scheduler: an inherited
         environment may say so wrongly); True when it cannot answer."""
 
+    def requeued(self, context: Mapping[str, Any]) -> bool:
+        """Whether this job has run before (the scheduler requeued it)."""
+
     def termination_status(self, context: Mapping[str, Any], now: float) -> str | None:
         """The status a SIGTERM means for this job (timeout, cancelled, preempted), or None."""
 

@@ -227,6 +227,9 @@ class SlurmProvider:
         except SchedulerError:
             return True  # cannot ask: trust the environment
 
+    def requeued(self, context: Mapping[str, Any]) -> bool:
+        return int(context.get("restart_count") or 0) > 0
+
     def termination_status(self, context: Mapping[str, Any], now: float) -> str | None:
         """Why SLURM is ending this job, from ``scontrol show job`` at SIGTERM time.
 

@@ -224,8 +224,8 @@ def resubmit(manifest: str | os.PathLike[str] | Sweep, statuses: Iterable[str] =
     # does not compute every run id; the check is remembered per manifest hash).
     sweep = manifest if isinstance(manifest, Sweep) else load_sweep(manifest)
     sweep.check_indices(options.tasks or ())
-    last = last_submission(sweep)
-    options = _sized(sweep, options, (last or {}).get("options"))
+    if options.pack_time is not None:  # a recorded --time stays
+        options = _sized(sweep, options, (last_submission(sweep) or {}).get("options"))
     sweep.check_unique(remember=not options.dry_run)
     sweep_lock = (lock.no_lock() if options.dry_run
                   else submissions.sweep_lock(sweep.base_dir))
