@@ -396,7 +396,11 @@ def test_an_escalation_the_cluster_cannot_give_is_given_up_and_the_sweep_settles
         wait_for(lambda: _ended(manifest), 180, "the sweep to settle")
         state = _state(manifest)
         assert state is not None and state.state == chain.SETTLED, state
-        assert "sbatch refused its next attempt with --mem 10000M" in state.given_up["0"]
+        # (the --time before it is what SLURM reported the job had: UNLIMITED, not carried;
+        # once seen as 365-00:00:00, which is carried)
+        why = state.given_up["0"]
+        assert "sbatch refused its next attempt with" in why and "--mem 10000M" in why, why
+        assert "Memory specification can not be satisfied" in why
         sweep = notata.load_sweep(manifest)
         assert read_meta(sweep.task(1).run_dir)["status"] == "complete"
         wait_for(lambda: bool(hook.bodies), 30, "the notification")
