@@ -29,7 +29,8 @@ scheduler layer names a scheduler's variables, job states or metadata fields).
    process owns: lock, metadata, heartbeat, status); ``_outputs`` (the writers and
    log.txt); ``logbook`` (the Logbook); ``experiment``.
 3. tasks: ``array`` (a sweep task's Logbook); ``_command`` (a task's command's processes:
-   start, warn, stop); ``runner`` (``notata exec``); ``pack``
+   start, warn, stop); ``_function`` (a Python function as each task: one import, a
+   fork per task); ``runner`` (``notata exec``); ``pack``
    (several tasks one after another in one process); ``local`` (the local backend).
 4. scanning: ``runstate`` (one run's state); ``queue`` (which tasks the queue holds);
    ``collector`` (the scan, the report); ``tabulate``.

@@ -18,10 +18,31 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
+from typing import Protocol
 
 import psutil
 
 from .heartbeat import has_children
+
+
+class Process(Protocol):
+    """What the wrapper needs of its command's process: a :class:`subprocess.Popen`, or a
+    function task's worker (:class:`notata._function.Served`)."""
+
+    pid: int
+    returncode: int | None
+
+    def poll(self) -> int | None: ...
+
+    def wait(self) -> int: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+
+#: Children of this process that belong to no command (a function pack's fork server,
+#: :mod:`notata._function`): never signalled, and not counted as left by a command.
+SPARED: set[int] = set()
+
 
 #: Seconds the wrapper gives its command to exit after passing on SIGTERM or Ctrl-C.
 STOP_GRACE = 20.0
@@ -30,7 +51,7 @@ STOP_GRACE = 20.0
 KILL_GIVE_UP = 30.0
 
 
-def stop(proc: subprocess.Popen[bytes], signum: int, grace: float = STOP_GRACE) -> int | None:
+def stop(proc: Process, signum: int, grace: float = STOP_GRACE) -> int | None:
     """Stop the command and everything it started: ``signum`` to its process group and to
     every descendant (the wrapper is their subreaper, so a daemon that left the group is
     still one); wait up to ``grace`` for all of them to exit; then SIGKILL what is left,
@@ -52,7 +73,7 @@ def stop(proc: subprocess.Popen[bytes], signum: int, grace: float = STOP_GRACE) 
     return proc.returncode
 
 
-def gone(proc: subprocess.Popen[bytes]) -> bool:
+def gone(proc: Process) -> bool:
     """Whether nothing of the command is left: this process (the command's subreaper) has
     no child left and its group no member, by the kernel's own lists (one read each);
     else three listings in a row, 20 ms apart, find nothing (one listing of ``/proc`` can
@@ -66,13 +87,13 @@ def gone(proc: subprocess.Popen[bytes]) -> bool:
     return True
 
 
-def _children_left(proc: subprocess.Popen[bytes]) -> bool:
+def _children_left(proc: Process) -> bool:
     """Whether this process has a child left, after reaping those that have exited (the
     command included), from ``/proc/self/task/*/children``: every descendant left by the
     command is one, or a child's descendant, since this process is their subreaper.
     True when the kernel does not keep those lists (the slower listings decide)."""
     _reap(proc)
-    return has_children(os.getpid())
+    return has_children(os.getpid(), besides=SPARED)
 
 
 def _group_alive(pgid: int) -> bool:
@@ -86,7 +107,7 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def _reap(proc: subprocess.Popen[bytes]) -> None:
+def _reap(proc: Process) -> None:
     """Reap this process's children that have exited; the command's status is kept."""
     while True:
         try:
@@ -99,25 +120,32 @@ def _reap(proc: subprocess.Popen[bytes]) -> None:
             proc.returncode = os.waitstatus_to_exitcode(status)
 
 
-def remaining(proc: subprocess.Popen[bytes]) -> list[int]:
+def remaining(proc: Process) -> list[int]:
     """The live processes of the command: its group and this process's descendants.
     Reaps those that have exited (the command itself included)."""
     _reap(proc)
     alive = set(group(proc.pid))
-    with contextlib.suppress(psutil.Error):
-        for child in psutil.Process().children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                if child.status() != psutil.STATUS_ZOMBIE:
-                    alive.add(child.pid)
+    for child in _descendants():
+        with contextlib.suppress(psutil.Error):
+            if child.status() != psutil.STATUS_ZOMBIE:
+                alive.add(child.pid)
     return sorted(alive)
 
 
-def signal_all(proc: subprocess.Popen[bytes], signum: int) -> None:
+def _descendants() -> list[psutil.Process]:
+    """This process's descendants, less the :data:`SPARED` ones (their own children, a
+    command's processes, are still counted)."""
+    try:
+        return [c for c in psutil.Process().children(recursive=True) if c.pid not in SPARED]
+    except psutil.Error:
+        return []
+
+
+def signal_all(proc: Process, signum: int) -> None:
     signal_group(proc, signum)
-    with contextlib.suppress(psutil.Error):
-        for child in psutil.Process().children(recursive=True):
-            with contextlib.suppress(psutil.Error, ProcessLookupError, PermissionError):
-                os.kill(child.pid, signum)
+    for child in _descendants():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(child.pid, signum)
 
 
 def become_subreaper() -> None:
@@ -229,7 +257,7 @@ def _die_with_parent(parent: int) -> Callable[[], None] | None:
     return child
 
 
-def signal_group(proc: subprocess.Popen[bytes], signum: int) -> None:
+def signal_group(proc: Process, signum: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signum)
 
@@ -244,7 +272,7 @@ def catches(pid: int, signum: int) -> bool:
     return bool(caught & (1 << (signum - 1)))
 
 
-def pass_warning(proc: subprocess.Popen[bytes]) -> list[int]:
+def pass_warning(proc: Process) -> list[int]:
     """Pass SIGUSR1 to the processes of the command's group that handle it; the pids.
 
     SIGUSR1's default action kills: a program that never asked for the warning would die
@@ -277,7 +305,7 @@ def pass_warning(proc: subprocess.Popen[bytes]) -> list[int]:
 LATE_WARNING = 30.0
 
 
-def pass_warning_late(proc: subprocess.Popen[bytes], within: float = LATE_WARNING) -> None:
+def pass_warning_late(proc: Process, within: float = LATE_WARNING) -> None:
     """The warning came before the command started: pass it on once a process of the
     command handles SIGUSR1 (a Python program installs its handler after its imports),
     from a daemon thread that looks every 0.1 s for ``within`` seconds."""

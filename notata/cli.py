@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import chain, sbatch, shepherd, slurm, submission, tabulate
+from . import _function, chain, sbatch, shepherd, slurm, submission, tabulate
+from ._function import FLAG
 from ._version import __version__
 from .array import pack_parallel, pack_tasks, task_index
 from .collector import Report, Watcher
@@ -34,10 +35,17 @@ from .runner import exec_task
 from .runstate import SELECTORS
 
 
-def _command(args: argparse.Namespace) -> list[str]:
+def _command(args: argparse.Namespace, needed: bool = True) -> list[str]:
+    """The command after ``--``, or ``--python MODULE:FUNCTION`` as the command that
+    names it (:mod:`notata._function`)."""
     cmd = list(args.cmd)
-    if not cmd:
-        raise UsageError("no command given: put it after --, e.g. -- python sim.py {omega}")
+    if getattr(args, "python", None) is not None:
+        if cmd:
+            raise UsageError(f"give --python {args.python} or a command after --, not both")
+        return [FLAG, args.python]
+    if not cmd and needed:
+        raise UsageError("no command given: put it after --, e.g. -- python sim.py {omega} "
+                         "(or call a Python function: --python simulate:run)")
     return cmd
 
 
@@ -83,8 +91,10 @@ def cmd_exec(args: argparse.Namespace) -> int:
         raise UsageError(f"--heartbeat: {err}") from None
     if args.task is not None and args.tasks is not None:
         raise UsageError("give --task or --tasks, not both")
+    cmd = _command(args)
+    payload = _function.of(cmd) or cmd  # a function's module is imported once, here
     if args.queue_fd is not None:  # a worker of a pack run side by side
-        return exec_queue(sweep, args.queue_fd, args.pack_size or 0, _command(args),
+        return exec_queue(sweep, args.queue_fd, args.pack_size or 0, payload,
                           heartbeat=args.heartbeat, element=pack_tasks() is not None)
     if args.tasks is not None:
         tasks: list[int] | None = parse_indices(args.tasks, len(sweep))
@@ -96,14 +106,14 @@ def cmd_exec(args: argparse.Namespace) -> int:
             print(f"notata: tasks {compact(outside)} are outside the sweep's {len(sweep)} "
                   "tasks (was the manifest changed since it was submitted?): not run",
                   file=sys.stderr)
-        rc = exec_pack(sweep, [i for i in tasks if i < len(sweep)], _command(args),
+        rc = exec_pack(sweep, [i for i in tasks if i < len(sweep)], payload,
                        heartbeat=args.heartbeat, report=args.report_fd,
                        element=args.tasks is None,
                        parallel=pack_parallel() if args.tasks is None else 1)
         return rc or (1 if outside else 0)
     index, from_array = (args.task, False) if args.task is not None else task_index()
     _task(sweep, index)
-    return exec_task(sweep, index, _command(args), heartbeat=args.heartbeat,
+    return exec_task(sweep, index, payload, heartbeat=args.heartbeat,
                      from_array=from_array)
 
 
@@ -210,7 +220,8 @@ def cmd_shepherd(args: argparse.Namespace) -> int:
 def cmd_resubmit(args: argparse.Namespace) -> int:
     sweep = load(args.manifest)  # resubmit checks the run ids (and a dry run writes nothing)
     chosen = [s for s in SELECTORS if getattr(args, s)]
-    return submission.resubmit(sweep, chosen, list(args.cmd), _options(args, sweep),
+    return submission.resubmit(sweep, chosen, _command(args, needed=False),
+                               _options(args, sweep),
                                max_attempts=args.max_attempts,
                                stale_after=submission.duration(args.stale_after),
                                full=args.full, progress=Progress()).status
@@ -278,6 +289,10 @@ def add_submit_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("slurm options (flags win over the manifest's slurm: section)")
     for key, option in sbatch.OPTIONS.items():
         g.add_argument(option, dest=key, metavar=key.upper().replace("_", "-"))
+    p.add_argument("--python", metavar="MODULE:FUNCTION",
+                   help="instead of a command: call FUNCTION(params, log) as each task, in a "
+                        "process forked from one that imported MODULE once (or "
+                        "path/file.py:FUNCTION)")
     p.add_argument("--pack", type=int, metavar="N",
                    help="run N tasks one after another in each array task (locally: in "
                         "each process); each is still its own run")
@@ -326,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--queue-fd", type=int, help=argparse.SUPPRESS)
     e.add_argument("--pack-size", type=int, help=argparse.SUPPRESS)
     e.add_argument("--heartbeat", type=float, help="seconds between heartbeats (default 30)")
+    e.add_argument("--python", metavar="MODULE:FUNCTION",
+                   help="instead of a command: call FUNCTION(params, log) as the task")
     e.set_defaults(func=cmd_exec)
 
     m = sub.add_parser("submit", help="run every task of a sweep",

@@ -138,3 +138,18 @@ class RunExistsError(NotataError, FileExistsError):
 
 class ForkedHandleError(NotataError, RuntimeError):
     """A forked process tried to change the metadata or status of its parent's run."""
+
+
+class TasksFailedError(NotataError, RuntimeError):
+    """Tasks of a pack did not complete (``job.result()`` of a packed submitit job): their
+    indices and each one's status and reason; the rest of the pack's results are saved."""
+
+    def __init__(self, failures: dict[int, str]) -> None:
+        super().__init__(failures)
+        self.failures = dict(failures)
+
+    def __str__(self) -> str:
+        shown = [f"task {i}: {why}" for i, why in list(self.failures.items())[:5]]
+        more = len(self.failures) - len(shown)
+        return (f"{len(self.failures)} task(s) of this pack did not complete; "
+                + "; ".join(shown) + (f"; and {more} more" if more else ""))

@@ -16,7 +16,7 @@ import os
 import resource
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import psutil
@@ -48,10 +48,10 @@ def interval_from(value: float | None) -> float:
     return float(value)
 
 
-def has_children(pid: int) -> bool:
-    """Whether process ``pid`` has a child, from ``/proc/PID/task/*/children`` (one small
-    read per thread; listing the descendants reads every process of the machine). True
-    when the kernel does not keep those lists."""
+def has_children(pid: int, besides: Collection[int] = ()) -> bool:
+    """Whether process ``pid`` has a child (other than those ``besides``), from
+    ``/proc/PID/task/*/children`` (one small read per thread; listing the descendants
+    reads every process of the machine). True when the kernel does not keep those lists."""
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
@@ -59,7 +59,7 @@ def has_children(pid: int) -> bool:
     for tid in tasks:
         try:
             with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
-                if f.read().strip():
+                if any(int(c) not in besides for c in f.read().split()):
                     return True
         except FileNotFoundError:
             if os.path.isdir(f"/proc/{pid}/task/{tid}"):
@@ -179,6 +179,18 @@ class _Beater:
             while wait and self._current is hb and threading.current_thread() is not self._thread:
                 self._cond.wait()
 
+    def quiesce(self) -> bool:
+        """End the thread if no run is open here, and wait for it to be gone; whether the
+        process is left without it (a process that forks needs no thread of its own)."""
+        with self._cond:
+            if self._due or self._current is not None:
+                return False
+            thread, self._thread = self._thread, None  # it sees it is not the one, and ends
+            self._cond.notify_all()
+        if thread is not None:
+            thread.join()
+        return True
+
     def running(self, hb: Heartbeat) -> bool:
         return threading.current_thread() is self._thread and self._current is hb
 
@@ -186,6 +198,8 @@ class _Beater:
         while True:
             with self._cond:
                 while True:
+                    if self._thread is not threading.current_thread():
+                        return
                     now = time.monotonic()
                     if self._due and self._due[0][0] <= now:
                         _, _, hb = heapq.heappop(self._due)
@@ -217,6 +231,14 @@ def _forget_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_in_child)
+
+
+def quiesce() -> bool:
+    """End this process's heartbeat thread when no run is open in it (the next run starts
+    another); whether it is gone. :mod:`notata._function` forks only without it."""
+    with _BEATER_LOCK:
+        beater = _BEATER if _BEATER is not None and _BEATER.pid == os.getpid() else None
+    return beater.quiesce() if beater is not None else True
 
 
 def _beater() -> _Beater:

@@ -107,8 +107,7 @@ class Logbook(Outputs):
         #: to it receive every line written to log.txt.
         self.logger = self._text.logger
         # Everything that can refuse the params does so before anything is made.
-        params_file = render_params(to_plain(dict(params), "params"), "yaml") \
-            if params is not None else None
+        plain = to_plain(dict(params), "params") if params is not None else None
         interval = interval_from(heartbeat)
         self._with_depth = 0  # inside ``with`` blocks of this handle
         self._thread = threading.get_ident()
@@ -119,11 +118,18 @@ class Logbook(Outputs):
             self._run: OwnedRun | _attach.AttachedRun = _attach.AttachedRun(self.path,
                                                                             self._let_go)
             self._signals = _signals.RunSignals(self, self._run, on_warning)
-            if params_file is not None:
-                self._save_params_file(layout.PARAMS_YAML, params_file)
+            # The wrapper saved the same params already (the same sweep's same task, or
+            # the same bytes): said and written once.
+            meta = self._run.meta
+            if plain is not None and not (_fields and all(
+                    meta.get(k) == _fields.get(k) for k in ("manifest_hash", "task"))):
+                rendered = render_params(plain, "yaml")
+                if not _holds(self.path / layout.PARAMS_YAML, rendered):
+                    self._save_params_file(layout.PARAMS_YAML, rendered)
             if signals:  # hooks and finally blocks run; the wrapper records the status
                 _signals.listen(self._signals)
             return
+        params_file = render_params(plain, "yaml") if plain is not None else None
         self._open(overwrite, resume, interval, params_file, preallocate, track_children,
                    signals, on_warning, _check, _fields or {})
 
@@ -375,6 +381,15 @@ def _supersede(path: Path) -> str | None:
             old._run.give_up()
         return status
     return None
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    """Whether the file at ``path`` holds exactly ``data``."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(data) + 1) == data
+    except OSError:
+        return False
 
 
 def _same_dir(a: Path, b: Path) -> bool:

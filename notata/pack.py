@@ -23,6 +23,8 @@ it ran as). What the pack adds:
 - **A requeued array task** (preemption, a node lost) runs its pack again from the
   start, skipping what it has let go in an earlier life, and running again what a
   signal ended.
+- **Python functions** (``--python MODULE:FUNCTION``): the pack's process imports the
+  module once and forks a worker per task (:mod:`notata._function`).
 - **Side by side** (``--pack-parallel P``): the array task's process starts P workers
   that take the pack's tasks one at a time from a pipe (:func:`_side_by_side`); each
   worker is a pack as above; the warning and SIGTERM are passed to every worker, and
@@ -46,6 +48,7 @@ from typing import Any
 
 from . import _fs, index, layout, scheduler, schema, submissions
 from ._command import catches, start_args
+from ._function import Function
 from .errors import NotataError, UsageError
 from .manifest import Sweep, compact
 from .runner import BUSY, IN_USE, INTERRUPTED, SKIPPED, run_task
@@ -126,7 +129,7 @@ def let_go_by(meta: Mapping[str, Any], key: Callable[[Mapping[str, Any]], str | 
     return out
 
 
-def exec_pack(sweep: Sweep, indices: Sequence[int], argv: Sequence[str], *,
+def exec_pack(sweep: Sweep, indices: Sequence[int], argv: Sequence[str] | Function, *,
               heartbeat: float | None = None, report: int | None = None,
               element: bool = False, parallel: int = 1) -> int:
     """Run ``argv`` as each task of ``indices`` in turn, each its own run (see the module
@@ -178,7 +181,7 @@ def exec_pack(sweep: Sweep, indices: Sequence[int], argv: Sequence[str], *,
     return outcome.status()
 
 
-def exec_queue(sweep: Sweep, fd: int, size: int, argv: Sequence[str], *,
+def exec_queue(sweep: Sweep, fd: int, size: int, argv: Sequence[str] | Function, *,
                heartbeat: float | None = None, element: bool = False) -> int:
     """One worker of :func:`_side_by_side`: run tasks read from ``fd`` (records of
     :data:`_RECORD` bytes, ``INDEX POSITION``) until it is empty or the warning comes;
@@ -215,7 +218,7 @@ _ERROR = "error"
 _RECORD = 24
 
 
-def _side_by_side(sweep: Sweep, indices: Sequence[int], argv: Sequence[str],
+def _side_by_side(sweep: Sweep, indices: Sequence[int], argv: Sequence[str] | Function,
                   heartbeat: float | None, element: bool, parallel: int) -> int:
     """``parallel`` workers (``notata exec --queue-fd``) take the pack's tasks one at a time
     from a pipe, in order, each task its own run. The warning and SIGTERM/SIGHUP are
@@ -283,7 +286,8 @@ def _side_by_side(sweep: Sweep, indices: Sequence[int], argv: Sequence[str],
     feeder = threading.Thread(target=feed, name="notata-pack-feed", daemon=True)
     try:
         for _ in range(parallel):  # each dies with this process, as a command does
-            args, preexec = start_args([*base, "--", *argv], os.environ)
+            command = argv.argv if isinstance(argv, Function) else list(argv)
+            args, preexec = start_args([*base, "--", *command], os.environ)
             workers.append(subprocess.Popen(args, pass_fds=(read,), stdin=subprocess.DEVNULL,
                                             preexec_fn=preexec))
         feeder.start()
@@ -336,7 +340,7 @@ class _Outcome:
         return 1 if self.failed else IN_USE if self.busy else 0
 
 
-def _one(sweep: Sweep, index: int, where: tuple[int, int], argv: Sequence[str],
+def _one(sweep: Sweep, index: int, where: tuple[int, int], argv: Sequence[str] | Function,
          heartbeat: float | None, warned: list[bool], report: int | None,
          begun: Callable[[], None] | None = None) -> str:
     """Run one task of the pack; how it ended (:class:`~notata.runner.Ended`'s ``how``)."""

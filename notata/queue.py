@@ -153,12 +153,18 @@ def queued_tasks(sweep: Sweep, queue: Queue | None,
             if array.get("tag"):
                 by_tag[str(array["tag"])] = submissions.array_index(array)
         if str(record.get("backend", "")).startswith("submitit"):
-            tasks = taskspec.expand(record.get("tasks", ""))
-            for job_id, i in zip(record.get("job_ids", []), tasks, strict=False):
+            # a job per task, or (packed) a job per list of tasks: ``job_tasks``
+            packs = record.get("job_tasks")
+            groups = ([taskspec.expand(p) if isinstance(p, str) and taskspec.is_spec(p) else []
+                       for p in packs] if isinstance(packs, list)
+                      else [[i] for i in taskspec.expand(record.get("tasks", ""))])
+            for job_id, group in zip(record.get("job_ids", []), groups, strict=False):
                 offsets.pop(queue.provider.split_key(str(job_id))[0], None)
                 located.pop(queue.provider.split_key(str(job_id))[0], None)
                 if str(job_id) in queue.jobs:
-                    out[i] = queue.jobs[str(job_id)]
+                    for i in group:
+                        if str(job_id) not in (passed or {}).get(i, ()):
+                            out[i] = queue.jobs[str(job_id)]
     for job, tag in queue.tags.items():
         if tag in by_tag:
             located.setdefault(job, by_tag[tag])

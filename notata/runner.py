@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _attach, _command, _signals, layout, resources, schema
+from ._function import Function
 from .array import ENV_TASK, RUN_VARIABLES, open_task
 from .errors import RunCompleteError, RunLockedError, UsageError
 from .logbook import Logbook
@@ -90,7 +91,7 @@ def telling_line(path: os.PathLike[str] | str, limit: int = 65536) -> str:
     return chosen.strip()[:300]
 
 
-def exec_task(sweep: Sweep, index: int, argv: Sequence[str], *,
+def exec_task(sweep: Sweep, index: int, argv: Sequence[str] | Function, *,
               heartbeat: float | None = None, from_array: bool = False) -> int:
     """Run ``argv`` as task ``index`` of ``sweep``; return the exit status for the wrapper.
 
@@ -117,7 +118,7 @@ class Ended:
 SKIPPED, BUSY, INTERRUPTED = "skipped", "busy", "interrupted"
 
 
-def run_task(sweep: Sweep, index: int, argv: Sequence[str], *,
+def run_task(sweep: Sweep, index: int, argv: Sequence[str] | Function, *,
              heartbeat: float | None = None, from_array: bool = False,
              pack: tuple[int, int] | None = None,
              warned: Callable[[], bool] | None = None,
@@ -127,13 +128,17 @@ def run_task(sweep: Sweep, index: int, argv: Sequence[str], *,
     true once the time-limit warning has come (to the pack, perhaps before this run could
     hear it): the run records it and the command is warned as soon as it is started;
     ``opened()`` is called the moment the run is open (before a signal held back while it
-    opened is handled), so that a pack knows the task has begun.
+    opened is handled), so that a pack knows the task has begun. ``argv`` may be a
+    :class:`~notata._function.Function`: the "command" is then a worker forked from this
+    process that calls it (:mod:`notata._function`).
 
     SIGTERM, SIGHUP and SIGUSR1 wait while the run opens (:func:`notata._signals.deferred`):
     one that comes then is handled the moment the run is open, and recorded, rather than
     ending the process between the run's folder and its first record.
     """
-    if not argv:
+    if isinstance(argv, Function):
+        argv.ready(sweep)  # its fork server, forked while no run is open here
+    elif not argv:
         raise UsageError("no command to run: give it after --")
     interrupted = _Deferred()
     try:
@@ -157,12 +162,15 @@ def run_task(sweep: Sweep, index: int, argv: Sequence[str], *,
             if interrupted.caught:
                 raise KeyboardInterrupt
             before = resources.children_peak()  # scontrol's, say: not the command's
-            rc = _run_command(log, index, argv, warned)
+            rc, peak = _run_command(log, index, argv, warned)
         except KeyboardInterrupt:
             log.mark_cancelled("KeyboardInterrupt")
             return Ended(130, INTERRUPTED)
         if rc is None:
             return Ended(127, schema.FAILED)
+        if peak is None:
+            peak = resources.children_peak()  # the command's (not this wrapper's), when it
+            peak = peak if peak > before else 0  # passed every earlier child's
         handed = _attach.take_handed_over(log.path)
         marked, reason = handed.pop("status", None), handed.pop("failure_reason", None)
         if handed:  # on disk now: the file that held them is gone
@@ -176,8 +184,6 @@ def run_task(sweep: Sweep, index: int, argv: Sequence[str], *,
         if rc == 0:
             log.mark_complete()
             return Ended(0, schema.COMPLETE)
-        peak = resources.children_peak()  # the command's (not this wrapper's), when it
-        peak = peak if peak > before else 0  # passed every earlier child's
         granted = log.metadata.get("resources", {}).get("asked", {}).get("mem_bytes")
         if resources.killed_for_memory(rc, peak, granted):
             log._finish(schema.OOM, f"killed for memory: SIGKILL after a peak of "
@@ -185,8 +191,9 @@ def run_task(sweep: Sweep, index: int, argv: Sequence[str], *,
                         "granted")
             _say_ended(index, log)
             return Ended(128 - rc, schema.OOM)
-        what = (f"command exited with status {rc}" if rc > 0
-                else f"command killed by {signal.Signals(-rc).name}")
+        kind = "function" if isinstance(argv, Function) else "command"
+        what = (f"{kind} exited with status {rc}" if rc > 0
+                else f"{kind} killed by {signal.Signals(-rc).name}")
         detail = reason or telling_line(log.path / layout.STDERR)
         log.mark_failed(f"{what}: {detail}" if detail else what)
         _say_ended(index, log)
@@ -208,16 +215,18 @@ def _plain_fields(handed: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in handed.items() if k not in schema.RESERVED}
 
 
-def _run_command(log: Logbook, index: int, argv: Sequence[str],
-                 warned: Callable[[], bool] | None = None) -> int | None:
-    """Start the task's command under ``log`` and wait for it; its exit status as Popen
-    gives it, or None (the run marked failed) when it cannot be started. On Ctrl-C the
-    command is stopped before KeyboardInterrupt goes on."""
+def _run_command(log: Logbook, index: int, argv: Sequence[str] | Function,
+                 warned: Callable[[], bool] | None = None) -> tuple[int | None, int | None]:
+    """Start the task's command under ``log`` (or have a worker call the function) and
+    wait for it; its exit status as Popen gives it, or None (the run marked failed) when
+    it cannot be started, and its peak RSS when known apart from this process's other
+    children (a function's worker). On Ctrl-C, or anything else that ends the wait, the
+    command is stopped before the exception goes on."""
     assert log.task is not None
     params = log.task.params
     values = {"run_dir": str(log.path), "run_id": log.run_id, "task": index,
               "attempt": log.attempt, **params}
-    cmd = substitute(argv, values)
+    cmd = argv.argv if isinstance(argv, Function) else substitute(argv, values)
     log._stage(command=cmd)  # written with its pid, or with the failure to start it
     # nothing from an earlier attempt's command may leak into this one
     _attach.take_handed_over(log.path)
@@ -238,14 +247,18 @@ def _run_command(log: Logbook, index: int, argv: Sequence[str],
         # SIGHUP wait until the command is started and its stop hook is in place.
         with started, log.holding_signals():
             try:
-                argv, preexec = _command.start_args(cmd, env)
-                proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
-                                        stdout=streams[0], stderr=streams[1],
-                                        start_new_session=True, preexec_fn=preexec)
+                proc: _command.Process
+                if isinstance(argv, Function):
+                    proc = argv.start(index, env)
+                else:
+                    args, preexec = _command.start_args(cmd, env)
+                    proc = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL,
+                                            stdout=streams[0], stderr=streams[1],
+                                            start_new_session=True, preexec_fn=preexec)
             except OSError as err:
                 log._stage(command=cmd)
                 log.mark_failed(f"cannot start {cmd[0]!r}: {err.strerror or err}")
-                return None
+                return None, None
             log.on_terminate(lambda _log, signum: _stopped(_log, proc))
             log.on_warning(lambda _log: _command.pass_warning(proc))
             log._set(command_pid=proc.pid)
@@ -261,15 +274,18 @@ def _run_command(log: Logbook, index: int, argv: Sequence[str],
         except KeyboardInterrupt:
             _command.stop(proc, signal.SIGINT)
             raise
+        except BaseException:  # submitit's requeue (SystemExit), say: nothing left running
+            _command.stop(proc, signal.SIGTERM)
+            raise
         if not _command.gone(proc):  # it ended, but left processes running: they end with it
             left = _command.remaining(proc)
             log.warning(f"the command left {len(left) or 'some'} process(es) running "
                         f"({', '.join(map(str, left[:5]))}); stopping them")
             _command.stop(proc, signal.SIGTERM)
-        return rc
+        return rc, getattr(proc, "peak_bytes", None)
 
 
-def _stopped(log: Logbook, proc: subprocess.Popen[bytes]) -> None:
+def _stopped(log: Logbook, proc: _command.Process) -> None:
     """The wrapper's SIGTERM/SIGHUP hook: stop the command (Ctrl-C cannot cut that short),
     then keep what it handed over (the signal's status and reason stand)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)

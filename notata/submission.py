@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from . import chain, local, lock, retry, sbatch, schema, slurm, submissions
+from . import _function, chain, local, lock, retry, sbatch, schema, slurm, submissions
 from .array import is_complete
 from .collector import Report, scan
 from .errors import SchedulerError, UsageError
@@ -458,6 +458,10 @@ def _command(command: Sequence[str]) -> list[str]:
     cmd = list(command)
     if not cmd:
         raise UsageError("no command given: put it after --, e.g. -- python sim.py {omega}")
+    if cmd[0] == _function.FLAG:  # a typo is an error now, not in every task
+        if len(cmd) != 2:
+            raise UsageError(f"{_function.FLAG} takes one MODULE:FUNCTION, not {cmd[1:]!r}")
+        _function.resolve(cmd[1])
     return cmd
 
 

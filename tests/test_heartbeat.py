@@ -63,6 +63,25 @@ def test_one_thread_beats_every_open_run_each_at_its_interval(base: Path) -> Non
     assert read_meta(base / "log_child")["status"] == "complete"
 
 
+def test_the_thread_ends_when_no_run_is_open_and_asked_to(base: Path) -> None:
+    """A process that forks a function task's worker first ends its heartbeat thread
+    (notata._function): only when no run is open; the next run starts it again."""
+    import threading
+
+    from notata import heartbeat
+
+    def threads() -> int:
+        return sum(t.name == "notata-heartbeat" for t in threading.enumerate())
+
+    with Logbook("a", base, heartbeat=0.05) as a:
+        assert threads() == 1
+        assert heartbeat.quiesce() is False and threads() == 1  # a run is open
+    assert heartbeat.quiesce() is True and threads() == 0
+    with Logbook("b", base, heartbeat=0.05) as b:
+        wait_for(lambda: read_meta(b.path)["heartbeat"]["beat"] >= 2, what="b beating")
+    assert read_meta(a.path)["status"] == "complete"
+
+
 def test_interval_from_environment(base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NOTATA_HEARTBEAT", "2.5")
     with Logbook("env", base) as log:

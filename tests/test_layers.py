@@ -16,7 +16,7 @@ LAYERS = [
     {"_fs", "layout", "lock", "index", "reader", "manifest", "submissions", "_signals",
      "_attach"},
     {"_attempt", "_run", "_outputs", "logbook", "experiment"},
-    {"array", "_command", "runner", "pack", "local"},
+    {"array", "_command", "_function", "runner", "pack", "local"},
     {"runstate", "queue", "collector", "tabulate"},
     {"slurm", "sbatch", "submitit", "chain"},
     {"submission", "retry", "shepherd"},
