@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from . import _fs, layout, submissions
-from ._function import load_result, save_result
+from ._function import Function, load_result, save_result
 from .array import is_complete, open_task, sweep_of
 from .errors import RunCompleteError, TasksFailedError
 from .logbook import Logbook
 from .manifest import Sweep, compact
-from .pack import check_size
+from .pack import check_size, exec_pack
 
 
 class PackTask:
@@ -62,16 +62,13 @@ class PackTask:
     def __call__(self, indices: Sequence[int]) -> list[Any]:
         import submitit
 
-        from . import pack
-        from ._function import Function
-
         sweep = sweep_of(self.manifest)
         warning = getattr(signal, "SIG" + str(submitit.JobEnvironment.USR_SIG), signal.SIGUSR2)
         name = f"{getattr(self.fn, '__module__', '?')}:{getattr(self.fn, '__qualname__', '?')}"
         function = Function(self.fn, name, ignore=(warning,))
         previous = signal.signal(warning, self._warned)
         try:
-            pack.exec_pack(sweep, list(indices), function, element=True)
+            exec_pack(sweep, list(indices), function, element=True)
         except SystemExit:
             if not self._requeue or not callable(previous):
                 raise
@@ -79,6 +76,7 @@ class PackTask:
             previous(warning, None)  # submitit: checkpoint() and requeue; it exits
             raise
         finally:
+            function.close()
             if signal.getsignal(warning) == self._warned:
                 signal.signal(warning, previous)
         results, failures = [], {}
