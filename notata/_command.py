@@ -22,7 +22,7 @@ from typing import Protocol
 
 import psutil
 
-from .heartbeat import has_children
+from .heartbeat import SPARED, has_children
 
 
 class Process(Protocol):
@@ -37,11 +37,6 @@ class Process(Protocol):
     def wait(self) -> int: ...
 
     def send_signal(self, sig: int) -> None: ...
-
-
-#: Children of this process that belong to no command (a function pack's fork server,
-#: :mod:`notata._function`): never signalled, and not counted as left by a command.
-SPARED: set[int] = set()
 
 
 #: Seconds the wrapper gives its command to exit after passing on SIGTERM or Ctrl-C.

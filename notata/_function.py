@@ -60,7 +60,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from . import _command, heartbeat, layout
+from . import heartbeat, layout
 from ._command import _die_with_parent
 from .array import open_task
 from .errors import UsageError
@@ -156,7 +156,7 @@ class _Server:
         self._workers: dict[int, Served] = {}
         self._started: list[int] = []
         self._dead = False
-        _command.SPARED.add(pid)
+        heartbeat.SPARED.add(pid)
 
     def usable(self, sweep: Sweep) -> bool:
         return not self._dead and sweep is self.sweep
@@ -205,6 +205,7 @@ class _Server:
             worker = self._workers.pop(int(words[1]), None)
             if worker is not None:
                 worker.peak_bytes = int(words[3]) * 1024  # ru_maxrss: KiB on Linux
+                worker.cpu_sec = float(words[4])
                 worker.returncode = int(words[2])
 
     def close(self) -> None:
@@ -214,19 +215,21 @@ class _Server:
             self._requests = self._replies = -1
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
-        _command.SPARED.discard(self.pid)
+        heartbeat.SPARED.discard(self.pid)
         self._dead = True
 
 
 class Served:
     """A worker of the fork server, waited for as Popen waits: its exit status (and peak
-    RSS, ``peak_bytes``) come from the server, which is its parent."""
+    RSS and CPU time) come from the server, which is its parent."""
 
     def __init__(self, pid: int, server: _Server) -> None:
         self.pid = pid
         self._server = server
         self._code: int | None = None
+        #: Its peak RSS and CPU seconds, as its parent (the server) reaped it.
         self.peak_bytes: int | None = None
+        self.cpu_sec = 0.0
 
     @property
     def returncode(self) -> int | None:
@@ -311,7 +314,7 @@ def _serve(requests: int, replies: int, function: Function, sweep: Sweep, mask: 
             except InterruptedError:
                 continue
         os.write(replies, f"ended {pid} {os.waitstatus_to_exitcode(status)} "
-                          f"{usage.ru_maxrss}\n".encode())
+                          f"{usage.ru_maxrss} {usage.ru_utime + usage.ru_stime}\n".encode())
 
 
 def _worker(function: Function, sweep: Sweep, index: int, env: Mapping[str, str],

@@ -142,6 +142,9 @@ class OwnedRun:
         with _signals.critical(), self.meta_lock:
             yield
 
+    def count_cpu(self, seconds: float) -> None:
+        self._sampler.elsewhere += seconds
+
     def saved(self, path: Path) -> None:
         """An output was written: it is fsynced before the terminal status."""
         self._unsynced.add(path)

@@ -48,6 +48,12 @@ def interval_from(value: float | None) -> float:
     return float(value)
 
 
+#: Children of this process that belong to no run (a function pack's fork server,
+#: :mod:`notata._function`): their own children (a task's worker) do. Never signalled
+#: as a command's, not counted as left by one, and not in a run's resource figures.
+SPARED: set[int] = set()
+
+
 def has_children(pid: int, besides: Collection[int] = ()) -> bool:
     """Whether process ``pid`` has a child (other than those ``besides``), from
     ``/proc/PID/task/*/children`` (one small read per thread; listing the descendants
@@ -80,25 +86,39 @@ class Resources:
         #: The largest resident set (of the tree) a sample saw: this sampler's own figure.
         self.sampled_peak = 0
         self._last: tuple[float, float] | None = None
+        #: CPU seconds of processes that ran for the run but were reaped by another process
+        #: (a function task's worker, reaped by its fork server): added to the figure.
+        self.elsewhere = 0.0
+        # The CPU time spent before the run opened (a pack's earlier tasks, the commands
+        # it reaped, the interpreter's start) is not the run's.
+        self._before = 0.0
+        self._before = self._cpu([self.process])
+
+    def _cpu(self, procs: list[psutil.Process]) -> float:
+        """CPU seconds of ``procs`` since this sampler began, with the children the root
+        has reaped since then and :attr:`elsewhere`."""
+        cpu = 0.0
+        for i, p in enumerate(procs):
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                cpu += t.user + t.system
+                if i == 0:  # children already reaped by the root count too
+                    cpu += t.children_user + t.children_system
+        return max(0.0, cpu - self._before) + self.elsewhere
 
     def sample(self) -> dict[str, Any]:
         """``rss_bytes``, ``peak_rss_bytes``, ``cpu_time_sec``, ``cpu_percent``, ``pids``."""
         procs = [self.process]
-        if self.tree and has_children(self.process.pid):
+        if self.tree and (has_children(self.process.pid, besides=SPARED)
+                          or any(has_children(s) for s in SPARED)):
             with contextlib.suppress(psutil.Error):
-                procs += self.process.children(recursive=True)
+                procs += [c for c in self.process.children(recursive=True)
+                          if c.pid not in SPARED]
         rss = 0
-        cpu = 0.0
-        for i, p in enumerate(procs):
-            try:
-                with p.oneshot():
-                    rss += p.memory_info().rss
-                    t = p.cpu_times()
-                    cpu += t.user + t.system
-                    if i == 0:  # children already reaped by the root count too
-                        cpu += t.children_user + t.children_system
-            except psutil.Error:
-                continue
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                rss += p.memory_info().rss
+        cpu = self._cpu(procs)
         self._peak = max(self._peak, rss)
         self.sampled_peak = max(self.sampled_peak, rss)
         if self.process.pid == os.getpid() and not self.tree:
@@ -227,6 +247,7 @@ def _forget_in_child() -> None:
     would stay held in it: start from nothing."""
     global _BEATER, _BEATER_LOCK
     _BEATER, _BEATER_LOCK = None, threading.Lock()
+    SPARED.clear()  # the parent's fork server is not the child's
 
 
 if hasattr(os, "register_at_fork"):

@@ -320,6 +320,12 @@ class Logbook(Outputs):
         else:
             self._run.release()
 
+    def _count_cpu(self, seconds: float) -> None:
+        """CPU time of a process that worked for this run and that another process reaped
+        (a function task's worker): the run's ``cpu_time_sec`` counts it."""
+        if seconds and isinstance(self._run, OwnedRun):
+            self._run.count_cpu(seconds)
+
     def _finish(self, status: str, reason: str | None) -> None:
         """Write the terminal status once (the first terminal status wins), then release."""
         self._ended(lambda: self._run.finish(status, reason))

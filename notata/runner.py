@@ -277,6 +277,7 @@ def _run_command(log: Logbook, index: int, argv: Sequence[str] | Function,
         except BaseException:  # submitit's requeue (SystemExit), say: nothing left running
             _command.stop(proc, signal.SIGTERM)
             raise
+        log._count_cpu(getattr(proc, "cpu_sec", 0.0))  # a worker another process reaped
         if not _command.gone(proc):  # it ended, but left processes running: they end with it
             left = _command.remaining(proc)
             log.warning(f"the command left {len(left) or 'some'} process(es) running "

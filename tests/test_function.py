@@ -51,6 +51,10 @@ def run(params, log):
     if what == "wait":
         while not Path("go").exists():
             time.sleep(0.05)
+    if what == "burn":
+        t = time.process_time()
+        while time.process_time() - t < 0.4:
+            pass
     if what == "leave":
         import subprocess
         child = subprocess.Popen(["sleep", "300"], start_new_session=True)
@@ -118,6 +122,34 @@ def test_each_task_is_its_own_run_and_a_dying_worker_ends_alone(base: Path) -> N
     log = (run(base, 0) / "log.txt").read_text()
     assert log.count("Saved params") == 1 and "k=0" in log
     assert "task 1 (k1) failed" in err
+
+
+def test_a_task_counts_its_own_cpu_and_memory_not_the_packs(base: Path) -> None:
+    """cpu_time_sec is the task's (its worker's, though the fork server reaped it), not
+    the pack's so far; the fork server's memory is nobody's."""
+    manifest = sweep(base, ["burn", "ok", "ok", "burn"])
+    proc = exec_pack(manifest, base, "0-3")
+    assert proc.wait(120) == 0, proc.communicate()
+    used = {k: read_meta(run(base, k))["resources"]["used"] for k in range(4)}
+    assert used[0]["cpu_time_sec"] >= 0.35 and used[3]["cpu_time_sec"] >= 0.35, used
+    assert used[1]["cpu_time_sec"] < 0.3 and used[2]["cpu_time_sec"] < 0.3, used
+
+
+def test_the_heartbeat_counts_the_pack_and_the_worker_not_the_fork_server(base: Path) -> None:
+    manifest = sweep(base, ["wait"])
+    proc = notata_process("exec", str(manifest), "--tasks", "0", "--python", "sim:run",
+                          "--heartbeat", "0.1", cwd=base)
+    try:
+        wait_for(lambda: worker_of(run(base, 0)) is not None
+                 and read_meta(run(base, 0))["heartbeat"]["beat"] >= 2, 60, "beats")
+        beat = read_meta(run(base, 0))["heartbeat"]
+        pack = psutil.Process(proc.pid)
+        assert len(pack.children(recursive=True)) == 2  # the server and its worker
+        assert beat["pids"] == 2, beat  # the pack's process and the worker
+    finally:
+        (base / "go").write_text("")
+        proc.communicate(timeout=60)
+    assert proc.returncode == 0
 
 
 def test_a_function_that_cannot_be_loaded_fails_each_task_with_the_reason(base: Path) -> None:

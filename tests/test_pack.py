@@ -64,6 +64,10 @@ if kind == "trap":  # notes the warning, and waits a little for it
         time.sleep(0.05)
 if kind == "sleep":
     time.sleep(float(sys.argv[3]))
+if kind == "burn":  # 0.4 s of CPU
+    t = time.process_time()
+    while time.process_time() - t < 0.4:
+        pass
 if kind == "forever":
     while True:
         time.sleep(1)
@@ -182,6 +186,15 @@ def test_a_command_exiting_130_or_75_is_a_failure_and_the_pack_goes_on(
     assert "3 done, 2 failed" in capsys.readouterr().err
     assert statuses(manifest) == {0: "complete", 1: "failed", 2: "complete", 3: "failed",
                                   4: "complete"}
+
+
+def test_a_packed_task_counts_its_own_cpu_time_not_the_packs(base: Path) -> None:
+    manifest = sweep_of(base, ["burn", "ok", "burn", "ok"])
+    proc = exec_pack(manifest, base, "0-3")
+    assert proc.wait(120) == 0, proc.communicate()
+    cpu = [read_meta(run(base, n))["resources"]["used"]["cpu_time_sec"] for n in range(4)]
+    assert cpu[0] >= 0.35 and cpu[2] >= 0.35 and cpu[2] < 0.8, cpu
+    assert cpu[1] < 0.3 and cpu[3] < 0.3, cpu
 
 
 def test_a_task_held_by_another_process_is_left_and_said(base: Path) -> None:
