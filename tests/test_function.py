@@ -90,6 +90,14 @@ def worker_of(path: Path) -> int | None:
         return None
 
 
+def dead(pid: int) -> bool:
+    """Whether ``pid`` has ended (a zombie that init has not reaped yet has)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def exec_pack(manifest: Path, base: Path, tasks: str, target: str = "sim:run"
               ) -> subprocess.Popen[str]:
     return notata_process("exec", str(manifest), "--tasks", tasks, "--python", target, cwd=base)
@@ -215,7 +223,7 @@ def test_sigterm_stops_the_running_worker_and_leaves_the_rest(base: Path) -> Non
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
-    assert not psutil.pid_exists(worker) or psutil.Process(worker).status() == "zombie"
+    assert dead(worker)
     assert read_meta(run(base, 0))["status"] == "complete"
     assert read_meta(run(base, 1))["status"] == "terminated"
     assert not run(base, 2).exists() and not run(base, 3).exists()
@@ -239,8 +247,7 @@ def test_what_a_task_leaves_running_is_stopped_before_its_run_is_let_go(base: Pa
     proc = exec_pack(manifest, base, "0-1")
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
-    left = int((base / "left.pid").read_text())
-    assert not psutil.pid_exists(left) or psutil.Process(left).status() == "zombie"
+    assert dead(int((base / "left.pid").read_text()))
     assert "left 1 process(es) running" in (run(base, 0) / "log.txt").read_text()
     assert read_meta(run(base, 1))["status"] == "complete"
 
@@ -266,10 +273,7 @@ def test_killing_the_pack_kills_its_worker(base: Path) -> None:
     worker = int(worker_of(run(base, 0)) or 0)
     proc.kill()
     proc.wait(30)
-    deadline = time.monotonic() + 10
-    while psutil.pid_exists(worker) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not psutil.pid_exists(worker)
+    wait_for(lambda: dead(worker), 10, "the worker to die")
 
 
 def test_submitit_packs_return_results_and_name_the_failures(base: Path) -> None:

@@ -474,6 +474,21 @@ def test_notata_03_logger_and_target_dir(base: Path) -> None:
     assert "INFO hello" in log.log_path.read_text()
 
 
+def test_closed_runs_leave_no_logger_behind_unless_it_has_a_handler(base: Path) -> None:
+    """logging keeps every named logger, and each setLevel walks them all: a pack of
+    50,000 runs in one process grew slower with every run."""
+    names = logging.Logger.manager.loggerDict
+    before = len(names)
+    for i in range(200):
+        with Logbook(f"many{i}", base) as log:
+            log.info("x")
+    assert len(names) <= before + 1  # the "notata.logbook" placeholder, at most
+    with Logbook("kept", base) as log:
+        log.logger.addHandler(logging.NullHandler())
+    assert names.get("notata.logbook.kept") is log.logger  # a user's handler: kept
+    log.logger.handlers.clear()
+
+
 def test_a_run_moved_aside_while_open_is_no_longer_written(base: Path) -> None:
     """A careless `mv` (or `rm -rf`) of a live run and a new start: the old handle once
     went on writing into the new run, its "complete" included."""
