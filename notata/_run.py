@@ -100,15 +100,20 @@ class OwnedRun:
         # that reads stale (its process gone), never a folder without metadata.json.
         self.write()
 
-    def start(self, interval: float) -> None:
+    def start(self, interval: float, write: bool = True) -> None:
         """The run is open: ask the scheduler for the rest (the job's time limit, up to
-        seconds on a busy cluster), say ``running`` and start the heartbeat."""
+        seconds on a busy cluster), say ``running`` (``write=False``: with the next
+        write, which ``notata exec`` makes as soon as its command has started) and start
+        the heartbeat."""
         if self.scheduler is not None:
             name = self.scheduler.name
             self.meta[name] = self.scheduler.details(self.meta[name])
             self.meta["resources"] = {
                 "asked": self.scheduler.requested(self.meta[name], os.environ)}
-        self.set(status=schema.RUNNING)
+        if write:
+            self.set(status=schema.RUNNING)
+        else:
+            self.stage(status=schema.RUNNING)
         self._heartbeat = Heartbeat(interval, self.beat)
         self._heartbeat.start()
 

@@ -74,8 +74,12 @@ def _slot(meta: Mapping[str, Any]) -> tuple[str, int] | None:
 
 
 def _pwrite(path: Path, task: int, record: bytes, durable: bool) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o666)
+    except FileNotFoundError:  # the first record of the sweep: its folder is made
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, flags, 0o666)
     try:
         os.pwrite(fd, record, task * SIZE)
         if durable:

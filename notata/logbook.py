@@ -89,6 +89,7 @@ class Logbook(Outputs):
         track_children: bool = False,
         _check: Callable[[dict[str, Any]], None] | None = None,
         _fields: Mapping[str, Any] | None = None,
+        _wrapper: bool = False,
     ) -> None:
         if isinstance(base_dir, Mapping):
             raise TypeError("Logbook's second argument is base_dir (as in notata 0.3); "
@@ -131,14 +132,15 @@ class Logbook(Outputs):
             return
         params_file = render_params(plain, "yaml") if plain is not None else None
         self._open(overwrite, resume, interval, params_file, preallocate, track_children,
-                   signals, on_warning, _check, _fields or {})
+                   signals, on_warning, _check, _fields or {}, _wrapper)
 
     def _open(self, overwrite: bool, resume: bool, interval: float, params_file: bytes | None,
               preallocate: bool, track_children: bool, signals: bool, on_warning: Any,
               check: Callable[[dict[str, Any]], None] | None,
-              fields: Mapping[str, Any]) -> None:
+              fields: Mapping[str, Any], wrapper: bool = False) -> None:
         """Take the run (this process holds it): lock, first record (with notata's own
-        ``fields``: a sweep task's), params, heartbeat."""
+        ``fields``: a sweep task's), params, heartbeat. ``wrapper``: ``notata exec``'s
+        run, whose ``running`` is written with its command's pid (one write less)."""
         existed = os.path.lexists(self.path)
         if existed and not (overwrite or resume):
             raise RunExistsError(f"Run directory {self.path} already exists.")
@@ -167,7 +169,7 @@ class Logbook(Outputs):
                         self._save_params_file(layout.PARAMS_YAML, params_file)
                     self.info("Logbook initialized" if self.attempt == 1
                               else f"Logbook resumed as attempt {self.attempt}")
-                    run.start(interval)
+                    run.start(interval, write=not wrapper)
                     _OPEN.add(self)
                 except BaseException:
                     _signals.forget(self._signals)

@@ -5,6 +5,7 @@ What a batch scheduler says of the process is asked through :mod:`notata.schedul
 
 from __future__ import annotations
 
+import functools
 import getpass
 import os
 import platform
@@ -24,10 +25,18 @@ def now_iso(t: float | None = None) -> str:
 
 def user() -> str:
     """The user name of this process (its uid when there is no passwd entry)."""
+    names = ("LOGNAME", "USER", "LNAME", "USERNAME")  # what getpass looks at first
+    return _user(os.getuid(), tuple(os.environ.get(n) for n in names))
+
+
+@functools.lru_cache(maxsize=8)
+def _user(uid: int, environ: tuple[str | None, ...]) -> str:
+    """Looked up once per process (and uid, and variables): a pack opens thousands of runs,
+    and each lookup reads the passwd file."""
     try:
         return getpass.getuser()
     except Exception:  # no passwd entry in some containers
-        return str(os.getuid())
+        return str(uid)
 
 
 def process_fields() -> dict[str, Any]:

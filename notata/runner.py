@@ -145,7 +145,7 @@ def run_task(sweep: Sweep, index: int, argv: Sequence[str] | Function, *,
         # a Ctrl-C, SIGTERM or SIGHUP here must not leave a half-opened run behind
         with interrupted, _signals.deferred():
             log = open_task(sweep, index, heartbeat=heartbeat, track_children=True,
-                            from_array=from_array, pack=pack)
+                            from_array=from_array, pack=pack, _wrapper=True)
             if opened is not None:
                 opened()
     except RunCompleteError as err:
