@@ -8,7 +8,10 @@ another in one process:
 - the same function called N times in a plain Python loop, in one interpreter (no run,
   no isolation: the floor of calling it at all);
 - a plain loop that forks a child per call and waits for it (what the isolation alone
-  costs, with nothing recorded).
+  costs, with nothing recorded);
+- for scale, what the same task costs as a command: ``notata exec --tasks ... -- python
+  -c "from bench_fn import fn; fn({}, None)"``, an interpreter per task (on a tenth of
+  the tasks).
 
 Each figure is the wall time of a fresh process doing all N (start-up included), in a
 fresh folder, the three alternating.
@@ -63,21 +66,27 @@ def main() -> None:
     import notata
     print(f"notata {notata.__version__} from {Path(notata.__file__).parent}")
     n = args.tasks
-    ours, loop, forks = [], [], []
+    ours, loop, forks, commands = [], [], [], []
+    m = max(1, n // 10)
     for _ in range(args.repeats):
         with tempfile.TemporaryDirectory() as tmp:
             d = Path(tmp)
             (d / "bench_fn.py").write_text(FN)
-            (d / "sweep.yaml").write_text(f"name: fn\nrun_id: 't{{i}}'\n"
-                                          f"grid: {{i: [{', '.join(map(str, range(n)))}]}}\n")
+            (d / "sweep.yaml").write_text(
+                f"name: fn\nrun_id: 't{{i}}'\n"
+                f"grid: {{i: [{', '.join(map(str, range(n + m)))}]}}\n")
             ours.append(timed([sys.executable, "-m", "notata", "exec", "sweep.yaml", "--tasks",
                                f"0-{n - 1}", "--python", "bench_fn:fn"], d))
             done = sum(1 for p in (d / "outputs").glob("log_*/metadata.json")
                        if '"status": "complete"' in p.read_text())
             assert done == n, f"{done} of {n} complete"
+
             loop.append(timed([sys.executable, "-c", LOOP.format(n=n)], d))
             forks.append(timed([sys.executable, "-c", FORKS.format(n=n)], d))
-    a, b, c = (statistics.median(x) for x in (ours, loop, forks))
+            commands.append(timed([sys.executable, "-m", "notata", "exec", "sweep.yaml",
+                                   "--tasks", f"{n}-{n + m - 1}", "--", sys.executable, "-c",
+                                   "from bench_fn import fn; fn({}, None)"], d))
+    a, b, c, e = (statistics.median(x) for x in (ours, loop, forks, commands))
     print(f"{n} tasks of a function that returns at once, medians of {args.repeats}:")
     print(f"  notata exec --python (a run and a worker per task): {a:.2f} s, "
           f"{a / n * 1e3:.3f} ms per task")
@@ -85,6 +94,8 @@ def main() -> None:
           f"{b / n * 1e3:.3f} ms per task")
     print(f"  a plain loop forking a child per call:              {c:.2f} s, "
           f"{c / n * 1e3:.3f} ms per task")
+    print(f"  the same task as a command (an interpreter each):   {e:.2f} s for {m}, "
+          f"{e / m * 1e3:.3f} ms per task")
     print(f"  notata minus the plain loop: {(a - b) / n * 1e3:.3f} ms per task; "
           f"{a / b:.1f}x the plain loop, {a / c:.2f}x the forking loop")
 
