@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 .venv/bin/python benchmarks/bench_sweep.py
 # GNU parallel is the baseline of a pack's per-task overhead (Debian's package)
 command -v parallel >/dev/null || { [ "$(id -u)" = 0 ] && apt-get install -y -q parallel >/dev/null; }
-.venv/bin/python benchmarks/bench_pack.py --tasks 2000 --repeats 5
+.venv/bin/python benchmarks/bench_pack.py --tasks 2000 --repeats 5 --parallel 2
+.venv/bin/python benchmarks/bench_function.py --tasks 2000 --repeats 3
 .venv/bin/python benchmarks/bench_scan.py --runs 100000 --repeats 3
 if command -v sbatch >/dev/null; then
   .venv/bin/python benchmarks/bench_slurm.py --tasks 500 --repeats 2

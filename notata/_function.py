@@ -155,6 +155,7 @@ class _Server:
         self._buffer = b""
         self._workers: dict[int, Served] = {}
         self._started: list[int] = []
+        self._ended: dict[int, list[bytes]] = {}  # heard before the worker was handed out
         self._dead = False
         heartbeat.SPARED.add(pid)
 
@@ -172,8 +173,15 @@ class _Server:
             self.collect(block=True)
         if not self._started:
             raise OSError(f"the fork server (pid {self.pid}) has died")
+        return self._hand_out()
+
+    def _hand_out(self) -> Served:
+        """The worker the server said it started, with its end if that was heard too."""
         worker = Served(self._started.pop(), self)
         self._workers[worker.pid] = worker
+        # a worker that returns at once may have ended in the same read as it started
+        if worker.pid in self._ended:
+            self._heard([b"ended", str(worker.pid).encode(), *self._ended.pop(worker.pid)])
         return worker
 
     def collect(self, block: bool) -> None:
@@ -203,7 +211,9 @@ class _Server:
             self._started.append(int(words[1]))
         elif words[:1] == [b"ended"]:
             worker = self._workers.pop(int(words[1]), None)
-            if worker is not None:
+            if worker is None:
+                self._ended[int(words[1])] = words[2:]
+            else:
                 worker.peak_bytes = int(words[3]) * 1024  # ru_maxrss: KiB on Linux
                 worker.cpu_sec = float(words[4])
                 worker.returncode = int(words[2])

@@ -160,6 +160,28 @@ def test_the_heartbeat_counts_the_pack_and_the_worker_not_the_fork_server(base: 
     assert proc.returncode == 0
 
 
+def test_a_worker_that_ends_as_it_starts_is_not_waited_for_forever(base: Path) -> None:
+    """The server's "started" and "ended" can come in one read (a function that returns at
+    once): the end was once dropped, and the pack waited for it forever (seen once in
+    1,250 tasks). The replies in that order, then a pack of many such tasks."""
+    from notata._function import _Server
+
+    server = object.__new__(_Server)
+    server._workers, server._started, server._ended, server._dead = {}, [], {}, False
+    server._heard([b"started", b"41"])
+    server._heard([b"ended", b"41", b"3", b"2048", b"0.25"])
+    worker = server._hand_out()
+    assert (worker.pid, worker.returncode, worker.peak_bytes, worker.cpu_sec) == (
+        41, 3, 2048 * 1024, 0.25)
+    manifest = write_sweep(base, name="quick", tasks=400)
+    (base / "quick.py").write_text("def fn(params, log):\n    return None\n")
+    proc = notata_process("exec", str(manifest), "--tasks", "0-399", "--python", "quick:fn",
+                          cwd=base)
+    proc.communicate(timeout=300)
+    assert proc.returncode == 0
+    assert notata.collect(manifest).counts["complete"] == 400
+
+
 def test_a_function_that_cannot_be_loaded_fails_each_task_with_the_reason(base: Path) -> None:
     manifest = sweep(base, ["ok", "ok"])
     proc = exec_pack(manifest, base, "0-1", "sim:nosuch")
