@@ -143,7 +143,10 @@ class Logbook(Outputs):
         run, whose ``running`` is written with its command's pid (one write less)."""
         existed = os.path.lexists(self.path)
         if existed and not (overwrite or resume):
-            raise RunExistsError(f"Run directory {self.path} already exists.")
+            raise RunExistsError(
+                f"Run directory {self.path} already exists. Pass resume=True to continue "
+                "that run (as its next attempt, outputs kept) or overwrite=True to start it "
+                "afresh (its outputs removed), or choose another run_id.")
         superseded = _supersede(self.path) if existed else None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileExistsError):

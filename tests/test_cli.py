@@ -215,6 +215,7 @@ def test_errors_a_user_causes_are_notatas_and_keep_their_builtin_bases(
     with pytest.raises(RunExistsError) as exists:
         Logbook("r", base)
     assert isinstance(exists.value, FileExistsError)
+    assert "resume=True" in str(exists.value) and "overwrite=True" in str(exists.value)
     with pytest.raises(UsageError):
         Logbook("r", base, overwrite=True, resume=True)
     from notata import load_sweep
