@@ -33,7 +33,8 @@ scheduler layer names a scheduler's variables, job states or metadata fields).
    fork per task); ``runner`` (``notata exec``); ``pack``
    (several tasks one after another in one process); ``local`` (the local backend).
 4. scanning: ``runstate`` (one run's state); ``queue`` (which tasks the queue holds);
-   ``collector`` (the scan, the report); ``tabulate``.
+   ``collector`` (the scan, the report); ``tabulate``; ``logs`` (a run's output, one
+   attempt at a time).
 5. schedulers: ``slurm`` (SLURM inside a job and its queue); ``sbatch`` (arrays, job
    scripts, submitting); ``submitit`` (the submitit bridge); ``chain`` (the retry
    shepherd's record, log and jobs).

@@ -377,8 +377,11 @@ def _call(function: Function, sweep: Sweep, index: int) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    except BaseException:
-        traceback.print_exc()
+    except BaseException as err:  # the traceback from the user's code on (not notata's)
+        tb = err.__traceback__
+        while tb is not None and tb.tb_frame.f_code is _call.__code__:
+            tb = tb.tb_next
+        traceback.print_exception(type(err), err, tb)
         return 1
     return 0
 

@@ -13,6 +13,7 @@ import argparse
 import errno
 import json
 import os
+import shlex
 import signal
 import sys
 import time
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import _function, chain, sbatch, shepherd, slurm, submission, tabulate
+from . import _function, chain, layout, logs, sbatch, shepherd, slurm, submission, tabulate
 from ._function import FLAG
 from ._version import __version__
 from .array import pack_parallel, pack_tasks, task_index
@@ -202,6 +203,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             if args.watch is not None and sys.stdout.isatty():
                 print("\033[H\033[J", end="")
             print(format_report(report), flush=True)
+            if args.logs:
+                print("\n".join(_failure_lines(report, target)), flush=True)
             if isinstance(target, Sweep):
                 for line in chain.describe(target.base_dir, target):
                     print(line, flush=True)
@@ -211,6 +214,67 @@ def cmd_status(args: argparse.Namespace) -> int:
                                     and chain.active(target.base_dir, target)):
             return 0
         time.sleep(args.watch)
+
+
+def _run_folder(args: argparse.Namespace) -> Path:
+    """The run folder ``notata logs`` is asked about."""
+    target = Path(args.target)
+    if target.is_dir() and (target / layout.METADATA).exists() and args.run is None:
+        return target
+    if target.is_dir():
+        if args.run is None:
+            raise UsageError(f"{target} is a folder of runs: name one with --run RUN_ID")
+        return layout.run_dir(target, args.run)
+    sweep = load(args.target)
+    if (args.task is None) == (args.run is None):
+        raise UsageError("with a manifest, give --task N or --run RUN_ID")
+    if args.run is not None:
+        return layout.run_dir(sweep.base_dir, args.run)
+    _task(sweep, args.task)
+    return sweep.task(args.task).run_dir
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    run_dir = _run_folder(args)
+    if not run_dir.is_dir():
+        print(f"{run_dir}: no run there yet (the task has not started)", file=sys.stderr)
+        return 1
+    meta = logs.read_meta(run_dir)
+    record = logs.attempt_of(meta, args.attempt)
+    out = logs.header(meta, record, run_dir)
+    attempt = int(record.get("attempt") or 1)
+    for part in logs.parts(run_dir, record, tail=args.tail, stdout=args.stdout,
+                           stderr=args.stderr, log=args.log):
+        out += logs.render(part, attempt)
+    if args.slurm:
+        out += logs.render(logs.scheduler_part(record, run_dir.parent, args.tail), attempt)
+    print("\n".join(out), flush=True)
+    return 0
+
+
+def _failure_lines(report: Report, target: Sweep | str, limit: int = 5,
+                   most: int = 20) -> list[str]:
+    """``status --logs``: the end of each failed task's stderr, bounded."""
+    bad = [r for r in report.read if r.status in ("failed", "timeout", "oom")
+           and r.run_dir is not None]
+    out: list[str] = ["the end of each failure's output:"] if bad else []
+    for r in bad[:most]:
+        where = (f"--task {r.task}" if r.task is not None and isinstance(target, Sweep)
+                 else f"--run {r.run_id}")
+        name = target.path if isinstance(target, Sweep) else target
+        assert r.run_dir is not None
+        part = logs.part(r.run_dir, layout.STDERR, r.attempt, limit)
+        if part.missing:
+            part = logs.part(r.run_dir, layout.LOG, r.attempt, limit)
+        out.append(f"  {r.run_id} ({r.status}), the end of its {part.name}:")
+        out += [f"    | {line}" for line in part.lines] or ["    (empty)"]
+        if part.total > len(part.lines):
+            out.append(f"    ... {part.total - len(part.lines)} more line(s): "
+                       f"notata logs {shlex.quote(str(name))} {where}")
+    if len(bad) > most:
+        out.append(f"  and {len(bad) - most} more failed run(s): notata status --json lists "
+                   "them")
+    return out
 
 
 def cmd_shepherd(args: argparse.Namespace) -> int:
@@ -370,7 +434,30 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--full", action="store_true",
                     help="read every run's metadata.json, not the sweep index (after runs "
                          "were deleted or edited by hand); also lists runs no task names")
+    st.add_argument("--logs", action="store_true",
+                    help="under each failed, timed-out or OOM task, the last lines of its "
+                         "stderr (notata logs shows the rest)")
     st.set_defaults(func=cmd_status)
+    lg = sub.add_parser(
+        "logs", help="show a run's output (one attempt), under a line saying how it ended",
+        description="TARGET is a manifest (with --task or --run), a run folder (log_ID/), "
+        "or a base folder of runs (with --run).",
+        epilog="examples:\n  notata logs sweep.yaml --task 7\n"
+               "  notata logs sweep.yaml --task 7 --attempt 1 --stderr --tail 0\n"
+               "  notata logs outputs/log_omega0.5/ --slurm",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    lg.add_argument("target", help="a manifest, a run folder, or a base folder of runs")
+    lg.add_argument("--task", type=int, help="the sweep task (with a manifest)")
+    lg.add_argument("--run", metavar="RUN_ID", help="the run id (with a manifest or a folder)")
+    lg.add_argument("--attempt", type=int, help="which attempt (default: the last)")
+    lg.add_argument("--tail", type=int, default=50, metavar="N",
+                    help="the last N lines of each file (default 50; 0: all)")
+    lg.add_argument("--stdout", action="store_true", help="only stdout.txt (with --stderr: both)")
+    lg.add_argument("--stderr", action="store_true", help="only stderr.txt")
+    lg.add_argument("--log", action="store_true", help="log.txt (notata's lines and yours)")
+    lg.add_argument("--slurm", action="store_true",
+                    help="also SLURM's own output file of the array task it ran as")
+    lg.set_defaults(func=cmd_logs)
 
     tb = sub.add_parser("table", help="one row per run: status, params, results",
                         description="Print one row per run: run_id, task, status, attempt, "

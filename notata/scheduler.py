@@ -54,6 +54,10 @@ class SchedulerProvider(Protocol):
         """The scheduler's own word that this job was killed for memory (a line of its
         output file under ``base_dir``'s ``.notata/``), else None."""
 
+    def output_file(self, context: Mapping[str, Any], base_dir: Path) -> Path | None:
+        """The scheduler's own output file of this job as notata's job scripts name it
+        (under ``base_dir``'s ``.notata/``), else None."""
+
     def requested(self, context: Mapping[str, Any], environ: Mapping[str, str]
                   ) -> dict[str, Any]:
         """What the job asked for, as far as it is known: ``time_limit`` (as the scheduler
@@ -145,6 +149,12 @@ def out_of_memory(meta: Mapping[str, Any], base_dir: Path) -> str | None:
     """The scheduler's word that the job a run's metadata names was killed for memory."""
     job = job_of(meta)
     return job[0].out_of_memory(job[1], base_dir) if job is not None else None
+
+
+def output_file(meta: Mapping[str, Any], base_dir: Path) -> Path | None:
+    """The scheduler's output file of the job a run's metadata (or an attempt's) names."""
+    job = job_of(meta)
+    return job[0].output_file(job[1], base_dir) if job is not None else None
 
 
 def describe(meta: Mapping[str, Any]) -> str | None:

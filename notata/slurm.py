@@ -133,15 +133,21 @@ class SlurmProvider:
         job, _, task = key.partition("_")
         return job, int(task) if task.isdigit() else None
 
+    def output_file(self, context: Mapping[str, Any], base_dir: Path) -> Path | None:
+        """``.notata/slurm-%A_%a.out`` of an array task (as notata's job scripts set
+        ``--output``); a user's own ``--output`` is not known here."""
+        array = self.array_of(context)
+        return layout.SweepPaths(base_dir).job_output(*array) if array is not None else None
+
     def out_of_memory(self, context: Mapping[str, Any], base_dir: Path) -> str | None:
         """slurmstepd's line in the array task's output file (``--output`` as notata's job
         scripts set it: ``.notata/slurm-%A_%a.out``), e.g. "Detected 1 oom_kill event in
         StepId=123.batch" (SLURM 21.08 on; older: "Detected 1 oom-kill event(s) in step
         123.batch cgroup"). It appears only where cgroups confine the job's memory."""
         array, job = self.array_of(context), context.get("job_id")
-        if array is None or job is None:
+        out = self.output_file(context, base_dir)
+        if array is None or job is None or out is None:
             return None
-        out = layout.SweepPaths(base_dir).job_output(*array)
         try:  # never block on a FIFO, never read more than the end of a regular file
             fd = os.open(out, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:

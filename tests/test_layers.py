@@ -17,7 +17,7 @@ LAYERS = [
      "_attach"},
     {"_attempt", "_run", "_outputs", "logbook", "experiment"},
     {"array", "_command", "_function", "runner", "pack", "local"},
-    {"runstate", "queue", "collector", "tabulate"},
+    {"runstate", "queue", "collector", "tabulate", "logs"},
     {"slurm", "sbatch", "submitit", "chain"},
     {"submission", "retry", "shepherd"},
     {"cli", "__main__", "__init__"},
