@@ -55,10 +55,13 @@ import pickle
 import select
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from . import heartbeat, layout
 from ._command import _die_with_parent
@@ -76,6 +79,8 @@ _RESET = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.
 _BLOCKED = {signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT}
 #: A worker's exit status when notata itself failed in it (not the function).
 _INTERNAL = 70
+#: Seconds the fork server has to say it forked a worker before it is given up on.
+ANSWER_WITHIN = 30.0
 
 
 class Function:
@@ -127,8 +132,15 @@ class _Server:
     behind is (this process is the subreaper)."""
 
     def __init__(self, function: Function, sweep: Sweep) -> None:
-        if not heartbeat.quiesce():
-            raise RuntimeError("a fork server is started only when no run is open here")
+        # No thread of ours runs when no run is open here. When one is (submitit's
+        # DebugExecutor runs the pack in the caller's process), the heartbeat thread holds
+        # only its own locks, which a forked child never takes (heartbeat gives it new
+        # ones): the fork is still safe.
+        heartbeat.quiesce()
+        # Processes the module started at import (a multiprocessing Manager, a helper) are
+        # no task's: never stopped as a task's leftovers, nor counted in its figures.
+        with contextlib.suppress(psutil.Error):
+            heartbeat.SPARED.update(p.pid for p in psutil.Process().children(recursive=True))
         for stream in (sys.stdout, sys.stderr):  # nothing buffered is written twice
             with contextlib.suppress(Exception):
                 stream.flush()
@@ -160,6 +172,13 @@ class _Server:
         heartbeat.SPARED.add(pid)
 
     def usable(self, sweep: Sweep) -> bool:
+        """Whether this server can take ``sweep``'s next task: alive (it may have died
+        while idle) and forked for that sweep."""
+        if not self._dead:
+            try:
+                self._dead = os.waitpid(self.pid, os.WNOHANG)[0] != 0
+            except ChildProcessError:  # reaped already, as the pack reaps leftovers
+                self._dead = True
         return not self._dead and sweep is self.sweep
 
     def start(self, index: int, env: Mapping[str, str]) -> Served:
@@ -169,9 +188,16 @@ class _Server:
                 request = request[os.write(self._requests, request):]
         except BrokenPipeError:
             self._dead = True
-        while not self._started and not self._dead:
+        deadline = time.monotonic() + ANSWER_WITHIN
+        while not self._started and not self._dead and time.monotonic() < deadline:
             self.collect(block=True)
         if not self._started:
+            if not self._dead:  # stopped, or stuck: it is of no use any more
+                with contextlib.suppress(OSError):
+                    os.kill(self.pid, signal.SIGKILL)
+                self._dead = True
+                raise OSError(f"the fork server (pid {self.pid}) did not answer within "
+                              f"{ANSWER_WITHIN:.0f} s")
             raise OSError(f"the fork server (pid {self.pid}) has died")
         return self._hand_out()
 
@@ -200,6 +226,7 @@ class _Server:
             if not chunk:  # the server is gone: its workers' ends are not known
                 self._dead = True
                 for worker in self._workers.values():
+                    worker.lost = f"pid {self.pid}"
                     worker.returncode = 255
                 self._workers.clear()
                 return
@@ -240,6 +267,8 @@ class Served:
         #: Its peak RSS and CPU seconds, as its parent (the server) reaped it.
         self.peak_bytes: int | None = None
         self.cpu_sec = 0.0
+        #: Set when the server died before saying how the worker ended (its pid).
+        self.lost: str | None = None
 
     @property
     def returncode(self) -> int | None:
@@ -279,6 +308,8 @@ def _fork(life: Callable[[Any], int]) -> int:
         code = _INTERNAL
         try:
             code = life(mask)
+        except KeyboardInterrupt:  # Ctrl-C before the task began: as Python would exit
+            code = 130
         except BaseException:
             with contextlib.suppress(Exception):
                 traceback.print_exc()
@@ -340,7 +371,6 @@ def _worker(function: Function, sweep: Sweep, index: int, env: Mapping[str, str]
     os.setsid()
     if die_with_server is not None:
         die_with_server()
-    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     os.environ.clear()
     os.environ.update(env)
     run_dir = Path(env["NOTATA_RUN_DIR"])
@@ -351,6 +381,8 @@ def _worker(function: Function, sweep: Sweep, index: int, env: Mapping[str, str]
         out = os.open(run_dir / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.dup2(out, fd)
         os.close(out)
+    # signals only now: whatever they make it say goes to the run's files, not the pack's
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     try:
         return _call(function, sweep, index)
     finally:
@@ -416,7 +448,7 @@ def resolve(name: str) -> Callable[..., Any]:
             if "" not in sys.path and os.getcwd() not in sys.path:
                 sys.path.insert(0, os.getcwd())  # as python -m: the current folder first
             module = importlib.import_module(module_name)
-    except UsageError:
+    except (UsageError, KeyboardInterrupt):
         raise
     except BaseException as err:  # an import that fails, or that exits
         raise UsageError(f"--python {name}: cannot import {module_name}: "

@@ -6,6 +6,7 @@ Both spellings call the same writers. Every file is written atomically
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -239,6 +240,10 @@ _LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARN
            "ERROR": logging.ERROR, "CRITICAL": logging.CRITICAL}
 
 
+#: Open LogFiles per logger name (a run id's): its logger is forgotten after the last.
+_USERS: collections.Counter[str] = collections.Counter()
+
+
 class LogFile:
     """A run's log.txt: lines appended through one descriptor, from its first line on.
 
@@ -253,6 +258,8 @@ class LogFile:
         self.logger.propagate = False
         self.logger.setLevel(self.level)
         self._fd: int | None = None
+        _USERS[self.logger.name] += 1
+        self._using = True
 
     def write(self, message: str, level: int | str) -> bool:
         """Append ``[YYYY-MM-DDTHH:MM:SS] LEVEL message``; whether this opened the file."""
@@ -275,9 +282,15 @@ class LogFile:
             self._fd = None
         # logging keeps every logger ever named, and each setLevel walks them all: a pack
         # of 50,000 runs in one process spent 1.7 ms per run there, and growing. A closed
-        # run's logger that nobody gave a handler is forgotten (a new one is made if the
-        # run is opened again; whoever holds this one keeps it).
-        if not self.logger.handlers:
+        # run's logger that nobody gave a handler, and that no other open handle of the
+        # same run id uses, is forgotten (a new one is made if the run is opened again;
+        # whoever holds this one keeps it).
+        if not self._using:
+            return
+        self._using = False
+        _USERS[self.logger.name] -= 1
+        if _USERS[self.logger.name] <= 0 and not self.logger.handlers:
+            del _USERS[self.logger.name]
             manager = logging.Logger.manager
             with contextlib.suppress(AttributeError, TypeError):
                 if manager.loggerDict.get(self.logger.name) is self.logger:

@@ -147,8 +147,9 @@ class OwnedRun:
         with _signals.critical(), self.meta_lock:
             yield
 
-    def count_cpu(self, seconds: float) -> None:
-        self._sampler.elsewhere += seconds
+    def count_worker(self, cpu_sec: float, peak_bytes: int) -> None:
+        self._sampler.elsewhere += cpu_sec
+        self._peak.elsewhere = max(self._peak.elsewhere, peak_bytes)
 
     def saved(self, path: Path) -> None:
         """An output was written: it is fsynced before the terminal status."""

@@ -92,10 +92,9 @@ def cmd_exec(args: argparse.Namespace) -> int:
         raise UsageError(f"--heartbeat: {err}") from None
     if args.task is not None and args.tasks is not None:
         raise UsageError("give --task or --tasks, not both")
-    cmd = _command(args)
-    payload = _function.of(cmd) or cmd  # a function's module is imported once, here
+    cmd = _command(args)  # a function's module is imported once, where its tasks run
     if args.queue_fd is not None:  # a worker of a pack run side by side
-        return exec_queue(sweep, args.queue_fd, args.pack_size or 0, payload,
+        return exec_queue(sweep, args.queue_fd, args.pack_size or 0, cmd,
                           heartbeat=args.heartbeat, element=pack_tasks() is not None)
     if args.tasks is not None:
         tasks: list[int] | None = parse_indices(args.tasks, len(sweep))
@@ -107,14 +106,14 @@ def cmd_exec(args: argparse.Namespace) -> int:
             print(f"notata: tasks {compact(outside)} are outside the sweep's {len(sweep)} "
                   "tasks (was the manifest changed since it was submitted?): not run",
                   file=sys.stderr)
-        rc = exec_pack(sweep, [i for i in tasks if i < len(sweep)], payload,
+        rc = exec_pack(sweep, [i for i in tasks if i < len(sweep)], cmd,
                        heartbeat=args.heartbeat, report=args.report_fd,
                        element=args.tasks is None,
                        parallel=pack_parallel() if args.tasks is None else 1)
         return rc or (1 if outside else 0)
     index, from_array = (args.task, False) if args.task is not None else task_index()
     _task(sweep, index)
-    return exec_task(sweep, index, payload, heartbeat=args.heartbeat,
+    return exec_task(sweep, index, _function.of(cmd) or cmd, heartbeat=args.heartbeat,
                      from_array=from_array)
 
 

@@ -325,11 +325,11 @@ class Logbook(Outputs):
         else:
             self._run.release()
 
-    def _count_cpu(self, seconds: float) -> None:
-        """CPU time of a process that worked for this run and that another process reaped
-        (a function task's worker): the run's ``cpu_time_sec`` counts it."""
-        if seconds and isinstance(self._run, OwnedRun):
-            self._run.count_cpu(seconds)
+    def _count_worker(self, cpu_sec: float, peak_bytes: int) -> None:
+        """CPU time and peak RSS of a process that worked for this run and that another
+        process reaped (a function task's worker): the run's figures count them."""
+        if isinstance(self._run, OwnedRun):
+            self._run.count_worker(cpu_sec, peak_bytes)
 
     def _finish(self, status: str, reason: str | None) -> None:
         """Write the terminal status once (the first terminal status wins), then release."""

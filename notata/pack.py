@@ -46,7 +46,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from . import _fs, index, layout, scheduler, schema, submissions
+from . import _fs, _function, index, layout, scheduler, schema, submissions
 from ._command import catches, start_args
 from ._function import Function
 from .errors import NotataError, UsageError
@@ -142,8 +142,9 @@ def exec_pack(sweep: Sweep, indices: Sequence[int], argv: Sequence[str] | Functi
     which, requeued, skips what it let go, and records what it leaves unstarted.
     ``parallel`` > 1: that many tasks at a time (:func:`_side_by_side`).
     """
-    if parallel > 1 and len(indices) > 1:
+    if parallel > 1 and len(indices) > 1:  # each worker imports a function itself
         return _side_by_side(sweep, indices, argv, heartbeat, element, parallel)
+    argv = _function.of(argv) or argv  # a function's module: imported once, here
     me = _job_key() if element else None
     again = me is not None and _requeued()  # one read per task only in a second life
     outcome = _Outcome()
@@ -168,13 +169,16 @@ def exec_pack(sweep: Sweep, indices: Sequence[int], argv: Sequence[str] | Functi
                 def begun(position: int = position) -> None:
                     nonlocal nxt
                     nxt = position + 1  # its run is open: no longer left unstarted
-                how = _one(sweep, index, (position, len(indices)), argv, heartbeat, warned,
-                           report, begun)
+                how, stop = _one(sweep, index, (position, len(indices)), argv, heartbeat,
+                                 warned, report, begun)
                 nxt = position + 1  # skipped (complete, held, not openable): not left
                 if how == INTERRUPTED:
                     leave("Ctrl-C")
                     return 130
                 outcome.add(index, how)
+                if stop:
+                    leave("Ctrl-C")
+                    return 130
         except SystemExit as stop:  # SIGTERM or SIGHUP: the running task is recorded
             leave(f"{_name(stop)} ended this pack")
             raise
@@ -190,6 +194,7 @@ def exec_queue(sweep: Sweep, fd: int, size: int, argv: Sequence[str] | Function,
     again = me is not None and _requeued()
     outcome = _Outcome()
     held: list[int] = []  # the task read from the pipe and not yet begun
+    argv = _function.of(argv) or argv  # a function's module: imported once, here
     with _listening() as warned:
         try:
             while not warned:
@@ -201,10 +206,10 @@ def exec_queue(sweep: Sweep, fd: int, size: int, argv: Sequence[str] | Function,
                 if again and _ran_here(sweep, index, me):
                     held.clear()
                     continue
-                how = _one(sweep, index, (position, size), argv, heartbeat, warned, None,
-                           held.clear)
+                how, stop = _one(sweep, index, (position, size), argv, heartbeat, warned,
+                                 None, held.clear)
                 held.clear()
-                if how == INTERRUPTED:
+                if how == INTERRUPTED or stop:
                     return 130
                 outcome.add(index, how)
         except SystemExit as stop:  # a task taken from the pipe but never begun is left
@@ -342,18 +347,21 @@ class _Outcome:
 
 def _one(sweep: Sweep, index: int, where: tuple[int, int], argv: Sequence[str] | Function,
          heartbeat: float | None, warned: list[bool], report: int | None,
-         begun: Callable[[], None] | None = None) -> str:
-    """Run one task of the pack; how it ended (:class:`~notata.runner.Ended`'s ``how``)."""
+         begun: Callable[[], None] | None = None) -> tuple[str, bool]:
+    """Run one task of the pack; how it ended (:class:`~notata.runner.Ended`'s ``how``),
+    and whether a Ctrl-C came as its end was recorded (the pack stops after it)."""
+    stop = False
     try:
-        how = run_task(sweep, index, argv, heartbeat=heartbeat, pack=where,
-                       warned=lambda: bool(warned), opened=begun).how
+        ended = run_task(sweep, index, argv, heartbeat=heartbeat, pack=where,
+                         warned=lambda: bool(warned), opened=begun)
+        how, stop = ended.how, ended.stop
     except (NotataError, OSError) as err:  # this run cannot be opened
         print(f"notata: task {index}: {err}", file=sys.stderr, flush=True)
         how = _ERROR
     if report is not None:
         with contextlib.suppress(OSError):  # the reader is gone: go on
             os.write(report, f"{index} {how}\n".encode())
-    return how
+    return how, stop
 
 
 def _name(stop: SystemExit) -> str:

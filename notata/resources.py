@@ -59,13 +59,16 @@ class Peak:
 
     def __init__(self) -> None:
         self.children, self.own = children_peak(), own_peak()
+        #: The peak of a process that worked for the attempt but that another process
+        #: reaped (a function task's worker, reaped by its fork server).
+        self.elsewhere = 0
 
     def at_end(self, sampled: int | None) -> int | None:
         """The largest of: the children's figure and the process's own, each only if this
-        attempt raised it, and the sampled one."""
+        attempt raised it, the one reaped elsewhere, and the sampled one."""
         children, own = children_peak(), own_peak()
         raised = [children if children > self.children else 0, own if own > self.own else 0]
-        return max(*raised, sampled or 0) or sampled
+        return max(*raised, self.elsewhere, sampled or 0) or sampled
 
 
 def killed_for_memory(returncode: int, peak: int, granted: int | None) -> bool:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _attach, _command, _signals, layout, resources, schema
-from ._function import Function
+from ._function import Function, Served
 from .array import ENV_TASK, RUN_VARIABLES, open_task
 from .errors import RunCompleteError, RunLockedError, UsageError
 from .logbook import Logbook
@@ -113,6 +113,9 @@ class Ended:
 
     status: int
     how: str
+    #: A Ctrl-C came while the task's end was recorded: what comes next (a pack's next
+    #: task) does not start.
+    stop: bool = False
 
 
 SKIPPED, BUSY, INTERRUPTED = "skipped", "busy", "interrupted"
@@ -162,42 +165,59 @@ def run_task(sweep: Sweep, index: int, argv: Sequence[str] | Function, *,
             if interrupted.caught:
                 raise KeyboardInterrupt
             before = resources.children_peak()  # scontrol's, say: not the command's
-            rc, peak = _run_command(log, index, argv, warned)
+            rc, peak, lost = _run_command(log, index, argv, warned)
         except KeyboardInterrupt:
             log.mark_cancelled("KeyboardInterrupt")
             return Ended(130, INTERRUPTED)
-        if rc is None:
-            return Ended(127, schema.FAILED)
-        if peak is None:
-            peak = resources.children_peak()  # the command's (not this wrapper's), when it
-            peak = peak if peak > before else 0  # passed every earlier child's
-        handed = _attach.take_handed_over(log.path)
-        marked, reason = handed.pop("status", None), handed.pop("failure_reason", None)
-        if handed:  # on disk now: the file that held them is gone
-            log._set(**_plain_fields(handed), exit_code=rc)
-        else:
-            log._stage(exit_code=rc)  # written with the status
-        if rc == 0 and marked in (schema.FAILED, schema.TIMEOUT, schema.CANCELLED):
-            log._finish(marked, f"the command marked the run {marked}"
-                        + (f": {reason}" if reason else ""))
-            return Ended(0, str(marked))
-        if rc == 0:
-            log.mark_complete()
-            return Ended(0, schema.COMPLETE)
-        granted = log.metadata.get("resources", {}).get("asked", {}).get("mem_bytes")
-        if resources.killed_for_memory(rc, peak, granted):
-            log._finish(schema.OOM, f"killed for memory: SIGKILL after a peak of "
-                        f"{resources.size_text(peak)} of {resources.size_text(granted)} "
-                        "granted")
-            _say_ended(index, log)
-            return Ended(128 - rc, schema.OOM)
-        kind = "function" if isinstance(argv, Function) else "command"
-        what = (f"{kind} exited with status {rc}" if rc > 0
-                else f"{kind} killed by {signal.Signals(-rc).name}")
-        detail = reason or telling_line(log.path / layout.STDERR)
-        log.mark_failed(f"{what}: {detail}" if detail else what)
+        held = _Deferred()  # a Ctrl-C now waits until the end is recorded
+        with held:
+            ended = _record(log, index, argv, rc, peak, lost, before)
+        # the task ended as recorded; the Ctrl-C stops what comes after it (a pack)
+        return Ended(ended.status, ended.how, stop=True) if held.caught else ended
+
+
+def _record(log: Logbook, index: int, argv: Sequence[str] | Function, rc: int | None,
+            peak: int | None, lost: str | None, before: int) -> Ended:
+    """Record how the task's command (or function) ended, from its exit status."""
+    if rc is None:
+        return Ended(127, schema.FAILED)
+    if lost:  # the fork server died: how its worker ended is not known
+        log._stage(exit_code=None)
+        log.mark_failed(f"the fork server died during the task ({lost}): how the "
+                        "function's worker ended is not known")
         _say_ended(index, log)
-        return Ended(rc if rc > 0 else 128 - rc, schema.FAILED)
+        return Ended(1, schema.FAILED)
+    if peak is None:
+        peak = resources.children_peak()  # the command's (not this wrapper's), when it
+        peak = peak if peak > before else 0  # passed every earlier child's
+    handed = _attach.take_handed_over(log.path)
+    marked, reason = handed.pop("status", None), handed.pop("failure_reason", None)
+    if handed:  # on disk now: the file that held them is gone
+        log._set(**_plain_fields(handed), exit_code=rc)
+    else:
+        log._stage(exit_code=rc)  # written with the status
+    if rc == 0 and marked in (schema.FAILED, schema.TIMEOUT, schema.CANCELLED):
+        log._finish(marked, f"the command marked the run {marked}"
+                    + (f": {reason}" if reason else ""))
+        return Ended(0, str(marked))
+    if rc == 0:
+        log.mark_complete()
+        return Ended(0, schema.COMPLETE)
+    granted = log.metadata.get("resources", {}).get("asked", {}).get("mem_bytes")
+    if resources.killed_for_memory(rc, peak, granted):
+        log._finish(schema.OOM, f"killed for memory: SIGKILL after a peak of "
+                    f"{resources.size_text(peak)} of {resources.size_text(granted)} "
+                    "granted")
+        _say_ended(index, log)
+        return Ended(128 - rc, schema.OOM)
+    kind = "function" if isinstance(argv, Function) else "command"
+    what = (f"{kind} exited with status {rc}" if rc > 0
+            else f"{kind} killed by {signal.Signals(-rc).name}")
+    detail = reason or telling_line(log.path / layout.STDERR)
+    log.mark_failed(f"{what}: {detail}" if detail else what)
+    _say_ended(index, log)
+    return Ended(rc if rc > 0 else 128 - rc, schema.FAILED)
+
 
 
 def _say_ended(index: int, log: Logbook) -> None:
@@ -216,12 +236,14 @@ def _plain_fields(handed: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _run_command(log: Logbook, index: int, argv: Sequence[str] | Function,
-                 warned: Callable[[], bool] | None = None) -> tuple[int | None, int | None]:
+                 warned: Callable[[], bool] | None = None
+                 ) -> tuple[int | None, int | None, str | None]:
     """Start the task's command under ``log`` (or have a worker call the function) and
     wait for it; its exit status as Popen gives it, or None (the run marked failed) when
     it cannot be started, and its peak RSS when known apart from this process's other
-    children (a function's worker). On Ctrl-C, or anything else that ends the wait, the
-    command is stopped before the exception goes on."""
+    children (a function's worker), and why a worker's end is not known, if it is not.
+    On Ctrl-C, or anything else that ends the wait, the command is stopped before the
+    exception goes on."""
     assert log.task is not None
     params = log.task.params
     values = {"run_dir": str(log.path), "run_id": log.run_id, "task": index,
@@ -258,7 +280,7 @@ def _run_command(log: Logbook, index: int, argv: Sequence[str] | Function,
             except OSError as err:
                 log._stage(command=cmd)
                 log.mark_failed(f"cannot start {cmd[0]!r}: {err.strerror or err}")
-                return None, None
+                return None, None, None
             log.on_terminate(lambda _log, signum: _stopped(_log, proc))
             log.on_warning(lambda _log: _command.pass_warning(proc))
             log._set(command_pid=proc.pid)
@@ -277,13 +299,16 @@ def _run_command(log: Logbook, index: int, argv: Sequence[str] | Function,
         except BaseException:  # submitit's requeue (SystemExit), say: nothing left running
             _command.stop(proc, signal.SIGTERM)
             raise
-        log._count_cpu(getattr(proc, "cpu_sec", 0.0))  # a worker another process reaped
+        if isinstance(proc, Served):  # a worker another process (its server) reaped
+            log._count_worker(proc.cpu_sec, proc.peak_bytes or 0)
         if not _command.gone(proc):  # it ended, but left processes running: they end with it
             left = _command.remaining(proc)
             log.warning(f"the command left {len(left) or 'some'} process(es) running "
                         f"({', '.join(map(str, left[:5]))}); stopping them")
             _command.stop(proc, signal.SIGTERM)
-        return rc, getattr(proc, "peak_bytes", None)
+        if isinstance(proc, Served):
+            return rc, proc.peak_bytes, proc.lost
+        return rc, None, None
 
 
 def _stopped(log: Logbook, proc: _command.Process) -> None:

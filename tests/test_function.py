@@ -3,7 +3,9 @@ each task its own run; a worker that raises, exits, segfaults or is SIGKILLed en
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -51,6 +53,12 @@ def run(params, log):
     if what == "wait":
         while not Path("go").exists():
             time.sleep(0.05)
+    if what == "big":
+        block = bytearray(200 << 20)
+        block[::4096] = b"x" * len(block[::4096])
+    if what == "killserver":  # the fork server dies under the task
+        os.kill(os.getppid(), signal.SIGKILL)
+        time.sleep(5)
     if what == "burn":
         t = time.process_time()
         while time.process_time() - t < 0.4:
@@ -141,6 +149,60 @@ def test_a_task_counts_its_own_cpu_and_memory_not_the_packs(base: Path) -> None:
     used = {k: read_meta(run(base, k))["resources"]["used"] for k in range(4)}
     assert used[0]["cpu_time_sec"] >= 0.35 and used[3]["cpu_time_sec"] >= 0.35, used
     assert used[1]["cpu_time_sec"] < 0.3 and used[2]["cpu_time_sec"] < 0.3, used
+
+
+def test_a_tasks_peak_memory_is_its_workers(base: Path) -> None:
+    manifest = sweep(base, ["big", "ok"])
+    proc = exec_pack(manifest, base, "0-1")
+    assert proc.wait(120) == 0, proc.communicate()
+    peaks = [read_meta(run(base, k))["resources"]["used"]["peak_rss_bytes"] for k in (0, 1)]
+    assert peaks[0] >= 200 << 20 > peaks[1], peaks
+
+
+def test_a_fork_server_that_dies_under_a_task_is_said_and_the_next_task_runs(
+        base: Path) -> None:
+    manifest = sweep(base, ["killserver", "ok"])
+    proc = exec_pack(manifest, base, "0-1")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    meta = read_meta(run(base, 0))
+    assert meta["status"] == "failed" and meta["failure_reason"].startswith(
+        "the fork server died during the task"), meta["failure_reason"]
+    assert read_meta(run(base, 1))["status"] == "complete"  # on a new server
+
+
+def test_what_the_module_starts_at_import_is_no_tasks(base: Path) -> None:
+    """A helper started at import (a multiprocessing Manager, a server) is shared by the
+    tasks: never stopped as a task's leftover, nor counted in a task's processes."""
+    manifest = sweep(base, ["ok", "ok", "ok"])
+    (base / "sim.py").write_text("import subprocess\n"
+                                 "HELPER = subprocess.Popen(['sleep', '300'], "
+                                 "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+                                 "open('helper.pid', 'w').write(str(HELPER.pid))\n"
+                                 + textwrap.dedent(SIM))
+    proc = exec_pack(manifest, base, "0-2")
+    try:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        for k in range(3):
+            assert "left" not in (run(base, k) / "log.txt").read_text()
+            assert read_meta(run(base, k))["status"] == "complete"
+    finally:
+        helper = int((base / "helper.pid").read_text())
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(helper, signal.SIGKILL)
+
+
+def test_ctrl_c_while_the_module_imports_runs_nothing(base: Path) -> None:
+    manifest = sweep(base, ["ok", "ok"])
+    (base / "sim.py").write_text("import time, pathlib\npathlib.Path('importing').touch()\n"
+                                 "time.sleep(30)\n" + textwrap.dedent(SIM))
+    proc = exec_pack(manifest, base, "0-1")
+    wait_for(lambda: (base / "importing").exists(), 60, "the import")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert not run(base, 0).exists() and "Traceback" not in err
 
 
 def test_the_heartbeat_counts_the_pack_and_the_worker_not_the_fork_server(base: Path) -> None:
@@ -277,6 +339,8 @@ def test_what_a_task_leaves_running_is_stopped_before_its_run_is_let_go(base: Pa
 def test_function_tasks_side_by_side(base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--pack-parallel: each worker process has a fork server of its own."""
     manifest = sweep(base, ["ok", "raise", "ok", "ok", "ok", "ok"])
+    (base / "sim.py").write_text("import os\nwith open('imported', 'a') as f:\n"
+                                 "    f.write(f'{os.getpid()}\\n')\n" + textwrap.dedent(SIM))
     proc = notata_process("exec", str(manifest), "--python", "sim:run", cwd=base,
                           env={"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_JOB_ID": "999998",
                                "SLURM_JOB_ID": "999999", "NOTATA_PACK": "6",
@@ -286,6 +350,7 @@ def test_function_tasks_side_by_side(base: Path, monkeypatch: pytest.MonkeyPatch
     metas = {k: read_meta(run(base, k)) for k in range(6)}
     assert [m["status"] for m in metas.values()].count("complete") == 5
     assert len({m["pid"] for m in metas.values()}) == 2  # two pack processes
+    assert len((base / "imported").read_text().split()) == 2  # one import each, no more
 
 
 def test_killing_the_pack_kills_its_worker(base: Path) -> None:
@@ -328,6 +393,21 @@ def test_submitit_packs_return_results_and_name_the_failures(base: Path) -> None
     assert TasksFailedError({2: "x"}).failures == {2: "x"}
 
 
+def test_a_submitit_pack_in_this_process_beside_an_open_run(base: Path) -> None:
+    """DebugExecutor runs the pack in the caller's process, where a Logbook may be open
+    (its heartbeat thread running): the fork server is forked all the same."""
+    import submitit
+
+    from notata import Logbook
+    from notata.submitit import submit_sweep
+
+    manifest = write_sweep(base, name="dbg", tasks=2)
+    with Logbook("mine", base / "elsewhere", heartbeat=0.05):
+        executor = submitit.DebugExecutor(folder=str(base / "submitit"))
+        jobs = submit_sweep(quick, manifest, executor, pack=2)
+        assert jobs[0].result() == [{"k": 0}, {"k": 1}]
+
+
 # -- on the cluster ---------------------------------------------------------------------------
 
 
@@ -360,6 +440,10 @@ def test_a_function_pack_on_the_cluster_fails_alone_and_is_resubmitted(
     wait_for(job_gone(str(again["job_ids"][0])), 180, "the resubmitted tasks to end")
     assert notata.collect(manifest).counts["complete"] == 6
     assert read_meta(run(base, 3))["attempt"] == 2
+
+
+def quick(params: dict[str, Any], log: Any) -> dict[str, int]:
+    return {"k": params["k"]}
 
 
 def slow_then_done(params: dict[str, Any], log: Any) -> dict[str, int]:

@@ -487,6 +487,17 @@ def test_closed_runs_leave_no_logger_behind_unless_it_has_a_handler(base: Path) 
         log.logger.addHandler(logging.NullHandler())
     assert names.get("notata.logbook.kept") is log.logger  # a user's handler: kept
     log.logger.handlers.clear()
+    # two handles of one run id (a notebook cell run again; or two base folders): closing
+    # one leaves the logger the other one writes through
+    a = Logbook("twice", base, resume=True)
+    b = Logbook("twice", base, resume=True)  # supersedes a, whose log file closes
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("notata.logbook.twice").addHandler(handler)
+    b.info("to b's handlers")
+    b.close()
+    assert "to b's handlers" in seen and a.logger is b.logger
 
 
 def test_a_run_moved_aside_while_open_is_no_longer_written(base: Path) -> None:
