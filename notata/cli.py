@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import shlex
+import shutil
 import signal
 import sys
 import time
@@ -121,26 +122,37 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 
 class Progress:
-    """A one-line progress bar on a terminal; nothing elsewhere (the summary says it all)."""
+    """A progress line: on a terminal, one line redrawn in place, cut to the terminal's
+    width; elsewhere (a log file, a pipe), a plain line every :attr:`every` seconds."""
+
+    every = 30.0
 
     def __init__(self, stream: Any = None) -> None:
         self.stream = stream or sys.stderr  # looked up now: a test may have replaced it
         self.tty = self.stream.isatty()
         self.t0 = time.monotonic()
         self.drawn = False
+        self._said = self.t0
 
     def __call__(self, result: LocalResult, running: int, total: int) -> None:
-        if not self.tty:
-            return
-        finished = len(result.done) + len(result.failed)
+        finished = len(result.done) + len(result.failed) + len(result.stopped)
         elapsed = time.monotonic() - self.t0
         eta = elapsed / finished * (total - finished) if finished else 0.0
-        width = 24
+        counts = (f"{finished}/{total}  done {len(result.done)}  failed {len(result.failed)}"
+                  f"  running {running}  {_clock(elapsed)} elapsed  "
+                  f"ETA {_clock(eta) if finished else '?'}")
+        if not self.tty:  # now and then, and never a carriage return
+            if time.monotonic() - self._said >= self.every and finished < total:
+                self._said = time.monotonic()
+                self.stream.write(f"notata: {counts}\n")
+                self.stream.flush()
+            return
+        columns = shutil.get_terminal_size((80, 24)).columns
+        width = 24 if columns >= 100 else 10 if columns >= 70 else 0
         filled = int(width * finished / total) if total else width
-        self.stream.write(
-            f"\r[{'#' * filled}{'.' * (width - filled)}] {finished}/{total}  "
-            f"done {len(result.done)}  failed {len(result.failed)}  running {running}  "
-            f"{_clock(elapsed)} elapsed  ETA {_clock(eta) if finished else '?'}  ")
+        bar = f"[{'#' * filled}{'.' * (width - filled)}] " if width else ""
+        line = (bar + counts)[:max(columns - 1, 10)]
+        self.stream.write(f"\r{line}\033[K")  # the rest of an older, longer line erased
         self.stream.flush()
         self.drawn = True
         if finished == total or result.interrupted:

@@ -21,7 +21,7 @@ from typing import Any
 from . import _fs, layout
 from ._command import STOP_GRACE
 from .manifest import Sweep, compact
-from .runner import BUSY, IN_USE, SKIPPED, clean_environment
+from .runner import BUSY, IN_USE, INTERRUPTED, SKIPPED, clean_environment
 from .schema import COMPLETE
 
 
@@ -34,6 +34,7 @@ class LocalResult:
     skipped: list[int] = field(default_factory=list)
     busy: list[int] = field(default_factory=list)  # held by another process: not run here
     unstarted: list[int] = field(default_factory=list)  # in a pack that was stopped first
+    stopped: list[int] = field(default_factory=list)  # ended by Ctrl-C or a signal to us
     interrupted: bool = False
     signal: int = 0  # the signal that stopped the run (0: Ctrl-C, or none)
     why: str = ""  # "cancelled" (Ctrl-C), "hangup", "terminated"
@@ -41,7 +42,8 @@ class LocalResult:
     def summary(self, elapsed: float) -> str:
         """One line: what the run did, in ``elapsed`` seconds."""
         sec = int(elapsed)
-        text = (f"{len(self.done)} done, {len(self.failed)} failed, "
+        stopped = f"{len(self.stopped)} {self.why or 'stopped'}, " if self.stopped else ""
+        text = (f"{len(self.done)} done, {len(self.failed)} failed, {stopped}"
                 f"{len(self.skipped)} already complete, in "
                 f"{sec // 3600}:{sec // 60 % 60:02d}:{sec % 60:02d}")
         if self.busy:
@@ -122,7 +124,8 @@ def run_local(sweep: Sweep, todo: Sequence[int], argv: Sequence[str], *, jobs: i
             except subprocess.TimeoutExpired:
                 proc.popen.kill()
                 proc.popen.wait()
-            take(proc, True)
+            for i, kind in proc.outcomes(True, interrupted=True):
+                getattr(result, kind).append(i)
         report()
     finally:
         _install(previous)
@@ -157,21 +160,25 @@ class _Process:
             os.close(write)
         os.set_blocking(self._read, False)
 
-    def outcomes(self, ended: bool) -> list[tuple[int, str]]:
-        """(task, ``done``/``failed``/``busy``/``unstarted``) of the tasks that ended since
-        the last call; once the process has ended (``ended``), of all the rest too."""
+    def outcomes(self, ended: bool, interrupted: bool = False) -> list[tuple[int, str]]:
+        """(task, ``done``/``failed``/``busy``/``stopped``/``unstarted``) of the tasks that
+        ended since the last call; once the process has ended (``ended``), of all the rest
+        too. ``interrupted``: the sweep was stopped (Ctrl-C, a signal), so a task the
+        stop ended is ``stopped``, not ``failed``."""
         if self._read is None:
             if not ended or self.reported:
                 return []
             self.reported.add(self.tasks[0])
             rc = self.popen.returncode
+            stopped = interrupted and self._status(self.tasks[0]) in _STOPPED
             return [(self.tasks[0], "done" if rc == 0 else "busy" if rc == IN_USE
-                     else "failed")]
+                     else "stopped" if stopped else "failed")]
         out = []
         for index, how in self._lines():
             self.reported.add(index)
             out.append((index, "done" if how in (COMPLETE, SKIPPED) else
-                        "busy" if how == BUSY else "failed"))
+                        "busy" if how == BUSY else
+                        "stopped" if how in _STOPPED or how == INTERRUPTED else "failed"))
         if ended:
             out += [(i, self._settled(i)) for i in self.tasks if i not in self.reported]
             self.reported.update(self.tasks)
@@ -194,6 +201,13 @@ class _Process:
                 out.append((int(index), how.strip()))
         return out
 
+    def _status(self, index: int) -> object:
+        try:
+            return _fs.read_json_object(self.sweep.task(index).run_dir / layout.METADATA).get(
+                "status")
+        except (OSError, ValueError):
+            return None
+
     def _settled(self, index: int) -> str:
         """How a task the pack did not report ended, from its run: not started (no run,
         or one older than the pack), complete, or not (stopped, or the pack died)."""
@@ -204,12 +218,17 @@ class _Process:
         start = meta.get("start_unix")
         if not isinstance(start, (int, float)) or start < self.started - 1:
             return "unstarted"
-        return "done" if meta.get("status") == COMPLETE else "failed"
+        status = meta.get("status")
+        return "done" if status == COMPLETE else "stopped" if status in _STOPPED else "failed"
 
     def close(self) -> None:
         if self._read is not None:
             os.close(self._read)
             self._read = None
+
+
+#: How a task that the sweep's stop ended reads (Ctrl-C: cancelled; SIGTERM/SIGHUP).
+_STOPPED = frozenset({"cancelled", "terminated"})
 
 
 class _Stopped(Exception):

@@ -418,6 +418,10 @@ def _run_here(sweep: Sweep, todo: list[int], skipped: list[int], cmd: list[str],
                                             "manifest_hash": sweep.hash,
                                             "manifest": str(sweep.path)})
     print(result.summary(time.monotonic() - t0), file=sys.stderr)
+    if result.failed:  # where to look next
+        name = shlex.quote(str(sweep.path))
+        print(f"notata: why they failed: notata status {name} --logs; one task's output: "
+              f"notata logs {name} --task {result.failed[0]}", file=sys.stderr)
     if result.interrupted:
         return 128 + result.signal if result.signal else INTERRUPTED
     return FAILED if result.failed else 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -98,7 +99,8 @@ def test_local_submit_runs_everything_and_reports_failures(manifest: Path) -> No
     first = cli("submit", str(manifest), "--backend", "local", "-j", "2", *cmd)
     assert first.returncode == 1
     assert "5 done, 1 failed, 0 already complete" in first.stderr
-    assert first.stderr.strip().endswith("failed tasks: 2")
+    assert first.stderr.strip().splitlines()[-2].endswith("failed tasks: 2")
+    assert "notata logs" in first.stderr.strip().splitlines()[-1]  # where to look next
     out = manifest.parent / "outputs"
     assert read_meta(out / "log_omega2.0_dt0.01")["status"] == "failed"
     second = cli("submit", str(manifest), "--backend", "local", "-j", "2", *cmd)
@@ -143,7 +145,7 @@ def test_ctrl_c_during_a_local_sweep_leaves_nothing_running(manifest: Path,
     assert proc.returncode == 130, err
     statuses = sorted(read_meta(d)["status"] for d in out.glob("log_*"))
     assert statuses == ["cancelled", "cancelled"]
-    assert "(cancelled)" in err
+    assert "0 done, 0 failed, 2 cancelled" in err and "(cancelled)" in err  # not "failed"
     assert subprocess.run(["pgrep", "-f", "^sleep 61.5$"], capture_output=True).stdout == b""
 
 
@@ -289,3 +291,41 @@ def test_a_pipe_closed_early_and_ctrl_c_end_quietly(tmp_path: Path) -> None:
     watch.send_signal(signal.SIGINT)
     out, err = watch.communicate(timeout=60)
     assert watch.returncode == 130 and "Traceback" not in err, err
+
+
+def test_the_progress_line_fits_the_terminal_and_elsewhere_is_said_now_and_then(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import os as _os
+
+    from notata.cli import Progress
+    from notata.local import LocalResult
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr("shutil.get_terminal_size",
+                        lambda fallback=(80, 24): _os.terminal_size((60, 20)))
+    screen = Terminal()
+    progress = Progress(screen)
+    result = LocalResult(done=[0, 1], failed=[2])
+    progress(result, 3, 400)
+    drawn = screen.getvalue().split("\r")[-1].replace("\033[K", "")
+    assert 0 < len(drawn) <= 59 and drawn.startswith("3/400")  # no bar at 60 columns
+    log = io.StringIO()
+    quiet = Progress(log)
+    quiet.every = 0.0
+    quiet(result, 3, 400)
+    assert log.getvalue().startswith("notata: 3/400  done 2  failed 1") and "\r" not in \
+        log.getvalue()
+
+
+def test_a_local_sweep_with_failures_says_where_to_look(manifest: Path,
+                                                       capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    assert main(["submit", str(manifest), "--backend", "local", "--tasks", "0", "--",
+                 "false"]) == 1
+    err = capsys.readouterr().err
+    name = shlex.quote(str(manifest))
+    assert f"notata status {name} --logs" in err and f"notata logs {name} --task 0" in err

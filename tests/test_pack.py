@@ -284,7 +284,8 @@ def test_a_local_run_stopped_by_sigterm_counts_what_each_task_did(base: Path) ->
     complete = sum(s == "complete" for s in statuses(manifest).values())
     ran = len(list((base / "outputs").glob("log_*")))
     summary = err.strip().splitlines()[-1]
-    assert summary.startswith(f"{complete} done, {ran - complete} failed"), (summary, ran)
+    assert summary.startswith(f"{complete} done, 0 failed, {ran - complete} terminated"), (
+        summary, ran)
     assert f"{400 - ran} not started" in summary, summary
 
 
