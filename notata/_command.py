@@ -22,7 +22,7 @@ from typing import Protocol
 
 import psutil
 
-from .heartbeat import SPARED, has_children
+from .heartbeat import FOREIGN, SPARED, descendants, has_children
 
 
 class Process(Protocol):
@@ -88,7 +88,7 @@ def _children_left(proc: Process) -> bool:
     command is one, or a child's descendant, since this process is their subreaper.
     True when the kernel does not keep those lists (the slower listings decide)."""
     _reap(proc)
-    return has_children(os.getpid(), besides=SPARED)
+    return has_children(os.getpid(), besides=SPARED | FOREIGN)
 
 
 def _group_alive(pgid: int) -> bool:
@@ -128,10 +128,9 @@ def remaining(proc: Process) -> list[int]:
 
 
 def _descendants() -> list[psutil.Process]:
-    """This process's descendants, less the :data:`SPARED` ones (their own children, a
-    command's processes, are still counted)."""
+    """This process's descendants that belong to a run (:func:`heartbeat.descendants`)."""
     try:
-        return [c for c in psutil.Process().children(recursive=True) if c.pid not in SPARED]
+        return descendants(psutil.Process())
     except psutil.Error:
         return []
 
@@ -319,6 +318,6 @@ def group(pgid: int) -> list[int]:
     out = []
     for p in psutil.process_iter():
         with contextlib.suppress(psutil.Error, OSError):
-            if os.getpgid(p.pid) == pgid:
-                out.append(p.pid)
+            if os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p.pid)  # a zombie is dead (its parent may be stopped)
     return out

@@ -140,7 +140,7 @@ class _Server:
         # Processes the module started at import (a multiprocessing Manager, a helper) are
         # no task's: never stopped as a task's leftovers, nor counted in its figures.
         with contextlib.suppress(psutil.Error):
-            heartbeat.SPARED.update(p.pid for p in psutil.Process().children(recursive=True))
+            heartbeat.FOREIGN.update(p.pid for p in psutil.Process().children())
         for stream in (sys.stdout, sys.stderr):  # nothing buffered is written twice
             with contextlib.suppress(Exception):
                 stream.flush()
@@ -256,6 +256,16 @@ class _Server:
         self._dead = True
 
 
+def _dead(pid: int) -> bool:
+    """Whether process ``pid`` has ended (a zombie its parent has not reaped has)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:
+        return False
+
+
 class Served:
     """A worker of the fork server, waited for as Popen waits: its exit status (and peak
     RSS and CPU time) come from the server, which is its parent."""
@@ -284,9 +294,16 @@ class Served:
         return self.returncode
 
     def wait(self) -> int:
+        dead_since: float | None = None
         while self._code is None:
             self._server.collect(block=True)
+            if self._code is None and _dead(self.pid):  # and the server says nothing
+                dead_since = dead_since or time.monotonic()
+                if time.monotonic() - dead_since > ANSWER_WITHIN:  # stopped, or stuck
+                    with contextlib.suppress(OSError):
+                        os.kill(self._server.pid, signal.SIGKILL)  # its end: unknown
         return self._code
+
 
     def send_signal(self, sig: int) -> None:
         if self.returncode is None:

@@ -230,7 +230,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _run_folder(args: argparse.Namespace) -> Path:
     """The run folder ``notata logs`` is asked about."""
     target = Path(args.target)
-    if target.is_dir() and (target / layout.METADATA).exists() and args.run is None:
+    if target.is_dir() and args.run is None and (
+            (target / layout.METADATA).exists() or target.name.startswith(layout.RUN_PREFIX)):
         return target
     if target.is_dir():
         if args.run is None:
@@ -246,6 +247,8 @@ def _run_folder(args: argparse.Namespace) -> Path:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
+    if args.tail < 0:
+        raise UsageError(f"--tail {args.tail}: give a number of lines, or 0 for all")
     run_dir = _run_folder(args)
     if not run_dir.is_dir():
         print(f"{run_dir}: no run there yet (the task has not started)", file=sys.stderr)
@@ -253,12 +256,13 @@ def cmd_logs(args: argparse.Namespace) -> int:
     meta = logs.read_meta(run_dir)
     record = logs.attempt_of(meta, args.attempt)
     out = logs.header(meta, record, run_dir)
-    attempt = int(record.get("attempt") or 1)
-    for part in logs.parts(run_dir, record, tail=args.tail, stdout=args.stdout,
+    attempt = logs.number(record.get("attempt"), 1)
+    for part in logs.parts(run_dir, meta, record, tail=args.tail, stdout=args.stdout,
                            stderr=args.stderr, log=args.log):
         out += logs.render(part, attempt)
-    if args.slurm:
-        out += logs.render(logs.scheduler_part(record, run_dir.parent, args.tail), attempt)
+    if args.slurm:  # the sweep's .notata/ is beside the real run folder, not a link to it
+        base = Path(os.path.realpath(run_dir)).parent
+        out += logs.render(logs.scheduler_part(record, base, args.tail), attempt)
     print("\n".join(out), flush=True)
     return 0
 
@@ -271,7 +275,7 @@ def _failure_lines(report: Report, target: Sweep | str, limit: int = 5,
     out: list[str] = ["the end of each failure's output:"] if bad else []
     for r in bad[:most]:
         where = (f"--task {r.task}" if r.task is not None and isinstance(target, Sweep)
-                 else f"--run {r.run_id}")
+                 else f"--run {shlex.quote(r.run_id)}")
         name = target.path if isinstance(target, Sweep) else target
         assert r.run_dir is not None
         part = logs.part(r.run_dir, layout.STDERR, r.attempt, limit)

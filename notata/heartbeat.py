@@ -52,6 +52,25 @@ def interval_from(value: float | None) -> float:
 #: :mod:`notata._function`): their own children (a task's worker) do. Never signalled
 #: as a command's, not counted as left by one, and not in a run's resource figures.
 SPARED: set[int] = set()
+#: Children of this process that belong to no run, with everything they start (what a
+#: function's module started at import): as :data:`SPARED`, subtree and all.
+FOREIGN: set[int] = set()
+
+
+def descendants(root: psutil.Process) -> list[psutil.Process]:
+    """``root``'s descendants that belong to a run: less :data:`SPARED` processes (not
+    their children) and :data:`FOREIGN` ones with theirs."""
+    out: list[psutil.Process] = []
+    todo = [root]
+    while todo:
+        with contextlib.suppress(psutil.Error):
+            for child in todo.pop().children():
+                if child.pid in FOREIGN:
+                    continue
+                if child.pid not in SPARED:
+                    out.append(child)
+                todo.append(child)
+    return out
 
 
 def has_children(pid: int, besides: Collection[int] = ()) -> bool:
@@ -109,11 +128,9 @@ class Resources:
     def sample(self) -> dict[str, Any]:
         """``rss_bytes``, ``peak_rss_bytes``, ``cpu_time_sec``, ``cpu_percent``, ``pids``."""
         procs = [self.process]
-        if self.tree and (has_children(self.process.pid, besides=SPARED)
+        if self.tree and (has_children(self.process.pid, besides=SPARED | FOREIGN)
                           or any(has_children(s) for s in SPARED)):
-            with contextlib.suppress(psutil.Error):
-                procs += [c for c in self.process.children(recursive=True)
-                          if c.pid not in SPARED]
+            procs += descendants(self.process)
         rss = 0
         for p in procs:
             with contextlib.suppress(psutil.Error):
@@ -248,6 +265,7 @@ def _forget_in_child() -> None:
     global _BEATER, _BEATER_LOCK
     _BEATER, _BEATER_LOCK = None, threading.Lock()
     SPARED.clear()  # the parent's fork server is not the child's
+    FOREIGN.clear()
 
 
 if hasattr(os, "register_at_fork"):

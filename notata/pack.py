@@ -131,7 +131,7 @@ def let_go_by(meta: Mapping[str, Any], key: Callable[[Mapping[str, Any]], str | 
 
 def exec_pack(sweep: Sweep, indices: Sequence[int], argv: Sequence[str] | Function, *,
               heartbeat: float | None = None, report: int | None = None,
-              element: bool = False, parallel: int = 1) -> int:
+              element: bool = False, parallel: int = 1, ending: bool = True) -> int:
     """Run ``argv`` as each task of ``indices`` in turn, each its own run (see the module
     docstring). Returns 0 when every task completed (or was complete), 1 when one did
     not, :data:`~notata.runner.IN_USE` when one was held by another process and none
@@ -140,7 +140,8 @@ def exec_pack(sweep: Sweep, indices: Sequence[int], argv: Sequence[str] | Functi
     run's status, or ``skipped``, ``busy``, ``interrupted``, ``error``; the local
     backend reads it). ``element``: the tasks are an array task's pack (``NOTATA_PACK``),
     which, requeued, skips what it let go, and records what it leaves unstarted.
-    ``parallel`` > 1: that many tasks at a time (:func:`_side_by_side`).
+    ``parallel`` > 1: that many tasks at a time (:func:`_side_by_side`). ``ending``: this
+    process ends with the pack (``notata exec``), so SIGUSR1 stays ignored after it.
     """
     if parallel > 1 and len(indices) > 1:  # each worker imports a function itself
         return _side_by_side(sweep, indices, argv, heartbeat, element, parallel)
@@ -156,7 +157,7 @@ def exec_pack(sweep: Sweep, indices: Sequence[int], argv: Sequence[str] | Functi
             said.append(True)
             _left(sweep, indices[nxt:], me, why)
 
-    with _listening() as warned:
+    with _listening(ending) as warned:
         try:
             for position, index in enumerate(indices):
                 if warned:
@@ -419,15 +420,18 @@ def started_in(meta: Mapping[str, Any]) -> set[str]:
             if isinstance(attempt, Mapping) and (k := _key(attempt)) is not None}
 
 
-def _put_back(before: Mapping[Any, Any]) -> None:
-    """The handlers a pack replaced, back; SIGUSR1 stays taken (ignored): a warning that
-    lands as the pack ends must not kill a process whose tasks are all done."""
+def _put_back(before: Mapping[Any, Any], ending: bool = True) -> None:
+    """The handlers a pack replaced, back; in a process that ends with the pack
+    (``ending``), SIGUSR1 stays taken (ignored): a warning that lands as the pack ends must
+    not kill a process whose tasks are all done. A process that goes on (a submitit job
+    run in the caller's process) gets its own handler back."""
     for signum, handler in before.items():
-        signal.signal(signum, signal.SIG_IGN if signum == signal.SIGUSR1 else handler)
+        signal.signal(signum, signal.SIG_IGN if signum == signal.SIGUSR1 and ending
+                      else handler)
 
 
 @contextlib.contextmanager
-def _listening() -> Iterator[list[bool]]:
+def _listening(ending: bool = True) -> Iterator[list[bool]]:
     """While the pack runs: SIGUSR1 sets the flag it yields (a list, true once warned);
     SIGTERM and SIGHUP end the pack (SystemExit 128+N). A run that is open hears them
     first (:mod:`notata._signals` calls these after recording)."""
@@ -448,4 +452,4 @@ def _listening() -> Iterator[list[bool]]:
     try:
         yield warned
     finally:
-        _put_back(before)
+        _put_back(before, ending)

@@ -25,6 +25,7 @@ import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from . import _attach, _command, _signals, layout, resources, schema
@@ -260,7 +261,10 @@ def _run_command(log: Logbook, index: int, argv: Sequence[str] | Function,
     with contextlib.ExitStack() as stack:
         streams = []
         for name in (layout.STDOUT, layout.STDERR):
+            ended = _ends_its_line(log.path / name)
             f = stack.enter_context(open(log.path / name, "ab"))
+            if not ended:  # an earlier attempt's last line: the header starts its own
+                f.write(b"\n")
             f.write(header.encode())
             f.flush()
             streams.append(f)
@@ -309,6 +313,16 @@ def _run_command(log: Logbook, index: int, argv: Sequence[str] | Function,
         if isinstance(proc, Served):
             return rc, proc.peak_bytes, proc.lost
         return rc, None, None
+
+
+def _ends_its_line(path: Path) -> bool:
+    """Whether the file at ``path`` is empty, missing or ends with a newline."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) == b"\n"
+    except OSError:  # missing, or empty (no byte before its end)
+        return True
 
 
 def _stopped(log: Logbook, proc: _command.Process) -> None:

@@ -68,7 +68,7 @@ class PackTask:
         function = Function(self.fn, name, ignore=(warning,))
         previous = signal.signal(warning, self._warned)
         try:
-            exec_pack(sweep, list(indices), function, element=True)
+            exec_pack(sweep, list(indices), function, element=True, ending=False)
         except SystemExit:
             if not self._requeue or not callable(previous):
                 raise

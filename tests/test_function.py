@@ -404,8 +404,12 @@ def test_a_submitit_pack_in_this_process_beside_an_open_run(base: Path) -> None:
     manifest = write_sweep(base, name="dbg", tasks=2)
     with Logbook("mine", base / "elsewhere", heartbeat=0.05):
         executor = submitit.DebugExecutor(folder=str(base / "submitit"))
+        before = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
         jobs = submit_sweep(quick, manifest, executor, pack=2)
         assert jobs[0].result() == [{"k": 0}, {"k": 1}]
+        # this process goes on: its handlers are its own again (SIGUSR1 was left ignored,
+        # and every process it started after inherited that)
+        assert {s: signal.getsignal(s) for s in before} == before
 
 
 # -- on the cluster ---------------------------------------------------------------------------

@@ -72,7 +72,7 @@ def test_a_failed_task_shows_its_last_attempt_and_any_earlier_one(
     rc, out, _ = logs(capsys, str(sweep), "--task", "1", "--stderr")
     assert "stdout.txt" not in out and "task 1 fails in attempt 2" in out
     rc, _, err = logs(capsys, str(sweep), "--task", "1", "--attempt", "3")
-    assert rc == 2 and "no attempt 3 (it has attempts 1 to 2)" in err
+    assert rc == 2 and "no attempt 3 recorded" in err
 
 
 def test_a_timed_out_task_by_run_id_and_by_folder(sweep: Path, base: Path,
@@ -153,3 +153,52 @@ def test_status_logs_shows_the_end_of_each_failure(sweep: Path, base: Path,
     assert "k1 (failed), the end of its stderr.txt:" in out
     assert "    | task 1 fails in attempt 1" in out
     assert f"... 6 more line(s): notata logs {shlex.quote(str(sweep))} --task 1" in out
+
+
+def test_odd_files_are_shown_as_far_as_they_can_be(base: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """An attempt whose output did not end its line, a header the program printed itself,
+    a FIFO, control characters, wrong field types: each shown or said, never a hang or a
+    traceback."""
+    import os
+
+    with Logbook("odd", base) as log:
+        log.info("x")
+    run = base / "log_odd"
+    meta = read_meta(run)
+    meta.update(attempt=2, attempts=[{"attempt": 1, "status": "failed"}], pack="x")
+    (run / "metadata.json").write_text(json.dumps(meta))
+    (run / "stdout.txt").write_text(
+        "=== notata attempt 1: job\nhello 1\n=== notata attempt 1: fake, printed\n"
+        "after fake\nno newline at the end=== notata attempt 2: job\nsecond \x1b[31mred\n")
+    rc, out, _ = logs(capsys, str(run), "--stdout", "--attempt", "1")
+    assert "hello 1" in out and "after fake" in out and "no newline at the end" in out
+    assert "second" not in out
+    rc, out, _ = logs(capsys, str(run), "--stdout")
+    assert "second ?[31mred" in out and "hello" not in out
+    os.mkfifo(run / "stderr.txt")
+    rc, out, _ = logs(capsys, str(run), "--stderr")
+    assert rc == 0 and "stderr.txt: not a regular file: not read" in out
+    (run / "metadata.json").write_text(json.dumps({**meta, "attempt": "two"}))
+    rc, out, err = logs(capsys, str(run), "--log")
+    assert rc == 0 and "Traceback" not in err
+
+
+def test_an_earlier_attempt_beyond_what_is_read_is_said(base: Path,
+                                                       capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from notata import logs as logs_module
+
+    monkeypatch.setattr(logs_module, "READ_LIMIT", 1000)
+    with Logbook("big", base) as log:
+        log.info("x")
+    run = base / "log_big"
+    meta = read_meta(run)
+    meta.update(attempt=2, attempts=[{"attempt": 1, "status": "failed"}])
+    (run / "metadata.json").write_text(json.dumps(meta))
+    (run / "stdout.txt").write_text("=== notata attempt 1: job\nfirst\n=== notata attempt 2: "
+                                    "job\n" + "".join(f"line {i}\n" for i in range(500)))
+    rc, out, _ = logs(capsys, str(run), "--stdout", "--attempt", "1")
+    assert "attempt 1's lines are before the last" in out and "line 499" not in out
+    rc, out, _ = logs(capsys, str(run), "--stdout", "--tail", "2")
+    assert "line 499" in out and "of the last" in out
