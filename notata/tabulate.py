@@ -15,12 +15,15 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from . import scheduler
 from .collector import scan
+from .errors import UsageError
 from .manifest import Sweep
 from .reader import LogReader
-from .runstate import CORRUPT, MISSING, PENDING
+from .runstate import CORRUPT, MISSING, PENDING, SCAN_STATUSES
 
-BASE_COLUMNS = ["run_id", "task", "status", "attempt", "runtime_sec"]
+BASE_COLUMNS = ["run_id", "task", "status", "attempt", "runtime_sec", "exit_code", "job",
+                "failure_reason"]
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
@@ -33,10 +36,19 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
 
 def rows(target: Sweep | str | os.PathLike[str], artifacts: Sequence[str] = (),
          statuses: Iterable[str] | None = None) -> list[dict[str, Any]]:
-    """The table's rows, in task order; ``statuses`` keeps only runs with those statuses."""
+    """The table's rows, in task order; ``statuses`` keeps only runs with those statuses.
+
+    A status that is not one, or an artifact that no run of the table has, is a
+    :class:`~notata.errors.UsageError` naming the valid choices (not an empty table or
+    empty columns)."""
     keep = set(statuses) if statuses else None
+    unknown = sorted((keep or set()) - set(SCAN_STATUSES))
+    if unknown:
+        raise UsageError(f"--status {', '.join(unknown)}: not a status; the statuses are "
+                         f"{', '.join(SCAN_STATUSES)}")
     sweep = target if isinstance(target, Sweep) else None
     out = []
+    seen: set[str] = set()  # the artifacts the runs have
     for r in scan(target, full=True).runs:
         if keep is not None and r.status not in keep:
             continue
@@ -44,6 +56,17 @@ def rows(target: Sweep | str | os.PathLike[str], artifacts: Sequence[str] = (),
                                "attempt": r.attempt, "runtime_sec": r.runtime_sec}
         has_meta = r.run_dir is not None and r.status not in (CORRUPT, MISSING, PENDING)
         reader = LogReader(r.run_dir) if has_meta and r.run_dir is not None else None
+        if reader is not None:
+            try:
+                meta = reader.meta
+            except (OSError, ValueError):  # changed since the scan read it
+                meta = {}
+            job = scheduler.job_of(meta)
+            row.update(exit_code=meta.get("exit_code"),
+                       job=job[0].job_key(job[1]) if job is not None else None,
+                       failure_reason=meta.get("failure_reason"))
+            if artifacts:
+                seen.update(reader.artifacts)
         params: dict[str, Any] = {}
         if sweep is not None and r.task is not None:
             _flatten("", sweep.params(r.task), params)
@@ -57,6 +80,11 @@ def rows(target: Sweep | str | os.PathLike[str], artifacts: Sequence[str] = (),
                 data = {}
             _flatten(name, data if isinstance(data, Mapping) else {}, row)
         out.append(row)
+    missing = [a for a in artifacts if f"{a.removesuffix('.json')}.json" not in seen]
+    if missing and out:
+        have = sorted(n.removesuffix(".json") for n in seen if n.endswith(".json"))
+        raise UsageError(f"--artifact {', '.join(missing)}: no run of this table has it; "
+                         "the JSON artifacts they have: " + (", ".join(have) or "none"))
     return out
 
 

@@ -219,13 +219,20 @@ def test_table_rows_params_and_artifact_fields(
                  "complete"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == (
-        "run_id,task,status,attempt,runtime_sec,k,final_metrics.E,final_metrics.nested.n"
+        "run_id,task,status,attempt,runtime_sec,exit_code,job,failure_reason,k,"
+        "final_metrics.E,final_metrics.nested.n"
     )
     assert [ln.split(",")[:4] + ln.split(",")[5:] for ln in lines[1:]] == [
-        ["k0", "0", "complete", "1", "0", "0.0", "1"],
-        ["k1", "1", "complete", "1", "1", "0.5", "1"],
-        ["k2", "2", "complete", "1", "2", "1.0", "1"],
+        ["k0", "0", "complete", "1", "0", "", "", "0", "0.0", "1"],
+        ["k1", "1", "complete", "1", "0", "", "", "1", "0.5", "1"],
+        ["k2", "2", "complete", "1", "0", "", "", "2", "1.0", "1"],
     ]
+    # a misspelt status or artifact is an error naming the choices, not empty columns
+    assert main(["table", str(manifest), "--status", "faild"]) == 2
+    err = capsys.readouterr().err
+    assert "not a status; the statuses are initialized, running, complete" in err
+    assert main(["table", str(manifest), "--artifact", "final_metric"]) == 2
+    assert "the JSON artifacts they have: final_metrics" in capsys.readouterr().err
     assert main(["table", str(base / "outputs"), "--format", "json"]) == 0
     rows = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
     assert [(r["run_id"], r["task"], r["k"]) for r in rows] == [
