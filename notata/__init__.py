@@ -41,7 +41,8 @@ scheduler layer names a scheduler's variables, job states or metadata fields).
 6. submitting: ``submission`` (submit and resubmit: the Python API the CLI wraps);
    ``retry`` (a sweep's retry policy: which failures, how often, with what more);
    ``shepherd`` (one round of retries on the cluster: ``notata shepherd``).
-7. interfaces: ``cli``, ``__main__`` and this module (the public names).
+7. interfaces: ``cli`` (parsing) and ``views`` (what it prints), ``__main__`` and this
+   module (the public names).
 """
 
 from __future__ import annotations

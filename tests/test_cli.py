@@ -298,8 +298,8 @@ def test_the_progress_line_fits_the_terminal_and_elsewhere_is_said_now_and_then(
     import io
     import os as _os
 
-    from notata.cli import Progress
     from notata.local import LocalResult
+    from notata.views import Progress
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
