@@ -107,8 +107,9 @@ def test_command_killed_by_a_signal_and_missing_command(manifest: Path, base: Pa
     ("another machine's ELF", "cannot start"), ("a good script", None),
     ("an interpreter without #!", "cannot start"), ("a #! line ending in CRLF", "cannot start"),
     ("a truncated ELF", "cannot start"), ("a relocatable ELF", "cannot start")])
-def test_a_command_the_kernel_would_not_run_cannot_start(manifest: Path, base: Path,
-                                                        kind: str, says: str | None) -> None:
+def test_a_command_the_kernel_would_not_run_cannot_start(
+        manifest: Path, base: Path, kind: str, says: str | None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """What the kernel refuses is refused (127, "cannot start"), whatever the fast way of
     starting commands would do with it (setpriv's execvp hands such a file to /bin/sh)."""
     program = base / "program"
@@ -127,6 +128,7 @@ def test_a_command_the_kernel_would_not_run_cannot_start(manifest: Path, base: P
             "a good script": b"#!/bin/sh\nexit 0\n"}[kind]
     program.write_bytes(body)
     program.chmod(0o755)
+    monkeypatch.chdir(base)  # where the command runs, and where "ran.txt" would appear
     rc = main(["exec", str(manifest), "--task", "0", "--", str(program)])
     meta = read_meta(run_dir(base, "plain"))
     if says is None:
