@@ -19,7 +19,19 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import _function, chain, layout, logs, sbatch, shepherd, slurm, submission, tabulate, views
+from . import (
+    _function,
+    chain,
+    efficiency,
+    layout,
+    logs,
+    sbatch,
+    shepherd,
+    slurm,
+    submission,
+    tabulate,
+    views,
+)
 from ._function import FLAG
 from ._version import __version__
 from .array import pack_parallel, pack_tasks, task_index
@@ -160,14 +172,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     while True:
         queue = slurm.collector_queue(base if base is not None else Path(str(target)), "status")
         report = watcher.scan(target, queue, full=args.full)
+        used = efficiency.measure(target) if args.resources else None
         if args.json:
-            print(json.dumps(report.as_json()), flush=True)
+            out = report.as_json()
+            if used is not None:
+                out["resources"] = used.as_json()
+            print(json.dumps(out), flush=True)
         else:
             if args.watch is not None and sys.stdout.isatty():
                 print("\033[H\033[J", end="")
             print(views.format_report(report), flush=True)
             if args.logs:
                 print("\n".join(views.failure_lines(report, target)), flush=True)
+            if used is not None:
+                print("\n".join(used.lines()), flush=True)
             if isinstance(target, Sweep):
                 for line in chain.describe(target.base_dir, target):
                     print(line, flush=True)
@@ -338,6 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--logs", action="store_true",
                     help="under each failed, timed-out or OOM task, the last lines of its "
                          "stderr (notata logs shows the rest)")
+    st.add_argument("--resources", action="store_true",
+                    help="what the complete runs used of the time, memory and CPUs they "
+                         "asked for (50th and 95th percentiles) and the --time and --mem "
+                         "to ask for next time (reads every run's metadata.json)")
     st.set_defaults(func=cmd_status)
     lg = sub.add_parser(
         "logs", help="show a run's output (one attempt), under a line saying how it ended",

@@ -151,21 +151,23 @@ def _mark_queued(records: list[RunRecord], by_task: Mapping[int, str]) -> None:
                 r.status = PENDING
 
 def scan(target: Sweep | str | os.PathLike[str], *, stale_after: float | None = None,
-         queue: Queue | None = None, full: bool = False) -> Report:
+         queue: Queue | None = None, full: bool = False,
+         keep: Callable[[Mapping[str, Any]], Any] | None = None) -> Report:
     """Scan a sweep or a bare base folder (every run in it).
 
     For a sweep, every task is classified. Tasks that its index (:mod:`notata.index`)
     records as complete are not opened unless ``full``; ``full`` (or a sweep without an
     index) reads every run's metadata.json and also reports runs in the base folder that
     no task names. ``queue`` is the scheduler's view, asked once by the caller; without
-    it runs are classified from their files alone.
+    it runs are classified from their files alone. ``keep`` takes more of each metadata
+    file read into the records (:func:`notata.runstate.read_run`).
     """
     now = time.time()
 
     def read(path: str, task: int | None = None, sweep: Sweep | None = None,
              symlink: bool | None = None) -> RunRecord:
         return read_run(path, task, sweep=sweep, queue=queue, stale_after=stale_after,
-                        now=now, symlink=symlink)
+                        now=now, symlink=symlink, keep=keep)
 
     if not isinstance(target, Sweep):
         dirs = _run_dirs(Path(target))

@@ -94,6 +94,7 @@ class RunRecord:
     passed: frozenset[str] = frozenset()  # job keys of the packs that ran it and let it go
     orphan: bool = False  # its wrapper is gone but its command's processes still run here
     asked: dict[str, Any] | None = None  # what its last attempt asked the scheduler for
+    kept: Any = None  # what the scan's ``keep`` took from its metadata (see read_run)
 
     @property
     def run_dir(self) -> Path | None:
@@ -127,11 +128,15 @@ def stale_limit(meta: Mapping[str, Any], stale_after: float | None) -> float:
 def read_run(run_dir: str | os.PathLike[str], task: int | None = None, *,
              sweep: Sweep | None = None,
              queue: Queue | None = None, stale_after: float | None = None,
-             now: float | None = None, symlink: bool | None = None) -> RunRecord:
+             now: float | None = None, symlink: bool | None = None,
+             keep: Callable[[Mapping[str, Any]], Any] | None = None) -> RunRecord:
     """The record of one run directory; never raises for what is on disk.
 
     One ``open`` (metadata.json); ``symlink`` comes from the caller's scandir when known.
     Metadata that parses but has fields of the wrong shape reads ``corrupt``, with why.
+    ``keep(meta)``, when given, takes what else a caller needs of the metadata into
+    :attr:`RunRecord.kept` (so that nothing reads the file twice); it must not raise for
+    odd field types (its record would read ``corrupt``).
     """
     run_dir = os.fspath(run_dir)
     run_id = os.path.basename(run_dir).removeprefix(layout.RUN_PREFIX)
@@ -145,8 +150,11 @@ def read_run(run_dir: str | os.PathLike[str], task: int | None = None, *,
     except (OSError, ValueError) as err:
         return RunRecord(task, run_id, CORRUPT, 0, str(err), run_dir)
     try:
-        return _classify(meta, task, run_id, run_dir, sweep, queue, stale_after,
-                         time.time() if now is None else now)
+        record = _classify(meta, task, run_id, run_dir, sweep, queue, stale_after,
+                           time.time() if now is None else now)
+        if keep is not None:
+            record.kept = keep(meta)
+        return record
     except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as err:
         return RunRecord(task, run_id, CORRUPT, 0, f"malformed {layout.METADATA}: {err}",
                          run_dir)

@@ -34,6 +34,14 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
         out[prefix] = value
 
 
+def _fields(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The table's columns that come from a run's metadata (read once, by the scan)."""
+    job = scheduler.job_of(meta)
+    return {"exit_code": meta.get("exit_code"),
+            "job": job[0].job_key(job[1]) if job is not None else None,
+            "failure_reason": meta.get("failure_reason")}
+
+
 def rows(target: Sweep | str | os.PathLike[str], artifacts: Sequence[str] = (),
          statuses: Iterable[str] | None = None) -> list[dict[str, Any]]:
     """The table's rows, in task order; ``statuses`` keeps only runs with those statuses.
@@ -49,24 +57,17 @@ def rows(target: Sweep | str | os.PathLike[str], artifacts: Sequence[str] = (),
     sweep = target if isinstance(target, Sweep) else None
     out = []
     seen: set[str] = set()  # the artifacts the runs have
-    for r in scan(target, full=True).runs:
+    for r in scan(target, full=True, keep=_fields).runs:
         if keep is not None and r.status not in keep:
             continue
         row: dict[str, Any] = {"run_id": r.run_id, "task": r.task, "status": r.status,
                                "attempt": r.attempt, "runtime_sec": r.runtime_sec}
         has_meta = r.run_dir is not None and r.status not in (CORRUPT, MISSING, PENDING)
         reader = LogReader(r.run_dir) if has_meta and r.run_dir is not None else None
-        if reader is not None:
-            try:
-                meta = reader.meta
-            except (OSError, ValueError):  # changed since the scan read it
-                meta = {}
-            job = scheduler.job_of(meta)
-            row.update(exit_code=meta.get("exit_code"),
-                       job=job[0].job_key(job[1]) if job is not None else None,
-                       failure_reason=meta.get("failure_reason"))
-            if artifacts:
-                seen.update(reader.artifacts)
+        if r.kept is not None:
+            row.update(r.kept)
+        if reader is not None and artifacts:
+            seen.update(reader.artifacts)
         params: dict[str, Any] = {}
         if sweep is not None and r.task is not None:
             _flatten("", sweep.params(r.task), params)
