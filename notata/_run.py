@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from . import _fs, _signals, index, layout, resources, runinfo, scheduler, schema
+from . import _fs, _signals, index, layout, provenance, resources, runinfo, scheduler, schema
 from ._attempt import first_record, take_over
 from .errors import ForkedHandleError, RunDirError, RunLostError, RunSupersededError
 from .heartbeat import Heartbeat, Resources, logger
@@ -110,6 +110,10 @@ class OwnedRun:
             self.meta[name] = self.scheduler.details(self.meta[name])
             self.meta["resources"] = {
                 "asked": self.scheduler.requested(self.meta[name], os.environ)}
+        code = provenance.for_run()  # the code this attempt runs (cached per process)
+        if code is not None:
+            self.meta["code"] = code
+            provenance.mark_run(self.path.parent, self.meta)
         if write:
             self.set(status=schema.RUNNING)
         else:

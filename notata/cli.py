@@ -25,6 +25,7 @@ from . import (
     efficiency,
     layout,
     logs,
+    provenance,
     sbatch,
     shepherd,
     slurm,
@@ -101,6 +102,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if args.task is not None and args.tasks is not None:
         raise UsageError("give --task or --tasks, not both")
     cmd = _command(args)  # a function's module is imported once, where its tasks run
+    provenance.use_subject(provenance.subject_of(cmd))
     if args.queue_fd is not None:  # a worker of a pack run side by side
         return exec_queue(sweep, args.queue_fd, args.pack_size or 0, cmd,
                           heartbeat=args.heartbeat, element=pack_tasks() is not None)
@@ -186,6 +188,9 @@ def cmd_status(args: argparse.Namespace) -> int:
                 print("\n".join(views.failure_lines(report, target)), flush=True)
             if used is not None:
                 print("\n".join(used.lines()), flush=True)
+            if isinstance(target, Sweep):
+                for line in provenance.warnings(target):
+                    print(line, flush=True)
             if isinstance(target, Sweep):
                 for line in chain.describe(target.base_dir, target):
                     print(line, flush=True)

@@ -46,6 +46,8 @@ class SweepPaths:
         self.jobs = self.folder / "jobs"
         #: One line per decision of the retry shepherds of the sweeps here.
         self.shepherd_log = self.folder / "shepherd.log"
+        #: The code states runs and submissions ran (:mod:`notata.provenance`).
+        self.code = self.folder / "code"
 
     def shepherd(self, sweep: str) -> Path:
         """The retry shepherd's record of one sweep (:mod:`notata.chain`)."""

@@ -27,6 +27,8 @@ Added by this notata:
 - ``resources``: what the attempt asked the scheduler for and what it used
   (:mod:`notata.resources`): ``{asked: {time_limit, mem_bytes, cpus, gpus}, used:
   {runtime_sec, peak_rss_bytes, cpu_time_sec}}``, ``asked`` only under a scheduler.
+- ``code``: the code the attempt ran (:mod:`notata.provenance`): ``{state, commit, dirty,
+  diff, env, repo}`` (ids and hashes; ``commit`` None outside git, with ``why``).
 - Added by sweeps (``notata.task`` / ``notata exec``): ``task`` (the index), ``sweep``
   (its name), ``manifest`` (absolute path), ``manifest_hash``, ``tasks`` (the sweep's
   size), ``task_from`` (``array``: the index is the job array's own, task id + offset;
@@ -75,5 +77,5 @@ RESERVED: Final = frozenset({
     "schema", "run_id", "status", "attempt", "attempts", "start_time", "start_unix",
     "end_time", "end_unix", "runtime_sec", "failure_reason", "heartbeat", "signals", "host",
     "pid", "user", "task", "sweep", "manifest", "manifest_hash", "tasks", "command",
-    "command_pid", "exit_code", "task_from", "resources", "pack",
+    "command_pid", "exit_code", "task_from", "resources", "pack", "code",
 })

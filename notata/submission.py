@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from . import _function, chain, local, lock, retry, sbatch, schema, slurm, submissions
+from . import _function, chain, local, lock, provenance, retry, sbatch, schema, slurm, submissions
 from .array import is_complete
 from .collector import Report, scan
 from .errors import SchedulerError, UsageError
@@ -325,6 +325,8 @@ def _submit(sweep: Sweep, indices: list[int], cmd: list[str], backend: str, opti
     chain's ``chain`` and ``round``)."""
     sub_id = submissions.new_id()
     more = dict(fields or {})
+    if not options.dry_run:  # the code submitted (a dry run writes nothing)
+        more["code"] = provenance.at_submission(sweep.base_dir, provenance.subject_of(cmd))
 
     def record(tasks: list[int], **parts: Any) -> dict[str, Any]:
         return submissions.entry(sweep, backend, sub_id, tasks, command=cmd,

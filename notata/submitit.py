@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import _fs, layout, submissions
+from . import _fs, layout, provenance, submissions
 from ._function import Function, load_result, save_result
 from .array import is_complete, open_task, sweep_of
 from .errors import RunCompleteError, TasksFailedError
@@ -63,6 +63,7 @@ class PackTask:
         import submitit
 
         sweep = sweep_of(self.manifest)
+        provenance.use_subject(provenance.subject_of_function(self.fn))
         warning = getattr(signal, "SIG" + str(submitit.JobEnvironment.USR_SIG), signal.SIGUSR2)
         name = f"{getattr(self.fn, '__module__', '?')}:{getattr(self.fn, '__qualname__', '?')}"
         function = Function(self.fn, name, ignore=(warning,))
@@ -123,6 +124,7 @@ class SweepTask:
 
     def __call__(self, index: int) -> Any:
         sweep = sweep_of(self.manifest)
+        provenance.use_subject(provenance.subject_of_function(self.fn))
         try:
             log = open_task(sweep, index)
         except RunCompleteError:
@@ -190,6 +192,7 @@ def submit_sweep(fn: Callable[[dict[str, Any], Logbook], Any],
     sub_id = submissions.new_id()
     chunks = [units[start:start + limit] for start in range(0, len(units), limit)]
     backend = f"submitit:{type(getattr(executor, '_executor', executor)).__name__}"
+    code = provenance.at_submission(sweep.base_dir, provenance.subject_of_function(fn))
     with submissions.sweep_lock(sweep.base_dir):
         for part, chunk in enumerate(chunks):  # each array recorded as soon as it is queued
             submitted = executor.map_array(task, chunk)
@@ -200,7 +203,7 @@ def submit_sweep(fn: Callable[[dict[str, Any], Logbook], Any],
             submissions.append(sweep.base_dir, submissions.entry(
                 sweep, backend, sub_id, flat, part=part, parts=len(chunks),
                 job_ids=[j.job_id for j in submitted], options={},
-                function=getattr(fn, "__qualname__", repr(fn)), **extra))
+                function=getattr(fn, "__qualname__", repr(fn)), code=code, **extra))
     return jobs
 
 

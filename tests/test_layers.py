@@ -14,7 +14,7 @@ LAYERS = [
     {"_version", "schema", "errors", "scheduler", "runinfo", "_convert", "heartbeat",
      "taskspec", "resources"},
     {"_fs", "layout", "lock", "index", "reader", "manifest", "submissions", "_signals",
-     "_attach"},
+     "_attach", "provenance"},
     {"_attempt", "_run", "_outputs", "logbook", "experiment"},
     {"array", "_command", "_function", "runner", "pack", "local"},
     {"runstate", "queue", "collector", "tabulate", "logs"},
