@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import read_meta, status_is, submit, wait_for, write_sweep
+
 from notata import retry, sbatch
 from notata.cli import main
 from notata.efficiency import Efficiency, Usage, measure, round_mem, round_time

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import ROOT, python, read_meta, submit, wait_for, write_sweep
+
 from notata import provenance
 from notata.cli import main
 from notata.manifest import load
