@@ -70,6 +70,19 @@ def timed(argv: list[str] | str) -> tuple[float, float]:
     return time.perf_counter() - t0, int(proc.stderr.split()[-1]) / 1024
 
 
+def time_all(commands: dict[str, list[str] | str], repeats: int
+             ) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Each command's times (alternating, ``repeats`` rounds) and peak memory (MB)."""
+    times: dict[str, list[float]] = {k: [] for k in commands}
+    peak: dict[str, float] = dict.fromkeys(commands, 0.0)
+    for _ in range(repeats):
+        for name, argv in commands.items():
+            sec, mb = timed(argv)
+            times[name].append(sec)
+            peak[name] = max(peak[name], mb)
+    return times, peak
+
+
 def opens_per_run(argv: list[str], n: int, root: Path) -> float | None:
     if not shutil.which("strace"):
         return None
@@ -109,13 +122,7 @@ def main() -> None:
         if args.index_only:  # the baseline is then the start-up every notata command pays
             commands = {"python -c 'import notata'": [sys.executable, "-c", "import notata"],
                         "notata status MANIFEST": commands["notata status MANIFEST"]}
-        times: dict[str, list[float]] = {k: [] for k in commands}
-        peak: dict[str, float] = dict.fromkeys(commands, 0.0)
-        for _ in range(args.repeats):
-            for name, argv in commands.items():
-                sec, mb = timed(argv)
-                times[name].append(sec)
-                peak[name] = max(peak[name], mb)
+        times, peak = time_all(commands, args.repeats)
         floor = statistics.median(next(iter(times.values())))  # the first command: baseline
         print(f"{args.runs} runs ({args.fail and args.runs // args.fail} failed), "
               f"medians of {args.repeats}:")

@@ -42,8 +42,9 @@ scheduler layer names a scheduler's variables, job states or metadata fields).
    ``retry`` (a sweep's retry policy: which failures, how often, with what more);
    ``shepherd`` (one round of retries on the cluster: ``notata shepherd``);
    ``efficiency`` (what runs used of what they asked for; what to ask next time).
-7. interfaces: ``cli`` (parsing) and ``views`` (what it prints), ``__main__`` and this
-   module (the public names).
+7. interfaces: ``cli`` (parsing) and ``views`` (what it prints); ``overview`` (``notata report``:
+   the HTML report) and ``figures`` (its matplotlib figures); ``__main__`` and this module (the
+   public names).
 """
 
 from __future__ import annotations
@@ -99,7 +100,29 @@ def collect(target: Sweep | str | os.PathLike[str], stale_after: float | None = 
                 queue=_slurm.collector_queue(base, "collect"))
 
 
+def report(target: Sweep | str | os.PathLike[str], artifacts: Sequence[str] = (),
+           output: str | os.PathLike[str] | None = None, format: str = "html") -> Any:
+    """``notata report`` from Python: read a sweep (a manifest path or a :class:`Sweep`)
+    or a folder of runs once and return its :class:`~notata.overview.SweepReport`:
+    ``counts``, ``statuses`` (one per task), ``fields`` (each artifact field, one value per
+    task), ``usage`` (what the runs used of what they asked for), ``failures``, ``code``;
+    ``figures`` (matplotlib figures, for a notebook), ``html()``. With ``output``, also
+    writes it there (``format`` "html", or "png": a folder of images). Needs matplotlib
+    (``pip install 'notata[report]'``)."""
+    from pathlib import Path
+
+    from . import overview
+    if not isinstance(target, Sweep) and not os.path.isdir(target):
+        target = load_sweep(target, check_unique=True)
+    base = target.base_dir if isinstance(target, Sweep) else Path(target)
+    built = overview.build(target, artifacts, _slurm.collector_queue(base, "report"))
+    if output is not None:
+        built.save(output, format)
+    return built
+
+
 __all__ = [
+    "report",
     "resubmit",
     "submit",
     "ChainRecordError",

@@ -25,6 +25,7 @@ from . import (
     efficiency,
     layout,
     logs,
+    overview,
     provenance,
     sbatch,
     shepherd,
@@ -256,6 +257,19 @@ def cmd_resubmit(args: argparse.Namespace) -> int:
                                full=args.full, progress=views.Progress()).status
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    target = _target(args.path)
+    base = target.base_dir if isinstance(target, Sweep) else Path(str(target))
+    built = overview.build(target, args.artifact or (),
+                         slurm.collector_queue(base, "report"))
+    name = target.name if isinstance(target, Sweep) else Path(str(target)).name
+    out = args.output or (f"{name}-report.html" if args.format == "html"
+                          else f"{name}-report")
+    written = built.save(out, args.format)
+    print(written[0] if args.format == "html" else f"{len(written)} files in {out}/")
+    return 0
+
+
 def cmd_table(args: argparse.Namespace) -> int:
     data = tabulate.rows(_target(args.path), args.artifact or (), args.status)
     sys.stdout.write(tabulate.to_csv(data) if args.format == "csv"
@@ -398,6 +412,29 @@ def build_parser() -> argparse.ArgumentParser:
                     help="csv (default) or JSON lines")
     tb.add_argument("--status", action="append", help="only runs with this status (repeatable)")
     tb.set_defaults(func=cmd_table)
+
+    rp = sub.add_parser(
+        "report", help="one HTML file showing the sweep at a glance",
+        description="Write one self-contained HTML file (figures inline, nothing loaded "
+        "from the network): the status of every task on the sweep's grid, the named "
+        "artifacts' results over the params, runtime and memory against what was asked "
+        "for, the failures with the end of their output, and which code ran. Needs the "
+        "report extra: pip install 'notata[report]'.",
+        epilog="examples:\n  notata report sweep.yaml --artifact final_metrics\n"
+               "  notata report sweep.yaml -o ~/www/osc.html\n"
+               "  notata report sweep.yaml --format png -o figs/   # images, for the terminal",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    rp.add_argument("path", help="a manifest or a base folder of runs")
+    rp.add_argument("-o", "--output", metavar="PATH",
+                    help="the HTML file (default: SWEEP-report.html here), or the folder "
+                         "for --format png (default: SWEEP-report/)")
+    rp.add_argument("--artifact", action="append", metavar="NAME",
+                    help="a JSON artifact under artifacts/ whose numbers are shown over the "
+                         "params (repeatable)")
+    rp.add_argument("--format", choices=("html", "png"), default="html",
+                    help="html (default): one file; png: one image per figure and "
+                         "summary.txt")
+    rp.set_defaults(func=cmd_report)
 
     sh = sub.add_parser("shepherd", help="one round of a sweep's retries (what --retry queues)",
                         description="Scan the sweep, resubmit what its retry policy retries "

@@ -254,8 +254,10 @@ class Efficiency:
 
 
 def _clock(sec: float) -> str:
-    sec = int(round(sec))
-    return f"{sec // 3600}:{sec // 60 % 60:02d}:{sec % 60:02d}"
+    if sec < 60:
+        return f"{sec:.1f}s"
+    whole = int(round(sec))
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
 
 
 def measure(target: Sweep | str | os.PathLike[str]) -> Efficiency:

@@ -153,3 +153,15 @@ class TasksFailedError(NotataError, RuntimeError):
         more = len(self.failures) - len(shown)
         return (f"{len(self.failures)} task(s) of this pack did not complete; "
                 + "; ".join(shown) + (f"; and {more} more" if more else ""))
+
+
+class ExtraMissingError(NotataError, ImportError):
+    """A feature needs an optional extra that is not installed (``notata report``:
+    ``report``, for matplotlib)."""
+
+    def __init__(self, feature: str, extra: str) -> None:
+        super().__init__(feature, extra)
+        self.feature, self.extra = feature, extra
+
+    def __str__(self) -> str:
+        return f"{self.feature} needs the {self.extra!r} extra: pip install 'notata[{self.extra}]'"

@@ -4,7 +4,7 @@
 #   2. the same manifest through notata exec with a shell one-liner as the payload
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-"$root/scripts/setup.sh"
+"$root/scripts/setup.sh" report
 export PATH="$root/.venv/bin:$PATH"
 work=${DEMO_DIR:-$root/demo}
 rm -rf "$work"
@@ -30,4 +30,6 @@ echo "== the same manifest with a non-Python payload (notata exec, no shell unle
 sed 's/^base_dir: outputs/base_dir: outputs-sh/' sweep.yaml > sweep-sh.yaml
 notata submit sweep-sh.yaml --backend local -j 2 -- sh -c 'echo "omega={omega} dt={dt}"; test -n "$NOTATA_PARAMS"'
 notata status sweep-sh.yaml
-echo "runs are in $work/outputs and $work/outputs-sh"
+echo "== the report: one HTML file (status map, energy over omega and dt, resources, code)"
+notata report sweep.yaml --artifact final_metrics -o report.html
+echo "runs are in $work/outputs and $work/outputs-sh; open $work/report.html in a browser"

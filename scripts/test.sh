@@ -2,7 +2,13 @@
 # Set up and run every check: ruff and mypy over notata/, then the test suite.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-"$root/scripts/setup.sh" test
+"$root/scripts/setup.sh" test report
+# The report test opens the report in a real headless browser: as root, install Debian's
+# chromium when missing (without root, or where apt cannot, that one test is skipped).
+if [ "$(id -u)" = 0 ] && ! command -v chromium >/dev/null; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+        >/dev/null 2>&1 || echo "test.sh: chromium could not be installed" >&2
+fi
 # The SLURM tests run against a real single-node cluster; as root, start it (idempotent).
 if [ "$(id -u)" = 0 ]; then "$root/scripts/slurm-local.sh" start; fi
 cd "$root"

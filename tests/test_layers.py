@@ -20,7 +20,7 @@ LAYERS = [
     {"runstate", "queue", "collector", "tabulate", "logs"},
     {"slurm", "sbatch", "submitit", "chain"},
     {"submission", "retry", "shepherd", "efficiency"},
-    {"cli", "views", "__main__", "__init__"},
+    {"cli", "views", "overview", "figures", "__main__", "__init__"},
 ]
 SCHEDULER_LAYER = 5
 
