@@ -13,6 +13,8 @@ command -v parallel >/dev/null || { [ "$(id -u)" = 0 ] && apt-get install -y -q 
 .venv/bin/python benchmarks/bench_pack.py --tasks 2000 --repeats 5 --parallel 2
 .venv/bin/python benchmarks/bench_function.py --tasks 2000 --repeats 3
 .venv/bin/python benchmarks/bench_scan.py --runs 100000 --repeats 3
+.venv/bin/pip install -q -e '.[report]' >/dev/null
+.venv/bin/python benchmarks/bench_report.py --runs 100000 --repeats 3
 if command -v sbatch >/dev/null; then
   .venv/bin/python benchmarks/bench_slurm.py --tasks 500 --repeats 2
   .venv/bin/python benchmarks/bench_shepherd.py --tasks 100000 --fail 100 --repeats 3
