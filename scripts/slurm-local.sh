@@ -3,6 +3,7 @@
 #   scripts/slurm-local.sh start    install if missing, write the config, start, wait until idle
 #   scripts/slurm-local.sh stop     stop only the daemons this script started (by their pid files)
 #   scripts/slurm-local.sh status   say whether the daemons run and what sinfo reports
+#   scripts/slurm-local.sh install  only install slurm-wlm and munge when missing
 # Idempotent: start on a running cluster only checks it. The config comes from slurm/slurm.conf.in
 # and is written only where no slurm.conf exists or where this script wrote the one there.
 set -euo pipefail
@@ -90,5 +91,6 @@ case "${1:-}" in
   start) start ;;
   stop) stop ;;
   status) status ;;
-  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+  install) install ;;
+  *) echo "usage: $0 start|stop|status|install" >&2; exit 2 ;;
 esac
