@@ -103,13 +103,14 @@ class Report:
 
         Never a complete run, a task the queue still holds, a run another version of
         the manifest wrote, a run already at ``max_attempts`` attempts, or a run whose
-        lock a live process holds.
+        lock a live process holds; nothing from a scan of a folder of runs (no manifest
+        to submit them with).
         """
         wanted = set(statuses) - {schema.COMPLETE}
         chosen: list[int] = []
         left: list[tuple[RunRecord, str]] = []
         for r in self.read:
-            if r.task is None or r.status not in wanted:
+            if r.task is None or self.sweep is None or r.status not in wanted:
                 continue
             if r.status == MISMATCH:
                 left.append((r, "another version of the manifest wrote it"))
@@ -167,9 +168,10 @@ def scan(target: Sweep | str | os.PathLike[str], *, stale_after: float | None = 
         return read_run(path, task, sweep=sweep, queue=queue, stale_after=stale_after,
                         now=now, symlink=symlink)
 
-    if not isinstance(target, Sweep):
+    if not isinstance(target, Sweep):  # no manifest names the runs: each says its task
         dirs = _run_dirs(Path(target))
-        return Report([read(dirs[rid].path, symlink=dirs[rid].is_symlink())
+        return Report([read_run(dirs[rid].path, queue=queue, stale_after=stale_after, now=now,
+                                symlink=dirs[rid].is_symlink(), own_task=True)
                        for rid in sorted(dirs)])
     sweep = target
     done = None if full else index.complete_tasks(sweep.base_dir, sweep.hash, len(sweep))

@@ -127,11 +127,14 @@ def stale_limit(meta: Mapping[str, Any], stale_after: float | None) -> float:
 def read_run(run_dir: str | os.PathLike[str], task: int | None = None, *,
              sweep: Sweep | None = None,
              queue: Queue | None = None, stale_after: float | None = None,
-             now: float | None = None, symlink: bool | None = None) -> RunRecord:
+             now: float | None = None, symlink: bool | None = None,
+             own_task: bool = False) -> RunRecord:
     """The record of one run directory; never raises for what is on disk.
 
     One ``open`` (metadata.json); ``symlink`` comes from the caller's scandir when known.
     Metadata that parses but has fields of the wrong shape reads ``corrupt``, with why.
+    ``own_task``: with no ``task`` given, the record takes the task its metadata records
+    (a scan of a folder of runs, where no manifest names them).
     """
     run_dir = os.fspath(run_dir)
     run_id = os.path.basename(run_dir).removeprefix(layout.RUN_PREFIX)
@@ -144,6 +147,10 @@ def read_run(run_dir: str | os.PathLike[str], task: int | None = None, *,
         return _without_metadata(run_dir, task, run_id, time.time() if now is None else now)
     except (OSError, ValueError) as err:
         return RunRecord(task, run_id, CORRUPT, 0, str(err), run_dir)
+    recorded = meta.get("task")
+    if own_task and task is None and isinstance(recorded, int) \
+            and not isinstance(recorded, bool) and recorded >= 0:
+        task = recorded
     try:
         return _classify(meta, task, run_id, run_dir, sweep, queue, stale_after,
                          time.time() if now is None else now)

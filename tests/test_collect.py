@@ -235,10 +235,10 @@ def test_table_rows_params_and_artifact_fields(
     assert "the JSON artifacts they have: final_metrics" in capsys.readouterr().err
     assert main(["table", str(base / "outputs"), "--format", "json"]) == 0
     rows = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
-    assert [(r["run_id"], r["task"], r["k"]) for r in rows] == [
-        ("k0", None, 0),
-        ("k1", None, 1),
-        ("k2", None, 2),
+    assert [(r["run_id"], r["task"], r["k"]) for r in rows] == [  # tasks from metadata
+        ("k0", 0, 0),
+        ("k1", 1, 1),
+        ("k2", 2, 2),
     ]
     try:
         import pandas  # noqa: F401
