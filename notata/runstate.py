@@ -10,7 +10,9 @@ Classification of a task (see :data:`SCAN_STATUSES`):
   older than the threshold. A run whose job the queue lists as RUNNING is ``running``
   whatever its heartbeat says (the reason notes "no heartbeat");
 - no run directory: ``pending`` if the queue holds the task, in an array that a recorded
-  submission of this sweep made or that one of its started tasks ran in, else ``missing``;
+  submission of this sweep made or that one of its started tasks ran in, or a local
+  submission whose process is alive holds it (:func:`notata.queue.local_holds`), else
+  ``missing``;
 - a run directory written by a different version of the manifest: ``mismatch``.
 
 Staleness threshold: ``stale_after`` seconds if given, else 3 heartbeat intervals (as
@@ -94,6 +96,7 @@ class RunRecord:
     passed: frozenset[str] = frozenset()  # job keys of the packs that ran it and let it go
     orphan: bool = False  # its wrapper is gone but its command's processes still run here
     asked: dict[str, Any] | None = None  # what its last attempt asked the scheduler for
+    queued_by: str | None = None  # who holds it queued, when the queue's state does not say
 
     @property
     def run_dir(self) -> Path | None:

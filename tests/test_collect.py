@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -648,3 +649,81 @@ def test_status_shows_what_each_unfinished_attempt_had(
     assert main(["status", str(tmp_path)]) == 0
     assert "r  timeout (attempt 2) [time 00:02:00, mem 400.0M]: time limit" in \
         capsys.readouterr().out
+
+
+def test_a_live_local_submission_holds_its_tasks_pending_until_it_dies(
+        manifest: Path, base: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Tasks a local submission has not started yet read pending, with its pid and host,
+    while its process lives (resubmit leaves them); once it is killed (a zombie not yet
+    reaped counts as dead), they read missing and resubmit takes them."""
+    import socket
+
+    import psutil
+
+    flag = base / "go"
+    proc = notata_process("submit", str(manifest), "--backend", "local", "-j", "1", "--",
+                          "sh", "-c", 'while [ ! -e "$0" ]; do sleep 0.1; done', str(flag),
+                          start_new_session=True)
+    try:
+        wait_for(status_is(base / "outputs" / "log_k0", "running"), what="task 0 to start")
+        held = f"queued by the local submission, pid {proc.pid} on {socket.gethostname()}"
+        runs = notata.collect(manifest).runs
+        assert [(r.task, r.status, r.reason) for r in runs[1:]] == [
+            (i, "pending", held) for i in range(1, 6)]
+        assert main(["resubmit", str(manifest), "--dry-run"]) == 0
+        assert "nothing to resubmit" in capsys.readouterr().out
+        os.killpg(proc.pid, signal.SIGKILL)
+        wait_for(lambda: psutil.Process(proc.pid).status() == psutil.STATUS_ZOMBIE,
+                 what="the submitter to die")
+        runs = notata.collect(manifest).runs
+        assert [(r.task, r.status, r.reason) for r in runs[1:]] == [
+            (i, "missing", None) for i in range(1, 6)]
+        assert main(["resubmit", str(manifest), "--dry-run"]) == 0
+        assert "would resubmit 5 task(s) with the local backend: 1-5" in \
+            capsys.readouterr().out
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+
+
+def test_watch_goes_on_while_a_local_resubmission_holds_failed_tasks(
+        manifest: Path, base: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Failed tasks that a live local resubmission will run again are not the end of the
+    sweep: status --watch goes on (it once stopped whenever no task was running at the
+    moment of a scan) and ends once they have run."""
+    flag = base / "go"
+    cmd = ["--", "sh", "-c", 'test "$NOTATA_ATTEMPT" != 1 && while [ ! -e "$0" ]; do '
+           'sleep 0.1; done', str(flag)]
+    assert submit(manifest, "--backend", "local", *cmd) == 1  # attempt 1 fails
+    again = notata_process("resubmit", str(manifest), "--backend", "local", "-j", "1",
+                           start_new_session=True)
+    watch = None
+    try:
+        first = base / "outputs" / "log_k0"
+        wait_for(lambda: status_is(first, "running")() and read_meta(first)["attempt"] == 2,
+                 what="task 0's second attempt")
+        os.kill(again.pid, signal.SIGSTOP)  # alive, and starting nothing more
+        flag.touch()
+        wait_for(status_is(first, "complete"), what="task 0 to complete")
+        report = notata.collect(manifest)
+        assert report.counts["complete"] == 1 and report.counts["failed"] == 5
+        assert not report.terminal
+        watch = notata_process("status", str(manifest), "--watch", "0.1", "--json")
+        assert watch.stdout is not None
+        for _ in range(3):  # scan after scan: the watch goes on
+            counts = json.loads(watch.stdout.readline())["counts"]
+            assert (counts["running"], counts["complete"], counts["failed"]) == (0, 1, 5)
+        os.kill(again.pid, signal.SIGCONT)
+        out, err = watch.communicate(timeout=120)
+        assert watch.returncode == 0, err
+        assert json.loads(out.splitlines()[-1])["counts"]["complete"] == 6
+        assert again.wait(120) == 0
+    finally:
+        flag.touch()  # nothing of a failed test waits for ever
+        if again.poll() is None:
+            os.killpg(again.pid, signal.SIGKILL)
+        again.communicate()
+        if watch is not None and watch.poll() is None:
+            watch.kill()
+            watch.communicate()
