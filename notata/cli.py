@@ -13,6 +13,7 @@ import argparse
 import errno
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -163,14 +164,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(report.as_json()), flush=True)
         else:
-            if args.watch is not None and sys.stdout.isatty():
-                print("\033[H\033[J", end="")
-            print(views.format_report(report), flush=True)
+            shepherd = (chain.describe(target.base_dir, target) if isinstance(target, Sweep)
+                        else [])
+            head, body = views.report_lines(report, shepherd)
             if args.logs:
-                print("\n".join(views.failure_lines(report, target)), flush=True)
-            if isinstance(target, Sweep):
-                for line in chain.describe(target.base_dir, target):
-                    print(line, flush=True)
+                body += views.failure_lines(report, target)
+            if args.watch is not None and sys.stdout.isatty():
+                # the counts stay on screen: the list is cut to the terminal's height
+                lines = views.fit(head, body, shutil.get_terminal_size())
+                print("\033[H\033[J" + "\n".join(lines), flush=True)
+            else:
+                print("\n".join(head + body), flush=True)
         if args.watch is None:
             return 0
         if report.terminal and not (isinstance(target, Sweep)  # a shepherd will retry
@@ -423,7 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())  # so that the flush at exit says nothing
         return 128 + signal.SIGPIPE
     except KeyboardInterrupt:  # Ctrl-C out of `status --watch`: no traceback
-        print(file=sys.stderr)
+        if sys.stderr.isatty():  # the shell's prompt starts a line of its own, not after ^C
+            print(file=sys.stderr)
         return 130
     except NotataError as err:  # a user's mistake (exit 2) or a failed operation (exit 1)
         if debug:

@@ -670,6 +670,8 @@ def test_a_live_local_submission_holds_its_tasks_pending_until_it_dies(
         runs = notata.collect(manifest).runs
         assert [(r.task, r.status, r.reason) for r in runs[1:]] == [
             (i, "pending", held) for i in range(1, 6)]
+        assert main(["status", str(manifest)]) == 0
+        assert f"tasks 1-5      pending (5, never started): {held}" in capsys.readouterr().out
         assert main(["resubmit", str(manifest), "--dry-run"]) == 0
         assert "nothing to resubmit" in capsys.readouterr().out
         os.killpg(proc.pid, signal.SIGKILL)
@@ -709,6 +711,9 @@ def test_watch_goes_on_while_a_local_resubmission_holds_failed_tasks(
         report = notata.collect(manifest)
         assert report.counts["complete"] == 1 and report.counts["failed"] == 5
         assert not report.terminal
+        assert main(["status", str(manifest)]) == 0
+        assert (f"tasks 1-5  failed (5, attempt 1) [queued by the local submission, pid "
+                f"{again.pid} on ") in capsys.readouterr().out
         watch = notata_process("status", str(manifest), "--watch", "0.1", "--json")
         assert watch.stdout is not None
         for _ in range(3):  # scan after scan: the watch goes on
