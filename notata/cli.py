@@ -239,8 +239,9 @@ def cmd_resubmit(args: argparse.Namespace) -> int:
 
 def cmd_table(args: argparse.Namespace) -> int:
     data = tabulate.rows(_target(args.path), args.artifact or (), args.status)
-    sys.stdout.write(tabulate.to_csv(data) if args.format == "csv"
-                     else tabulate.to_json_lines(data))
+    form = args.format or ("text" if sys.stdout.isatty() else "csv")  # pipes keep csv
+    write = {"csv": tabulate.to_csv, "json": tabulate.to_json_lines, "text": tabulate.to_text}
+    sys.stdout.write(write[form](data))
     return 0
 
 
@@ -371,8 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("path", help="a manifest or a base folder of runs")
     tb.add_argument("--artifact", action="append", metavar="NAME",
                     help="a JSON artifact under artifacts/ (repeatable)")
-    tb.add_argument("--format", choices=("csv", "json"), default="csv",
-                    help="csv (default) or JSON lines")
+    tb.add_argument("--format", choices=("text", "csv", "json"),
+                    help="text: aligned columns (the default on a terminal); csv (the "
+                         "default otherwise, so pipes and scripts get csv); json: one "
+                         "JSON object a line")
     tb.add_argument("--status", action="append", help="only runs with this status (repeatable)")
     tb.set_defaults(func=cmd_table)
 

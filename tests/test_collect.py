@@ -246,9 +246,53 @@ def test_table_rows_params_and_artifact_fields(
     except ImportError:
         with pytest.raises(ImportError, match="pandas"):
             notata.table(str(manifest))
-    else:
-        df = notata.table(str(manifest), artifacts=["final_metrics"])
-        assert df["final_metrics.E"].dropna().tolist() == [0.0, 0.5, 1.0]
+    else:  # the command line's names (one artifact, one status), and the older ones
+        df = notata.table(manifest, artifact="final_metrics", status="complete")
+        assert df["final_metrics.E"].tolist() == [0.0, 0.5, 1.0]
+        assert df["task"].tolist() == [0, 1, 2] and df["k"].tolist() == [0, 1, 2]
+        old = notata.table(str(manifest), artifacts=["final_metrics"],
+                           statuses=["complete", "missing"])
+        assert old["task"].tolist() == list(range(6)) and "final_metrics.E" in old.columns
+        with pytest.raises(notata.UsageError, match="faild"):
+            notata.table(manifest, status="faild")
+        with pytest.raises(TypeError):
+            notata.table(manifest, artifact="final_metrics", artifacts=["final_metrics"])
+
+
+def test_table_is_aligned_text_on_a_terminal_and_csv_in_a_pipe(
+        manifest: Path, base: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import pty
+
+    code = ("import json, os, sys; d = os.environ['NOTATA_RUN_DIR'] + '/artifacts'; "
+            "os.makedirs(d); json.dump({'E': int(sys.argv[1]) / 3}, open(d + '/m.json', 'w'))")
+    assert submit(manifest, "--backend", "local", "--tasks", "0-1", "--", sys.executable, "-c",
+                  code, "{k}") == 0
+    capsys.readouterr()
+    argv = [sys.executable, "-m", "notata", "table", str(manifest), "--artifact", "m"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    piped = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+    assert piped.returncode == 0 and piped.stdout.startswith("run_id,task,status,")
+    master, slave = pty.openpty()
+    on_screen = subprocess.Popen(argv, stdout=slave, stderr=subprocess.PIPE, env=env)
+    os.close(slave)
+    seen = b""
+    with contextlib.suppress(OSError):  # EIO once the terminal's other end is closed
+        while chunk := os.read(master, 65536):
+            seen += chunk
+    os.close(master)
+    assert on_screen.wait(60) == 0
+    lines = seen.decode().replace("\r", "").splitlines()
+    assert main(["table", str(manifest), "--artifact", "m", "--format", "text"]) == 0
+    assert capsys.readouterr().out.splitlines() == lines
+    header = lines[0].split()
+    assert header[:4] == ["run_id", "task", "status", "attempt"] and header[-1] == "m.E"
+    assert "job" not in header and "failure_reason" not in header  # no run has one
+    assert lines[1].split()[:4] == ["k0", "0", "complete", "1"] and lines[1].endswith(" 0")
+    assert lines[2].endswith(" 0.333333") and lines[3].split()[:3] == ["k2", "2", "missing"]
+    assert lines[3].endswith(" -")
+    # the columns line up: each header name ends where its right-aligned numbers end
+    end = lines[0].index("task") + len("task")
+    assert [ln[end - 1] for ln in lines[1:]] == ["0", "1", "2", "3", "4", "5"]
 
 
 def test_watch_returns_once_every_task_is_terminal(manifest: Path, base: Path) -> None:
