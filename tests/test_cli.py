@@ -184,6 +184,35 @@ def test_help_for_each_subcommand() -> None:
         assert proc.returncode == 0 and "usage: notata" in proc.stdout
 
 
+def test_every_argument_has_help_and_every_subcommand_examples() -> None:
+    """Each positional and option of every subcommand says what it is (but the internal
+    ones, which --help hides), and each subcommand ends with examples."""
+    import argparse
+
+    from notata.cli import build_parser
+
+    parser = build_parser()
+    [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(sub.choices) == {"sweep", "exec", "submit", "status", "logs", "table",
+                                "shepherd", "resubmit"}
+    for name, command in [("notata", parser), *sub.choices.items()]:
+        for action in command._actions:
+            if action.help == argparse.SUPPRESS:
+                assert action.dest in ("report_fd", "queue_fd", "pack_size", "as_job"), name
+                continue
+            assert action.help, f"notata {name}: {action.option_strings or action.dest}"
+        assert "example" in (command.epilog or ""), name
+        assert isinstance(command.formatter_class, type) and issubclass(
+            command.formatter_class, argparse.RawDescriptionHelpFormatter), name
+    submit = sub.choices["submit"].format_help()
+    for said in ("{param}", "{run_dir}", "{run_id}", "{task}", "{attempt}", "base_dir",
+                 "stdout.txt", "stderr.txt", "log.txt"):
+        assert said in submit, said
+    statuses = " ".join(sub.choices["table"].format_help().split())
+    assert ("initialized, running, complete, failed, timeout, cancelled, preempted, "
+            "terminated, oom, stale, pending, missing, corrupt, mismatch") in statuses
+
+
 def test_usage_errors_are_one_line_and_change_nothing(
         manifest: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = manifest.parent / "outputs"
