@@ -323,6 +323,31 @@ def test_a_pipe_closed_early_and_ctrl_c_end_quietly(tmp_path: Path) -> None:
     assert watch.returncode == 130 and "Traceback" not in err, err
 
 
+def test_pipes_that_head_closes_end_quietly(tmp_path: Path) -> None:
+    """`notata sweep --json | head -1`, `notata status --json | head -c 20` and `notata
+    status | head -1` in a shell, over 10,000 tasks: nothing on stderr, and the exit status
+    of a pipe closed early (141) where the pipe closed before the output ended."""
+    manifest = write_sweep(tmp_path, tasks=10000)
+    script = ('"$0" -m notata sweep "$1" --json | head -1; echo "rc ${PIPESTATUS[0]}"; '
+              '"$0" -m notata status "$1" --json | head -c 20; echo " rc ${PIPESTATUS[0]}"; '
+              '"$0" -m notata status "$1" | head -1; echo "rc ${PIPESTATUS[0]}"')
+    proc = subprocess.run(["bash", "-c", script, sys.executable, str(manifest)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stderr == "", proc.stderr
+    out = proc.stdout.splitlines()
+    assert json.loads(out[0])["task"] == 0 and out[1] == "rc 141"
+    assert out[2] == '{"counts": {"initial rc 141'  # 700 kB of JSON, cut after 20 bytes
+    assert out[3].startswith("sweep sweep: 10000 tasks") and out[4] in ("rc 0", "rc 141")
+
+
+def test_a_sweep_of_seven_tasks_shows_an_ellipsis(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sweep", str(write_sweep(tmp_path, tasks=7))]) == 0
+    assert [ln.split(":")[0].strip() for ln in capsys.readouterr().out.splitlines()[2:]] == [
+        "task 0", "task 1", "task 2", "task 3", "task 4", "...", "task 6"]
+
+
 def test_the_progress_line_fits_the_terminal_and_elsewhere_is_said_now_and_then(
         monkeypatch: pytest.MonkeyPatch) -> None:
     import io
