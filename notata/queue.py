@@ -114,7 +114,8 @@ class Queue:
 LOCAL = "LOCAL"
 
 def _of(sweep: Sweep, every: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The submission records of this manifest file (any version of it) or version."""
+    """The submission records of this sweep: of its manifest file (any version of it),
+    or of this version (its hash) wherever its file was."""
     return [r for r in every
             if r.get("manifest_hash") == sweep.hash or r.get("manifest") == str(sweep.path)]
 

@@ -198,7 +198,6 @@ def holder(record: dict[str, Any], here: str) -> str:
     return f"queued by the local submission, {where}"
 
 
-
 def tries(records: Iterable[dict[str, Any]], manifest_hash: str) -> dict[int, int]:
     """Task -> how many of notata's submissions of this manifest version included it (the
     attempts a retry policy counts: SLURM's own requeues of a task are not among them;
