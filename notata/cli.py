@@ -13,8 +13,10 @@ import argparse
 import errno
 import json
 import os
+import shutil
 import signal
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,7 +45,7 @@ from .heartbeat import interval_from
 from .manifest import Sweep, compact, load, parse_indices
 from .pack import exec_pack, exec_queue
 from .runner import exec_task
-from .runstate import SELECTORS
+from .runstate import SCAN_STATUSES, SELECTORS
 
 
 def _command(args: argparse.Namespace, needed: bool = True) -> list[str]:
@@ -182,19 +184,21 @@ def cmd_status(args: argparse.Namespace) -> int:
                 out["resources"] = used.as_json()
             print(json.dumps(out), flush=True)
         else:
-            if args.watch is not None and sys.stdout.isatty():
-                print("\033[H\033[J", end="")
-            print(views.format_report(report), flush=True)
+            shepherd = (chain.describe(target.base_dir, target) if isinstance(target, Sweep)
+                        else [])
+            head, body = views.report_lines(report, shepherd)
             if args.logs:
-                print("\n".join(views.failure_lines(report, target)), flush=True)
+                body += views.failure_lines(report, target)
             if used is not None:
-                print("\n".join(used.lines()), flush=True)
-            if isinstance(target, Sweep):
-                for line in provenance.warnings(target):
-                    print(line, flush=True)
-            if isinstance(target, Sweep):
-                for line in chain.describe(target.base_dir, target):
-                    print(line, flush=True)
+                body += used.lines()
+            if isinstance(target, Sweep):  # a mix of code versions: under the counts
+                head += provenance.warnings(target)
+            if args.watch is not None and sys.stdout.isatty():
+                # the counts stay on screen: the list is cut to the terminal's height
+                lines = views.fit(head, body, shutil.get_terminal_size())
+                print("\033[H\033[J" + "\n".join(lines), flush=True)
+            else:
+                print("\n".join(head + body), flush=True)
         if args.watch is None:
             return 0
         if report.terminal and not (isinstance(target, Sweep)  # a shepherd will retry
@@ -272,25 +276,65 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_table(args: argparse.Namespace) -> int:
     data = tabulate.rows(_target(args.path), args.artifact or (), args.status)
-    sys.stdout.write(tabulate.to_csv(data) if args.format == "csv"
-                     else tabulate.to_json_lines(data))
+    form = args.format or ("text" if sys.stdout.isatty() else "csv")  # pipes keep csv
+    write = {"csv": tabulate.to_csv, "json": tabulate.to_json_lines, "text": tabulate.to_text}
+    sys.stdout.write(write[form](data))
     return 0
 
 
 # -- main ----------------------------------------------------------------------------------------
 
 
-def add_submit_options(p: argparse.ArgumentParser) -> None:
-    """The options of ``submit`` (``resubmit`` takes them too)."""
+#: Help for the sbatch options (:data:`notata.sbatch.OPTIONS`), which win over the
+#: manifest's ``slurm:`` section.
+_SBATCH_HELP = {
+    "partition": "the partition to run in",
+    "time": "each array task's time limit (60 is 60 minutes; 02:00:00, 1-00:00:00)",
+    "mem": "memory per array task (4G, 500M)",
+    "cpus_per_task": "CPUs per array task",
+    "gpus": "GPUs per array task",
+    "account": "the account to charge",
+    "qos": "the quality of service",
+    "job_name": "the job's name (default: the sweep's name)",
+    "output": "SLURM's own output file (default: <base_dir>/.notata/slurm-%%A_%%a.out; "
+              "each task's output is in its run's folder whatever this says)",
+    "error": "SLURM's own error file (default: with --output)",
+}
+
+#: What the command's arguments may name, and where a task's output goes: said by
+#: ``exec --help`` and ``submit --help``.
+_PLACEHOLDERS = ("{param} in the command's arguments is replaced by the task's value of "
+                 "that param (and {run_dir}, {run_id}, {task}, {attempt} by the run's); "
+                 "no shell is involved, other braces are left alone.")
+_OUTPUT = ("Each task's output goes to its run's folder under the manifest's base_dir "
+           "(<base_dir>/log_<run_id>/): the command's stdout.txt and stderr.txt, and "
+           "log.txt (notata's lines); notata logs MANIFEST --task N shows them.")
+
+
+def _about(*paragraphs: str) -> str:
+    """A subcommand's description, wrapped here (its formatter keeps the epilog's lines
+    as written, and the description's too)."""
+    return "\n\n".join(textwrap.fill(text, 79) for text in paragraphs)
+
+
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def add_submit_options(p: argparse.ArgumentParser, again: bool = False) -> None:
+    """The options of ``submit`` (``resubmit`` takes them too: ``again``)."""
     p.add_argument("--backend", choices=("slurm", "local"),
-                   help="default: slurm where sbatch is found, else local")
-    p.add_argument("--tasks", help="only these indices, e.g. 3,7,10-12")
+                   help="where the tasks run: slurm (an array job) or local (this machine); "
+                        + ("default: the last submission's" if again else
+                           "default: slurm where sbatch is found, else local"))
+    p.add_argument("--tasks", metavar="LIST", help="only these indices, e.g. 3,7,10-12")
     p.add_argument("--dry-run", action="store_true",
                    help="print the job scripts and sbatch commands; submit nothing")
     p.add_argument("-j", "--jobs", type=int, help="local: tasks at a time (default: CPU count)")
     g = p.add_argument_group("slurm options (flags win over the manifest's slurm: section)")
     for key, option in sbatch.OPTIONS.items():
-        g.add_argument(option, dest=key, metavar=key.upper().replace("_", "-"))
+        g.add_argument(option, dest=key, metavar=key.upper().replace("_", "-"),
+                       help=_SBATCH_HELP[key])
     p.add_argument("--python", metavar="MODULE:FUNCTION",
                    help="instead of a command: call FUNCTION(params, log) as each task, in a "
                         "process forked from one that imported MODULE once (or "
@@ -314,44 +358,78 @@ def add_submit_options(p: argparse.ArgumentParser) -> None:
                    help="a raw #SBATCH line to add (repeatable)")
 
 
+_MANIFEST = "the sweep's manifest (YAML or JSON)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="notata", description="Parameter sweeps as plain run folders.")
-    p.add_argument("--version", action="version", version=f"notata {__version__}")
+    p = argparse.ArgumentParser(prog="notata", description="Parameter sweeps as plain run folders.",
+                                epilog=_examples("notata sweep sweep.yaml",
+                                                 "notata submit sweep.yaml -- python sim.py "
+                                                 "{omega}",
+                                                 "notata status sweep.yaml"),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"notata {__version__}",
+                   help="print notata's version and exit")
     p.add_argument("--debug", action="store_true",
                    help="show tracebacks for errors (also NOTATA_DEBUG=1)")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           help="what to do (notata COMMAND --help says more)")
+    raw = argparse.RawDescriptionHelpFormatter
 
-    s = sub.add_parser("sweep", help="show a manifest's tasks",
-                       description="Print a sweep's name, task count and a few tasks.")
-    s.add_argument("manifest")
-    s.add_argument("--task", type=int, help="print task I as JSON")
+    s = sub.add_parser("sweep", help="show a manifest's tasks", formatter_class=raw,
+                       description=_about("Print a sweep's name, task count and a few tasks "
+                                          "(all of them up to 6), or one task, or every "
+                                          "task, as JSON."),
+                       epilog=_examples("notata sweep sweep.yaml",
+                                        "notata sweep sweep.yaml --task 7",
+                                        "notata sweep sweep.yaml --json | jq .params"))
+    s.add_argument("manifest", help=_MANIFEST)
+    s.add_argument("--task", type=int, metavar="I", help="print task I as JSON")
     s.add_argument("--json", action="store_true", help="print every task, one JSON object a line")
     s.set_defaults(func=cmd_sweep)
 
     e = sub.add_parser("exec", help="run a command as one task of a sweep",
                        usage="notata exec MANIFEST [--task I | --tasks LIST] [--heartbeat S] "
-                             "-- CMD [ARGS...]",
-                       description="Open task I's Logbook and run CMD in it. {param} in ARGS is "
-                       "replaced by the task's value (also {run_dir}, {run_id}, {task}, "
-                       "{attempt}); no shell is involved. With --tasks (or in an array "
-                       "submitted with --pack), each task in turn, each its own run.")
-    e.add_argument("manifest")
-    e.add_argument("--task", type=int,
+                             "-- CMD [ARGS...]", formatter_class=raw,
+                       description=_about(
+                           "Open task I's Logbook (lock, heartbeat, signals) and run CMD in "
+                           "it; exit 0 when it completes, else CMD's exit status (75: "
+                           "another process holds the run, and nothing ran). "
+                           + _PLACEHOLDERS, _OUTPUT,
+                           "With --tasks (or in an array submitted with --pack), each task "
+                           "in turn, each its own run. A complete task is not run again: "
+                           "move its run folder away to run it afresh."),
+                       epilog=_examples("notata exec sweep.yaml --task 7 -- python sim.py "
+                                        "--omega {omega} --out {run_dir}",
+                                        "notata exec sweep.yaml --tasks 3,7,10-12 -- "
+                                        "./run.sh {omega}"))
+    e.add_argument("manifest", help=_MANIFEST)
+    e.add_argument("--task", type=int, metavar="I",
                    help="the task index (default: SLURM_ARRAY_TASK_ID + NOTATA_TASK_OFFSET)")
-    e.add_argument("--tasks", help="run these tasks one after another, e.g. 3,7,10-12")
+    e.add_argument("--tasks", metavar="LIST",
+                   help="run these tasks one after another, e.g. 3,7,10-12")
     e.add_argument("--report-fd", type=int, help=argparse.SUPPRESS)
     e.add_argument("--queue-fd", type=int, help=argparse.SUPPRESS)
     e.add_argument("--pack-size", type=int, help=argparse.SUPPRESS)
-    e.add_argument("--heartbeat", type=float, help="seconds between heartbeats (default 30)")
+    e.add_argument("--heartbeat", type=float, metavar="S",
+                   help="seconds between heartbeats (default 30, or NOTATA_HEARTBEAT)")
     e.add_argument("--python", metavar="MODULE:FUNCTION",
                    help="instead of a command: call FUNCTION(params, log) as the task")
     e.set_defaults(func=cmd_exec)
 
     m = sub.add_parser("submit", help="run every task of a sweep",
                        usage="notata submit MANIFEST [options] -- CMD [ARGS...]",
-                       description="Run the sweep's tasks, each through notata exec. Complete "
-                       "tasks are skipped.")
-    m.add_argument("manifest")
+                       formatter_class=raw,
+                       description=_about(
+                           "Run the sweep's tasks, each through notata exec: as a SLURM "
+                           "array, or here (--backend local). " + _PLACEHOLDERS, _OUTPUT,
+                           "Complete tasks, and tasks still queued or running, are left "
+                           "out (a second submit never runs a task twice)."),
+                       epilog=_examples("notata submit sweep.yaml --backend local -j 4 -- "
+                                        "python sim.py --omega {omega} --out {run_dir}",
+                                        "notata submit sweep.yaml --time 01:00:00 --mem 4G "
+                                        "--retry 3 -- python sim.py {omega}"))
+    m.add_argument("manifest", help=_MANIFEST)
     m.add_argument("--retry", type=int, metavar="N",
                    help="run each task up to N times in all, until it completes: on "
                         "SLURM a shepherd job resubmits what failed, with more time after a "
@@ -360,15 +438,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_submit_options(m)
     m.set_defaults(func=cmd_submit)
 
-    st = sub.add_parser("status", help="count runs by status",
-                        description="PATH is a manifest (tasks without a run are 'missing') or "
-                        "a base folder of runs.")
-    st.add_argument("path")
-    st.add_argument("--json", action="store_true", help='{"counts": {...}, "runs": [...]}')
+    st = sub.add_parser("status", help="count runs by status", formatter_class=raw,
+                        description=_about(
+                            "Count the runs by status, then list those that are not "
+                            "complete (runs that share a status and a reason in one line of "
+                            "task ranges). PATH is a manifest (tasks without a run are "
+                            "'missing', or 'pending' while queued) or a base folder of "
+                            "runs."),
+                        epilog=_examples("notata status sweep.yaml",
+                                         "notata status sweep.yaml --watch --logs",
+                                         "notata status outputs/ --json | jq .counts"))
+    st.add_argument("path", help="a manifest, or a base folder of runs (outputs/)")
+    st.add_argument("--json", action="store_true",
+                    help='print {"counts": {...}, "runs": [...]}, one record per task')
     st.add_argument("--stale-after", metavar="DURATION",
-                    help="e.g. 90s, 10m (default: 3 heartbeat intervals + 120 s)")
+                    help="call a running run stale after this long without a heartbeat: "
+                         "90s, 10m, 2h (default: 3 heartbeat intervals + 120 s)")
     st.add_argument("--watch", nargs="?", type=float, const=10.0, metavar="SECONDS",
-                    help="scan again every SECONDS (10) until every task is terminal")
+                    help="scan again every SECONDS (10) until no task is running or queued; "
+                         "on a terminal the counts stay on screen")
     st.add_argument("--full", action="store_true",
                     help="read every run's metadata.json, not the sweep index (after runs "
                          "were deleted or edited by hand); also lists runs no task names")
@@ -387,11 +475,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  notata logs sweep.yaml --task 7\n"
                "  notata logs sweep.yaml --task 7 --attempt 1 --stderr --tail 0\n"
                "  notata logs outputs/log_omega0.5/ --slurm",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=raw)
     lg.add_argument("target", help="a manifest, a run folder, or a base folder of runs")
-    lg.add_argument("--task", type=int, help="the sweep task (with a manifest)")
+    lg.add_argument("--task", type=int, metavar="I", help="the sweep task (with a manifest)")
     lg.add_argument("--run", metavar="RUN_ID", help="the run id (with a manifest or a folder)")
-    lg.add_argument("--attempt", type=int, help="which attempt (default: the last)")
+    lg.add_argument("--attempt", type=int, metavar="N", help="which attempt (default: the last)")
     lg.add_argument("--tail", type=int, default=50, metavar="N",
                     help="the last N lines of each file (default 50; 0: all)")
     lg.add_argument("--stdout", action="store_true", help="only stdout.txt (with --stderr: both)")
@@ -402,15 +490,25 @@ def build_parser() -> argparse.ArgumentParser:
     lg.set_defaults(func=cmd_logs)
 
     tb = sub.add_parser("table", help="one row per run: status, params, results",
-                        description="Print one row per run: run_id, task, status, attempt, "
-                        "runtime, the params flattened, and the scalar fields of each named "
-                        "JSON artifact (final_metrics gives final_metrics.E).")
+                        formatter_class=raw,
+                        description=_about(
+                            "Print one row per run: run_id, task, status, attempt, runtime, "
+                            "exit code, job, failure reason, the params flattened, and the "
+                            "scalar fields of each named JSON artifact (final_metrics gives "
+                            "final_metrics.E). Aligned text on a terminal, csv otherwise."),
+                        epilog=_examples("notata table sweep.yaml --artifact final_metrics",
+                                         "notata table sweep.yaml --status failed --format csv "
+                                         "> failed.csv"))
     tb.add_argument("path", help="a manifest or a base folder of runs")
     tb.add_argument("--artifact", action="append", metavar="NAME",
                     help="a JSON artifact under artifacts/ (repeatable)")
-    tb.add_argument("--format", choices=("csv", "json"), default="csv",
-                    help="csv (default) or JSON lines")
-    tb.add_argument("--status", action="append", help="only runs with this status (repeatable)")
+    tb.add_argument("--format", choices=("text", "csv", "json"),
+                    help="text: aligned columns (the default on a terminal); csv (the "
+                         "default otherwise, so pipes and scripts get csv); json: one "
+                         "JSON object a line")
+    tb.add_argument("--status", action="append", metavar="STATUS",
+                    help="only runs with this status (repeatable): "
+                         + ", ".join(SCAN_STATUSES))
     tb.set_defaults(func=cmd_table)
 
     rp = sub.add_parser(
@@ -437,12 +535,16 @@ def build_parser() -> argparse.ArgumentParser:
     rp.set_defaults(func=cmd_report)
 
     sh = sub.add_parser("shepherd", help="one round of a sweep's retries (what --retry queues)",
-                        description="Scan the sweep, resubmit what its retry policy retries "
-                        "(more time after a timeout, more memory after an OOM kill), and "
-                        "queue the next shepherd behind the new arrays, or the sweep's final "
-                        "job. Run by hand, it resumes a chain that was cancelled. Its "
-                        "decisions: <base_dir>/.notata/shepherd.log.")
-    sh.add_argument("manifest")
+                        formatter_class=raw,
+                        description=_about(
+                            "Scan the sweep, resubmit what its retry policy retries (more "
+                            "time after a timeout, more memory after an OOM kill), and queue "
+                            "the next shepherd behind the new arrays, or the sweep's final "
+                            "job. Run by hand, it resumes a chain that was cancelled. Its "
+                            "decisions: <base_dir>/.notata/shepherd.log."),
+                        epilog=_examples("notata shepherd sweep.yaml",
+                                         "notata shepherd sweep.yaml --then"))
+    sh.add_argument("manifest", help=_MANIFEST)
     sh.add_argument("--then", action="store_true",
                     help="run the sweep's then command and notify (the final job does)")
     sh.add_argument("--as-job", action="store_true", help=argparse.SUPPRESS)
@@ -450,21 +552,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("resubmit", help="submit failed, stale and missing tasks again",
                        usage="notata resubmit MANIFEST [selectors] [options] [-- CMD [ARGS...]]",
-                       description="Scan the sweep and submit exactly the tasks that need it, "
-                       "as the next attempt of their runs. No selector: failed, timeout, "
-                       "preempted, stale, missing and oom. Never a complete run, a task still "
-                       "queued, or a run a live process holds. The command is the last "
-                       "submission's unless given after --.")
-    r.add_argument("manifest")
+                       formatter_class=raw,
+                       description=_about(
+                           "Scan the sweep and submit exactly the tasks that need it, as the "
+                           "next attempt of their runs. No selector: failed, timeout, "
+                           "preempted, stale, missing and oom. Never a complete run, a task "
+                           "still queued, or a run a live process holds. The command, "
+                           "backend and options are the last submission's unless given."),
+                       epilog=_examples("notata resubmit sweep.yaml --dry-run",
+                                        "notata resubmit sweep.yaml --timeout --time 04:00:00",
+                                        "notata resubmit sweep.yaml --failed -- python sim.py "
+                                        "{omega} --fixed"))
+    r.add_argument("manifest", help=_MANIFEST)
     for name in SELECTORS:
         r.add_argument(f"--{name}", action="store_true", help=f"take {name} tasks")
     r.add_argument("--max-attempts", type=int, metavar="K",
                    help="leave tasks that already had K attempts")
-    r.add_argument("--stale-after", metavar="DURATION")
+    r.add_argument("--stale-after", metavar="DURATION",
+                   help="call a running run stale after this long without a heartbeat: 90s, "
+                        "10m, 2h (default: 3 heartbeat intervals + 120 s)")
     r.add_argument("--full", action="store_true",
                    help="read every run's metadata.json, not the sweep index: after deleting "
                         "complete runs by hand to run them again")
-    add_submit_options(r)
+    add_submit_options(r, again=True)
     r.set_defaults(func=cmd_resubmit)
     return p
 
@@ -487,7 +597,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())  # so that the flush at exit says nothing
         return 128 + signal.SIGPIPE
     except KeyboardInterrupt:  # Ctrl-C out of `status --watch`: no traceback
-        print(file=sys.stderr)
+        if sys.stderr.isatty():  # the shell's prompt starts a line of its own, not after ^C
+            print(file=sys.stderr)
         return 130
     except NotataError as err:  # a user's mistake (exit 2) or a failed operation (exit 1)
         if debug:

@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from . import index, layout, schema
+from . import index, layout, schema, submissions
 from .errors import ManifestError
 from .manifest import Sweep
-from .queue import Queue, array_offsets, queued_tasks
+from .queue import LOCAL, Queue, array_offsets, local_holds, queued_tasks
 from .runstate import (
     CORRUPT,
     DEFAULT_RESUBMIT,
@@ -92,8 +92,10 @@ class Report:
 
     @property
     def terminal(self) -> bool:
-        """Whether no task is still running or pending."""
+        """Whether no task is still running, pending, or queued to run again (a failed
+        task that a job or a live local submission holds: it will run)."""
         return not any(r.status in (schema.RUNNING, schema.INITIALIZED, PENDING)
+                       or (r.queued is not None and r.status != schema.COMPLETE)
                        for r in self.read)
 
     def to_resubmit(self, statuses: Iterable[str] = DEFAULT_RESUBMIT,
@@ -101,18 +103,21 @@ class Report:
                     ) -> tuple[list[int], list[tuple[RunRecord, str]]]:
         """The task indices to submit again, and the selected runs left alone with why.
 
-        Never a complete run, a task the queue still holds, a run another version of
-        the manifest wrote, a run already at ``max_attempts`` attempts, or a run whose
-        lock a live process holds.
+        Never a complete run, a task the queue (or a live local submission) still
+        holds, a run another version of the manifest wrote, a run already at
+        ``max_attempts`` attempts, or a run whose lock a live process holds; nothing from
+        a scan of a folder of runs (no manifest to submit them with).
         """
         wanted = set(statuses) - {schema.COMPLETE}
         chosen: list[int] = []
         left: list[tuple[RunRecord, str]] = []
         for r in self.read:
-            if r.task is None or r.status not in wanted:
+            if r.task is None or self.sweep is None or r.status not in wanted:
                 continue
             if r.status == MISMATCH:
                 left.append((r, "another version of the manifest wrote it"))
+            elif r.queued_by:
+                left.append((r, f"it is still {r.queued_by}"))
             elif r.queued:
                 left.append((r, f"its job is still queued ({r.queued})"))
             elif max_attempts is not None and r.attempt >= max_attempts:
@@ -139,16 +144,25 @@ def _run_dirs(base: Path) -> dict[str, os.DirEntry[str]]:
     return {e.name[len(layout.RUN_PREFIX):]: e for e in entries
             if e.name.startswith(layout.RUN_PREFIX) and (e.is_dir() or e.is_symlink())}
 
-def _mark_queued(records: list[RunRecord], by_task: Mapping[int, str]) -> None:
-    """Note the queue's state on every task it holds. A task with no run directory
-    becomes ``pending``; one with a run (failed, say, and submitted again) keeps its
-    status and gets ``queued``, which ``to_resubmit`` respects.
+def _mark_queued(records: list[RunRecord], sweep: Sweep, queue: Queue | None,
+                 arrays: Mapping[str, int] | None) -> None:
+    """Note the queue's state on every task it holds (a live local submission's tasks
+    too). A task with no run directory becomes ``pending``; one with a run (failed, say,
+    and submitted again) keeps its status and gets ``queued``, which ``to_resubmit``
+    respects. A local submission's tasks also get who holds them (``queued_by``: its pid
+    and host), which a pending one gives as its reason.
     """
+    every = submissions.read(sweep.base_dir)  # once per scan
+    local = local_holds(sweep, queue, every)
+    by_task = queued_tasks(sweep, queue, arrays, _passed(records), local, every)
     for r in records:
         if r.task is not None and r.task in by_task and r.queued is None:
             r.queued = by_task[r.task]
+            if r.queued == LOCAL:
+                r.queued_by = local.get(r.task)
             if r.status == MISSING:
                 r.status = PENDING
+                r.reason = r.reason or r.queued_by
 
 def scan(target: Sweep | str | os.PathLike[str], *, stale_after: float | None = None,
          queue: Queue | None = None, full: bool = False,
@@ -169,9 +183,10 @@ def scan(target: Sweep | str | os.PathLike[str], *, stale_after: float | None = 
         return read_run(path, task, sweep=sweep, queue=queue, stale_after=stale_after,
                         now=now, symlink=symlink, keep=keep)
 
-    if not isinstance(target, Sweep):
+    if not isinstance(target, Sweep):  # no manifest names the runs: each says its task
         dirs = _run_dirs(Path(target))
-        return Report([read(dirs[rid].path, symlink=dirs[rid].is_symlink())
+        return Report([read_run(dirs[rid].path, queue=queue, stale_after=stale_after, now=now,
+                                symlink=dirs[rid].is_symlink(), own_task=True, keep=keep)
                        for rid in sorted(dirs)])
     sweep = target
     done = None if full else index.complete_tasks(sweep.base_dir, sweep.hash, len(sweep))
@@ -179,7 +194,7 @@ def scan(target: Sweep | str | os.PathLike[str], *, stale_after: float | None = 
         report = _scan_all(sweep, read)
         arrays = array_offsets(_NO_INDEXED, _ran(report.read), queue) if queue is not None \
             else None
-        _mark_queued(report.read, queued_tasks(sweep, queue, arrays, _passed(report.read)))
+        _mark_queued(report.read, sweep, queue, arrays)
         return report
     todo = np.ones(len(sweep), dtype=bool)
     todo[done["task"]] = False
@@ -193,7 +208,7 @@ def scan(target: Sweep | str | os.PathLike[str], *, stale_after: float | None = 
             record = RunRecord(i, rid, MISSING, 0)
         records.append(record)
     arrays = array_offsets(done, _ran(records), queue) if queue is not None else None
-    _mark_queued(records, queued_tasks(sweep, queue, arrays, _passed(records)))
+    _mark_queued(records, sweep, queue, arrays)
     return Report(records, sweep, done)
 
 def _ran(records: Iterable[RunRecord]) -> list[tuple[str, int, int]]:

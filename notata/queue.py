@@ -113,9 +113,39 @@ class Queue:
 #: The queue state :func:`queued_tasks` gives a task that a live local submission holds.
 LOCAL = "LOCAL"
 
+def _of(sweep: Sweep, every: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The submission records of this sweep: of its manifest file (any version of it),
+    or of this version (its hash) wherever its file was."""
+    return [r for r in every
+            if r.get("manifest_hash") == sweep.hash or r.get("manifest") == str(sweep.path)]
+
+
+def local_holds(sweep: Sweep, queue: Queue | None,
+                every: list[dict[str, Any]] | None = None) -> dict[int, str]:
+    """Sweep index -> who holds it, in words (:func:`notata.submissions.holder`), for every
+    task of a local submission of this manifest file whose process still runs: on this
+    host (its pid alive and not a zombie, with the start time recorded, so a reused pid
+    does not count), or in a SLURM job the queue lists as running. ``every``: the
+    sweep's submission records (:func:`notata.submissions.read`), read here if not given.
+    """
+    every = submissions.read(sweep.base_dir) if every is None else every
+    records = _of(sweep, every)
+    here = socket.gethostname()
+    ended = {r.get("submission") for r in every if r.get("ended")}
+    out: dict[int, str] = {}
+    for record in submissions.live_local(records, here, queue.running() if queue else (),
+                                         ended):
+        why = submissions.holder(record, here)
+        for i in taskspec.expand(str(record.get("tasks", ""))):
+            out[i] = why
+    return out
+
+
 def queued_tasks(sweep: Sweep, queue: Queue | None,
                  arrays: Mapping[str, int] | None = None,
-                 passed: Mapping[int, Collection[str]] | None = None) -> dict[int, str]:
+                 passed: Mapping[int, Collection[str]] | None = None,
+                 local: Mapping[int, str] | None = None,
+                 every: list[dict[str, Any]] | None = None) -> dict[int, str]:
     """Sweep index -> queue state, for every task of this sweep that is queued.
 
     A queued array task is mapped through its array's offset (the sweep index of array
@@ -128,22 +158,18 @@ def queued_tasks(sweep: Sweep, queue: Queue | None,
     Submitit jobs are mapped only through the job ids their submission recorded
     (``map_array`` over chosen tasks has no offset). The tasks of a local submission whose
     process still runs (on this host, or in a SLURM job the queue lists as running) are
-    :data:`LOCAL`. An array task that runs a pack holds each of its tasks until it has
+    :data:`LOCAL` (``local``: :func:`local_holds`'s answer, asked here when not given;
+    ``every``: the sweep's submission records, read here when not given).
+    An array task that runs a pack holds each of its tasks until it has
     run it: ``passed`` (sweep index -> the job keys of the packs that let it go) names
     those that no longer hold it. One pass over the queue.
     """
-    out: dict[int, str] = {}
     offsets = dict(arrays or {})
-    every = submissions.read(sweep.base_dir)
-    records = [r for r in every
-               if r.get("manifest_hash") == sweep.hash or r.get("manifest") == str(sweep.path)]
-    running_jobs = queue.running() if queue else set()
-    ended = {r.get("submission") for r in every if r.get("ended")}
-    for record in submissions.live_local(records, socket.gethostname(), running_jobs, ended):
-        for i in taskspec.expand(str(record.get("tasks", ""))):
-            out[i] = LOCAL
+    every = submissions.read(sweep.base_dir) if every is None else every
+    out = dict.fromkeys(local_holds(sweep, queue, every) if local is None else local, LOCAL)
     if queue is None:
         return out
+    records = _of(sweep, every)
     located: dict[str, Callable[[int], list[int]]] = {}  # array job -> its tasks' indices
     by_tag = {}
     for record in records:

@@ -10,7 +10,9 @@ Classification of a task (see :data:`SCAN_STATUSES`):
   older than the threshold. A run whose job the queue lists as RUNNING is ``running``
   whatever its heartbeat says (the reason notes "no heartbeat");
 - no run directory: ``pending`` if the queue holds the task, in an array that a recorded
-  submission of this sweep made or that one of its started tasks ran in, else ``missing``;
+  submission of this sweep made or that one of its started tasks ran in, or a local
+  submission whose process is alive holds it (:func:`notata.queue.local_holds`), else
+  ``missing``;
 - a run directory written by a different version of the manifest: ``mismatch``.
 
 Staleness threshold: ``stale_after`` seconds if given, else 3 heartbeat intervals (as
@@ -94,6 +96,7 @@ class RunRecord:
     passed: frozenset[str] = frozenset()  # job keys of the packs that ran it and let it go
     orphan: bool = False  # its wrapper is gone but its command's processes still run here
     asked: dict[str, Any] | None = None  # what its last attempt asked the scheduler for
+    queued_by: str | None = None  # who holds it queued, when the queue's state does not say
     kept: Any = None  # what the scan's ``keep`` took from its metadata (see read_run)
 
     @property
@@ -129,14 +132,17 @@ def read_run(run_dir: str | os.PathLike[str], task: int | None = None, *,
              sweep: Sweep | None = None,
              queue: Queue | None = None, stale_after: float | None = None,
              now: float | None = None, symlink: bool | None = None,
+             own_task: bool = False,
              keep: Callable[[Mapping[str, Any]], Any] | None = None) -> RunRecord:
     """The record of one run directory; never raises for what is on disk.
 
     One ``open`` (metadata.json); ``symlink`` comes from the caller's scandir when known.
     Metadata that parses but has fields of the wrong shape reads ``corrupt``, with why.
-    ``keep(meta)``, when given, takes what else a caller needs of the metadata into
-    :attr:`RunRecord.kept` (so that nothing reads the file twice); it must not raise for
-    odd field types (its record would read ``corrupt``).
+    ``own_task``: with no ``task`` given, the record takes the task its metadata records
+    (a scan of a folder of runs, where no manifest names them). ``keep(meta)``, when
+    given, takes what else a caller needs of the metadata into :attr:`RunRecord.kept` (so
+    that nothing reads the file twice); it must not raise for odd field types (its record
+    would read ``corrupt``).
     """
     run_dir = os.fspath(run_dir)
     run_id = os.path.basename(run_dir).removeprefix(layout.RUN_PREFIX)
@@ -149,6 +155,10 @@ def read_run(run_dir: str | os.PathLike[str], task: int | None = None, *,
         return _without_metadata(run_dir, task, run_id, time.time() if now is None else now)
     except (OSError, ValueError) as err:
         return RunRecord(task, run_id, CORRUPT, 0, str(err), run_dir)
+    recorded = meta.get("task")
+    if own_task and task is None and isinstance(recorded, int) \
+            and not isinstance(recorded, bool) and recorded >= 0:
+        task = recorded
     try:
         record = _classify(meta, task, run_id, run_dir, sweep, queue, stale_after,
                            time.time() if now is None else now)

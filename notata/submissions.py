@@ -184,9 +184,19 @@ def live_local(records: list[dict[str, Any]], host: str, running_jobs: Iterable[
         if not isinstance(pid, int) or not isinstance(start, (int, float)):
             continue
         with contextlib.suppress(psutil.Error):
-            if abs(psutil.Process(pid).create_time() - start) < 1.0:
+            proc = psutil.Process(pid)  # a zombie is a submitter that died unreaped
+            if abs(proc.create_time() - start) < 1.0 and proc.status() != psutil.STATUS_ZOMBIE:
                 out.append(r)
     return out
+
+
+def holder(record: dict[str, Any], here: str) -> str:
+    """Who holds a live local submission's tasks, in words: its pid and host, or, seen
+    from another host than ``here``, the SLURM job it runs in."""
+    where = f"pid {record.get('pid')} on {record.get('host')}"
+    if record.get("job_id") is not None and record.get("host") != here:
+        where = f"job {record['job_id']} on {record.get('host')}"
+    return f"queued by the local submission, {where}"
 
 
 def tries(records: Iterable[dict[str, Any]], manifest_hash: str) -> dict[int, int]:

@@ -3,7 +3,8 @@
 This replaces ``jq '.E' outputs/log_*/artifacts/final_metrics.json`` at any number of
 runs: ``notata table sweep.yaml --artifact final_metrics`` gives a column
 ``final_metrics.E``. With a manifest the params come from the sweep itself (no file is
-read for them); for a bare folder, from each run's params file.
+read for them); for a bare folder, from each run's params file. As csv, JSON lines,
+aligned text (:func:`to_text`, what a terminal gets) or a pandas DataFrame (:func:`table`).
 """
 
 from __future__ import annotations
@@ -108,16 +109,68 @@ def to_json_lines(table: Sequence[Mapping[str, Any]]) -> str:
     return "".join(json.dumps(row) + "\n" for row in table)
 
 
-def table(target: Sweep | str | os.PathLike[str], artifacts: Sequence[str] = (),
-          statuses: Iterable[str] | None = None) -> Any:
-    """The table as a pandas DataFrame (pandas required); a path to a manifest or a folder."""
+#: A cell of the text view longer than this is cut (csv and JSON keep it whole).
+CELL_WIDTH = 50
+
+
+def to_text(table: Sequence[Mapping[str, Any]]) -> str:
+    """The table aligned for a reader: a header, then a row per run; numbers to the
+    right, ``-`` for no value, floats to 6 significant digits, long cells cut; the
+    columns no row has a value in are left out."""
+    cols = [c for c in columns(table) if any(row.get(c) is not None for row in table)] \
+        or columns(table)
+
+    def cell(value: Any) -> str:
+        text = ("-" if value is None else f"{value:.6g}" if isinstance(value, float)
+                else str(value))
+        text = text.replace("\n", " ")
+        return text if len(text) <= CELL_WIDTH else text[:CELL_WIDTH - 3] + "..."
+
+    def numeric(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    cells = [[cell(row.get(c)) for c in cols] for row in table]
+    widths = [max([len(c)] + [len(r[k]) for r in cells]) for k, c in enumerate(cols)]
+    right = [any(numeric(row.get(c)) for row in table)
+             and all(numeric(row.get(c)) or row.get(c) is None for row in table)
+             for c in cols]
+    lines = []
+    for values in [cols, *cells]:
+        lines.append("  ".join(v.rjust(w) if r else v.ljust(w)
+                               for v, w, r in zip(values, widths, right, strict=True)).rstrip())
+    return "".join(line + "\n" for line in lines)
+
+
+def table(target: Sweep | str | os.PathLike[str], artifact: str | Sequence[str] = (),
+          status: str | Iterable[str] | None = None, *,
+          artifacts: str | Sequence[str] | None = None,
+          statuses: str | Iterable[str] | None = None) -> Any:
+    """The table as a pandas DataFrame (the ``pandas`` extra); ``target`` is a
+    :class:`~notata.Sweep` or the path of a manifest or of a folder of runs.
+
+    ``artifact``: a JSON artifact's name, or several, as ``--artifact`` takes them
+    (``final_metrics`` gives the columns ``final_metrics.E``...); ``status``: keep only
+    runs with this status (or these). ``artifacts`` and ``statuses``, their names before,
+    still work. Raises what ``notata table`` says in one line (a status that is not one,
+    an artifact no run has) as :class:`~notata.UsageError`, and ImportError without
+    pandas.
+    """
     try:
         import pandas as pd  # type: ignore[import-untyped,import-not-found,unused-ignore]
     except ImportError as err:
-        raise ImportError("notata.table() needs pandas: pip install pandas") from err
+        raise ImportError("notata.table() needs pandas: pip install pandas (or notata's "
+                          "pandas extra)") from err
+    if (artifacts is not None and artifact) or (statuses is not None and status is not None):
+        raise TypeError("give artifact= or artifacts=, status= or statuses=, not both")
+    if artifacts is not None:
+        artifact = artifacts
+    if statuses is not None:
+        status = statuses
+    names = [artifact] if isinstance(artifact, str) else list(artifact)
+    kept = [status] if isinstance(status, str) else status
     if not isinstance(target, Sweep) and not os.path.isdir(target):
         from .manifest import load
 
         target = load(target)
-    data = rows(target, artifacts, statuses)
+    data = rows(target, names, kept)
     return pd.DataFrame(data, columns=columns(data))

@@ -2,7 +2,8 @@
 # Set up and run every check: ruff and mypy over notata/, then the test suite.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-"$root/scripts/setup.sh" test report
+# report: the report's figures (matplotlib); pandas: notata.table's DataFrame is tested too
+"$root/scripts/setup.sh" test report pandas
 # The report test opens the report in a real headless browser: as root, install Debian's
 # chromium when missing (without root, or where apt cannot, that one test is skipped).
 if [ "$(id -u)" = 0 ] && ! command -v chromium >/dev/null; then

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from helpers import ROOT, read_meta, wait_for, write_sweep
 
+import notata
 from notata import Logbook
 from notata.cli import main
 from notata.manifest import compact, parse_indices
@@ -88,7 +89,7 @@ def test_status_json_shape(manifest: Path, capsys: pytest.CaptureFixture[str]) -
     text = capsys.readouterr().out
     assert "failed (attempt 1): nan energy" in text
     # tasks that never ran are one line of ranges, not one line each (issue 15)
-    assert "  tasks 1,3-5 missing (4, never started)" in text.splitlines(), text
+    assert "  tasks 1,3-5                   missing (4, never started)" in text.splitlines()
 
 
 def test_local_submit_runs_everything_and_reports_failures(manifest: Path) -> None:
@@ -181,6 +182,35 @@ def test_help_for_each_subcommand() -> None:
     for command in ("sweep", "exec", "submit", "status"):
         proc = cli(command, "--help")
         assert proc.returncode == 0 and "usage: notata" in proc.stdout
+
+
+def test_every_argument_has_help_and_every_subcommand_examples() -> None:
+    """Each positional and option of every subcommand says what it is (but the internal
+    ones, which --help hides), and each subcommand ends with examples."""
+    import argparse
+
+    from notata.cli import build_parser
+
+    parser = build_parser()
+    [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(sub.choices) == {"sweep", "exec", "submit", "status", "logs", "table",
+                                "shepherd", "resubmit", "report"}
+    for name, command in [("notata", parser), *sub.choices.items()]:
+        for action in command._actions:
+            if action.help == argparse.SUPPRESS:
+                assert action.dest in ("report_fd", "queue_fd", "pack_size", "as_job"), name
+                continue
+            assert action.help, f"notata {name}: {action.option_strings or action.dest}"
+        assert "example" in (command.epilog or ""), name
+        assert isinstance(command.formatter_class, type) and issubclass(
+            command.formatter_class, argparse.RawDescriptionHelpFormatter), name
+    submit = sub.choices["submit"].format_help()
+    for said in ("{param}", "{run_dir}", "{run_id}", "{task}", "{attempt}", "base_dir",
+                 "stdout.txt", "stderr.txt", "log.txt"):
+        assert said in submit, said
+    statuses = " ".join(sub.choices["table"].format_help().split())
+    assert ("initialized, running, complete, failed, timeout, cancelled, preempted, "
+            "terminated, oom, stale, pending, missing, corrupt, mismatch") in statuses
 
 
 def test_usage_errors_are_one_line_and_change_nothing(
@@ -293,6 +323,31 @@ def test_a_pipe_closed_early_and_ctrl_c_end_quietly(tmp_path: Path) -> None:
     assert watch.returncode == 130 and "Traceback" not in err, err
 
 
+def test_pipes_that_head_closes_end_quietly(tmp_path: Path) -> None:
+    """`notata sweep --json | head -1`, `notata status --json | head -c 20` and `notata
+    status | head -1` in a shell, over 10,000 tasks: nothing on stderr, and the exit status
+    of a pipe closed early (141) where the pipe closed before the output ended."""
+    manifest = write_sweep(tmp_path, tasks=10000)
+    script = ('"$0" -m notata sweep "$1" --json | head -1; echo "rc ${PIPESTATUS[0]}"; '
+              '"$0" -m notata status "$1" --json | head -c 20; echo " rc ${PIPESTATUS[0]}"; '
+              '"$0" -m notata status "$1" | head -1; echo "rc ${PIPESTATUS[0]}"')
+    proc = subprocess.run(["bash", "-c", script, sys.executable, str(manifest)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stderr == "", proc.stderr
+    out = proc.stdout.splitlines()
+    assert json.loads(out[0])["task"] == 0 and out[1] == "rc 141"
+    assert out[2] == '{"counts": {"initial rc 141'  # 700 kB of JSON, cut after 20 bytes
+    assert out[3].startswith("sweep sweep: 10000 tasks") and out[4] in ("rc 0", "rc 141")
+
+
+def test_a_sweep_of_seven_tasks_shows_an_ellipsis(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sweep", str(write_sweep(tmp_path, tasks=7))]) == 0
+    assert [ln.split(":")[0].strip() for ln in capsys.readouterr().out.splitlines()[2:]] == [
+        "task 0", "task 1", "task 2", "task 3", "task 4", "...", "task 6"]
+
+
 def test_the_progress_line_fits_the_terminal_and_elsewhere_is_said_now_and_then(
         monkeypatch: pytest.MonkeyPatch) -> None:
     import io
@@ -329,3 +384,85 @@ def test_a_local_sweep_with_failures_says_where_to_look(manifest: Path,
     err = capsys.readouterr().err
     name = shlex.quote(str(manifest))
     assert f"notata status {name} --logs" in err and f"notata logs {name} --task 0" in err
+
+
+def test_status_groups_runs_that_share_a_reason_and_aligns_its_columns(
+        base: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Seven tasks that failed alike are one line of ranges, the one that failed its own
+    way a line of its own; the task and run columns line up. A base folder of the same
+    runs shows each run's task, from its metadata."""
+    manifest = write_sweep(base, tasks=12)
+    assert main(["submit", str(manifest), "--backend", "local", "--tasks", "0-9", "--", "sh",
+                 "-c", 'case $0 in 6) echo "ValueError: bad k" >&2; exit 2;; [01]) exit 0;; '
+                 '*) exit 1;; esac', "{k}"]) == 1
+    capsys.readouterr()
+    assert main(["status", str(manifest)]) == 0
+    text = capsys.readouterr().out.splitlines()
+    listed = [
+        "  tasks 2-5,7-9      failed (7, attempt 1): command exited with status 1",
+        "  task 6         k6  failed (attempt 1): command exited with status 2: "
+        "ValueError: bad k",
+        "  tasks 10-11        missing (2, never started)"]
+    assert text[text.index("not complete:") + 1:] == listed, text
+    assert main(["status", str(manifest), "--json"]) == 0  # one record per task, as before
+    runs = json.loads(capsys.readouterr().out)["runs"]
+    assert [(r["task"], r["status"]) for r in runs] == [
+        (0, "complete"), (1, "complete"), *((i, "failed") for i in range(2, 10)),
+        (10, "missing"), (11, "missing")]
+    assert main(["status", str(base / "outputs")]) == 0  # no manifest: tasks from metadata
+    text = capsys.readouterr().out.splitlines()
+    assert text[0] == "10 runs" and "no task" not in "\n".join(text)
+    assert text[text.index("not complete:") + 1:] == listed[:2], text
+    assert main(["status", str(base / "outputs"), "--json"]) == 0
+    runs = json.loads(capsys.readouterr().out)["runs"]
+    assert sorted(r["task"] for r in runs) == list(range(10))
+    # a folder scan names no manifest: nothing to resubmit from it
+    assert notata.collect(base / "outputs").to_resubmit() == ([], [])
+
+
+def test_status_watch_keeps_the_counts_on_a_terminal(tmp_path: Path) -> None:
+    """On a terminal 12 lines high, --watch draws the counts and as much of the list as
+    fits, each line within the width, and a last line saying how many more and where to
+    see them all; without --watch every line is printed."""
+    import fcntl
+    import pty
+    import socket
+    import struct
+    import termios
+    import time
+
+    for k in range(20):  # twenty runs that each failed their own way
+        d = tmp_path / f"log_r{k:02d}"
+        d.mkdir()
+        (d / "metadata.json").write_text(json.dumps({
+            "status": "failed", "run_id": f"r{k:02d}", "attempt": 1, "task": k,
+            "failure_reason": f"error number {k} " + "x" * 80}))
+    (tmp_path / "log_live").mkdir()  # and one still running (this process): watched on
+    (tmp_path / "log_live" / "metadata.json").write_text(json.dumps({
+        "status": "running", "run_id": "live", "attempt": 1, "task": 20, "pid": os.getpid(),
+        "host": socket.gethostname(), "heartbeat": {"unix": time.time() + 3600, "beat": 1}}))
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 12, 70, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    watch = subprocess.Popen([sys.executable, "-m", "notata", "status", str(tmp_path),
+                              "--watch", "0.2"], stdin=slave, stdout=slave,
+                             stderr=subprocess.PIPE, env={**env, "PYTHONPATH": str(ROOT)})
+    os.close(slave)
+    seen = b""
+    try:
+        while seen.count(b"\033[H\033[J") < 2:  # one whole screen, and the next begun
+            seen += os.read(master, 65536)
+    finally:
+        watch.send_signal(signal.SIGINT)
+        _, err = watch.communicate(timeout=60)
+        os.close(master)
+    assert watch.returncode == 130 and err == b"", err
+    screen = seen.decode().split("\033[H\033[J")[1].replace("\r", "").splitlines()
+    assert screen[:4] == ["21 runs", f"  {'running':<11} {1:>8}", f"  {'failed':<11} {20:>8}",
+                          "not complete:"], screen
+    assert len(screen) == 11 and all(len(line) < 70 for line in screen), screen
+    assert screen[4].startswith("  task 0   r00   failed (attempt 1): error number 0 xx")
+    assert screen[-1] == ("... and 15 more line(s): notata status without --watch lists "
+                          "them all")[:69]
+    proc = cli("status", str(tmp_path))
+    assert len(proc.stdout.splitlines()) == 25 and "more line(s)" not in proc.stdout

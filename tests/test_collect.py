@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -235,19 +236,63 @@ def test_table_rows_params_and_artifact_fields(
     assert "the JSON artifacts they have: final_metrics" in capsys.readouterr().err
     assert main(["table", str(base / "outputs"), "--format", "json"]) == 0
     rows = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
-    assert [(r["run_id"], r["task"], r["k"]) for r in rows] == [
-        ("k0", None, 0),
-        ("k1", None, 1),
-        ("k2", None, 2),
+    assert [(r["run_id"], r["task"], r["k"]) for r in rows] == [  # tasks from metadata
+        ("k0", 0, 0),
+        ("k1", 1, 1),
+        ("k2", 2, 2),
     ]
     try:
         import pandas  # noqa: F401
     except ImportError:
         with pytest.raises(ImportError, match="pandas"):
             notata.table(str(manifest))
-    else:
-        df = notata.table(str(manifest), artifacts=["final_metrics"])
-        assert df["final_metrics.E"].dropna().tolist() == [0.0, 0.5, 1.0]
+    else:  # the command line's names (one artifact, one status), and the older ones
+        df = notata.table(manifest, artifact="final_metrics", status="complete")
+        assert df["final_metrics.E"].tolist() == [0.0, 0.5, 1.0]
+        assert df["task"].tolist() == [0, 1, 2] and df["k"].tolist() == [0, 1, 2]
+        old = notata.table(str(manifest), artifacts=["final_metrics"],
+                           statuses=["complete", "missing"])
+        assert old["task"].tolist() == list(range(6)) and "final_metrics.E" in old.columns
+        with pytest.raises(notata.UsageError, match="faild"):
+            notata.table(manifest, status="faild")
+        with pytest.raises(TypeError):
+            notata.table(manifest, artifact="final_metrics", artifacts=["final_metrics"])
+
+
+def test_table_is_aligned_text_on_a_terminal_and_csv_in_a_pipe(
+        manifest: Path, base: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import pty
+
+    code = ("import json, os, sys; d = os.environ['NOTATA_RUN_DIR'] + '/artifacts'; "
+            "os.makedirs(d); json.dump({'E': int(sys.argv[1]) / 3}, open(d + '/m.json', 'w'))")
+    assert submit(manifest, "--backend", "local", "--tasks", "0-1", "--", sys.executable, "-c",
+                  code, "{k}") == 0
+    capsys.readouterr()
+    argv = [sys.executable, "-m", "notata", "table", str(manifest), "--artifact", "m"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    piped = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+    assert piped.returncode == 0 and piped.stdout.startswith("run_id,task,status,")
+    master, slave = pty.openpty()
+    on_screen = subprocess.Popen(argv, stdout=slave, stderr=subprocess.PIPE, env=env)
+    os.close(slave)
+    seen = b""
+    with contextlib.suppress(OSError):  # EIO once the terminal's other end is closed
+        while chunk := os.read(master, 65536):
+            seen += chunk
+    os.close(master)
+    assert on_screen.wait(60) == 0
+    lines = seen.decode().replace("\r", "").splitlines()
+    assert main(["table", str(manifest), "--artifact", "m", "--format", "text"]) == 0
+    assert capsys.readouterr().out.splitlines() == lines
+    header = lines[0].split()
+    assert header[:4] == ["run_id", "task", "status", "attempt"] and header[-1] == "m.E"
+    assert "job" not in header and "failure_reason" not in header  # no run has one
+    assert lines[1].split()[:4] == ["k0", "0", "complete", "1"] and lines[1].endswith(" 0")
+    assert lines[2].endswith(" 0.333333") and lines[3].split()[:3] == ["k2", "2", "missing"]
+    assert lines[3].endswith(" -")
+    # the columns line up: each header name ends where its right-aligned numbers end
+    end = lines[0].index("task") + len("task")
+    assert [ln[end - 1] for ln in lines[1:]] == ["0", "1", "2", "3", "4", "5"]
 
 
 def test_watch_returns_once_every_task_is_terminal(manifest: Path, base: Path) -> None:
@@ -648,3 +693,86 @@ def test_status_shows_what_each_unfinished_attempt_had(
     assert main(["status", str(tmp_path)]) == 0
     assert "r  timeout (attempt 2) [time 00:02:00, mem 400.0M]: time limit" in \
         capsys.readouterr().out
+
+
+def test_a_live_local_submission_holds_its_tasks_pending_until_it_dies(
+        manifest: Path, base: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Tasks a local submission has not started yet read pending, with its pid and host,
+    while its process lives (resubmit leaves them); once it is killed (a zombie not yet
+    reaped counts as dead), they read missing and resubmit takes them."""
+    import socket
+
+    import psutil
+
+    flag = base / "go"
+    proc = notata_process("submit", str(manifest), "--backend", "local", "-j", "1", "--",
+                          "sh", "-c", 'while [ ! -e "$0" ]; do sleep 0.1; done', str(flag),
+                          start_new_session=True)
+    try:
+        wait_for(status_is(base / "outputs" / "log_k0", "running"), what="task 0 to start")
+        held = f"queued by the local submission, pid {proc.pid} on {socket.gethostname()}"
+        runs = notata.collect(manifest).runs
+        assert [(r.task, r.status, r.reason) for r in runs[1:]] == [
+            (i, "pending", held) for i in range(1, 6)]
+        assert main(["status", str(manifest)]) == 0
+        assert f"tasks 1-5      pending (5, never started): {held}" in capsys.readouterr().out
+        assert main(["resubmit", str(manifest), "--dry-run"]) == 0
+        assert "nothing to resubmit" in capsys.readouterr().out
+        os.killpg(proc.pid, signal.SIGKILL)
+        wait_for(lambda: psutil.Process(proc.pid).status() == psutil.STATUS_ZOMBIE,
+                 what="the submitter to die")
+        runs = notata.collect(manifest).runs
+        assert [(r.task, r.status, r.reason) for r in runs[1:]] == [
+            (i, "missing", None) for i in range(1, 6)]
+        assert main(["resubmit", str(manifest), "--dry-run"]) == 0
+        assert "would resubmit 5 task(s) with the local backend: 1-5" in \
+            capsys.readouterr().out
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+
+
+def test_watch_goes_on_while_a_local_resubmission_holds_failed_tasks(
+        manifest: Path, base: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Failed tasks that a live local resubmission will run again are not the end of the
+    sweep: status --watch goes on (it once stopped whenever no task was running at the
+    moment of a scan) and ends once they have run."""
+    flag = base / "go"
+    cmd = ["--", "sh", "-c", 'test "$NOTATA_ATTEMPT" != 1 && while [ ! -e "$0" ]; do '
+           'sleep 0.1; done', str(flag)]
+    assert submit(manifest, "--backend", "local", *cmd) == 1  # attempt 1 fails
+    again = notata_process("resubmit", str(manifest), "--backend", "local", "-j", "1",
+                           start_new_session=True)
+    watch = None
+    try:
+        first = base / "outputs" / "log_k0"
+        wait_for(lambda: status_is(first, "running")() and read_meta(first)["attempt"] == 2,
+                 what="task 0's second attempt")
+        os.kill(again.pid, signal.SIGSTOP)  # alive, and starting nothing more
+        flag.touch()
+        wait_for(status_is(first, "complete"), what="task 0 to complete")
+        report = notata.collect(manifest)
+        assert report.counts["complete"] == 1 and report.counts["failed"] == 5
+        assert not report.terminal
+        assert main(["status", str(manifest)]) == 0
+        assert (f"tasks 1-5  failed (5, attempt 1) [queued by the local submission, pid "
+                f"{again.pid} on ") in capsys.readouterr().out
+        watch = notata_process("status", str(manifest), "--watch", "0.1", "--json")
+        assert watch.stdout is not None
+        for _ in range(3):  # scan after scan: the watch goes on
+            counts = json.loads(watch.stdout.readline())["counts"]
+            assert (counts["running"], counts["complete"], counts["failed"]) == (0, 1, 5)
+        os.kill(again.pid, signal.SIGCONT)
+        out, err = watch.communicate(timeout=120)
+        assert watch.returncode == 0, err
+        assert json.loads(out.splitlines()[-1])["counts"]["complete"] == 6
+        assert again.wait(120) == 0
+    finally:
+        flag.touch()  # nothing of a failed test waits for ever
+        if again.poll() is None:
+            os.killpg(again.pid, signal.SIGKILL)
+        again.communicate()
+        if watch is not None and watch.poll() is None:
+            watch.kill()
+            watch.communicate()

@@ -44,6 +44,13 @@ def repo(tmp_path: Path) -> Path:
     return r
 
 
+def meta_of(run: Path) -> dict[str, object]:
+    try:
+        return read_meta(run)
+    except (OSError, ValueError):
+        return {}
+
+
 def change(repo: Path, commit: bool) -> str:
     with (repo / "sim.py").open("a") as f:
         f.write("# changed\n")
@@ -96,7 +103,7 @@ def test_code_that_changed_while_tasks_waited_is_flagged(
                   sys.executable, "sim.py", "{k}", cwd=repo)
     try:
         sweep = load(manifest)
-        wait_for(lambda: (sweep.task(0).run_dir / "metadata.json").exists(), 60, "task 0")
+        wait_for(lambda: "code" in meta_of(sweep.task(0).run_dir), 60, "task 0 to start")
         first = git(repo, "rev-parse", "HEAD")
         change(repo, commit=False)  # uncommitted: dirty
         (repo / "go").touch()
