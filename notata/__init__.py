@@ -42,7 +42,8 @@ scheduler layer names a scheduler's variables, job states or metadata fields).
    ``retry`` (a sweep's retry policy: which failures, how often, with what more);
    ``shepherd`` (one round of retries on the cluster: ``notata shepherd``);
    ``efficiency`` (what runs used of what they asked for; what to ask next time).
-7. interfaces: ``cli`` (parsing) and ``views`` (what it prints); ``overview`` (``notata report``:
+7. interfaces: ``cli`` (the commands), ``parser`` (their arguments and help) and
+   ``views`` (what they print); ``overview`` (``notata report``:
    the HTML report) and ``figures`` (its matplotlib figures); ``__main__`` and this module (the
    public names).
 """

@@ -189,7 +189,7 @@ def test_every_argument_has_help_and_every_subcommand_examples() -> None:
     ones, which --help hides), and each subcommand ends with examples."""
     import argparse
 
-    from notata.cli import build_parser
+    from notata.parser import build_parser
 
     parser = build_parser()
     [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]

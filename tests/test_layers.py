@@ -20,7 +20,7 @@ LAYERS = [
     {"runstate", "queue", "collector", "tabulate", "logs"},
     {"slurm", "sbatch", "submitit", "chain"},
     {"submission", "retry", "shepherd", "efficiency"},
-    {"cli", "views", "overview", "figures", "__main__", "__init__"},
+    {"cli", "parser", "views", "overview", "figures", "__main__", "__init__"},
 ]
 SCHEDULER_LAYER = 5
 
