@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _fs, _signals, index, layout, provenance, resources, runinfo, scheduler, schema
-from ._attempt import first_record, take_over
+from ._attempt import close_lost, first_record, take_over
 from .errors import ForkedHandleError, RunDirError, RunLostError, RunSupersededError
 from .heartbeat import Heartbeat, Resources, logger
 from .lock import LockFileError, RunLock
@@ -110,9 +110,10 @@ class OwnedRun:
             self.meta[name] = self.scheduler.details(self.meta[name])
             self.meta["resources"] = {
                 "asked": self.scheduler.requested(self.meta[name], os.environ)}
-        code = provenance.for_run()  # the code this attempt runs (cached per process)
+            close_lost(self.meta)  # an attempt left open on a node that failed
+        code = provenance.for_run(self.path.parent)  # the code this attempt runs
         if code is not None:
-            self.meta["code"] = code
+            self.meta[provenance.FIELD] = code
             provenance.mark_run(self.path.parent, self.meta)
         if write:
             self.set(status=schema.RUNNING)

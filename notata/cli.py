@@ -264,11 +264,12 @@ def cmd_resubmit(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     target = _target(args.path)
     base = target.base_dir if isinstance(target, Sweep) else Path(str(target))
-    built = overview.build(target, args.artifact or (),
-                         slurm.collector_queue(base, "report"))
     name = target.name if isinstance(target, Sweep) else Path(str(target)).name
     out = args.output or (f"{name}-report.html" if args.format == "html"
                           else f"{name}-report")
+    overview.check_output(out, args.format)  # before the sweep is read
+    built = overview.build(target, args.artifact or (),
+                         slurm.collector_queue(base, "report"))
     written = built.save(out, args.format)
     print(written[0] if args.format == "html" else f"{len(written)} files in {out}/")
     return 0

@@ -13,7 +13,7 @@ the scheduler for and what it used), with no scheduler accounting (``sacct``, ``
 
 Over a sweep: the 50th and 95th percentiles of each, over its complete runs (a failed
 run's figures stop where it failed), and a **suggestion** for the next submission:
-``--time`` at the 95th percentile of the runtimes plus 25 % (at least a minute more),
+``--time`` at the 95th percentile of the runtimes plus 25 % (at least 30 s more),
 ``--mem`` at the 95th percentile of the peaks plus 20 %, each rounded up as SLURM users
 write them (:func:`round_time`, :func:`round_mem`); ``--cpus-per-task`` only when the runs
 used under half of the CPUs they had. Runs that timed out or were killed for memory did
@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from . import retry, sbatch, schema
+from . import retry, sbatch, schema, submissions
 from .collector import scan
 from .manifest import Sweep
 from .resources import size_text
@@ -40,7 +40,7 @@ from .resources import size_text
 #: The margins of the suggestion over the 95th percentile.
 TIME_MARGIN, MEM_MARGIN = 1.25, 1.20
 #: ... and at least this much more time (a task's start, Python's imports).
-TIME_FLOOR_SEC = 60
+TIME_FLOOR_SEC = 30
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,7 @@ class Usage:
     time_limit: str | None  # as the scheduler prints it
     mem_bytes: int | None  # granted
     cpus: int | None
+    pack: int | None = None  # the size of the pack it ran in (its job's --time covers all)
 
     @property
     def limit_sec(self) -> int | None:
@@ -64,8 +65,10 @@ class Usage:
 
     @property
     def time_share(self) -> float | None:
+        """Runtime / the time limit; None in a pack (the limit is the whole pack's)."""
         limit = self.limit_sec
-        return self.runtime_sec / limit if self.runtime_sec is not None and limit else None
+        return self.runtime_sec / limit \
+            if self.runtime_sec is not None and limit and not self.pack else None
 
     @property
     def mem_share(self) -> float | None:
@@ -74,8 +77,10 @@ class Usage:
 
     @property
     def cores(self) -> float | None:
+        """CPU time / runtime; None under a second (CPU time is counted in 10 ms steps)."""
         return self.cpu_sec / self.runtime_sec \
-            if self.cpu_sec is not None and self.runtime_sec else None
+            if self.cpu_sec is not None and self.runtime_sec and self.runtime_sec >= 1 \
+            else None
 
     @property
     def cpu_share(self) -> float | None:
@@ -83,9 +88,19 @@ class Usage:
         return cores / self.cpus if cores is not None and self.cpus else None
 
 
+#: A figure beyond this is no figure (a corrupt record: no run runs for 30,000 years,
+#: nor holds an exabyte).
+LARGEST = 1e18
+
+
 def _number(value: Any) -> float | None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return float(value) if ok else None
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer too large for a float
+        return None
+    return number if math.isfinite(number) and 0 <= number < LARGEST else None
 
 
 def _mapping(value: Any) -> Mapping[str, Any]:
@@ -108,7 +123,14 @@ def figures(meta: Mapping[str, Any]) -> dict[str, Any]:
             "cpu_sec": _number(used.get("cpu_time_sec")),
             "time_limit": str(limit) if isinstance(limit, (str, int)) else None,
             "mem_bytes": None if mem is None else int(mem),
-            "cpus": None if cpus is None else int(cpus)}
+            "cpus": None if cpus is None else int(cpus),
+            "pack": _pack_size(meta)}
+
+
+def _pack_size(meta: Mapping[str, Any]) -> int | None:
+    pack = _mapping(meta.get("pack")) if meta.get("task_from") == "pack" else {}
+    size = _number(pack.get("size"))
+    return int(size) if size else None
 
 
 def usages(target: Sweep | str | os.PathLike[str]) -> list[Usage]:
@@ -145,6 +167,10 @@ class Efficiency:
 
     runs: list[Usage]
     policy: retry.Policy | None = None
+    #: The sweep's own options (``time``, ``mem``: the manifest's ``slurm:`` section and
+    #: the last submission's flags), for a run whose limit was not recorded, as the
+    #: retry shepherd reads them (:func:`notata.retry.plan_round`).
+    given: Mapping[str, Any] = field(default_factory=dict)
     suggest: dict[str, str] = field(default_factory=dict)
     why: list[str] = field(default_factory=list)
 
@@ -187,9 +213,13 @@ class Efficiency:
             hit = [u for u in self.runs if u.status == status]
             grown: list[int] = []
             for u in hit:
-                nxt = retry.next_resources(rule, status, u.time_limit,
-                                           sbatch.mem_text(u.mem_bytes) if u.mem_bytes
-                                           else None) or {}
+                limit = u.time_limit if u.limit_sec else self.given.get("time")
+                if sbatch.time_limit_sec(None if limit is None else str(limit)) is None \
+                        and u.runtime_sec:  # unknown: it ran this long before it was stopped
+                    limit = sbatch.time_text(int(u.runtime_sec))
+                mem = sbatch.mem_text(u.mem_bytes) if u.mem_bytes else self.given.get("mem")
+                nxt = retry.next_resources(rule, status, None if limit is None else str(limit),
+                                           None if mem is None else str(mem)) or {}
                 amount = (sbatch.time_limit_sec(nxt.get("time")) if what == "time"
                           else sbatch.mem_bytes(nxt.get("mem")))
                 if amount:
@@ -204,7 +234,12 @@ class Efficiency:
                     time_need = max(time_need, top)
                 else:
                     mem_need = max(mem_need, top)
-        if time_need:
+        packs = [u.pack for u in done if u.pack]
+        if time_need and packs:  # a pack's --time is its tasks' together: say per task
+            self.suggest["task-time"] = _duration(time_need)
+            self.why.append(f"the runs ran in packs (of up to {max(packs)}): --time covers a "
+                            "whole pack; per task, for --pack-time's --task-time, as shown")
+        elif time_need:
             self.suggest["time"] = sbatch.time_text(time_need)
         if mem_need:
             self.suggest["mem"] = sbatch.mem_text(mem_need)
@@ -253,6 +288,14 @@ class Efficiency:
                 "suggest": self.suggest, "why": self.why}
 
 
+def _duration(sec: int) -> str:
+    """Seconds as ``--task-time`` takes them: ``90s``, ``5m``, ``2h``."""
+    for unit, size in (("h", 3600), ("m", 60)):
+        if sec % size == 0:
+            return f"{sec // size}{unit}"
+    return f"{sec}s"
+
+
 def _clock(sec: float) -> str:
     if sec < 60:
         return f"{sec:.1f}s"
@@ -262,7 +305,19 @@ def _clock(sec: float) -> str:
 
 def measure(target: Sweep | str | os.PathLike[str]) -> Efficiency:
     """The figures of a sweep (its manifest's retry policy applies) or a folder of runs."""
-    policy = None
-    if isinstance(target, Sweep) and target.retry:
-        policy = retry.policy(target.retry, None, str(target.path))
-    return Efficiency(usages(target), policy)
+    return Efficiency(usages(target), *policy_of(target))
+
+
+def policy_of(target: Sweep | str | os.PathLike[str]
+              ) -> tuple[retry.Policy | None, dict[str, Any]]:
+    """A sweep's retry policy and its own options (the manifest's ``slurm:``, then the
+    last submission's flags over them); none for a folder of runs."""
+    if not isinstance(target, Sweep):
+        return None, {}
+    policy = retry.policy(target.retry, None, str(target.path)) if target.retry else None
+    given = dict(target.slurm)
+    last = [r for r in submissions.submitted(target.base_dir)
+            if r.get("manifest_hash") == target.hash and isinstance(r.get("options"), dict)]
+    if last:
+        given.update({k: v for k, v in last[-1]["options"].items() if v is not None})
+    return policy, given

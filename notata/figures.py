@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,18 +38,27 @@ COLOURS = {
 }
 
 
-def pyplot() -> Any:
-    """matplotlib's pyplot, headless; an error naming the extra when it is not installed."""
+#: The report's style, applied while a figure is drawn and saved (never to the user's
+#: own settings: a notebook's backend and style stay as they were). Text is text in the
+#: SVG, and a ``$`` in a label is a dollar sign, not the start of a formula.
+STYLE: dict[str, Any] = {"svg.fonttype": "none", "font.size": 9, "axes.spines.top": False,
+         "axes.spines.right": False, "text.parse_math": False}
+
+
+def new_figure(**kw: Any) -> Any:
+    """A figure of its own (not pyplot's: nothing global is touched, nothing is kept
+    open); an error naming the extra when matplotlib is not installed."""
     try:
-        import matplotlib
+        from matplotlib.figure import Figure
     except ImportError as err:
         raise ExtraMissingError("notata report", "report") from err
-    matplotlib.use("Agg", force=True)
-    matplotlib.rcParams.update({"svg.fonttype": "none", "font.size": 9,
-                                "axes.spines.top": False, "axes.spines.right": False})
-    import matplotlib.pyplot as plt
+    return Figure(**kw)
 
-    return plt
+
+def styled() -> Any:
+    import matplotlib
+
+    return matplotlib.rc_context(STYLE)  # type: ignore[arg-type,unused-ignore]
 
 
 @dataclass(frozen=True)
@@ -121,7 +130,7 @@ def _axes(ax: Any, lay: Layout) -> None:
 
 def status_map(statuses: Sequence[str], lay: Layout) -> Any:
     """The status of every task on the sweep's layout, one colour per status."""
-    plt = pyplot()
+    fig_ = new_figure()
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
@@ -136,8 +145,9 @@ def status_map(statuses: Sequence[str], lay: Layout) -> Any:
         titles, shared = ["share of tasks not complete, over the other axes"], "share"
     cols = min(len(flat), 3)
     rows = math.ceil(len(flat) / cols)
-    fig, axes = plt.subplots(rows, cols, squeeze=False,
-                             figsize=(3.6 * cols + 1.6, 2.6 * rows + 0.6))
+    fig = fig_
+    fig.set_size_inches(3.6 * cols + 1.6, 2.6 * rows + 0.6)
+    axes = fig.subplots(rows, cols, squeeze=False)
     for k, ax in enumerate(axes.flat):
         if k >= len(flat):
             ax.set_visible(False)
@@ -164,13 +174,12 @@ def status_map(statuses: Sequence[str], lay: Layout) -> Any:
 def field_figure(name: str, values: np.ndarray, lay: Layout) -> Any:
     """A scalar result over the params: a map over the two main axes (the mean over any
     other), and lines along x, one per y value (up to 8)."""
-    plt = pyplot()
     flat, _ = cells(values, lay)
     with np.errstate(all="ignore"):
         mean = np.nanmean(flat, axis=0) if len(flat) > 1 else flat[0]
     lines = lay.y is None or lay.shape[lay.y] <= 8
-    fig, axes = plt.subplots(1, 2 if lines and lay.x is not None else 1, squeeze=False,
-                             figsize=(9.5 if lines else 5.2, 3.4))
+    fig = new_figure(figsize=(9.5 if lines else 5.2, 3.4))
+    axes = fig.subplots(1, 2 if lines and lay.x is not None else 1, squeeze=False)
     ax = axes[0][0]
     im = ax.imshow(mean, aspect="auto", interpolation="nearest", origin="lower",
                    cmap="viridis")
@@ -181,10 +190,11 @@ def field_figure(name: str, values: np.ndarray, lay: Layout) -> Any:
         ax2 = axes[0][1]
         xs = list(lay.values[lay.x])
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in xs)
-        pos = xs if numeric else list(range(len(xs)))
+        order = np.argsort(xs) if numeric else np.arange(len(xs))  # a line goes left to right
+        pos = [xs[i] for i in order] if numeric else list(range(len(xs)))
         for r in range(mean.shape[0]):  # markers apart: equal results stay visible
             label = f"{lay.names[lay.y]}={lay.values[lay.y][r]}" if lay.y is not None else None
-            ax2.plot(pos, mean[r], marker="osD^v<>p"[r % 8], markersize=7 - r * 0.6,
+            ax2.plot(pos, mean[r][order], marker="osD^v<>p"[r % 8], markersize=7 - r * 0.6,
                      alpha=0.85, label=label)
         if not numeric:
             ax2.set_xticks(pos)
@@ -201,8 +211,8 @@ def usage_figure(runtimes: Sequence[float], peaks: Sequence[float],
                  limit_sec: float | None, mem_bytes: float | None) -> Any:
     """The distribution of runtimes and peak memory over the complete runs, with what
     was asked for (dashed) when known."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.0))
+    fig = new_figure(figsize=(9.5, 3.0))
+    axes = fig.subplots(1, 2)
     for ax, data, asked, label, unit, scale in (
             (axes[0], runtimes, limit_sec, "runtime", "s", 1.0),
             (axes[1], peaks, mem_bytes, "peak memory (largest process)", "MiB", 2**20)):
@@ -223,18 +233,16 @@ def usage_figure(runtimes: Sequence[float], peaks: Sequence[float],
 def svg(fig: Any) -> str:
     """The figure as an inline ``<svg>`` element (no XML header)."""
     buf = io.StringIO()
-    fig.savefig(buf, format="svg", bbox_inches="tight")
+    with styled():
+        fig.savefig(buf, format="svg", bbox_inches="tight")
     text = buf.getvalue()
     return text[text.index("<svg"):]
 
 
 def png(fig: Any) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    with styled():
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     return buf.getvalue()
 
 
-def close(figs: Mapping[str, Any]) -> None:
-    plt = pyplot()
-    for fig in figs.values():
-        plt.close(fig)

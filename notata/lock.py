@@ -19,7 +19,9 @@ How a dead holder is recognised:
 - **Another host** (a lost node on a shared filesystem): the holder's lock is
   broken only when its last heartbeat, by the time the holder wrote into
   metadata.json, is older than :func:`break_after` (10 minutes, or 10
-  heartbeat intervals if longer), and the holder's record has not changed
+  heartbeat intervals if longer; when the scheduler says the holder's node is down or
+  not responding, 3 intervals, at least a minute, and a start waits for that, up to 5
+  minutes), and the holder's record has not changed
   after a short second look (so a new holder that has just taken the lock and
   not yet written its record is not mistaken for the old one). Breaking
   renames the old lock file aside (``.lock.broken-<time>``) and takes a new one.
@@ -41,11 +43,16 @@ from typing import Any
 
 import filelock
 
-from . import layout
+from . import layout, scheduler
 from .errors import RunLockedError
 
 MIN_STALE_LOCK_SEC = 600.0
 STALE_LOCK_BEATS = 10
+#: With the scheduler's word that the holder's node is down or not responding.
+DOWN_NODE_BEATS = 3
+DOWN_NODE_MIN_SEC = 60.0
+#: A start waits at most this long for the lock of a holder on a lost node to be breakable.
+DOWN_NODE_WAIT_SEC = 300.0
 CONFIRM_SEC = 2.0
 #: A busy lock is tried again for this long before it counts as held: a collector's
 #: probe (:func:`is_held`) holds it for microseconds.
@@ -58,26 +65,47 @@ class _Unsupported(Exception):
     """This filesystem refuses flock."""
 
 
-def break_after(holder: Mapping[str, Any]) -> float:
-    """Seconds without a heartbeat after which a lock held from another host may be broken.
+def _floor() -> float:
+    """:data:`MIN_STALE_LOCK_SEC`, or ``NOTATA_LOCK_BREAK_SEC`` where set (tests; a site
+    whose shared filesystem releases a dead client's locks sooner)."""
+    try:
+        return max(0.0, float(os.environ.get("NOTATA_LOCK_BREAK_SEC") or MIN_STALE_LOCK_SEC))
+    except ValueError:
+        return MIN_STALE_LOCK_SEC
+
+
+def break_after(holder: Mapping[str, Any], node_lost: bool = False) -> float:
+    """Seconds without a heartbeat after which a lock held from another host may be broken:
+    10 minutes (:func:`_floor`), or 10 heartbeat intervals if longer; when the scheduler
+    says the holder's node is down or not responding (``node_lost``), 3 intervals, at
+    least :data:`DOWN_NODE_MIN_SEC` (or the floor, if shorter).
 
     Longer than the collector's :func:`notata.runstate.stale_limit` (which only reports
     a run stale): breaking a live holder's lock would let two processes write one run."""
     hb = holder.get("heartbeat")
-    interval = hb.get("interval_sec") if isinstance(hb, Mapping) else None
-    return max(MIN_STALE_LOCK_SEC, STALE_LOCK_BEATS * float(interval or 0))
+    interval = float((hb.get("interval_sec") if isinstance(hb, Mapping) else None) or 0)
+    if node_lost:
+        return max(min(_floor(), DOWN_NODE_MIN_SEC), DOWN_NODE_BEATS * interval)
+    return max(_floor(), STALE_LOCK_BEATS * interval)
 
 
-def holder_is_dead(holder: Mapping[str, Any], now: float | None = None) -> bool:
-    """Whether a lock's holder, as its run's metadata describes it, is known to be gone."""
+def _last_beat(holder: Mapping[str, Any]) -> float | None:
+    hb = holder.get("heartbeat")
+    beat = (hb.get("unix") if isinstance(hb, Mapping) else None) or holder.get("start_unix")
+    return float(beat) if isinstance(beat, (int, float)) else None
+
+
+def holder_is_dead(holder: Mapping[str, Any], now: float | None = None,
+                   node_lost: bool = False) -> bool:
+    """Whether a lock's holder, as its run's metadata describes it, is known to be gone
+    (``node_lost``: the scheduler says its node is down or not responding)."""
     if not holder or holder.get("host") == socket.gethostname():
         return False  # this host's kernel already frees the flock of a dead process
     now = time.time() if now is None else now
-    hb = holder.get("heartbeat")
-    beat = (hb.get("unix") if isinstance(hb, Mapping) else None) or holder.get("start_unix")
-    if not isinstance(beat, (int, float)):
+    beat = _last_beat(holder)
+    if beat is None:
         return False  # nothing to judge by: never break on a guess
-    return now - beat > break_after(holder)
+    return now - beat > break_after(holder, node_lost)
 
 
 class LockFileError(OSError):
@@ -217,7 +245,17 @@ class RunLock:
         else:
             return
         holder = self._read_holder()
-        if holder_is_dead(holder):
+        lost = holder.get("host") not in (None, socket.gethostname()) \
+            and scheduler.node_lost(holder) is not None
+        beat = _last_beat(holder)
+        if lost and beat is not None:  # its node is gone: wait out the shorter rule
+            wait = beat + break_after(holder, True) - time.time() + 1
+            if 0 < wait <= DOWN_NODE_WAIT_SEC:
+                time.sleep(wait)
+                if self.try_acquire():
+                    return
+                holder = self._read_holder()
+        if holder_is_dead(holder, node_lost=lost):
             # A new holder may have taken the lock and not yet written its record: it has
             # stamped the lock file, so a stamp that changes or names another holder than
             # the dead one's record means the lock is taken.

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from . import efficiency, figures, layout, logs, provenance, retry, schema
+from . import efficiency, figures, layout, logs, provenance, schema
 from ._version import __version__
 from .collector import scan
 from .errors import UsageError
@@ -43,18 +43,25 @@ BAD = (schema.FAILED, schema.TIMEOUT, schema.OOM, STALE, CORRUPT, schema.TERMINA
 
 
 def _keep(meta: Mapping[str, Any]) -> dict[str, Any]:
-    code = meta.get("code")
-    return {"usage": efficiency.figures(meta),
-            "code": code.get("state") if isinstance(code, Mapping) else None}
+    return {"usage": efficiency.figures(meta), "code": provenance.state_of(meta)}
+
+
+#: Larger results are left out of the figures (a diverged run's 1e308 would make every
+#: axis unreadable, and matplotlib cannot place ticks on such a range).
+LARGEST = 1e300
 
 
 def _scalars(prefix: str, value: Any, out: dict[str, float]) -> None:
     if isinstance(value, Mapping):
         for k, v in value.items():
             _scalars(f"{prefix}.{k}", v, out)
-    elif isinstance(value, (int, float)) and not isinstance(value, bool) \
-            and math.isfinite(value):
-        out[prefix] = float(value)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:  # an integer too large for a float
+            return
+        if math.isfinite(number) and abs(number) < LARGEST:
+            out[prefix] = number
 
 
 @dataclass
@@ -78,23 +85,34 @@ class SweepReport:
     code: dict[str, list[int]]
     code_words: dict[str, str]
     warnings: list[str] = field(default_factory=list)
+    #: What could not be shown, and why (a figure matplotlib could not draw).
+    notes: list[str] = field(default_factory=list)
     made: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
 
     @cached_property
     def figures(self) -> dict[str, Any]:
-        """The figures by name: ``status``, one per artifact field, ``usage``."""
+        """The figures by name: ``status``, one per artifact field, ``usage`` (matplotlib
+        figures of their own: the caller's pyplot, backend and style are left alone). A
+        figure that cannot be drawn is left out and said in :attr:`notes`."""
         lay = figures.layout_of(self.sweep, len(self.statuses))
-        out = {"status": figures.status_map(self.statuses, lay)}
-        for name, values in self.fields.items():
-            out[name] = figures.field_figure(name, values, lay)
         done = self.usage.complete
         limits = self.usage.asked("time_limit")
         mems = self.usage.asked("mem_bytes")
-        out["usage"] = figures.usage_figure(
+        drawers: dict[str, Any] = {"status": lambda: figures.status_map(self.statuses, lay)}
+        for name, values in self.fields.items():
+            drawers[name] = lambda n=name, v=values: figures.field_figure(n, v, lay)
+        drawers["usage"] = lambda: figures.usage_figure(
             [u.runtime_sec for u in done if u.runtime_sec is not None],
             [u.peak_bytes for u in done if u.peak_bytes is not None],
             next((u.limit_sec for u in done if u.time_limit == limits[0]), None)
             if limits else None, mems[0] if mems else None)
+        out = {}
+        with figures.styled():
+            for name, draw in drawers.items():
+                try:
+                    out[name] = draw()
+                except (ValueError, OverflowError, ArithmeticError) as err:
+                    self.notes.append(f"the figure {name} could not be drawn: {err}")
         return out
 
     def html(self) -> str:
@@ -109,19 +127,23 @@ class SweepReport:
                  f"runs &middot; made {e(self.made)} by notata {e(__version__)}</p>",
                  '<section id="counts"><h2>Status</h2><div class="row">'
                  f'<table class="counts">{counts}</table>'
-                 f'<figure id="fig-status">{figures.svg(self.figures["status"])}</figure>'
+                 f'<figure id="fig-status">{self._svg("status")}</figure>'
                  "</div></section>"]
         if self.fields:
             parts.append('<section id="results"><h2>Results over the params</h2>')
-            parts += [f'<figure class="field">{figures.svg(self.figures[n])}</figure>'
-                      for n in self.fields]
+            parts += [f'<figure class="field">{self._svg(n)}</figure>' for n in self.fields]
             parts.append("</section>")
         parts.append('<section id="resources"><h2>Resources: used and asked for</h2>'
-                     f'<figure id="fig-usage">{figures.svg(self.figures["usage"])}</figure>'
+                     f'<figure id="fig-usage">{self._svg("usage")}</figure>'
                      f'<pre>{e(chr(10).join(self.usage.lines()))}</pre></section>')
         parts.append(self._failures_html())
         parts.append(self._code_html())
+        parts += [f'<p class="warn">{e(n)}</p>' for n in self.notes]
         return _PAGE.format(title=e(self.title), body="\n".join(parts))
+
+    def _svg(self, name: str) -> str:
+        fig = self.figures.get(name)
+        return figures.svg(fig) if fig is not None else ""
 
     def _failures_html(self) -> str:
         e = html.escape
@@ -155,15 +177,20 @@ class SweepReport:
 
     def save(self, path: str | os.PathLike[str], fmt: str = "html") -> list[Path]:
         """Write the report: ``html``, one file; ``png``, a folder of one image per figure
-        (and ``summary.txt``). Returns what was written."""
-        target = Path(path)
+        (and ``summary.txt``). Returns what was written. A path that cannot be written is
+        a :class:`UsageError` naming it (see :func:`check_output`)."""
+        target = check_output(path, fmt)
+        try:
+            return self._save(target, fmt)
+        except OSError as err:
+            raise UsageError(f"-o {path}: cannot write there ({err.strerror})") from None
+
+    def _save(self, target: Path, fmt: str) -> list[Path]:
         if fmt == "html":
             from . import _fs
 
             _fs.atomic_write_bytes(target, self.html().encode())
             return [target]
-        if fmt != "png":
-            raise UsageError(f"--format {fmt}: give html or png")
         target.mkdir(parents=True, exist_ok=True)
         from . import _fs
 
@@ -180,6 +207,24 @@ class SweepReport:
         lines = [self.title, *(f"  {s:<11} {n:>8}" for s, n in self.counts.items() if n)]
         lines += self.usage.lines() + self.warnings
         return "\n".join(lines) + "\n"
+
+
+def check_output(path: str | os.PathLike[str], fmt: str) -> Path:
+    """Where a report goes, checked before it is made: an HTML file in a folder that exists
+    (not a folder itself), or for ``png`` a folder (made if missing, not a file)."""
+    target = Path(path)
+    if fmt not in ("html", "png"):
+        raise UsageError(f"--format {fmt}: give html or png")
+    if fmt == "html":
+        if target.is_dir():
+            raise UsageError(f"-o {path}: a folder; give the HTML file's name")
+        if not target.parent.is_dir():
+            raise UsageError(f"-o {path}: the folder {target.parent} does not exist")
+    elif target.exists() and not target.is_dir():
+        raise UsageError(f"-o {path}: a file; --format png writes a folder of images")
+    elif not target.exists() and target.parent.exists() and not target.parent.is_dir():
+        raise UsageError(f"-o {path}: {target.parent} is not a folder")
+    return target
 
 
 def build(target: Sweep | str | os.PathLike[str], artifacts: Sequence[str] = (),
@@ -219,12 +264,11 @@ def build(target: Sweep | str | os.PathLike[str], artifacts: Sequence[str] = (),
                          "artifacts/)")
     usages = [efficiency.Usage(r.run_id, r.task, r.status, **r.kept["usage"])
               for r in report.runs if isinstance(r.kept, dict)]
-    policy = retry.policy(sweep.retry, None, str(sweep.path)) if sweep and sweep.retry \
-        else None
+    policy, given = efficiency.policy_of(target)
     bad = [r for r in report.runs if r.status in BAD]
     code: dict[str, list[int]] = {}
     for k, r in enumerate(runs):
-        if isinstance(r.kept, dict) and r.kept.get("code"):
+        if isinstance(r.kept, dict) and isinstance(r.kept.get("code"), str):
             code.setdefault(r.kept["code"], []).append(slot(r, k))
     base = sweep.base_dir if sweep is not None else Path(target)  # type: ignore[arg-type]
     return SweepReport(
@@ -232,7 +276,7 @@ def build(target: Sweep | str | os.PathLike[str], artifacts: Sequence[str] = (),
         target=str(sweep.path if sweep else target), sweep=sweep, counts={
             s: n for s, n in report.counts.items() if s in SCAN_STATUSES},
         statuses=statuses, fields=fields,
-        usage=efficiency.Efficiency(usages, policy),
+        usage=efficiency.Efficiency(usages, policy, given),
         failures=[_failure(r, sweep) for r in bad[:MAX_FAILURES]], failed_total=len(bad),
         code=code, code_words={s: provenance.describe(base, s) for s in code},
         warnings=provenance.warnings(sweep) if sweep is not None else (

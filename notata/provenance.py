@@ -60,6 +60,8 @@ from .manifest import Sweep
 #: Seconds a ``git`` call may take before the state says it could not be had.
 GIT_TIMEOUT = 10
 _SYSTEM = ("/usr/", "/bin/", "/sbin/", "/lib", "/etc/")
+#: The metadata field (and submission record field) that holds the code state.
+FIELD = "provenance"
 #: Programs that run the code rather than being it.
 _INTERPRETER = re.compile(r"(python|pypy|Rscript|julia|perl|ruby|node|bash|sh|zsh|srun|env)"
                           r"[\d.]*")
@@ -110,7 +112,7 @@ def subject_of_function(fn: Any) -> str:
 
     with contextlib.suppress(TypeError, OSError):
         path = inspect.getsourcefile(fn)
-        if path:
+        if path and os.path.isfile(path):  # not a notebook cell's (it names no real file)
             return os.path.abspath(path)
     return os.getcwd()
 
@@ -123,35 +125,83 @@ def _git(folder: str, *args: str) -> subprocess.CompletedProcess[bytes]:
 
 #: Seconds a process reuses what git said of a folder (a pack of short tasks asks once).
 FRESH_SEC = 10.0
-_SAID: dict[str, tuple[float, tuple[dict[str, Any], bytes]]] = {}
+#: At most this much of the uncommitted changes is kept to be saved (all of it is hashed).
+MAX_PATCH = 16 * 2**20
+_SAID: dict[tuple[str, str | None], tuple[float, tuple[dict[str, Any], bytes]]] = {}
 
 
-def _git_state(folder: str, fresh: bool = False) -> tuple[dict[str, Any], bytes]:
-    """(commit fields, the diff itself) of the repository holding ``folder``, asked at
-    most every :data:`FRESH_SEC` seconds unless ``fresh``."""
-    said = _SAID.get(folder)
+def _git_state(folder: str, fresh: bool = False, exclude: str | None = None
+               ) -> tuple[dict[str, Any], bytes]:
+    """(commit fields, the diff itself, cut at :data:`MAX_PATCH`) of the repository holding
+    ``folder``, the folder ``exclude`` (the runs' own) left out of the diff; asked at most
+    every :data:`FRESH_SEC` seconds unless ``fresh``."""
+    said = _SAID.get((folder, exclude))
     if said is not None and not fresh and time.monotonic() - said[0] < FRESH_SEC:
         return said[1]
-    answer = _ask_git(folder)
-    _SAID[folder] = (time.monotonic(), answer)
+    answer = _ask_git(folder, exclude)
+    _SAID[(folder, exclude)] = (time.monotonic(), answer)
     return answer
 
 
-def _ask_git(folder: str) -> tuple[dict[str, Any], bytes]:
+def _why(stderr: bytes, default: str) -> str:
+    """git's reason: its ``fatal:`` line (a hint may follow it), else its first line."""
+    lines = [ln.strip() for ln in stderr.decode(errors="replace").splitlines() if ln.strip()]
+    fatal = [ln for ln in lines if ln.startswith("fatal:")]
+    return (fatal or lines or [default])[0]
+
+
+def _ask_git(folder: str, exclude: str | None) -> tuple[dict[str, Any], bytes]:
     try:
         head = _git(folder, "rev-parse", "--show-toplevel", "HEAD")
-        if head.returncode != 0:
-            why = head.stderr.decode(errors="replace").strip().splitlines()
-            return {"commit": None, "why": (why or ["not a git repository"])[-1]}, b""
-        top, commit = head.stdout.decode().split()[:2]
-        diff = _git(top, "diff", "HEAD", "--no-ext-diff", "--binary", "--no-color")
     except FileNotFoundError:
         return {"commit": None, "why": "git is not installed"}, b""
-    except (subprocess.TimeoutExpired, OSError, ValueError) as err:
+    except (subprocess.TimeoutExpired, OSError) as err:
         return {"commit": None, "why": f"git did not answer: {err}"}, b""
-    changes = diff.stdout if diff.returncode == 0 else b""
-    return {"repo": top, "commit": commit, "dirty": bool(changes),
-            "diff": _hash(changes) if changes else None}, changes
+    words = head.stdout.decode(errors="replace").split()
+    if head.returncode != 0 or len(words) < 2:
+        return {"commit": None, "why": _why(head.stderr, "not a git repository")}, b""
+    top, commit = words[:2]
+    fields: dict[str, Any] = {"repo": top, "commit": commit}
+    spec = ["--", "."]
+    if exclude is not None:
+        inside = os.path.relpath(os.path.realpath(exclude), os.path.realpath(top))
+        if inside != "." and not inside.startswith(".."):
+            spec.append(f":(exclude){inside}")
+    try:
+        digest, kept = _diff(top, spec)
+    except (subprocess.SubprocessError, OSError) as err:
+        return {**fields, "dirty": None, "diff": None,
+                "why": f"git diff did not answer: {err}"}, b""
+    return {**fields, "dirty": digest is not None, "diff": digest}, kept
+
+
+def _diff(top: str, spec: list[str]) -> tuple[str | None, bytes]:
+    """The hash of ``git diff HEAD`` (None when empty), read as it streams, and its first
+    :data:`MAX_PATCH` bytes."""
+    proc = subprocess.Popen(["git", "-C", top, "diff", "HEAD", "--no-ext-diff", "--binary",
+                             "--no-color", *spec], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                            env={**os.environ, "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"})
+    assert proc.stdout is not None
+    sha, kept, total = hashlib.sha256(), bytearray(), 0
+    deadline = time.monotonic() + GIT_TIMEOUT
+    try:
+        while chunk := proc.stdout.read(1 << 16):
+            sha.update(chunk)
+            total += len(chunk)
+            if len(kept) < MAX_PATCH:
+                kept += chunk[:MAX_PATCH - len(kept)]
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(proc.args, GIT_TIMEOUT)
+        if proc.wait(GIT_TIMEOUT) != 0:
+            raise subprocess.CalledProcessError(proc.returncode, proc.args)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    if total > len(kept):
+        kept += f"\n[notata: cut at {MAX_PATCH} of {total} bytes]\n".encode()
+    return (sha.hexdigest()[:16] if total else None), bytes(kept)
 
 
 @functools.lru_cache(maxsize=1)
@@ -176,14 +226,20 @@ def _where(subject: str) -> str:
     return subject if os.path.isdir(subject) else os.path.dirname(subject) or "."
 
 
-def state(subject: str | None = None, fresh: bool = False) -> dict[str, Any]:
+def state(subject: str | None = None, fresh: bool = False, exclude: str | None = None
+          ) -> dict[str, Any]:
     """The code state of ``subject`` (a file or folder; default: this process's script,
-    else the working folder); git is asked again after :data:`FRESH_SEC` (or ``fresh``)."""
-    if subject is None:
-        script = sys.argv[0] if sys.argv and sys.argv[0] not in ("", "-c", "-m") else ""
-        subject = os.path.abspath(script) if os.path.isfile(script) else os.getcwd()
-    fields = {**_git_state(_where(subject), fresh)[0], "env": env_hash()}
+    else the working folder), the folder ``exclude`` (the sweep's runs) left out of the
+    diff; git is asked again after :data:`FRESH_SEC` (or ``fresh``)."""
+    fields = {**_git_state(_where(_subject(subject)), fresh, exclude)[0], "env": env_hash()}
     return {"state": _hash(json.dumps(fields, sort_keys=True).encode()), **fields}
+
+
+def _subject(subject: str | None) -> str:
+    if subject is not None:
+        return subject
+    script = sys.argv[0] if sys.argv and sys.argv[0] not in ("", "-c", "-m") else ""
+    return os.path.abspath(script) if os.path.isfile(script) else os.getcwd()
 
 
 _SUBJECT: list[str] = []
@@ -194,9 +250,18 @@ def use_subject(subject: str) -> None:
     _SUBJECT[:] = [subject]
 
 
-def for_run() -> dict[str, Any] | None:
-    """The state a run opened now records (None when turned off)."""
-    return state(_SUBJECT[0] if _SUBJECT else None) if enabled() else None
+def for_run(base_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The state a run opened now in ``base_dir`` records (None when turned off)."""
+    if not enabled():
+        return None
+    return state(_SUBJECT[0] if _SUBJECT else None, exclude=os.fspath(base_dir))
+
+
+def state_of(meta: Mapping[str, Any]) -> str | None:
+    """The code state id a run's metadata records, else None."""
+    code = meta.get(FIELD)
+    sid = code.get("state") if isinstance(code, Mapping) else None
+    return sid if isinstance(sid, str) else None
 
 
 def _folder(base_dir: str | os.PathLike[str]) -> Path:
@@ -214,9 +279,9 @@ def save_state(base_dir: str | os.PathLike[str], code: Mapping[str, Any]) -> Non
 
 def mark_run(base_dir: str | os.PathLike[str], meta: Mapping[str, Any]) -> None:
     """Record that a sweep task's attempt ran its code state (see the module)."""
-    code, task, digest = meta.get("code"), meta.get("task"), meta.get("manifest_hash")
-    if not isinstance(code, Mapping) or not isinstance(task, int) or not isinstance(
-            digest, str):
+    code, task, digest = meta.get(FIELD), meta.get("task"), meta.get("manifest_hash")
+    if not isinstance(code, Mapping) or state_of(meta) is None or not isinstance(task, int) \
+            or isinstance(task, bool) or task < 0 or not isinstance(digest, str):
         return
     save_state(base_dir, code)
     path = _folder(base_dir) / f"{digest}-{code['state']}.ran"
@@ -235,7 +300,7 @@ def at_submission(base_dir: str | os.PathLike[str], subject: str) -> str | None:
     its id, for the submission's record (None when turned off)."""
     if not enabled():
         return None
-    code = state(subject, fresh=True)
+    code = state(subject, fresh=True, exclude=os.fspath(base_dir))
     folder = _folder(base_dir)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -243,7 +308,8 @@ def at_submission(base_dir: str | os.PathLike[str], subject: str) -> str | None:
         if code.get("diff"):
             patch = folder / f"diff-{code['diff']}.patch"
             if not patch.exists():
-                _fs.atomic_write_bytes(patch, _git_state(_where(subject))[1])
+                _fs.atomic_write_bytes(patch, _git_state(_where(subject), False,
+                                                         os.fspath(base_dir))[1])
         packages = folder / f"env-{code['env']}.txt"
         if not packages.exists():
             _fs.atomic_write_bytes(packages, _packages().encode())
@@ -273,26 +339,32 @@ def _packages() -> str:
                           for d in metadata.distributions()))
 
 
+def _latest(base_dir: str | os.PathLike[str], manifest_hash: str, n_tasks: int
+            ) -> tuple[list[str], np.ndarray]:
+    """The state ids with a ``.ran`` file for this manifest, and per task the position in
+    that list of the state its latest recorded start ran (-1: none recorded). One file at a
+    time: two arrays of the sweep's size, whatever the number of states."""
+    folder = _folder(base_dir)
+    try:
+        names = sorted(n for n in os.listdir(folder)
+                       if n.startswith(manifest_hash + "-") and n.endswith(".ran"))
+    except OSError:
+        names = []
+    latest = np.full(n_tasks, -1, dtype=np.int32)
+    best = np.zeros(n_tasks, dtype="<u4")
+    for k, name in enumerate(names):
+        started = _attempts(folder / name, n_tasks)
+        newer = started > best
+        latest[newer], best[newer] = k, started[newer]
+    return [n[len(manifest_hash) + 1:-len(".ran")] for n in names], latest
+
+
 def which_ran(base_dir: str | os.PathLike[str], manifest_hash: str, n_tasks: int
               ) -> dict[str, list[int]]:
     """State id -> the tasks whose latest recorded start ran it."""
-    folder = _folder(base_dir)
-    try:
-        names = [n for n in os.listdir(folder)
-                 if n.startswith(manifest_hash + "-") and n.endswith(".ran")]
-    except OSError:
-        return {}
-    if len(names) == 1:
-        attempts = _attempts(folder / names[0], n_tasks)
-        return {names[0][len(manifest_hash) + 1:-4]: np.flatnonzero(attempts).tolist()}
-    ids = [n[len(manifest_hash) + 1:-4] for n in names]
-    table = np.stack([_attempts(folder / n, n_tasks) for n in names]) if names else None
-    if table is None:
-        return {}
-    latest = table.argmax(axis=0)
-    ran = table.max(axis=0) > 0
-    return {ids[k]: np.flatnonzero(ran & (latest == k)).tolist() for k in range(len(ids))
-            if (ran & (latest == k)).any()}
+    ids, latest = _latest(base_dir, manifest_hash, n_tasks)
+    return {ids[k]: np.flatnonzero(latest == k).tolist()
+            for k in np.unique(latest[latest >= 0]).tolist()}
 
 
 def _attempts(path: Path, n_tasks: int) -> np.ndarray:
@@ -303,8 +375,9 @@ def _attempts(path: Path, n_tasks: int) -> np.ndarray:
     return raw
 
 
-def _tasks(tasks: Sequence[int]) -> str:
-    return f"task{'s' if len(tasks) > 1 else ''} {taskspec.compact(tasks)}"
+def _tasks(tasks: Sequence[int] | np.ndarray) -> str:
+    listed = tasks.tolist() if isinstance(tasks, np.ndarray) else list(tasks)
+    return f"task{'s' if len(listed) > 1 else ''} {taskspec.compact(listed)}"
 
 
 def describe(base_dir: str | os.PathLike[str], state_id: str) -> str:
@@ -322,38 +395,60 @@ def describe(base_dir: str | os.PathLike[str], state_id: str) -> str:
 
 def warnings(sweep: Sweep) -> list[str]:
     """:func:`mixes` of a sweep, its submissions read from its record."""
-    submitted = [(r.get("code"), r.get("tasks") or "")
+    submitted = [(r.get(FIELD) if isinstance(r.get(FIELD), str) else None,
+                  str(r.get("tasks") or ""))
                  for r in submissions.submitted(sweep.base_dir)
                  if r.get("manifest_hash") == sweep.hash]
     return mixes(sweep.base_dir, sweep.hash, len(sweep), submitted)
 
 
+def _commit(base_dir: str | os.PathLike[str], state_id: str) -> str | None:
+    try:
+        code = json.loads((_folder(base_dir) / f"{state_id}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    commit = code.get("commit") if isinstance(code, dict) else None
+    return commit if isinstance(commit, str) else None
+
+
 def mixes(base_dir: str | os.PathLike[str], manifest_hash: str, n_tasks: int,
           submitted: Iterable[tuple[str | None, str]]) -> list[str]:
     """``notata status``'s warning lines: the sweep's runs ran more than one code state,
-    or tasks ran a state other than their last submission's. ``submitted``: (state id,
-    compact task spec) of each submission, oldest first."""
-    ran = which_ran(base_dir, manifest_hash, n_tasks)
+    or tasks ran a state other than their last submission's (only where both have a git
+    commit: code outside git, or a submission from a notebook, says nothing to compare).
+    ``submitted``: (state id, compact task spec) of each submission, oldest first. Array
+    work only: nothing per task in Python, so it costs little at 10^6 tasks."""
+    ids, latest = _latest(base_dir, manifest_hash, n_tasks)
     out: list[str] = []
-    if len(ran) > 1:
-        out.append(f"warning: the sweep's runs ran {len(ran)} versions of the code:")
-        out += [f"  {_tasks(tasks)}: {describe(base_dir, sid)}"
-                for sid, tasks in sorted(ran.items(), key=lambda kv: kv[1][0])]
-    last = np.full(n_tasks, -1, dtype=np.int64)
-    states: list[str] = []
+    used = np.unique(latest[latest >= 0]).tolist()
+    if len(used) > 1:
+        out.append(f"warning: the sweep's runs ran {len(used)} versions of the code:")
+        tasks = {k: np.flatnonzero(latest == k) for k in used}
+        out += [f"  {_tasks(tasks[k])}: {describe(base_dir, ids[k])}"
+                for k in sorted(used, key=lambda k: int(tasks[k][0]))]
+    position = {sid: k for k, sid in enumerate(ids)}
+    commits: dict[str, str | None] = {}
+    sub = np.full(n_tasks, -1, dtype=np.int32)  # the position of each task's submitted state
     for sid, spec in submitted:
-        if sid is None:
+        if not taskspec.is_spec(spec):
             continue
-        states.append(sid)
-        if taskspec.is_spec(spec):
-            last[[i for i in taskspec.expand(spec) if i < n_tasks]] = len(states) - 1
-    other = {sid: [t for t in tasks if last[t] >= 0 and states[last[t]] != sid]
-             for sid, tasks in ran.items()}
-    other = {sid: tasks for sid, tasks in other.items() if tasks}
-    for sid, tasks in other.items():
-        out.append(f"warning: {_tasks(tasks)} ran {describe(base_dir, sid)}, "
-                   "not the code they were submitted with (it changed while they waited)")
+        if sid is not None and sid not in commits:
+            commits[sid] = _commit(base_dir, sid)
+        # -1: nothing to compare with (no state, or one without a commit); -2: a state no
+        # run ran
+        k = position.get(sid, -2) if sid is not None and commits[sid] else -1
+        for part in filter(None, spec.split(",")):
+            lo, _, hi = part.partition("-")
+            sub[int(lo):min(int(hi or lo) + 1, n_tasks)] = k
+    differ = (latest >= 0) & (sub != -1) & (sub != latest)
+    if differ.any():
+        committed = [k for k in range(len(ids)) if _commit(base_dir, ids[k]) is not None]
+        differ &= np.isin(latest, committed)
+        by_state = {k: np.flatnonzero(differ & (latest == k)) for k in used}
+        for k in sorted((k for k in by_state if len(by_state[k])),
+                        key=lambda k: int(by_state[k][0])):
+            out.append(f"warning: {_tasks(by_state[k])} ran {describe(base_dir, ids[k])}, "
+                       "not the code they were submitted with (it changed while they waited)")
     if out:
-        out.append(f"  (the states, diffs and package lists: "
-                   f"{_folder(base_dir)}/)")
+        out.append(f"  (the states, diffs and package lists: {_folder(base_dir)}/)")
     return out

@@ -41,7 +41,9 @@ class Queue:
     def __init__(self, jobs: Mapping[str, str] | None = None,
                  fetch: Callable[[list[str], list[str]], list[Row]] | None = None,
                  users: Iterable[str] = (),
-                 provider: scheduler.SchedulerProvider | None = None) -> None:
+                 provider: scheduler.SchedulerProvider | None = None,
+                 nodes: Callable[[], Mapping[str, str]] | Mapping[str, str] | None = None
+                 ) -> None:
         provider = provider or scheduler.default()
         if provider is None:
             raise RuntimeError("no scheduler is registered (notata/__init__.py registers SLURM)")
@@ -52,6 +54,8 @@ class Queue:
         self.users: set[str] = set()
         self.unknown: set[str] = set()  # users whose jobs could not be listed
         self._asked_jobs: set[str] = set()
+        self._nodes = nodes
+        self._node_states: Mapping[str, str] | None = None
         self.include(users)
 
     def _add(self, rows: list[Row]) -> None:
@@ -101,6 +105,24 @@ class Queue:
         """The state of the job a run's metadata names, if queued."""
         key = self.key(meta)
         return self.jobs.get(key) if key is not None else None
+
+    def node_trouble(self, meta: Mapping[str, Any]) -> str | None:
+        """``"node n2 is down"`` when the scheduler says the node a run's job ran on is
+        down or not responding, else None. The nodes are asked once per queue, when first
+        needed (a scan of runs that all look alive asks nothing)."""
+        ctx = meta.get(self.provider.name)
+        node = self.provider.node_of(ctx) if isinstance(ctx, Mapping) else None
+        if node is None or self._nodes is None:
+            return None
+        if self._node_states is None:
+            try:
+                self._node_states = dict(self._nodes() if callable(self._nodes)
+                                         else self._nodes)
+            except Exception:  # a scheduler that cannot answer says nothing of its nodes
+                self._node_states = {}
+        state = self._node_states.get(node)
+        trouble = self.provider.node_trouble(state) if state else None
+        return f"node {node} {trouble}" if trouble else None
 
     def running(self) -> set[str]:
         """The keys of the jobs running now."""

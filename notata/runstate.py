@@ -163,7 +163,10 @@ def read_run(run_dir: str | os.PathLike[str], task: int | None = None, *,
         record = _classify(meta, task, run_id, run_dir, sweep, queue, stale_after,
                            time.time() if now is None else now)
         if keep is not None:
-            record.kept = keep(meta)
+            try:
+                record.kept = keep(meta)
+            except (TypeError, ValueError, AttributeError, KeyError, OverflowError):
+                record.kept = None  # what was to be kept is lost; the run's status is not
         return record
     except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as err:
         return RunRecord(task, run_id, CORRUPT, 0, f"malformed {layout.METADATA}: {err}",
@@ -270,6 +273,12 @@ def _classify(meta: dict[str, Any], task: int | None, run_id: str, run_dir: str,
     if record.status != STALE:
         return record
     if held(Path(run_dir)):  # a live process holds its lock: alive, whatever else says
+        lost = queue.node_trouble(meta) if queue is not None and asked else None
+        if lost and meta.get("host") != socket.gethostname():
+            # ... except on a node the scheduler has given up on: cut off, not dead; the
+            # next attempt breaks its lock by the rule for another host's holder
+            record.reason = f"{record.reason}; its lock is still held from there"
+            return record
         record.status = schema.RUNNING
         record.reason = f"{record.reason}, but a live process holds its lock"
         return record
@@ -310,10 +319,23 @@ def _liveness(meta: Mapping[str, Any], asked: Queue | None, queued: str | None,
     job = scheduler.job_of(meta)
     if asked is not None and job is not None and job[0].name != asked.provider.name:
         asked = None  # another scheduler's queue says nothing of this job
+    trouble = asked.node_trouble(meta) if asked is not None and job is not None else None
     if queued is not None and job is not None and job[0].is_alive(queued):
+        if trouble:  # the scheduler has not given up on its node yet
+            return schema.RUNNING, (f"{trouble} (its job is still {queued.lower()}); "
+                                    f"no heartbeat for {age:.0f}s")
         return schema.RUNNING, (f"no heartbeat for {age:.0f}s, but its job is "
                                 f"{queued.lower()}" if age > limit else None)
+    if queued is not None and job is not None and job[0].is_waiting(queued):
+        # The job is queued again while its run says it runs: the attempt ended without
+        # a word (its node failed, or the job was requeued from under it); nothing runs.
+        host = meta.get("host")
+        why = (f"requeued after {trouble}" if trouble else
+               f"requeued by {job[0].title} (its attempt on {host} ended without a word)")
+        return PENDING, why
     if asked is not None and job is not None and queued is None:
+        if trouble:  # its node is down: nothing of it runs, whatever the heartbeat's age
+            return STALE, f"its {job[0].title} job is gone and {trouble}"
         # Never over a fresh heartbeat: a queue that does not list a job that is still
         # beating (another user's, another cluster's) is wrong, not the run.
         interval = float(hb.get("interval_sec") or DEFAULT_INTERVAL)

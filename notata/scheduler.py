@@ -84,6 +84,22 @@ class SchedulerProvider(Protocol):
     def is_running(self, state: str) -> bool:
         """Whether a job in this queue state is running now (not pending, not ending)."""
 
+    def is_waiting(self, state: str) -> bool:
+        """Whether a job in this queue state waits to start (again, after a requeue)."""
+
+    # -- the nodes a job ran on --
+
+    def node_of(self, context: Mapping[str, Any]) -> str | None:
+        """The one node a job ran on, as its record says, else None."""
+
+    def node_trouble(self, state: str) -> str | None:
+        """What is wrong with a node in this state (``"is down"``, ``"is not
+        responding"``), else None."""
+
+    def node_lost(self, context: Mapping[str, Any]) -> str | None:
+        """``"node n2 is down"`` when the scheduler says the node a job ran on is down or
+        not responding (asks it: slow), else None (also when it cannot answer)."""
+
 
 _PROVIDERS: list[SchedulerProvider] = []
 
@@ -155,6 +171,13 @@ def output_file(meta: Mapping[str, Any], base_dir: Path) -> Path | None:
     """The scheduler's output file of the job a run's metadata (or an attempt's) names."""
     job = job_of(meta)
     return job[0].output_file(job[1], base_dir) if job is not None else None
+
+
+def node_lost(meta: Mapping[str, Any]) -> str | None:
+    """The scheduler's word that the node a run's metadata (or an attempt's) names is down
+    or not responding (asked now), else None."""
+    job = job_of(meta)
+    return job[0].node_lost(job[1]) if job is not None else None
 
 
 def describe(meta: Mapping[str, Any]) -> str | None:

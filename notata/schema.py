@@ -27,8 +27,8 @@ Added by this notata:
 - ``resources``: what the attempt asked the scheduler for and what it used
   (:mod:`notata.resources`): ``{asked: {time_limit, mem_bytes, cpus, gpus}, used:
   {runtime_sec, peak_rss_bytes, cpu_time_sec}}``, ``asked`` only under a scheduler.
-- ``code``: the code the attempt ran (:mod:`notata.provenance`): ``{state, commit, dirty,
-  diff, env, repo}`` (ids and hashes; ``commit`` None outside git, with ``why``).
+- ``provenance``: the code the attempt ran (:mod:`notata.provenance`): ``{state, commit,
+  dirty, diff, env, repo}`` (ids and hashes; ``commit`` None outside git, with ``why``).
 - Added by sweeps (``notata.task`` / ``notata exec``): ``task`` (the index), ``sweep``
   (its name), ``manifest`` (absolute path), ``manifest_hash``, ``tasks`` (the sweep's
   size), ``task_from`` (``array``: the index is the job array's own, task id + offset;
@@ -37,7 +37,9 @@ Added by this notata:
   ``command`` (the argv run), ``command_pid`` (its process, the leader of its group) and
   ``exit_code``.
 - In ``attempts``, an attempt that a newer open of the run in the same process took over
-  has the status ``superseded``.
+  has the status ``superseded``; one still open on another host whose node failed (the
+  scheduler says the node is down or not responding, or requeued the job from under it)
+  has ``node_fail``, written by the attempt that took over.
 
 Any other key a user sets with ``meta(**fields)`` is kept as is; notata's own keys
 (:data:`RESERVED`) are refused there.
@@ -77,5 +79,6 @@ RESERVED: Final = frozenset({
     "schema", "run_id", "status", "attempt", "attempts", "start_time", "start_unix",
     "end_time", "end_unix", "runtime_sec", "failure_reason", "heartbeat", "signals", "host",
     "pid", "user", "task", "sweep", "manifest", "manifest_hash", "tasks", "command",
-    "command_pid", "exit_code", "task_from", "resources", "pack", "code",
+    "command_pid", "exit_code", "task_from", "resources", "pack",
+    "provenance",
 })

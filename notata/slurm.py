@@ -47,6 +47,11 @@ ALIVE_STATES = frozenset({"RUNNING", "SUSPENDED", "COMPLETING", "CONFIGURING", "
                           "RESIZING", "SIGNALING", "STAGE_OUT"})
 
 
+#: Queue states of a job that waits to start: a requeued job goes back to PENDING (with
+#: Reason=BeginTime while its credential's lifetime runs out).
+WAITING_STATES = frozenset({"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"})
+
+
 #: SLURM_* variables that configure the commands themselves (kept when a job submits).
 _INPUTS = frozenset({"SLURM_CONF", "SLURM_CLUSTERS", "SLURM_DEBUG_FLAGS", "SLURM_EXIT_ERROR",
                      "SLURM_TIME_FORMAT", "SLURM_HINT"})
@@ -191,6 +196,34 @@ class SlurmProvider:
     def is_running(self, state: str) -> bool:
         return state == "RUNNING"
 
+    def is_waiting(self, state: str) -> bool:
+        return state in WAITING_STATES
+
+    def node_of(self, context: Mapping[str, Any]) -> str | None:
+        """``SLURM_JOB_NODELIST`` when it names one node (not ``n[1-2]``, not ``n1,n2``)."""
+        nodes = context.get("nodelist")
+        return nodes if isinstance(nodes, str) and nodes and not set(nodes) & set("[],") \
+            else None
+
+    def node_trouble(self, state: str) -> str | None:
+        """From ``sinfo``'s ``%T``: ``down``/``fail``/``failing`` is down; a trailing ``*``
+        is not responding (``allocated*``: its jobs may be lost already)."""
+        base = state.lower().rstrip("*~#!%$@^-")
+        if base.startswith(("down", "fail")):
+            return "is down"
+        return "is not responding" if state.endswith("*") else None
+
+    def node_lost(self, context: Mapping[str, Any]) -> str | None:
+        node = self.node_of(context)
+        if node is None:
+            return None
+        try:
+            state = nodes([node]).get(node)
+        except SchedulerError:
+            return None
+        trouble = self.node_trouble(state) if state else None
+        return f"node {node} {trouble}" if trouble else None
+
     def job_key(self, context: Mapping[str, Any]) -> str | None:
         """``"<array job>_<task>"`` for an array task (as ``squeue -r`` names it), else the
         job id."""
@@ -319,6 +352,19 @@ def queue(users: Sequence[str] = (), jobs: Sequence[str] = ()) -> list[tuple[str
     return rows
 
 
+def nodes(names: Sequence[str] = ()) -> dict[str, str]:
+    """Node -> state as ``sinfo -N -o %T`` says it (``idle``, ``allocated*``, ``down*``):
+    every node, or those named; one call. Raises :class:`SchedulerError`."""
+    who = ["-n", ",".join(names)] if names else []
+    out = run(["sinfo", "-h", "-N", *who, "-o", "%N|%T"], env=query_env(os.environ))
+    found: dict[str, str] = {}
+    for line in out.splitlines():
+        node, _, state = line.strip().partition("|")
+        if node and state:
+            found[node] = state
+    return found
+
+
 def collector_queue(base_dir: Path | None, command: str, *,
                     required: bool = False) -> Queue | None:
     """SLURM's queue for a scan of the runs under ``base_dir``: the jobs of this user and
@@ -334,7 +380,7 @@ def collector_queue(base_dir: Path | None, command: str, *,
         users |= {str(r["user"]) for r in submissions.read(base_dir)
                   if isinstance(r.get("user"), str)}
     try:
-        return Queue(fetch=queue, users=users, provider=SLURM)
+        return Queue(fetch=queue, users=users, provider=SLURM, nodes=nodes)
     except SchedulerError as err:
         if required:
             raise SchedulerError(err.argv, err.returncode,

@@ -326,7 +326,8 @@ def _submit(sweep: Sweep, indices: list[int], cmd: list[str], backend: str, opti
     sub_id = submissions.new_id()
     more = dict(fields or {})
     if not options.dry_run:  # the code submitted (a dry run writes nothing)
-        more["code"] = provenance.at_submission(sweep.base_dir, provenance.subject_of(cmd))
+        more[provenance.FIELD] = provenance.at_submission(sweep.base_dir,
+                                                          provenance.subject_of(cmd))
 
     def record(tasks: list[int], **parts: Any) -> dict[str, Any]:
         return submissions.entry(sweep, backend, sub_id, tasks, command=cmd,

@@ -135,8 +135,7 @@ def _well_formed(r: dict[str, Any]) -> bool:
     if not all(kind(k, t) for k, t in (("tasks", str), ("backend", str), ("command", list),
                                        ("options", dict), ("job_ids", list), ("arrays", list),
                                        ("user", str), ("host", str), ("manifest", str),
-                                       ("manifest_hash", str), ("left", str),
-                                       ("code", str))):
+                                       ("manifest_hash", str), ("left", str))):
         return False
     if not all(isinstance(c, str) for c in r.get("command") or []):
         return False

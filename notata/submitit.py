@@ -203,7 +203,8 @@ def submit_sweep(fn: Callable[[dict[str, Any], Logbook], Any],
             submissions.append(sweep.base_dir, submissions.entry(
                 sweep, backend, sub_id, flat, part=part, parts=len(chunks),
                 job_ids=[j.job_id for j in submitted], options={},
-                function=getattr(fn, "__qualname__", repr(fn)), code=code, **extra))
+                function=getattr(fn, "__qualname__", repr(fn)), **{provenance.FIELD: code},
+                **extra))
     return jobs
 
 

@@ -140,3 +140,21 @@ def test_time_is_rounded_up_as_slurm_users_write_it(sec: float, limit: int) -> N
                                     (1.1 * 2**30, "2G"), (13.5 * 2**30, "14G")])
 def test_memory_is_rounded_up_as_slurm_users_write_it(n: float, mem: str) -> None:
     assert sbatch.mem_text(round_mem(n)) == mem
+
+
+def test_a_timeout_without_a_recorded_limit_escalates_the_sweeps_own() -> None:
+    """As the retry shepherd does: the sweep's --time when the run's limit is unknown."""
+    runs = [usage("complete", 60, MIB, "00:10:00"), usage("timeout", 600, MIB, None),
+            usage("timeout", 600, MIB, "UNLIMITED")]
+    assert Efficiency(runs, given={"time": "00:10:00"}).suggest["time"] == "00:20:00"
+    # nothing known at all: twice what it ran before it was stopped
+    assert Efficiency(runs[1:]).suggest["time"] == "00:20:00"
+
+
+def test_packed_runs_get_a_time_per_task() -> None:
+    """A pack's --time covers its tasks together: the suggestion is --task-time."""
+    runs = [Usage("r", 0, "complete", 45.0, MIB, None, 1.0, "00:04:00", 2**30, 1, pack=3)
+            for _ in range(3)]
+    used = Efficiency(runs)
+    assert "time" not in used.suggest and used.suggest["task-time"] == "2m"
+    assert used.spread("time_share") is None

@@ -3,6 +3,7 @@ flagged by ``notata status`` when a sweep mixes versions."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -75,7 +76,7 @@ def test_status_flags_a_sweep_that_ran_two_commits_and_names_the_tasks(
     assert submit(manifest, "--backend", "local", "--tasks", "2-3", "--", *cmd) == 0
     sweep = load(manifest)
     for task, commit in ((0, first), (1, first), (2, second), (3, second)):
-        code = read_meta(sweep.task(task).run_dir)["code"]
+        code = read_meta(sweep.task(task).run_dir)["provenance"]
         assert code["commit"] == commit and code["dirty"] is False and code["diff"] is None
         assert code["repo"] == str(repo.resolve()) and len(code["env"]) == 16
     capsys.readouterr()
@@ -103,14 +104,14 @@ def test_code_that_changed_while_tasks_waited_is_flagged(
                   sys.executable, "sim.py", "{k}", cwd=repo)
     try:
         sweep = load(manifest)
-        wait_for(lambda: "code" in meta_of(sweep.task(0).run_dir), 60, "task 0 to start")
+        wait_for(lambda: "provenance" in meta_of(sweep.task(0).run_dir), 60, "task 0 to start")
         first = git(repo, "rev-parse", "HEAD")
         change(repo, commit=False)  # uncommitted: dirty
         (repo / "go").touch()
         assert proc.wait(60) == 0, proc.communicate()
     finally:
         proc.kill()
-    metas = [read_meta(sweep.task(t).run_dir)["code"] for t in range(3)]
+    metas = [read_meta(sweep.task(t).run_dir)["provenance"] for t in range(3)]
     assert metas[0]["dirty"] is False and metas[1]["dirty"] is metas[2]["dirty"] is True
     assert {m["commit"] for m in metas} == {first}
     capsys.readouterr()
@@ -131,7 +132,7 @@ def test_a_submission_saves_its_uncommitted_diff(
     manifest = write_sweep(repo, "name: p\nbase_dir: out\nrun_id: 'k{k}'\ngrid: {k: [1]}\n")
     change(repo, commit=False)
     assert submit(manifest, "--backend", "local", "--", sys.executable, "sim.py", "{k}") == 0
-    code = read_meta(load(manifest).task(0).run_dir)["code"]
+    code = read_meta(load(manifest).task(0).run_dir)["provenance"]
     patch = repo / "out" / ".notata" / "code" / f"diff-{code['diff']}.patch"
     assert "+# changed" in patch.read_text()
 
@@ -144,7 +145,7 @@ def test_a_run_outside_git_records_that_it_has_none(tmp_path: Path) -> None:
                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    code = read_meta(tmp_path / "log_r")["code"]
+    code = read_meta(tmp_path / "log_r")["provenance"]
     assert code["commit"] is None and "not a git repository" in code["why"]
     assert len(code["env"]) == 16 and len(code["state"]) == 16
 
@@ -155,7 +156,7 @@ def test_provenance_can_be_turned_off(tmp_path: Path, monkeypatch: pytest.Monkey
 
     with Logbook("r", tmp_path):
         pass
-    assert "code" not in read_meta(tmp_path / "log_r")
+    assert "provenance" not in read_meta(tmp_path / "log_r")
 
 
 def test_the_subject_of_a_command_is_its_script(tmp_path: Path) -> None:
@@ -166,3 +167,35 @@ def test_the_subject_of_a_command_is_its_script(tmp_path: Path) -> None:
         str(tmp_path / "sim.py")
     assert provenance.subject_of([sys.executable, "-c", "pass"], str(tmp_path)) == \
         str(tmp_path)  # the interpreter is not the code
+
+
+def test_a_repository_that_tracks_the_runs_is_one_version(
+        repo: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs write into their base folder: that is not a change of the code, even where
+    git tracks it (a careless git add -A after the first tasks)."""
+    monkeypatch.chdir(repo)
+    (repo / ".gitignore").write_text("go\n")
+    manifest = write_sweep(repo, "name: p\nbase_dir: out\nrun_id: 'k{k}'\n"
+                                 "grid: {k: [1, 2, 3]}\n")
+    cmd = ["--", sys.executable, "sim.py", "{k}"]
+    assert submit(manifest, "--backend", "local", "--tasks", "0", *cmd) == 0
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "with the first run")
+    assert submit(manifest, "--backend", "local", *cmd) == 0
+    metas = [read_meta(load(manifest).task(t).run_dir)["provenance"] for t in (1, 2)]
+    assert metas[0]["state"] == metas[1]["state"] and metas[0]["dirty"] is False
+    capsys.readouterr()
+    assert main(["status", str(manifest)]) == 0
+    out = capsys.readouterr().out
+    assert "not the code they were submitted with" not in out
+    assert "versions of the code" in out  # task 0 ran before the commit: two, rightly
+
+
+def test_a_function_from_a_notebook_names_no_file(tmp_path: Path) -> None:
+    """A notebook cell's function names a file that does not exist: its code is the
+    working folder's, at submission and in the job alike."""
+    namespace: dict[str, object] = {}
+    exec(compile("def f(p, log):\n    pass\n", str(tmp_path / "ipykernel_1" / "123.py"),
+                 "exec"), namespace)
+    assert provenance.subject_of_function(namespace["f"]) == os.getcwd()

@@ -138,3 +138,47 @@ def test_an_artifact_no_run_has_is_named(oscillator: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", str(oscillator), "--artifact", "nosuch", "-o", "/dev/null"]) == 2
     assert "--artifact nosuch: no run has it" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where, fmt", [("a-folder", "html"), ("no/such/r.html", "html"),
+                                        ("a-file/r.html", "html"), ("a-file", "png")])
+def test_an_output_that_cannot_be_written_is_one_line(
+        oscillator: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str,
+        fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-folder").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    capsys.readouterr()
+    assert main(["report", str(oscillator), "--format", fmt, "-o", where]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"notata report: -o {where}:") and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "a-folder"]
+
+
+def test_odd_results_and_labels_do_not_stop_the_report(tmp_path: Path) -> None:
+    """A diverged run's 1e308, an integer too large for a float, a ``$`` in a grid value
+    or a field name (no formula), and a metadata figure too large for a float."""
+    import matplotlib
+
+    manifest = tmp_path / "odd.yaml"
+    manifest.write_text("name: odd\ngrid: {model: ['plain', 'cost $^$ x'], seed: [1, 2]}\n")
+    from notata import task
+
+    for i, value in enumerate([1.0, 1.7976931348623157e308, 10**400, 2.0]):
+        with task(manifest, i) as log:
+            log.save_json("m", {"E": value, "a_$^$": i})
+    meta = tmp_path / "outputs" / "log_modelplain_seed1" / "metadata.json"
+    data = json.loads(meta.read_text())
+    data["heartbeat"]["peak_rss_bytes"] = 10**400
+    data["provenance"] = {"state": ["not", "a", "string"]}
+    meta.write_text(json.dumps(data))
+    backend = matplotlib.get_backend()
+    built = notata.report(manifest, ["m"])
+    html = built.html()
+    assert built.notes == [] and html.count("<svg") == 4
+    assert {s: n for s, n in built.counts.items() if n} == {"complete": 4}
+    assert "cost $^$ x" in html
+    assert matplotlib.get_backend() == backend  # the caller's backend is left alone
+    import matplotlib.pyplot as plt
+
+    assert plt.get_fignums() == []  # no figure left open in pyplot

@@ -1,0 +1,276 @@
+"""Losing a node, on the multi-node test cluster (scripts/slurm-cluster.sh: three nodes,
+each slurmd in its own UTS and PID namespace on this machine; SlurmdTimeout=15,
+cred_expire=30).
+
+One scenario, started at collection (``start_early``) and run beside the other tests:
+two sweeps of six tasks fill the cluster's twelve CPUs, one with SLURM's requeue (the
+default) and one submitted ``--no-requeue``; node n2 is killed (its namespace's init gets
+SIGKILL: every process on it dies at once, no handler runs); ``notata status`` is
+recorded every two seconds while SLURM notices, declares the node down and requeues;
+the ``--no-requeue`` sweep is resubmitted; then the tasks are let finish. A second
+scenario freezes the node a task runs on (SIGSTOP: a partition, its processes alive and
+holding their locks) and checks that the requeued attempt takes the run over by the
+rule for another host's lock holder. The tests assert on what was recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import ROOT, read_meta, write_sweep
+
+MULTI = Path("/etc/slurm-multi/slurm.conf")
+CLUSTER = ROOT / "scripts" / "slurm-cluster.sh"
+HOLD = """\
+import os, sys, time
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.2)
+"""
+_SEEN: dict[str, Any] = {}
+_DONE = threading.Event()
+
+
+def _env(**more: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "NOTATA_", "SBATCH_", "SQUEUE_"))}
+    env.update(SLURM_CONF=str(MULTI), PYTHONPATH=str(ROOT), NOTATA_HEARTBEAT="2", **more)
+    return env
+
+
+def _notata(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "notata", *args], env=_env(**env),
+                          capture_output=True, text=True, timeout=180)
+
+
+def _status(manifest: Path) -> dict[int, dict[str, Any]]:
+    out = _notata("status", str(manifest), "--json")
+    return {r["task"]: r for r in json.loads(out.stdout)["runs"]} if out.returncode == 0 else {}
+
+
+def _cluster(*args: str) -> None:
+    subprocess.run([str(CLUSTER), *args], check=True, capture_output=True, timeout=120)
+
+
+def multi_up() -> bool:
+    if not MULTI.exists() or not shutil.which("sinfo"):
+        return False
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], env=_env(), capture_output=True,
+                         text=True, timeout=30)
+    return out.returncode == 0 and len([ln for ln in out.stdout.splitlines()
+                                        if ln.split()[1] in ("idle", "mix", "alloc")]) >= 3
+
+
+def _hosts(manifest: Path, tasks: range) -> dict[int, str]:
+    from notata.manifest import load
+
+    sweep = load(manifest)
+    out = {}
+    for t in tasks:
+        with contextlib.suppress(OSError, ValueError):
+            out[t] = str(read_meta(sweep.task(t).run_dir).get("host"))
+    return out
+
+
+def _wait(what: str, predicate: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _kill_scenario(base: Path) -> None:
+    hold = base / "hold.py"
+    hold.write_text(HOLD)
+    release = base / "release"
+    cmd = ["--", sys.executable, str(hold), str(release)]
+    kept = write_sweep(base, "name: kept\nbase_dir: kept\ngrid: {k: [0, 1, 2, 3, 4, 5]}\n",
+                       "kept.yaml")
+    gone = write_sweep(base, "name: gone\nbase_dir: gone\ngrid: {k: [0, 1, 2, 3, 4, 5]}\n",
+                       "gone.yaml")
+    _SEEN["kept"], _SEEN["gone"] = kept, gone
+    for manifest, extra in ((kept, []), (gone, ["--sbatch-line=--no-requeue"])):
+        out = _notata("submit", str(manifest), "--backend", "slurm", *extra, *cmd)
+        assert out.returncode == 0, out.stderr
+    _wait("twelve tasks running", lambda: len(_hosts(kept, range(6))) + len(
+        _hosts(gone, range(6))) == 12 and all(
+        r["status"] == "running" for m in (kept, gone) for r in _status(m).values()), 120)
+    _SEEN["hosts"] = {"kept": _hosts(kept, range(6)), "gone": _hosts(gone, range(6))}
+    _SEEN["killed"] = time.time()
+    _cluster("kill-node", "n2")
+    snapshots: list[tuple[float, dict[str, dict[int, dict[str, Any]]]]] = []
+    on_n2 = {name: [t for t, h in hosts.items() if h == "n2"]
+             for name, hosts in _SEEN["hosts"].items()}
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline:
+        seen = {"kept": _status(kept), "gone": _status(gone)}
+        snapshots.append((time.time() - _SEEN["killed"], seen))
+        if all(seen["kept"].get(t, {}).get("status") == "pending" for t in on_n2["kept"]) \
+                and all(seen["gone"].get(t, {}).get("status") == "stale"
+                        for t in on_n2["gone"]):
+            break
+        time.sleep(2)
+    _SEEN["snapshots"] = snapshots
+    _SEEN["resubmit"] = _notata("resubmit", str(gone))
+    release.touch()
+    _wait("both sweeps complete", lambda: all(
+        r["status"] == "complete" for m in (kept, gone) for r in _status(m).values()), 300)
+    _SEEN["final"] = {"kept": _status(kept), "gone": _status(gone)}
+
+
+def _freeze_scenario(base: Path) -> None:
+    """A task's node frozen: the requeued attempt breaks its lock (the node is down, so
+    after 3 heartbeats; NOTATA_LOCK_BREAK_SEC=20 shortens the minute) and completes; the
+    thawed old attempt writes nothing over it."""
+    hold = base / "hold.py"
+    release = base / "release-frozen"
+    manifest = write_sweep(base, "name: cut\nbase_dir: cut\ngrid: {k: [0]}\n", "cut.yaml")
+    _SEEN["cut"] = manifest
+    out = _notata("submit", str(manifest), "--backend", "slurm", "--", sys.executable,
+                  str(hold), str(release), NOTATA_LOCK_BREAK_SEC="20")
+    assert out.returncode == 0, out.stderr
+    _wait("the task to run", lambda: _status(manifest).get(0, {}).get("status") == "running",
+          120)
+    node = _hosts(manifest, range(1))[0]
+    _SEEN["frozen"] = node
+    _cluster("freeze-node", node)
+    _SEEN["frozen_at"] = time.time()
+    release.touch()  # the requeued attempt finishes at once; so does the old one, if thawed
+    try:
+        _wait("the requeued attempt to complete", lambda: _status(manifest).get(0, {}).get(
+            "status") == "complete" and read_meta(_run(manifest)).get("attempt") == 2, 300)
+    finally:
+        _cluster("thaw-node", node)
+    time.sleep(15)  # the thawed attempt's heartbeat finds its lock gone; slurmd ends it
+    _SEEN["after_thaw"] = read_meta(_run(manifest))
+
+
+def _run(manifest: Path, task: int = 0) -> Path:
+    from notata.manifest import load
+
+    return load(manifest).task(task).run_dir
+
+
+def _scenarios() -> None:
+    base = Path(tempfile.mkdtemp(prefix="notata-nodes-"))
+    try:
+        _kill_scenario(base)
+    except BaseException as err:  # noqa: BLE001 - said by the tests that read it
+        _SEEN["error"] = repr(err)
+    finally:
+        subprocess.run([str(CLUSTER), "revive-node", "n2"], capture_output=True, timeout=120)
+    try:
+        _wait("n2 back", multi_up, 120)
+        _freeze_scenario(base)
+    except BaseException as err:  # noqa: BLE001
+        _SEEN["freeze_error"] = repr(err)
+    _DONE.set()
+
+
+def start_early() -> None:
+    """Start the scenarios now if the multi-node cluster is up (conftest calls this)."""
+    if _SEEN.get("started") or not multi_up():
+        return
+    _SEEN["started"] = True
+    threading.Thread(target=_scenarios, daemon=True).start()
+
+
+@pytest.fixture(scope="module")
+def scenario() -> dict[str, Any]:
+    if not shutil.which("sbatch"):
+        pytest.skip("no sbatch here, and no root to start scripts/slurm-cluster.sh")
+    if not multi_up():
+        pytest.fail("the multi-node test cluster is not up: scripts/slurm-cluster.sh start")
+    start_early()
+    assert _DONE.wait(900), "the node-loss scenarios did not end in 15 minutes"
+    return _SEEN
+
+
+def _phases(seen: dict[str, Any], sweep: str) -> list[tuple[float, list[tuple[str, str]]]]:
+    """(seconds after the kill, [(status, reason) of each of the sweep's tasks on n2])."""
+    on_n2 = [t for t, h in seen["hosts"][sweep].items() if h == "n2"]
+    return [(t, [(s[sweep].get(k, {}).get("status", "?"), s[sweep].get(k, {}).get(
+        "reason") or "") for k in on_n2]) for t, s in seen["snapshots"]]
+
+
+def test_a_lost_node_reads_running_then_pending_once_slurm_requeues(
+        scenario: dict[str, Any]) -> None:
+    """Until SLURM gives up on the node its tasks read running (SLURM's RUNNING wins),
+    with "node n2 is not responding" once it says so; after the requeue, pending
+    ("requeued"), never running again while nothing runs, never stale or missing."""
+    assert "error" not in scenario, scenario.get("error")
+    assert "n2" in scenario["hosts"]["kept"].values(), scenario["hosts"]
+    phases = _phases(scenario, "kept")
+    statuses = [{s for s, _ in tasks} for _, tasks in phases]
+    assert statuses[0] == {"running"}
+    first_pending = next(i for i, s in enumerate(statuses) if s == {"pending"})
+    assert all(s == {"running"} for s in statuses[:first_pending] if len(s) == 1), statuses
+    assert all(s == {"pending"} for s in statuses[first_pending:]), statuses
+    said = [r for _, tasks in phases for s, r in tasks if s == "running"]
+    assert any("node n2 is not responding" in r for r in said), said
+    assert all("requeued" in r and "node n2 is down" in r
+               for _, tasks in phases[first_pending:] for _, r in tasks)
+
+
+def test_without_requeue_a_lost_node_is_stale_at_once_and_resubmitted(
+        scenario: dict[str, Any]) -> None:
+    """With --no-requeue SLURM drops the job: stale as soon as the node is down (not after
+    the heartbeat's 126 s), and resubmit takes those tasks."""
+    assert "error" not in scenario, scenario.get("error")
+    assert "n2" in scenario["hosts"]["gone"].values(), scenario["hosts"]
+    phases = _phases(scenario, "gone")
+    stale_at = next(t for t, tasks in phases if {s for s, _ in tasks} == {"stale"})
+    assert stale_at < 100, phases
+    reasons = [r for t, tasks in phases for s, r in tasks if s == "stale"]
+    assert all("job is gone and node n2 is down" in r for r in reasons), reasons
+    on_n2 = sorted(t for t, h in scenario["hosts"]["gone"].items() if h == "n2")
+    assert scenario["resubmit"].returncode == 0, scenario["resubmit"].stderr
+    assert f"tasks {on_n2[0]}" in scenario["resubmit"].stderr + scenario["resubmit"].stdout \
+        or f"task {on_n2[0]}" in scenario["resubmit"].stderr + scenario["resubmit"].stdout
+
+
+@pytest.mark.parametrize("sweep", ["kept", "gone"])
+def test_the_lost_tasks_end_complete_as_a_second_attempt_elsewhere(
+        scenario: dict[str, Any], sweep: str) -> None:
+    """Every task complete; each lost one as attempt 2 on another node, its first attempt
+    closed as node_fail on n2 by the attempt that took over, which started after the node
+    died (never two live holders); the other runs untouched (one attempt)."""
+    assert "error" not in scenario, scenario.get("error")
+    from notata.manifest import load
+
+    final = scenario["final"][sweep]
+    assert {r["status"] for r in final.values()} == {"complete"}
+    sweep_ = load(scenario[sweep])
+    for task, host in scenario["hosts"][sweep].items():
+        meta = read_meta(sweep_.task(task).run_dir)
+        if host != "n2":
+            assert meta["attempt"] == 1 and meta["host"] == host
+            continue
+        first = meta["attempts"][0]
+        assert meta["attempt"] == 2 and meta["host"] not in ("n2", None), meta
+        assert first["host"] == "n2" and first["status"] == "node_fail", first
+        assert "node n2" in first["failure_reason"]
+        assert meta["start_unix"] > scenario["killed"]
+
+
+def test_a_frozen_nodes_lock_is_taken_over_by_the_requeued_attempt(
+        scenario: dict[str, Any]) -> None:
+    assert "freeze_error" not in scenario, scenario.get("freeze_error")
+    meta = scenario["after_thaw"]
+    assert meta["status"] == "complete" and meta["attempt"] == 2, meta
+    first = meta["attempts"][0]
+    assert first["host"] == scenario["frozen"] and first["status"] == "node_fail", first
+    assert meta["host"] != scenario["frozen"]
+    assert list(_run(scenario["cut"]).glob(".lock.broken-*")), "the lock was not broken"
