@@ -95,7 +95,11 @@ start() {
     munged --force --pid-file="$run/munged.pid"
   fi
   alive "$run/slurmctld.pid" || slurmctld -f "$conf"
-  for name in $(node_names); do start_node "$name"; done
+  for name in $(node_names); do
+    # a node left frozen (a test stopped midway) is thawed; a dead one started again
+    alive "$run/init-$name.pid" && kill -CONT $(node_pids "$name") 2>/dev/null || true
+    start_node "$name"
+  done
   wait_idle "$n"
 }
 

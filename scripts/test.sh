@@ -10,8 +10,13 @@ if [ "$(id -u)" = 0 ] && ! command -v chromium >/dev/null; then
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
         >/dev/null 2>&1 || echo "test.sh: chromium could not be installed" >&2
 fi
-# The SLURM tests run against a real single-node cluster; as root, start it (idempotent).
-if [ "$(id -u)" = 0 ]; then "$root/scripts/slurm-local.sh" start; fi
+# The SLURM tests run against a real single-node cluster, and the node-loss tests against a
+# three-node one beside it (each node in its own namespaces); as root, start both
+# (idempotent).
+if [ "$(id -u)" = 0 ]; then
+    "$root/scripts/slurm-local.sh" start
+    "$root/scripts/slurm-cluster.sh" start
+fi
 cd "$root"
 .venv/bin/ruff check notata tests benchmarks
 .venv/bin/mypy notata
