@@ -225,7 +225,11 @@ def _say_ended(index: int, log: Logbook) -> None:
     """One line on stderr for a task that did not complete: what, and where its output
     is (run by hand, everything else went to the run's files)."""
     reason = str(log.metadata.get("failure_reason") or "").splitlines()
-    print(f"notata: task {index} ({log.run_id}) {log.metadata.get('status')}"
+    # On a terminal, first erase the line: a local sweep's progress line may be on it
+    # (the line is said here, by the task's own process, and the progress line is redrawn
+    # below it)
+    erase = "\r\033[K" if sys.stderr.isatty() else ""
+    print(f"{erase}notata: task {index} ({log.run_id}) {log.metadata.get('status')}"
           + (f": {reason[0]}" if reason else "")
           + f"; its output: {log.path / layout.STDOUT}, {log.path / layout.STDERR}",
           file=sys.stderr, flush=True)
