@@ -34,28 +34,33 @@ NODE_FAIL = "node_fail"
 
 def close_lost(meta: dict[str, Any]) -> None:
     """At the start of an attempt under a scheduler: the last attempt, if it is still open
-    in the history (its process never ended it) and ran on another host, is closed as
-    :data:`NODE_FAIL` when the scheduler says its node is down or not responding, or when
-    this is the same job requeued by the scheduler (a job requeued from under a live
-    attempt gets SIGTERM, and a SIGTERM is recorded: an attempt left open died with its
-    node, or at least with its slurmd). Asks the scheduler (slow: not for the first write).
-    """
+    in the history (its process never ended it), is closed as :data:`NODE_FAIL` when the
+    scheduler says the node it ran on (another host) is down or not responding, or when
+    this is the same job requeued by the scheduler (on any node, its own included once it
+    is back: a job requeued from under a live attempt gets SIGTERM, and a SIGTERM is
+    recorded, so an attempt left open died with its node, or at least its slurmd). An
+    attempt that ended without a word otherwise (a SIGKILL on this host) stays as it was
+    recorded. Asks the scheduler (slow: not for the first write)."""
     history = meta.get("attempts") or []
     last = history[-1] if history and isinstance(history[-1], dict) else None
-    if last is None or last.get("status") not in schema.OPEN_STATUSES \
-            or last.get("host") == meta.get("host"):
+    if last is None or last.get("status") not in schema.OPEN_STATUSES:
         return
-    lost = scheduler.node_lost(last)
-    if lost is None:
-        mine, theirs = scheduler.job_of(meta), scheduler.job_of(last)
-        same = (mine is not None and theirs is not None and mine[0] is theirs[0]
-                and mine[0].job_key(mine[1]) == mine[0].job_key(theirs[1]))
-        if not same or not (mine and theirs) or not int(
-                mine[1].get("restart_count") or 0) > int(theirs[1].get("restart_count") or 0):
-            return
+    lost = scheduler.node_lost(last) if last.get("host") != meta.get("host") else None
+    if lost is None and _requeued(meta, last):
         lost = f"its job was requeued while it ran on {last.get('host')}"
-    last["status"] = NODE_FAIL
-    last["failure_reason"] = f"{lost}: the attempt ended with its node, no handler ran"
+    if lost is not None:
+        last["status"] = NODE_FAIL
+        last["failure_reason"] = f"{lost}: the attempt ended with its node, no handler ran"
+
+
+def _requeued(meta: Mapping[str, Any], last: Mapping[str, Any]) -> bool:
+    """Whether this attempt's job is the last one's, requeued since (its restart count
+    rose)."""
+    mine, theirs = scheduler.job_of(meta), scheduler.job_of(last)
+    if mine is None or theirs is None or mine[0] is not theirs[0] \
+            or mine[0].job_key(mine[1]) != mine[0].job_key(theirs[1]):
+        return False
+    return mine[0].restarts(mine[1]) > mine[0].restarts(theirs[1])
 
 
 def take_over(path: Path, run_id: str, overwrite: bool,

@@ -25,12 +25,16 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}")
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], *, durable: bool = False) -> None:
+def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], *, durable: bool = False,
+                 still: Callable[[], bool] | None = None) -> bool:
     """Write ``path`` through ``write(fileobj)`` on a temporary file, then rename it.
 
     ``durable=True`` also fsyncs the file and its folder before returning, so the
     new content survives a crash of the machine, not only of the process.
-    The temporary file is removed if ``write`` raises (disk full included).
+    The temporary file is removed if ``write`` raises (disk full included). ``still()``,
+    asked just before the rename, may call the write off (the temporary file removed,
+    False returned): a run's holder whose lock was broken while it was stopped (a frozen
+    node) must not put its record over the new holder's.
     """
     tmp = _tmp_name(path)
     # O_EXCL: never write through a name someone planted; mode 0o666 lets umask decide,
@@ -42,6 +46,9 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], *, durable: bool
             f.flush()
             if durable:
                 os.fsync(f.fileno())
+        if still is not None and not still():
+            os.unlink(tmp)
+            return False
         os.replace(tmp, path)
     except BaseException as err:
         with contextlib.suppress(OSError):
@@ -51,6 +58,7 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], *, durable: bool
         raise
     if durable:
         fsync_dir(path.parent)
+    return True
 
 
 def create_exclusive(path: Path, data: bytes) -> None:
@@ -75,9 +83,11 @@ def dumps_json(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
 
 
-def atomic_write_json(path: Path, obj: Any, *, durable: bool = False) -> None:
-    """Atomically replace ``path`` with ``obj`` as JSON."""
-    atomic_write_bytes(path, dumps_json(obj), durable=durable)
+def atomic_write_json(path: Path, obj: Any, *, durable: bool = False,
+                      still: Callable[[], bool] | None = None) -> bool:
+    """Atomically replace ``path`` with ``obj`` as JSON (``still``: see atomic_write)."""
+    data = dumps_json(obj)
+    return atomic_write(path, lambda f: f.write(data), durable=durable, still=still)
 
 
 def read_json_object(path: str | os.PathLike[str]) -> dict[str, Any]:

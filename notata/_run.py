@@ -57,6 +57,10 @@ class OwnedRun:
         self.closed = False  # a terminal status is recorded (or the run was given up)
         self.superseded = False
         self.lost = False  # the run directory or its lock was replaced under this handle
+        #: Called (from the heartbeat thread) when the heartbeat finds the run lost: a
+        #: ``notata exec`` wrapper stops its command, which must not write beside the
+        #: attempt that took the run over.
+        self.lost_hooks: list[Callable[[], object]] = []
         self.scheduler: scheduler.SchedulerProvider | None = None
         self.t0 = time.monotonic()
         self._unsynced: set[Path] = set()
@@ -234,7 +238,10 @@ class OwnedRun:
             if changed and status != schema.COMPLETE:
                 index.record(self.path.parent, self.meta)
                 self._indexed = key
-            _fs.atomic_write_json(self.path / layout.METADATA, self.meta, durable=durable)
+            if not _fs.atomic_write_json(self.path / layout.METADATA, self.meta,
+                                         durable=durable, still=self.lock.still_ours):
+                self.lost = True  # its lock was broken (a node cut off): nothing written
+                raise RunLostError(str(self.path))
             if changed and status == schema.COMPLETE and durable:
                 index.record(self.path.parent, self.meta)
                 self._indexed = key
@@ -250,15 +257,19 @@ class OwnedRun:
         with self.meta_lock:
             if self.closed or self.lost or self.meta.get("status") not in schema.OPEN_STATUSES:
                 return
-            if not self.lock.still_ours():
-                self.lost = True
-                logger.warning("notata: %s was moved, replaced or its lock broken while this "
-                               "process had it open; it writes nothing more there", self.path)
-                return  # the next write through the handle lets the run go (lose)
-            hb = self.meta["heartbeat"]
-            self.meta["heartbeat"] = {**hb, **sample, "unix": round(now, 3),
-                                      "time": runinfo.now_iso(now), "beat": hb["beat"] + 1}
-            _fs.atomic_write_json(self.path / layout.METADATA, self.meta)
+            if self.lock.still_ours():
+                hb = self.meta["heartbeat"]
+                self.meta["heartbeat"] = {**hb, **sample, "unix": round(now, 3),
+                                          "time": runinfo.now_iso(now), "beat": hb["beat"] + 1}
+                if _fs.atomic_write_json(self.path / layout.METADATA, self.meta,
+                                         still=self.lock.still_ours):
+                    return
+            self.lost = True  # (broken between the check and the write: nothing written)
+            logger.warning("notata: %s was moved, replaced or its lock broken while this "
+                           "process had it open; it writes nothing more there", self.path)
+        for hook in self.lost_hooks:  # the next write through the handle lets the run go
+            with contextlib.suppress(Exception):
+                hook()
 
     # -- ending --------------------------------------------------------------------------------
 

@@ -68,10 +68,16 @@ class _Unsupported(Exception):
 def _floor() -> float:
     """:data:`MIN_STALE_LOCK_SEC`, or ``NOTATA_LOCK_BREAK_SEC`` where set (tests; a site
     whose shared filesystem releases a dead client's locks sooner)."""
+    raw = os.environ.get("NOTATA_LOCK_BREAK_SEC")
     try:
-        return max(0.0, float(os.environ.get("NOTATA_LOCK_BREAK_SEC") or MIN_STALE_LOCK_SEC))
+        value = float(raw) if raw else MIN_STALE_LOCK_SEC
     except ValueError:
+        value = -1.0
+    if not 1.0 <= value < 1e9:  # NaN, negative, zero, garbage: the default, said
+        warnings.warn(f"NOTATA_LOCK_BREAK_SEC={raw!r} is not a number of seconds (at "
+                      f"least 1); using {MIN_STALE_LOCK_SEC:.0f}", UserWarning, stacklevel=3)
         return MIN_STALE_LOCK_SEC
+    return value
 
 
 def break_after(holder: Mapping[str, Any], node_lost: bool = False) -> float:
@@ -84,8 +90,9 @@ def break_after(holder: Mapping[str, Any], node_lost: bool = False) -> float:
     a run stale): breaking a live holder's lock would let two processes write one run."""
     hb = holder.get("heartbeat")
     interval = float((hb.get("interval_sec") if isinstance(hb, Mapping) else None) or 0)
-    if node_lost:
-        return max(min(_floor(), DOWN_NODE_MIN_SEC), DOWN_NODE_BEATS * interval)
+    if node_lost:  # at most what a start waits for it (DOWN_NODE_WAIT_SEC)
+        return min(max(min(_floor(), DOWN_NODE_MIN_SEC), DOWN_NODE_BEATS * interval),
+                   DOWN_NODE_WAIT_SEC)
     return max(_floor(), STALE_LOCK_BEATS * interval)
 
 
@@ -249,9 +256,10 @@ class RunLock:
             and scheduler.node_lost(holder) is not None
         beat = _last_beat(holder)
         if lost and beat is not None:  # its node is gone: wait out the shorter rule
-            wait = beat + break_after(holder, True) - time.time() + 1
-            if 0 < wait <= DOWN_NODE_WAIT_SEC:
-                time.sleep(wait)
+            until = time.monotonic() + min(beat + break_after(holder, True) - time.time() + 1,
+                                           DOWN_NODE_WAIT_SEC)
+            while time.monotonic() < until and not holder_is_dead(holder, node_lost=True):
+                time.sleep(min(5.0, max(0.1, until - time.monotonic())))
                 if self.try_acquire():
                     return
                 holder = self._read_holder()

@@ -250,6 +250,12 @@ class Logbook(Outputs):
         self._signals.warning_hooks.append(hook)
         return hook
 
+    def _on_lost(self, hook: Callable[[], object]) -> None:
+        """Call ``hook()`` (from the heartbeat thread) if the heartbeat finds the run lost
+        (its lock broken by another host's attempt): ``notata exec`` stops its command."""
+        if isinstance(self._run, OwnedRun):
+            self._run.lost_hooks.append(hook)
+
     def on_terminate(self, hook: Any) -> Any:
         """Call ``hook(log, signum)`` after a SIGTERM's or SIGHUP's status is on disk, before
         the exit, with the run lock still held (also in a command attached under

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
@@ -56,6 +57,9 @@ class Queue:
         self._asked_jobs: set[str] = set()
         self._nodes = nodes
         self._node_states: Mapping[str, str] | None = None
+        #: When the queue was listed (first asked): a run that beat after that is newer
+        #: than what the listing says of its job.
+        self.listed_at = time.time()
         self.include(users)
 
     def _add(self, rows: list[Row]) -> None:
@@ -109,7 +113,8 @@ class Queue:
     def node_trouble(self, meta: Mapping[str, Any]) -> str | None:
         """``"node n2 is down"`` when the scheduler says the node a run's job ran on is
         down or not responding, else None. The nodes are asked once per queue, when first
-        needed (a scan of runs that all look alive asks nothing)."""
+        needed: only for a run recorded as open whose job is queued again, gone, or whose
+        heartbeat is late."""
         ctx = meta.get(self.provider.name)
         node = self.provider.node_of(ctx) if isinstance(ctx, Mapping) else None
         if node is None or self._nodes is None:

@@ -290,6 +290,7 @@ def _run_command(log: Logbook, index: int, argv: Sequence[str] | Function,
                 log.mark_failed(f"cannot start {cmd[0]!r}: {err.strerror or err}")
                 return None, None, None
             log.on_terminate(lambda _log, signum: _stopped(_log, proc))
+            log._on_lost(lambda: _command.stop(proc, signal.SIGTERM))  # a new holder writes
             log.on_warning(lambda _log: _command.pass_warning(proc))
             log._set(command_pid=proc.pid)
             if warned is not None and warned():  # the warning came before the command

@@ -274,7 +274,7 @@ def _classify(meta: dict[str, Any], task: int | None, run_id: str, run_dir: str,
         return record
     if held(Path(run_dir)):  # a live process holds its lock: alive, whatever else says
         lost = queue.node_trouble(meta) if queue is not None and asked else None
-        if lost and meta.get("host") != socket.gethostname():
+        if lost and lost.endswith("is down") and meta.get("host") != socket.gethostname():
             # ... except on a node the scheduler has given up on: cut off, not dead; the
             # next attempt breaks its lock by the rule for another host's holder
             record.reason = f"{record.reason}; its lock is still held from there"
@@ -319,28 +319,35 @@ def _liveness(meta: Mapping[str, Any], asked: Queue | None, queued: str | None,
     job = scheduler.job_of(meta)
     if asked is not None and job is not None and job[0].name != asked.provider.name:
         asked = None  # another scheduler's queue says nothing of this job
-    trouble = asked.node_trouble(meta) if asked is not None and job is not None else None
+    interval = float(hb.get("interval_sec") or DEFAULT_INTERVAL)
+    late = age > FRESH_BEATS * interval  # two beats missed
+
+    def trouble() -> str | None:  # the scheduler's word on the run's node (asked once)
+        return asked.node_trouble(meta) if asked is not None and job is not None else None
+
     if queued is not None and job is not None and job[0].is_alive(queued):
-        if trouble:  # the scheduler has not given up on its node yet
-            return schema.RUNNING, (f"{trouble} (its job is still {queued.lower()}); "
-                                    f"no heartbeat for {age:.0f}s")
+        said = trouble() if late else None  # the scheduler may not have given up on it yet
+        if said:
+            return schema.RUNNING, (f"{said} (its job is still {queued.lower()}); no "
+                                    f"heartbeat for {age:.0f}s")
         return schema.RUNNING, (f"no heartbeat for {age:.0f}s, but its job is "
                                 f"{queued.lower()}" if age > limit else None)
-    if queued is not None and job is not None and job[0].is_waiting(queued):
-        # The job is queued again while its run says it runs: the attempt ended without
-        # a word (its node failed, or the job was requeued from under it); nothing runs.
-        host = meta.get("host")
-        why = (f"requeued after {trouble}" if trouble else
-               f"requeued by {job[0].title} (its attempt on {host} ended without a word)")
-        return PENDING, why
-    if asked is not None and job is not None and queued is None:
-        if trouble:  # its node is down: nothing of it runs, whatever the heartbeat's age
-            return STALE, f"its {job[0].title} job is gone and {trouble}"
+    beat = hb.get("unix") if isinstance(hb.get("unix"), (int, float)) else None
+    if queued is not None and job is not None and job[0].is_waiting(queued) \
+            and asked is not None and beat is not None and beat < asked.listed_at - 1:
+        # Queued again while its run says it runs, and no beat since the queue said so
+        # (a task that starts while the scan reads is not this): the attempt ended
+        # without a word (its node failed, or the job was requeued from under it).
+        said = trouble()
+        return PENDING, (f"requeued after {said}" if said else f"requeued by {job[0].title} "
+                         f"(its attempt on {meta.get('host')} ended without a word)")
+    if asked is not None and job is not None and queued is None and late:
         # Never over a fresh heartbeat: a queue that does not list a job that is still
         # beating (another user's, another cluster's) is wrong, not the run.
-        interval = float(hb.get("interval_sec") or DEFAULT_INTERVAL)
-        if age > FRESH_BEATS * interval:
-            return STALE, f"its {job[0].title} job is gone"
+        said = trouble()
+        if said and said.endswith("is down"):  # nothing of it runs: not after the threshold
+            return STALE, f"its {job[0].title} job is gone and {said}"
+        return STALE, f"its {job[0].title} job is gone"
     if age > limit:
         return STALE, f"no heartbeat for {age:.0f}s (threshold {limit:.0f}s)"
     return schema.RUNNING, None

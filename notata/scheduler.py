@@ -47,6 +47,9 @@ class SchedulerProvider(Protocol):
     def requeued(self, context: Mapping[str, Any]) -> bool:
         """Whether this job has run before (the scheduler requeued it)."""
 
+    def restarts(self, context: Mapping[str, Any]) -> int:
+        """How many times the scheduler had requeued this job when the record was made."""
+
     def termination_status(self, context: Mapping[str, Any], now: float) -> str | None:
         """The status a SIGTERM means for this job (timeout, cancelled, preempted), or None."""
 

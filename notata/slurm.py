@@ -206,12 +206,15 @@ class SlurmProvider:
             else None
 
     def node_trouble(self, state: str) -> str | None:
-        """From ``sinfo``'s ``%T``: ``down``/``fail``/``failing`` is down; a trailing ``*``
-        is not responding (``allocated*``: its jobs may be lost already)."""
+        """From ``sinfo``'s ``%T``: ``down`` is down; a trailing ``*`` is not responding
+        (``allocated*``: its jobs may be lost already); ``fail``/``failing`` (an admin's
+        word: its jobs may still run) is failing."""
         base = state.lower().rstrip("*~#!%$@^-")
-        if base.startswith(("down", "fail")):
+        if base.startswith("down"):
             return "is down"
-        return "is not responding" if state.endswith("*") else None
+        if state.endswith("*"):
+            return "is not responding"
+        return "is failing" if base.startswith("fail") else None
 
     def node_lost(self, context: Mapping[str, Any]) -> str | None:
         node = self.node_of(context)
@@ -267,7 +270,12 @@ class SlurmProvider:
             return True  # cannot ask: trust the environment
 
     def requeued(self, context: Mapping[str, Any]) -> bool:
-        return int(context.get("restart_count") or 0) > 0
+        return self.restarts(context) > 0
+
+    def restarts(self, context: Mapping[str, Any]) -> int:
+        """``SLURM_RESTART_COUNT`` as recorded (0 when absent or not a number)."""
+        value = context.get("restart_count")
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
     def termination_status(self, context: Mapping[str, Any], now: float) -> str | None:
         """Why SLURM is ending this job, from ``scontrol show job`` at SIGTERM time.

@@ -26,7 +26,10 @@ nodes_file=$run/nodes
 export SLURM_CONF=$conf
 
 die() { echo "slurm-cluster: $*" >&2; exit 1; }
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# A pid file's process is alive and is still the one it names (a pid is reused after a
+# node was killed): its command line must contain $2.
+alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null \
+          && grep -qa -- "$2" "/proc/$(cat "$1")/cmdline" 2>/dev/null; }
 node_names() { cat "$nodes_file" 2>/dev/null || true; }
 
 write_config() {
@@ -49,7 +52,7 @@ write_config() {
 # names the host and then becomes slurmd (-D: stays in the foreground, so it stays pid 1).
 start_node() {
   local name=$1
-  alive "$run/init-$name.pid" && return 0
+  alive "$run/init-$name.pid" slurmd && return 0
   mkdir -p "$state/d-$name"
   setsid unshare --uts --pid --fork --mount-proc \
     sh -c "hostname $name && exec slurmd -D -N $name -f $conf" \
@@ -94,10 +97,10 @@ start() {
     [ -s /etc/munge/munge.key ] || mungekey --create --keyfile=/etc/munge/munge.key
     munged --force --pid-file="$run/munged.pid"
   fi
-  alive "$run/slurmctld.pid" || slurmctld -f "$conf"
+  alive "$run/slurmctld.pid" slurmctld || slurmctld -f "$conf"
   for name in $(node_names); do
     # a node left frozen (a test stopped midway) is thawed; a dead one started again
-    alive "$run/init-$name.pid" && kill -CONT $(node_pids "$name") 2>/dev/null || true
+    if alive "$run/init-$name.pid" slurmd; then kill -CONT $(node_pids "$name") 2>/dev/null || true; fi
     start_node "$name"
   done
   wait_idle "$n"
@@ -105,12 +108,14 @@ start() {
 
 stop() {
   for name in $(node_names); do
-    for f in "$run/init-$name.pid" "$run/unshare-$name.pid"; do
-      if alive "$f"; then kill -CONT "$(cat "$f")" 2>/dev/null || true; kill "$(cat "$f")" 2>/dev/null || true; fi
-    done
+    if alive "$run/init-$name.pid" slurmd; then
+      kill -CONT $(node_pids "$name") 2>/dev/null || true
+      kill "$(cat "$run/init-$name.pid")" 2>/dev/null || true
+    fi
+    rm -f "$run/init-$name.pid" "$run/unshare-$name.pid"
   done
   for d in slurmctld munged; do
-    if alive "$run/$d.pid"; then
+    if alive "$run/$d.pid" "$d"; then
       pid=$(cat "$run/$d.pid"); kill "$pid"
       for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
       echo "slurm-cluster: stopped $d ($pid)"
@@ -119,9 +124,9 @@ stop() {
 }
 
 status() {
-  alive "$run/slurmctld.pid" && echo "slurmctld: running ($(cat "$run/slurmctld.pid"))" || echo "slurmctld: not running"
+  alive "$run/slurmctld.pid" slurmctld && echo "slurmctld: running ($(cat "$run/slurmctld.pid"))" || echo "slurmctld: not running"
   for name in $(node_names); do
-    alive "$run/init-$name.pid" && echo "$name: slurmd running (namespace init $(cat "$run/init-$name.pid"))" \
+    alive "$run/init-$name.pid" slurmd && echo "$name: slurmd running (namespace init $(cat "$run/init-$name.pid"))" \
       || echo "$name: not running"
   done
   sinfo -N 2>&1 || true
@@ -143,11 +148,16 @@ case "${1:-}" in
   start) shift; start "$@" ;;
   stop) stop ;;
   status) status ;;
-  kill-node) alive "$run/init-${2:?NAME}.pid" || die "node $2 is not running"
-             kill -KILL "$(cat "$run/init-$2.pid")"; echo "slurm-cluster: killed node $2" ;;
-  freeze-node) kill -STOP $(node_pids "${2:?NAME}"); echo "slurm-cluster: froze node $2" ;;
-  thaw-node) kill -CONT $(node_pids "${2:?NAME}"); echo "slurm-cluster: thawed node $2" ;;
-  revive-node) start_node "${2:?NAME}"; scontrol update nodename="$2" state=resume >/dev/null 2>&1 || true
+  kill-node) alive "$run/init-${2:?NAME}.pid" slurmd || die "node $2 is not running"
+             kill -KILL "$(cat "$run/init-$2.pid")"
+             rm -f "$run/init-$2.pid" "$run/unshare-$2.pid"
+             echo "slurm-cluster: killed node $2" ;;
+  freeze-node) alive "$run/init-${2:?NAME}.pid" slurmd || die "node $2 is not running"
+               kill -STOP $(node_pids "$2"); echo "slurm-cluster: froze node $2" ;;
+  thaw-node) alive "$run/init-${2:?NAME}.pid" slurmd || die "node $2 is not running"
+             kill -CONT $(node_pids "$2"); echo "slurm-cluster: thawed node $2" ;;
+  revive-node) if alive "$run/init-${2:?NAME}.pid" slurmd; then kill -CONT $(node_pids "$2"); fi
+               start_node "$2"; scontrol update nodename="$2" state=resume >/dev/null 2>&1 || true
                echo "slurm-cluster: revived node $2" ;;
   *) echo "usage: $0 start [--nodes N]|stop|status|kill-node NAME|freeze-node NAME|thaw-node NAME|revive-node NAME" >&2; exit 2 ;;
 esac

@@ -65,14 +65,14 @@ def test_status_resources_on_the_cluster(slurm_cluster: str, base: Path,
     assert share is not None and 0.3 < share[1] < 0.45
     peaks = sorted(max(u.peak_bytes or 0, u.tree_bytes or 0) for u in used.runs)
     assert sbatch.mem_bytes(used.suggest["mem"]) >= 1.2 * peaks[-2]  # at least p95 x 1.2
-    assert used.suggest["mem"] == "256M" and used.suggest["time"] == "00:02:00"
+    assert used.suggest["mem"] == "256M" and used.suggest["time"] == "00:01:00"
 
     capsys.readouterr()
     assert main(["status", str(manifest), "--resources"]) == 0
     out = capsys.readouterr().out
     assert "resources of 4 complete run(s)" in out
     assert "400.0M" in out and "00:02:00" in out
-    assert "suggested for the next submission: --time 00:02:00 --mem 256M" in out
+    assert "suggested for the next submission: --time 00:01:00 --mem 256M" in out
 
 
 def test_status_resources_locally(base: Path, capsys: pytest.CaptureFixture[str]) -> None:

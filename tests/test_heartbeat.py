@@ -153,10 +153,11 @@ def test_the_heartbeat_never_writes_a_terminal_status_or_an_index_record(
             time.sleep(0.02)
         real_write_meta(self, durable)
 
-    def atomic(path: Path, obj: object, *, durable: bool = False) -> None:
+    def atomic(path: Path, obj: object, *, durable: bool = False,
+               still: object = None) -> bool:
         if path.name == "metadata.json" and isinstance(obj, dict):
             events.append(("meta", who(), path.parent.name, obj.get("status"), durable))
-        real_atomic(path, obj, durable=durable)
+        return real_atomic(path, obj, durable=durable, still=still)
 
     def fsync(paths: object) -> None:
         events.append(("fsync", who(), "", None, True))

@@ -157,6 +157,46 @@ def _freeze_scenario(base: Path) -> None:
     _SEEN["after_thaw"] = read_meta(_run(manifest))
 
 
+PACKED_HOLD = """\
+import os, sys, time
+if int(sys.argv[2]) % 4:  # the first task of each pack of four ends at once
+    while not os.path.exists(sys.argv[1]):
+        time.sleep(0.2)
+"""
+
+
+def _pack_scenario(base: Path) -> None:
+    """Two packs of four, their node killed while each runs its second task: the running
+    task is lost and requeued with its pack, the first stays complete, the rest run."""
+    hold = base / "packed_hold.py"
+    hold.write_text(PACKED_HOLD)
+    release = base / "release-packed"
+    manifest = write_sweep(base, "name: packed\nbase_dir: packed\ngrid: {k: [0, 1, 2, 3, 4, 5, "
+                                 "6, 7]}\n", "packed.yaml")
+    _SEEN["packed"] = manifest
+    out = _notata("submit", str(manifest), "--backend", "slurm", "--pack", "4", "--",
+                  sys.executable, str(hold), str(release), "{k}")
+    assert out.returncode == 0, out.stderr
+    _wait("the second task of each pack to run", lambda: all(
+        _status(manifest).get(t, {}).get("status") == s
+        for t, s in ((0, "complete"), (1, "running"), (4, "complete"), (5, "running"))), 120)
+    hosts = _hosts(manifest, range(8))
+    node = hosts[1]
+    _SEEN["packed_hosts"], _SEEN["packed_node"] = hosts, node
+    _SEEN["packed_killed"] = time.time()
+    _cluster("kill-node", node)
+    try:
+        _wait("the lost tasks to read pending", lambda: all(
+            _status(manifest).get(t, {}).get("status") == "pending"
+            for t, h in hosts.items() if h == node and t % 4 == 1), 120)
+        _SEEN["packed_outage"] = _status(manifest)
+        release.touch()
+        _wait("the packs to complete", lambda: all(
+            r["status"] == "complete" for r in _status(manifest).values()), 300)
+    finally:
+        subprocess.run([str(CLUSTER), "revive-node", node], capture_output=True, timeout=120)
+
+
 def _run(manifest: Path, task: int = 0) -> Path:
     from notata.manifest import load
 
@@ -176,6 +216,11 @@ def _scenarios() -> None:
         _freeze_scenario(base)
     except BaseException as err:  # noqa: BLE001
         _SEEN["freeze_error"] = repr(err)
+    try:
+        _wait("every node back", multi_up, 120)
+        _pack_scenario(base)
+    except BaseException as err:  # noqa: BLE001
+        _SEEN["pack_error"] = repr(err)
     _DONE.set()
 
 
@@ -194,7 +239,7 @@ def scenario() -> dict[str, Any]:
     if not multi_up():
         pytest.fail("the multi-node test cluster is not up: scripts/slurm-cluster.sh start")
     start_early()
-    assert _DONE.wait(900), "the node-loss scenarios did not end in 15 minutes"
+    assert _DONE.wait(1200), "the node-loss scenarios did not end in 20 minutes"
     return _SEEN
 
 
@@ -274,3 +319,29 @@ def test_a_frozen_nodes_lock_is_taken_over_by_the_requeued_attempt(
     assert first["host"] == scenario["frozen"] and first["status"] == "node_fail", first
     assert meta["host"] != scenario["frozen"]
     assert list(_run(scenario["cut"]).glob(".lock.broken-*")), "the lock was not broken"
+
+
+def test_a_packed_element_on_a_lost_node_resumes_elsewhere(scenario: dict[str, Any]) -> None:
+    """The task running when the node died reads pending with its pack's requeue, and is
+    attempt 2 elsewhere (attempt 1 node_fail); the pack's complete first task is not run
+    again; the tasks it had not started run once."""
+    assert "pack_error" not in scenario, scenario.get("pack_error")
+    from notata.manifest import load
+
+    node = scenario["packed_node"]
+    outage = scenario["packed_outage"]
+    sweep = load(scenario["packed"])
+    for t in range(8):
+        meta = read_meta(sweep.task(t).run_dir)
+        assert meta["status"] == "complete", (t, meta)
+        if scenario["packed_hosts"].get(t) != node:
+            continue
+        if t % 4 == 0:  # complete before the kill: untouched
+            assert meta["attempt"] == 1 and meta["host"] == node
+        elif t % 4 == 1:  # running at the kill
+            assert outage[t]["status"] == "pending" and "node " + node in outage[t]["reason"]
+            assert meta["attempt"] == 2 and meta["host"] != node
+            assert meta["attempts"][0]["status"] == "node_fail"
+            assert meta["start_unix"] > scenario["packed_killed"]
+        else:  # not started before the kill: run once, after it
+            assert meta["attempt"] == 1 and meta["host"] != node

@@ -172,13 +172,13 @@ def test_odd_results_and_labels_do_not_stop_the_report(tmp_path: Path) -> None:
     data["heartbeat"]["peak_rss_bytes"] = 10**400
     data["provenance"] = {"state": ["not", "a", "string"]}
     meta.write_text(json.dumps(data))
-    backend = matplotlib.get_backend()
+    import matplotlib.pyplot as plt
+
+    backend, open_before = matplotlib.get_backend(), plt.get_fignums()
     built = notata.report(manifest, ["m"])
     html = built.html()
     assert built.notes == [] and html.count("<svg") == 4
     assert {s: n for s, n in built.counts.items() if n} == {"complete": 4}
     assert "cost $^$ x" in html
     assert matplotlib.get_backend() == backend  # the caller's backend is left alone
-    import matplotlib.pyplot as plt
-
-    assert plt.get_fignums() == []  # no figure left open in pyplot
+    assert plt.get_fignums() == open_before  # no figure left open in pyplot
