@@ -22,7 +22,7 @@ from typing import Protocol
 
 import psutil
 
-from .heartbeat import FOREIGN, SPARED, descendants, has_children
+from .heartbeat import FOREIGN, SPARED, children, descendants, has_children
 
 
 class Process(Protocol):
@@ -140,6 +140,18 @@ def signal_all(proc: Process, signum: int) -> None:
     for child in _descendants():
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(child.pid, signum)
+
+
+def spare_existing() -> None:
+    """The children this process has before a command starts are not the command's (a
+    notebook's or a test runner's own, when a task runs in their process): they are
+    :data:`~notata.heartbeat.FOREIGN`, subtree and all, never stopped as its leftovers.
+    (An orphan that another process leaves while the command runs comes to this process,
+    its subreaper, and is taken for the command's: run tasks in a process of their own,
+    as ``notata exec`` does, where that matters.)"""
+    gone = {p for p in FOREIGN if not psutil.pid_exists(p)}
+    FOREIGN.difference_update(gone)  # forgotten once gone: their pids are reused
+    FOREIGN.update(children(os.getpid()) - SPARED)
 
 
 def become_subreaper() -> None:

@@ -238,8 +238,8 @@ class OwnedRun:
             if changed and status != schema.COMPLETE:
                 index.record(self.path.parent, self.meta)
                 self._indexed = key
-            if not _fs.atomic_write_json(self.path / layout.METADATA, self.meta,
-                                         durable=durable, still=self.lock.still_ours):
+            if _fs.atomic_write_json(self.path / layout.METADATA, self.meta, durable=durable,
+                                     still=self.lock.still_ours) is False:
                 self.lost = True  # its lock was broken (a node cut off): nothing written
                 raise RunLostError(str(self.path))
             if changed and status == schema.COMPLETE and durable:
@@ -262,7 +262,7 @@ class OwnedRun:
                 self.meta["heartbeat"] = {**hb, **sample, "unix": round(now, 3),
                                           "time": runinfo.now_iso(now), "beat": hb["beat"] + 1}
                 if _fs.atomic_write_json(self.path / layout.METADATA, self.meta,
-                                         still=self.lock.still_ours):
+                                         still=self.lock.still_ours) is not False:
                     return
             self.lost = True  # (broken between the check and the write: nothing written)
             logger.warning("notata: %s was moved, replaced or its lock broken while this "

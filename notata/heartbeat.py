@@ -73,6 +73,18 @@ def descendants(root: psutil.Process) -> list[psutil.Process]:
     return out
 
 
+def children(pid: int) -> set[int]:
+    """Process ``pid``'s children, from ``/proc/PID/task/*/children`` (empty where the
+    kernel keeps no such lists)."""
+    out: set[int] = set()
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children",
+                                                     "rb") as f:
+                out.update(int(c) for c in f.read().split())
+    return out
+
+
 def has_children(pid: int, besides: Collection[int] = ()) -> bool:
     """Whether process ``pid`` has a child (other than those ``besides``), from
     ``/proc/PID/task/*/children`` (one small read per thread; listing the descendants

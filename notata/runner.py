@@ -160,6 +160,7 @@ def run_task(sweep: Sweep, index: int, argv: Sequence[str] | Function, *,
     except RunLockedError as err:
         print(f"notata: task {index}: {err}", file=sys.stderr)
         return Ended(IN_USE, BUSY)
+    _command.spare_existing()
     _command.become_subreaper()
     with log:  # the lock is released on leaving this block: after the command has stopped
         try:

@@ -126,10 +126,10 @@ def test_complete_reaches_the_index_only_after_metadata_json(
     p = write_sweep(base, SWEEP)
     real = _fs.atomic_write_json
 
-    def full_disk_at_complete(path: Path, obj: dict, **kw: object) -> None:
+    def full_disk_at_complete(path: Path, obj: dict, **kw: object) -> bool:
         if obj.get("status") == "complete":
             raise OSError(28, "No space left on device", str(path))
-        real(path, obj, **kw)
+        return real(path, obj, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(_fs, "atomic_write_json", full_disk_at_complete)
     with pytest.raises(OSError, match="No space left"), notata.task(p, 0):
