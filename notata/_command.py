@@ -22,7 +22,7 @@ from typing import Protocol
 
 import psutil
 
-from .heartbeat import FOREIGN, SPARED, children, descendants, has_children
+from .heartbeat import FOREIGN, SPARED, children, descendants, has_children, same_session
 
 
 class Process(Protocol):
@@ -88,7 +88,7 @@ def _children_left(proc: Process) -> bool:
     command is one, or a child's descendant, since this process is their subreaper.
     True when the kernel does not keep those lists (the slower listings decide)."""
     _reap(proc)
-    return has_children(os.getpid(), besides=SPARED | FOREIGN)
+    return has_children(os.getpid(), besides=SPARED | FOREIGN | same_session(os.getpid()))
 
 
 def _group_alive(pgid: int) -> bool:
@@ -130,7 +130,7 @@ def remaining(proc: Process) -> list[int]:
 def _descendants() -> list[psutil.Process]:
     """This process's descendants that belong to a run (:func:`heartbeat.descendants`)."""
     try:
-        return descendants(psutil.Process())
+        return descendants(psutil.Process(), wrapper=True)
     except psutil.Error:
         return []
 

@@ -57,19 +57,41 @@ SPARED: set[int] = set()
 FOREIGN: set[int] = set()
 
 
-def descendants(root: psutil.Process) -> list[psutil.Process]:
+def descendants(root: psutil.Process, wrapper: bool = False) -> list[psutil.Process]:
     """``root``'s descendants that belong to a run: less :data:`SPARED` processes (not
-    their children) and :data:`FOREIGN` ones with theirs."""
+    their children), :data:`FOREIGN` ones with theirs, and, for a ``wrapper`` of a command
+    (``notata exec``), ``root``'s children in its own session with theirs
+    (:func:`same_session`; a plain Logbook's children are its run's, whatever their
+    session)."""
     out: list[psutil.Process] = []
     todo = [root]
+    ours = same_session(root.pid) if wrapper else set()
     while todo:
         with contextlib.suppress(psutil.Error):
             for child in todo.pop().children():
-                if child.pid in FOREIGN:
+                if child.pid in FOREIGN or child.pid in ours:
                     continue
                 if child.pid not in SPARED:
                     out.append(child)
                 todo.append(child)
+    return out
+
+
+def same_session(pid: int) -> set[int]:
+    """Process ``pid``'s children in its own session, but :data:`SPARED`: never a run's.
+    A command starts in a session of its own, and everything it starts stays in that
+    session or makes one (a daemon): so a child in the wrapper's session is something
+    else's, such as a process another thread of a notebook or test runner started while a
+    task ran in it."""
+    try:
+        mine = os.getsid(pid)
+    except OSError:
+        return set()
+    out = set()
+    for child in children(pid) - SPARED:
+        with contextlib.suppress(OSError):
+            if os.getsid(child) == mine:
+                out.add(child)
     return out
 
 

@@ -667,3 +667,32 @@ def test_a_command_killed_near_its_granted_memory_reads_oom(manifest: Path, base
             assert meta["failure_reason"].startswith("killed for memory: SIGKILL after a peak")
         else:
             assert meta["failure_reason"].startswith("command killed by SIGKILL")
+
+
+def test_a_task_run_in_a_process_with_children_of_its_own_leaves_them(
+        manifest: Path, base: Path) -> None:
+    """A task run in this very process (a notebook's, a test runner's) stops what its
+    command leaves running, never the process's own children started before it."""
+    import subprocess
+
+    import threading
+
+    own = subprocess.Popen(["sleep", "60.25"])
+    later: list[subprocess.Popen[bytes]] = []  # started by another thread during the task
+    starter = threading.Timer(0.3, lambda: later.append(subprocess.Popen(["sleep", "60.5"])))
+    try:
+        script = base / "leave.sh"
+        script.write_text("#!/bin/sh\nsleep 63.5 &\nsleep 1\n")
+        script.chmod(0o755)
+        starter.start()
+        assert main(["exec", str(manifest), "--task", "0", "--", str(script)]) == 0
+        starter.join()
+        assert own.poll() is None  # ours, before the task: left alone
+        assert later and later[0].poll() is None  # another thread's, during it: too
+        assert subprocess.run(["pgrep", "-f", "^sleep 63.5$"], capture_output=True).stdout \
+            == b""  # the command's: stopped
+    finally:
+        starter.cancel()
+        for p in [own, *later]:
+            p.kill()
+            p.wait()
