@@ -674,7 +674,6 @@ def test_a_task_run_in_a_process_with_children_of_its_own_leaves_them(
     """A task run in this very process (a notebook's, a test runner's) stops what its
     command leaves running, never the process's own children started before it."""
     import subprocess
-
     import threading
 
     own = subprocess.Popen(["sleep", "60.25"])
