@@ -232,8 +232,19 @@ def _run(manifest: Path, task: int = 0) -> Path:
     return load(manifest).task(task).run_dir
 
 
+#: The job names (the sweeps' names) the scenarios submit to the multi-node cluster.
+NAMES = "kept,gone,cut,packed"
+
+
+def _cancel_ours() -> None:
+    """End this module's jobs on the multi-node cluster (of an earlier run stopped midway,
+    or left by this one): they would hold its CPUs."""
+    subprocess.run(["scancel", "-n", NAMES], env=_env(), capture_output=True, timeout=60)
+
+
 def _scenarios() -> None:
     base = Path(tempfile.mkdtemp(prefix="notata-nodes-"))
+    _cancel_ours()
     try:
         _kill_scenario(base)
     except BaseException as err:  # noqa: BLE001 - said by the tests that read it
@@ -250,6 +261,7 @@ def _scenarios() -> None:
         _pack_scenario(base)
     except BaseException as err:  # noqa: BLE001
         _SEEN["pack_error"] = repr(err)
+    _cancel_ours()
     _DONE.set()
 
 
