@@ -130,9 +130,21 @@ def _kill_scenario(base: Path) -> None:
     gone = write_sweep(base, "name: gone\nbase_dir: gone\ngrid: {k: [0, 1, 2, 3, 4, 5]}\n",
                        "gone.yaml")
     _SEEN["kept"], _SEEN["gone"] = kept, gone
-    for manifest, extra in ((kept, []), (gone, ["--sbatch-line=--no-requeue"])):
+    # Where the tasks go, made certain (SLURM fills nodes in order, and an earlier job may
+    # still hold a CPU): two of the no-requeue sweep on n2, its other four off it (the
+    # last submission: resubmit takes its options), then the requeue sweep, unpinned (a
+    # requeued task must be free to go elsewhere), on the six CPUs left: two on n2.
+    no = "--sbatch-line=--no-requeue"
+    for manifest, extra in ((gone, [no, "--sbatch-line=--nodelist=n2", "--tasks", "0-1"]),
+                            (gone, [no, "--sbatch-line=--exclude=n2", "--tasks", "2-5"]),
+                            (kept, [])):
         out = _notata("submit", str(manifest), "--backend", "slurm", *extra, *cmd)
         assert out.returncode == 0, out.stderr
+        if manifest is gone:  # each part placed before the next is submitted
+            first = 0 if "0-1" in extra else 2
+            _wait("the no-requeue tasks to run", lambda m=manifest, f=first: all(
+                _status(m).get(t, {}).get("status") == "running" for t in range(f, f + 2)),
+                120)
     _wait("twelve tasks running", lambda: len(_hosts(kept, range(6))) + len(
         _hosts(gone, range(6))) == 12 and all(
         r["status"] == "running" for m in (kept, gone) for r in _status(m).values()), 120)
