@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +43,11 @@ def main() -> None:
                     json.dumps({"E": int(a) * 0.01 + int(b) * 0.001}))
         print(f"made {args.runs} runs in {time.perf_counter() - t0:.0f} s")
         cli = [sys.executable, "-m", "notata"]
+        which = subprocess.run([sys.executable, "-c", "import notata, matplotlib; print("
+                                "notata.__version__, notata.__file__, 'matplotlib', "
+                                "matplotlib.__version__)"], capture_output=True, text=True,
+                               check=True)
+        print(f"measured: notata status and notata report of {which.stdout.strip()}")
         html = root / "report.html"
         commands: dict[str, list[str] | str] = {
             "notata status MANIFEST --full": [*cli, "status", str(manifest), "--full"],
