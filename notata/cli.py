@@ -176,8 +176,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     base = target.base_dir if isinstance(target, Sweep) else None
     while True:
         queue = slurm.collector_queue(base if base is not None else Path(str(target)), "status")
-        report = watcher.scan(target, queue, full=args.full)
-        used = efficiency.measure(target) if args.resources else None
+        report = watcher.scan(target, queue, full=args.full or args.resources,
+                              keep=efficiency.figures if args.resources else None)
+        used = efficiency.measure(target, report) if args.resources else None
         if args.json:
             out = report.as_json()
             if used is not None:

@@ -252,8 +252,9 @@ class Watcher:
         self._seen: dict[str, tuple[tuple[int, float], float]] = {}
 
     def scan(self, target: Sweep | str | os.PathLike[str], queue: Queue | None = None,
-             full: bool = False) -> Report:
-        report = scan(target, stale_after=self.stale_after, queue=queue, full=full)
+             full: bool = False, keep: Callable[[Mapping[str, Any]], Any] | None = None
+             ) -> Report:
+        report = scan(target, stale_after=self.stale_after, queue=queue, full=full, keep=keep)
         now = time.monotonic()
         for r in report.read:
             if r.beat is None or r.limit is None or r.status != schema.RUNNING \

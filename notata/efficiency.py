@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from . import retry, sbatch, schema, submissions
-from .collector import scan
+from .collector import Report, scan
 from .manifest import Sweep
 from .resources import size_text
 
@@ -133,10 +133,6 @@ def _pack_size(meta: Mapping[str, Any]) -> int | None:
     return int(size) if size else None
 
 
-def usages(target: Sweep | str | os.PathLike[str]) -> list[Usage]:
-    """Every run's figures (one read of each run's metadata.json)."""
-    return [Usage(r.run_id, r.task, r.status, **r.kept)
-            for r in scan(target, full=True, keep=figures).runs if r.kept is not None]
 
 
 def round_time(sec: float) -> int:
@@ -173,18 +169,21 @@ class Efficiency:
     given: Mapping[str, Any] = field(default_factory=dict)
     suggest: dict[str, str] = field(default_factory=dict)
     why: list[str] = field(default_factory=list)
+    complete: list[Usage] = field(default_factory=list, init=False, repr=False)
+    _spreads: dict[str, tuple[float, float, float] | None] = field(
+        default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self.complete = [u for u in self.runs if u.status == schema.COMPLETE]
         self._suggest()
-
-    @property
-    def complete(self) -> list[Usage]:
-        return [u for u in self.runs if u.status == schema.COMPLETE]
 
     def spread(self, name: str) -> tuple[float, float, float] | None:
         """(p50, p95, max) over the complete runs of a :class:`Usage` figure
-        (``runtime_sec``, ``peak_bytes``, ``cores``, ``time_share``...)."""
-        return _pct([v for u in self.complete if (v := getattr(u, name)) is not None])
+        (``runtime_sec``, ``peak_bytes``, ``cores``, ``time_share``...), worked out once."""
+        if name not in self._spreads:
+            self._spreads[name] = _pct([v for u in self.complete
+                                        if (v := getattr(u, name)) is not None])
+        return self._spreads[name]
 
     def asked(self, name: str) -> list[Any]:
         """The distinct amounts the runs were granted (``time_limit``, ``mem_bytes``,
@@ -303,9 +302,14 @@ def _clock(sec: float) -> str:
     return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
 
 
-def measure(target: Sweep | str | os.PathLike[str]) -> Efficiency:
-    """The figures of a sweep (its manifest's retry policy applies) or a folder of runs."""
-    return Efficiency(usages(target), *policy_of(target))
+def measure(target: Sweep | str | os.PathLike[str], report: Report | None = None
+            ) -> Efficiency:
+    """The figures of a sweep (its manifest's retry policy applies) or a folder of runs,
+    from ``report`` (a full scan with ``keep=figures``: ``status --resources`` scans once)
+    or from a scan of its own (one read of each run's metadata.json)."""
+    runs = (report or scan(target, full=True, keep=figures)).runs
+    return Efficiency([Usage(r.run_id, r.task, r.status, **r.kept) for r in runs
+                       if r.kept is not None], *policy_of(target))
 
 
 def policy_of(target: Sweep | str | os.PathLike[str]

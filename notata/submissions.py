@@ -95,9 +95,15 @@ def append(base_dir: Path, entry: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
+#: The record files (and their sizes) already warned about in this process: ``status``
+#: reads the record from several places, and says a skipped line once.
+_WARNED: set[tuple[str, int]] = set()
+
+
 def read(base_dir: Path) -> list[dict[str, Any]]:
     """Every readable record, oldest first. A line that is not JSON, or whose fields have
-    the wrong shape (a hand edit, another tool's line), is skipped, with one warning."""
+    the wrong shape (a hand edit, another tool's line), is skipped, with one warning (per
+    process, until the file grows)."""
     try:
         text = path(base_dir).read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
@@ -114,7 +120,9 @@ def read(base_dir: Path) -> list[dict[str, Any]]:
             out.append(obj)
         else:
             bad += 1
-    if bad:
+    seen = (str(path(base_dir)), len(text))
+    if bad and seen not in _WARNED:
+        _WARNED.add(seen)
         logger.warning("notata: %s: %d line(s) skipped (not a submission record notata can "
                        "read)", path(base_dir), bad)
     return out

@@ -521,6 +521,10 @@ def test_the_submission_record_survives_a_torn_line_and_odd_lines(
     assert main(["status", str(manifest)]) == 0
     assert main(["resubmit", str(manifest), "--backend", "local", "--dry-run", "--",
                  "true"]) == 0
+    # status reads the record from several places (queue, code versions, resources):
+    # the skipped lines are said once
+    said = notata_process("status", str(manifest), "--resources").communicate(timeout=60)[1]
+    assert said.count("line(s) skipped") == 1, said
 
 
 def test_a_dead_process_on_this_host_is_stale_whatever_its_job_says(tmp_path: Path) -> None:
