@@ -111,13 +111,13 @@ class Queue:
         return self.jobs.get(key) if key is not None else None
 
     def node_trouble(self, meta: Mapping[str, Any]) -> str | None:
-        """``"node n2 is down"`` when the scheduler says the node a run's job ran on is
+        """``"node n2 is down"`` when the scheduler says a node a run's job ran on is
         down or not responding, else None. The nodes are asked once per queue, when first
         needed: only for a run recorded as open whose job is queued again, gone, or whose
         heartbeat is late."""
         ctx = meta.get(self.provider.name)
-        node = self.provider.node_of(ctx) if isinstance(ctx, Mapping) else None
-        if node is None or self._nodes is None:
+        names = self.provider.nodes_of(ctx) if isinstance(ctx, Mapping) else []
+        if not names or self._nodes is None:
             return None
         if self._node_states is None:
             try:
@@ -125,9 +125,12 @@ class Queue:
                                          else self._nodes)
             except Exception:  # a scheduler that cannot answer says nothing of its nodes
                 self._node_states = {}
-        state = self._node_states.get(node)
-        trouble = self.provider.node_trouble(state) if state else None
-        return f"node {node} {trouble}" if trouble else None
+        for node in names:
+            state = self._node_states.get(node)
+            trouble = self.provider.node_trouble(state) if state else None
+            if trouble:
+                return f"node {node} {trouble}"
+        return None
 
     def running(self) -> set[str]:
         """The keys of the jobs running now."""

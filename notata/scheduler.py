@@ -92,15 +92,15 @@ class SchedulerProvider(Protocol):
 
     # -- the nodes a job ran on --
 
-    def node_of(self, context: Mapping[str, Any]) -> str | None:
-        """The one node a job ran on, as its record says, else None."""
+    def nodes_of(self, context: Mapping[str, Any]) -> list[str]:
+        """The nodes a job ran on, as its record says (none when it does not say)."""
 
     def node_trouble(self, state: str) -> str | None:
         """What is wrong with a node in this state (``"is down"``, ``"is not
         responding"``), else None."""
 
     def node_lost(self, context: Mapping[str, Any]) -> str | None:
-        """``"node n2 is down"`` when the scheduler says the node a job ran on is down or
+        """``"node n2 is down"`` when the scheduler says a node the job ran on is down or
         not responding (asks it: slow), else None (also when it cannot answer)."""
 
 

@@ -199,11 +199,11 @@ class SlurmProvider:
     def is_waiting(self, state: str) -> bool:
         return state in WAITING_STATES
 
-    def node_of(self, context: Mapping[str, Any]) -> str | None:
-        """``SLURM_JOB_NODELIST`` when it names one node (not ``n[1-2]``, not ``n1,n2``)."""
-        nodes = context.get("nodelist")
-        return nodes if isinstance(nodes, str) and nodes and not set(nodes) & set("[],") \
-            else None
+    def nodes_of(self, context: Mapping[str, Any]) -> list[str]:
+        """The nodes of ``SLURM_JOB_NODELIST`` (``n[1-2],gpu07``), expanded; none when
+        it is missing or is not a host list."""
+        listed = context.get("nodelist")
+        return hostnames(listed) if isinstance(listed, str) else []
 
     def node_trouble(self, state: str) -> str | None:
         """From ``sinfo``'s ``%T``: ``down`` is down; a trailing ``*`` is not responding
@@ -217,15 +217,18 @@ class SlurmProvider:
         return "is failing" if base.startswith("fail") else None
 
     def node_lost(self, context: Mapping[str, Any]) -> str | None:
-        node = self.node_of(context)
-        if node is None:
+        names = self.nodes_of(context)
+        if not names:
             return None
         try:
-            state = nodes([node]).get(node)
+            states = nodes(names)
         except SchedulerError:
             return None
-        trouble = self.node_trouble(state) if state else None
-        return f"node {node} {trouble}" if trouble else None
+        for node in names:
+            trouble = self.node_trouble(states[node]) if node in states else None
+            if trouble:
+                return f"node {node} {trouble}"
+        return None
 
     def job_key(self, context: Mapping[str, Any]) -> str | None:
         """``"<array job>_<task>"`` for an array task (as ``squeue -r`` names it), else the
@@ -358,6 +361,47 @@ def queue(users: Sequence[str] = (), jobs: Sequence[str] = ()) -> list[tuple[str
         if key:
             rows.append((key, state, comment))
     return rows
+
+
+#: A host list longer than this is not expanded (no job of a sweep task spans more).
+MAX_HOSTS = 4096
+_HOST_RANGE = re.compile(r"([^\[\],]*)\[([0-9,\-]+)\]")
+
+
+def hostnames(listed: str) -> list[str]:
+    """SLURM's host list syntax expanded, as ``scontrol show hostnames`` does it without
+    asking the controller: ``n[1-3,7],gpu[01-02]`` -> n1 n2 n3 n7 gpu01 gpu02 (zero
+    padding kept; several bracket groups in one name multiply). [] when ``listed`` is not
+    a host list, or names more than :data:`MAX_HOSTS`."""
+    out: list[str] = []
+    items = re.findall(r"(?:[^,\[]|\[[^\]]*\])+", listed)
+    if ",".join(items) != listed:  # an unclosed bracket, an empty name
+        return []
+    for item in items:
+        names = [""]
+        rest = item
+        while rest:
+            m = _HOST_RANGE.match(rest)
+            if m is None:  # no bracket group left: the plain end of the name
+                if "[" in rest or "]" in rest:
+                    return []
+                names = [n + rest for n in names]
+                break
+            expanded: list[str] = []
+            for part in m.group(2).split(","):
+                lo, _, hi = part.partition("-")
+                if not lo.isdigit() or hi and not hi.isdigit():
+                    return []
+                top = int(hi) if hi else int(lo)
+                if top - int(lo) > MAX_HOSTS:
+                    return []
+                expanded += [f"{i:0{len(lo)}d}" for i in range(int(lo), top + 1)]
+            names = [n + m.group(1) + x for n in names for x in expanded]
+            if len(out) + len(names) > MAX_HOSTS:
+                return []
+            rest = rest[m.end():]
+        out += [n for n in names if n]
+    return out
 
 
 def nodes(names: Sequence[str] = ()) -> dict[str, str]:

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -33,6 +34,40 @@ HOSTILE = [
     "line1\nline2",
     "x" * 300,
 ]
+
+
+@pytest.mark.parametrize("listed", ["n1", "n[1-3]", "n[1-3,7],gpu[01-02]", "a[1-2]b[08-10]",
+                                    "x[1-3],y,z[5]"])
+def test_a_jobs_host_list_expands_as_scontrol_expands_it(listed: str) -> None:
+    """A multi-node job's SLURM_JOB_NODELIST names each of its nodes, as SLURM's own
+    ``scontrol show hostnames`` says (without asking the controller)."""
+    from notata.slurm import hostnames
+
+    if not shutil.which("scontrol"):
+        pytest.fail("scontrol is not installed: scripts/slurm-local.sh install")
+    said = subprocess.run(["scontrol", "show", "hostnames", listed], capture_output=True,
+                          text=True, check=True).stdout.split()
+    assert hostnames(listed) == said
+
+
+def test_a_host_list_that_is_not_one_names_no_node() -> None:
+    from notata.slurm import hostnames
+
+    for odd in ("", "n[1-2", "n[a-b]", "n1,,n2", "n[0-999999]", "n]1["):
+        assert hostnames(odd) == [], odd
+
+
+def test_a_multi_node_job_is_in_trouble_when_any_of_its_nodes_is() -> None:
+    """The collector's node rules hold for a job over several nodes: the first node in
+    trouble is named; a job all of whose nodes are well says nothing."""
+    from notata.queue import Queue
+
+    meta = {"slurm": {"job_id": 7, "nodelist": "n[1-3]"}}
+    queue = Queue({"7": "RUNNING"}, nodes={"n1": "allocated", "n2": "allocated*",
+                                           "n3": "down*"})
+    assert queue.node_trouble(meta) == "node n2 is not responding"
+    well = Queue({"7": "RUNNING"}, nodes={"n1": "allocated", "n2": "mixed", "n3": "idle"})
+    assert well.node_trouble(meta) is None
 
 
 def test_plan_arrays_splits_at_the_limit_and_compacts_subsets() -> None:
