@@ -40,7 +40,8 @@ scheduler layer names a scheduler's variables, job states or metadata fields).
    shepherd's record, log and jobs).
 6. submitting: ``submission`` (submit and resubmit: the Python API the CLI wraps);
    ``retry`` (a sweep's retry policy: which failures, how often, with what more);
-   ``shepherd`` (one round of retries on the cluster: ``notata shepherd``);
+   ``shepherd`` (one round of retries on the cluster: ``notata shepherd``); ``settle``
+   (the chain's end: ``then`` once, the notification);
    ``efficiency`` (what runs used of what they asked for; what to ask next time).
 7. interfaces: ``cli`` (the commands), ``parser`` (their arguments and help) and
    ``views`` (what they print); ``overview`` (``notata report``:

@@ -41,6 +41,11 @@ from .taskspec import compact
 SHEPHERD_OPTIONS = {"time": "00:15:00", "mem": "1G", "cpus_per_task": "1"}
 #: Options of the sweep a shepherd job keeps (where it may run, who pays).
 KEPT = ("partition", "account", "qos")
+#: A shepherd job (and the closer) is always requeued by SLURM when its node fails, even
+#: where the cluster's ``JobRequeue=0`` or the sweep's ``--no-requeue`` says otherwise for
+#: tasks: run again, it acts only if the chain's record still names it, and what it
+#: submitted before its node died is in ``submissions.jsonl`` and SLURM's queue.
+SHEPHERD_LINES = ("--requeue",)
 
 WAITING, SETTLING, SETTLED, STOPPED = "waiting", "settling", "settled", "stopped"
 STATES = (WAITING, SETTLING, SETTLED, STOPPED)
@@ -73,6 +78,7 @@ class State:
     joined: list[str] = field(default_factory=list)  # ids of submissions' chains that joined
     closer: str | None = None  # the job that wraps up if the final job ends early
     cwd: str | None = None  # where the sweep was submitted: its jobs run there
+    then_host: str | None = None  # where the final job started then
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,7 +93,7 @@ _TYPES: dict[str, Any] = {
     "job_id": (str, type(None)), "after": list, "why": str, "then_job": (str, type(None)),
     "then_status": (int, type(None)), "notified": bool, "given_up": dict, "failures": int,
     "refused": dict, "joined": list,
-    "closer": (str, type(None)), "cwd": (str, type(None))}
+    "closer": (str, type(None)), "cwd": (str, type(None)), "then_host": (str, type(None))}
 
 
 def read(base_dir: os.PathLike[str] | str, sweep: str) -> State | None:
@@ -166,11 +172,13 @@ def submit_shepherd(sweep: Sweep, options: Mapping[str, str], after: Sequence[st
     purpose = "closer (after the final job)" if then else f"shepherd of round {round_ + 1}"
     if after:
         try:
-            return submit_job(sweep, argv, options, purpose=purpose, after=after)
+            return submit_job(sweep, argv, options, purpose=purpose, after=after,
+                              extra=SHEPHERD_LINES)
         except SchedulerError as err:
             if "dependency" not in str(err).lower():
                 raise
-    return submit_job(sweep, argv, options, purpose=purpose, begin=LOOK_AGAIN)
+    return submit_job(sweep, argv, options, purpose=purpose, begin=LOOK_AGAIN,
+                      extra=SHEPHERD_LINES)
 
 
 def submit_then(sweep: Sweep, given: Mapping[str, Any], *,
@@ -334,7 +342,8 @@ def check(sweep: Sweep, given: Mapping[str, Any], own: Mapping[str, str]) -> Non
     with tempfile.TemporaryDirectory() as folder:
         script = Path(folder) / "shepherd.sbatch"
         script.write_text(render_job(sweep, ["true"], options, script=script,
-                                     purpose="shepherd (checked, not submitted)"))
+                                     purpose="shepherd (checked, not submitted)",
+                                     extra=SHEPHERD_LINES))
         try:
             slurm.run(["sbatch", "--test-only", str(script)],
                       env=slurm.submit_env(os.environ, ("time", "mem", "partition", "account",

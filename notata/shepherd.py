@@ -19,7 +19,8 @@ When every array of its round has ended, it
    the round and each task's cause;
 5. queues its successor behind the new arrays and the jobs still running tasks, or,
    when nothing is left running or to retry, the sweep's final job (``then``, with the
-   sweep's options) that sends the notification; without ``then`` it notifies itself.
+   sweep's options) that sends the notification; without ``then`` it notifies itself
+   (:mod:`notata.settle`).
 
 Every decision is a line of ``.notata/shepherd.log``.
 """
@@ -29,15 +30,12 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shlex
-import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-from . import _fs, chain, layout, lock, retry, scheduler, schema, submissions
-from .collector import Report, scan
+from . import _fs, chain, layout, lock, retry, scheduler, schema, settle, submissions
+from .collector import scan
 from .errors import NotataError, SchedulerError, UsageError
 from .layout import SweepPaths
 from .manifest import Sweep, compact, parse_indices
@@ -84,8 +82,11 @@ def shepherd(manifest: str | os.PathLike[str] | Sweep, *, then: bool = False,
             if named is None:
                 return 0
             state = named
+            if _restarts():
+                chain.log(base, sweep.name, f"job {me} runs again (SLURM requeued it "
+                          f"{_restarts()} time(s): its node failed, or it was preempted)")
         if then:
-            return _final(sweep, policy, state, me, guard)
+            return settle.final(sweep, policy, state, me, guard)
         if not as_job and state.state in (chain.SETTLED, chain.STOPPED):
             chain.log(base, sweep.name, f"by hand: the chain had {state.state} "
                       f"({state.why}); it starts again from round {state.round}")
@@ -98,9 +99,9 @@ def shepherd(manifest: str | os.PathLike[str] | Sweep, *, then: bool = False,
                   f"{state.then_job} is queued: nothing to do")
             return 0
         if state.manifest_hash != sweep.hash:
-            return _stop(sweep, state, policy, None, "the manifest changed since the chain "
-                         f"began (hash {state.manifest_hash} -> {sweep.hash}): submit again",
-                         outcome="stopped")
+            return settle.stop(sweep, state, policy, None, "the manifest changed since the "
+                               f"chain began (hash {state.manifest_hash} -> {sweep.hash}): "
+                               "submit again", outcome="stopped")
         with _folder(state.cwd):  # the tasks run where the sweep was submitted
             return _round(sweep, policy, state, me)
     finally:
@@ -165,6 +166,12 @@ def _my_job() -> str | None:
     return None if job is None else str(job)
 
 
+def _restarts() -> int:
+    """How many times SLURM requeued the job this process runs in (0 by hand)."""
+    found = scheduler.current(os.environ)
+    return 0 if found is None else found[0].restarts(found[1])
+
+
 def _adopt(sweep: Sweep) -> chain.State:
     """A chain for a sweep submitted without one (``notata shepherd`` by hand on a sweep
     whose manifest has a ``retry:`` section): its last submission's command and options,
@@ -209,10 +216,10 @@ def _round(sweep: Sweep, policy: retry.Policy, state: chain.State, me: str | Non
                       if i in by_task and _not_run_in(by_task[i], job)}
         state.round = max(state.round, last_round)
         if cancelled & looked_after:
-            return _stop(sweep, state, policy, report,
-                         f"tasks {compact(cancelled & looked_after)} were cancelled "
-                         "(scancel): a cancel is the user's word, so the chain ends here, "
-                         "without more retries or then", outcome="cancelled")
+            return settle.stop(sweep, state, policy, report,
+                               f"tasks {compact(cancelled & looked_after)} were cancelled "
+                               "(scancel): a cancel is the user's word, so the chain ends "
+                               "here, without more retries or then", outcome="cancelled")
         # the sweep has not settled while any of its tasks runs, looked after or not
         busy = [r for r in by_task.values()
                 if r.queued or r.status in schema.OPEN_STATUSES or r.status == PENDING]
@@ -298,7 +305,7 @@ def _round(sweep: Sweep, policy: retry.Policy, state: chain.State, me: str | Non
         state.failures = 0
     if job_ids or busy or later:
         return _next(sweep, policy, state, job_ids, busy, queue, me)
-    return _settle(sweep, policy, state, report)
+    return settle.settle(sweep, policy, state, report)
 
 
 def _failed(sweep: Sweep, policy: retry.Policy, state: chain.State, me: str | None,
@@ -308,9 +315,9 @@ def _failed(sweep: Sweep, policy: retry.Policy, state: chain.State, me: str | No
     :data:`MAX_FAILURES` rounds in a row (the chain never loops for ever)."""
     state.failures += 1
     if state.failures >= MAX_FAILURES:
-        return _stop(sweep, state, policy, None, f"{why}, {state.failures} times in a row; "
-                     f"once SLURM answers, run notata shepherd {sweep.path}",
-                     outcome="stopped")
+        return settle.stop(sweep, state, policy, None, f"{why}, {state.failures} times in "
+                           f"a row; once SLURM answers, run notata shepherd {sweep.path}",
+                           outcome="stopped")
     chain.log(sweep.base_dir, sweep.name, f"{why}; a shepherd looks again later")
     return _next(sweep, policy, state, job_ids, busy, queue, me, failed=True)
 
@@ -359,139 +366,12 @@ def _next(sweep: Sweep, policy: retry.Policy, state: chain.State, job_ids: list[
     try:  # busy without a job (a process here runs tasks): it looks again later
         job = chain.submit_shepherd(sweep, options, after, round_=state.round)
     except (SchedulerError, OSError) as err:
-        return _stop(sweep, state, policy, None, f"could not queue the next shepherd ({err}): "
-                     f"run notata shepherd {sweep.path} to resume", outcome="stopped")
+        return settle.stop(sweep, state, policy, None, "could not queue the next shepherd "
+                           f"({err}): run notata shepherd {sweep.path} to resume",
+                           outcome="stopped")
     state.state, state.job_id, state.after = chain.WAITING, job, after
     state.why = (f"round {state.round}: " + ("sbatch failed; " if failed else "")
                  + f"shepherd job {job} waits for jobs {', '.join(after) or '(a while)'}")
     chain.write(base, state)
     chain.log(base, sweep.name, state.why)
     return 1 if failed else 0
-
-
-def _settle(sweep: Sweep, policy: retry.Policy, state: chain.State, report: Report) -> int:
-    """Nothing runs, nothing to retry: the final job (and its closer, which wraps up if
-    the final job ends before ``then`` has), or the notification now."""
-    base = sweep.base_dir
-    counts = ", ".join(f"{n} {s}" for s, n in report.counts.items() if n)
-    if policy.then:
-        try:
-            job = chain.submit_then(sweep, state.options)
-        except (NotataError, OSError) as err:
-            return _stop(sweep, state, policy, report, f"settled ({counts}), but its final "
-                         f"job could not be queued ({err})", outcome="settled")
-        try:
-            closer: str | None = chain.submit_shepherd(
-                sweep, chain.shepherd_options(sweep, state.options, policy.shepherd), [job],
-                round_=state.round, then=True)
-        except (NotataError, OSError) as err:
-            closer = None
-            chain.log(base, sweep.name, f"no closer after final job {job} ({err}): if it "
-                      f"ends early, notata shepherd {sweep.path} --then runs then here")
-        state.state, state.job_id, state.then_job, state.after = chain.SETTLING, job, job, []
-        state.closer, state.then_status = closer, None
-        state.why = f"settled ({counts}); final job {job} runs: {shlex.join(policy.then)}"
-        chain.write(base, state)
-        chain.log(base, sweep.name, state.why)
-        return 0
-    state.state, state.job_id, state.after = chain.SETTLED, None, []
-    state.why = f"settled ({counts}) after {state.round} round(s)"
-    _notify(sweep, policy, state, report, "settled")
-    chain.write(base, state)
-    chain.log(base, sweep.name, state.why)
-    return 0
-
-
-#: ``then_status`` while ``then`` runs: a final job that ends before it has a status.
-STARTED = -1
-
-
-def _final(sweep: Sweep, policy: retry.Policy, state: chain.State, me: str | None,
-           guard: lock.Exclusive) -> int:
-    """The sweep's final step: ``then``, once, then the notification. Run by the final
-    job, by hand (``--then``), or by the closer, which only wraps up a final job that
-    ended early (killed, out of time, requeued): said, notified, never run again."""
-    base = sweep.base_dir
-    if state.state not in (chain.SETTLING, chain.SETTLED):
-        print(f"notata shepherd --then: the chain is {state.state}: the sweep has not "
-              "settled, nothing to do")
-        return 0
-    if me is None and state.state == chain.SETTLING \
-            and chain.job_queued(state.then_job) is not False:
-        print(f"notata shepherd --then: the final job {state.then_job} is queued or running "
-              "(or SLURM cannot say): it runs then; nothing to do here")
-        return 0
-    closing = me is not None and me == state.closer
-    if closing or (me is not None and state.then_status is not None):
-        if state.state == chain.SETTLED:
-            chain.log(base, sweep.name, f"job {me}: the final job finished; nothing to do")
-            return 0
-        ended = "before then finished" if state.then_status == STARTED else \
-            "before then started"
-        state.then_status = None
-        state.state, state.job_id, state.closer = chain.SETTLED, None, None
-        state.why = f"settled after {state.round} round(s); the final job {state.then_job} " \
-            f"ended {ended} (killed, out of time or requeued): notata shepherd " \
-            f"{sweep.path} --then runs it here"
-        _notify(sweep, policy, state, scan(sweep), "settled")
-        chain.write(base, state)
-        chain.log(base, sweep.name, state.why)
-        return 0
-    state.then_status = STARTED  # a requeued final job does not run it twice
-    chain.write(base, state)
-    chain.log(base, sweep.name, f"then: {shlex.join(policy.then)}")
-    guard.release()  # then may take hours: a submit meanwhile must not wait for it
-    try:
-        status = subprocess.run(list(policy.then), cwd=Path(sweep.path).parent).returncode
-    except OSError as err:
-        chain.log(base, sweep.name, f"then could not start: {err}")
-        status = 127
-    with guard:
-        now = chain.read(base, sweep.name)
-        if now is None or now.chain != state.chain or now.then_status != STARTED:
-            chain.log(base, sweep.name, f"then exited {status}; the chain's record moved on "
-                      f"meanwhile ({now.why if now else 'gone'}): not recorded again")
-            return 0
-        return _finish_then(sweep, policy, now, status)
-
-
-def _finish_then(sweep: Sweep, policy: retry.Policy, state: chain.State, status: int) -> int:
-    base = sweep.base_dir
-    state.then_status = status
-    state.state, state.job_id = chain.SETTLED, None
-    state.why = f"settled after {state.round} round(s); then exited {status}"
-    _notify(sweep, policy, state, scan(sweep), "settled")
-    chain.write(base, state)
-    chain.log(base, sweep.name, state.why)
-    return 0
-
-
-def _stop(sweep: Sweep, state: chain.State, policy: retry.Policy, report: Report | None,
-          why: str, outcome: str | None = None) -> int:
-    """End the chain, saying why; notify when the sweep ended (``outcome``: settled,
-    cancelled; stopped, by an error: exit status 1)."""
-    state.state, state.job_id, state.after, state.why = chain.STOPPED, None, [], why
-    if outcome is not None:
-        _notify(sweep, policy, state, report or scan(sweep), outcome)
-    chain.write(sweep.base_dir, state)
-    chain.log(sweep.base_dir, sweep.name, f"stopped: {why}")
-    return 1 if outcome in (None, "stopped") else 0
-
-
-def _notify(sweep: Sweep, policy: retry.Policy, state: chain.State, report: Report,
-            outcome: str) -> None:
-    """The one notification of the chain (never twice)."""
-    if not policy.notify or state.notified:
-        return
-    looked_after = set(parse_indices(state.tasks, len(sweep)))
-    left = [r for r in report.read if r.task in looked_after and r.status != schema.COMPLETE]
-    why = {int(k): v for k, v in state.given_up.items()}
-    then = None if state.then_status == STARTED else state.then_status
-    payload = retry.summary(sweep, report, left, then, time.time() - state.started_unix,
-                            outcome, why)
-    payload["rounds"] = state.round
-    sent = retry.notify(policy.notify, payload)
-    state.notified = True  # once, taken or not: a failure is said, never sent again
-    with contextlib.suppress(OSError):
-        chain.log(sweep.base_dir, sweep.name, f"notify {policy.notify}: "
-                  + ("sent" if sent else "not taken (see the line above)"))

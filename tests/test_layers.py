@@ -19,7 +19,7 @@ LAYERS = [
     {"array", "_command", "_function", "runner", "pack", "local"},
     {"runstate", "queue", "collector", "tabulate", "logs"},
     {"slurm", "sbatch", "submitit", "chain"},
-    {"submission", "retry", "shepherd", "efficiency"},
+    {"submission", "retry", "shepherd", "settle", "efficiency"},
     {"cli", "parser", "views", "overview", "figures", "__main__", "__init__"},
 ]
 SCHEDULER_LAYER = 5
