@@ -176,14 +176,14 @@ def start_args(cmd: list[str], env: Mapping[str, str]
     running, and the collector's orphan rule names it.)"""
     setpriv = _setpriv()
     if setpriv is None:
-        return cmd, _die_with_parent(os.getpid())
+        return cmd, die_with_parent(os.getpid())
     found = shutil.which(cmd[0], path=env.get("PATH", os.defpath))
     if found is None:  # say it as Popen would have, not as setpriv's exit status 127
         exists = os.sep in cmd[0] and os.path.exists(cmd[0])
         raise OSError(errno.EACCES if exists else errno.ENOENT,
                       os.strerror(errno.EACCES if exists else errno.ENOENT))
     if not _surely_runs(found):
-        return cmd, _die_with_parent(os.getpid())
+        return cmd, die_with_parent(os.getpid())
     return [setpriv, "--pdeathsig", "KILL", "--", *cmd], None
 
 
@@ -244,7 +244,7 @@ def _setpriv() -> str | None:
     return path if "--pdeathsig" in text else None
 
 
-def _die_with_parent(parent: int) -> Callable[[], None] | None:
+def die_with_parent(parent: int) -> Callable[[], None] | None:
     """A ``preexec_fn`` that has the kernel SIGKILL the command when its wrapper dies (a
     SIGKILLed wrapper runs no code: without this its command would run on unsupervised
     beside the next attempt). Linux only; the child calls a function resolved here,

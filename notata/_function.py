@@ -64,7 +64,7 @@ from typing import Any
 import psutil
 
 from . import heartbeat, layout
-from ._command import _die_with_parent
+from ._command import die_with_parent
 from .array import open_task
 from .errors import UsageError
 from .manifest import Sweep
@@ -144,7 +144,7 @@ class _Server:
         for stream in (sys.stdout, sys.stderr):  # nothing buffered is written twice
             with contextlib.suppress(Exception):
                 stream.flush()
-        die_with_parent = _die_with_parent(os.getpid())
+        tie = die_with_parent(os.getpid())
         gc.freeze()  # the workers' collections leave what was made before alone
         requests, self._requests = os.pipe()
         self._replies, replies = os.pipe()
@@ -152,7 +152,7 @@ class _Server:
         def serve(mask: Any) -> int:
             os.close(self._requests)
             os.close(self._replies)
-            return _serve(requests, replies, function, sweep, mask, die_with_parent)
+            return _serve(requests, replies, function, sweep, mask, tie)
 
         try:
             pid = _fork(serve)
@@ -337,15 +337,15 @@ def _fork(life: Callable[[Any], int]) -> int:
 
 
 def _serve(requests: int, replies: int, function: Function, sweep: Sweep, mask: Any,
-           die_with_parent: Callable[[], None] | None) -> int:
+           tie: Callable[[], None] | None) -> int:
     """The fork server's life: deaf to the signals that end a pack (the pack's process
     handles them, and the server dies with it), it forks a worker per request and says
     when it started and how it ended."""
     for signum in _BLOCKED:
         signal.signal(signum, signal.SIG_IGN)
     os.setsid()
-    if die_with_parent is not None:
-        die_with_parent()
+    if tie is not None:  # the server dies with the pack's process
+        tie()
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     buffer = b""
     while True:
@@ -379,7 +379,7 @@ def _worker(function: Function, sweep: Sweep, index: int, env: Mapping[str, str]
             mask: Any) -> int:
     """A worker's life: default signal handlers, a session of its own, dying with the
     server; the task's environment and output files; then the call. Its exit status."""
-    die_with_server = _die_with_parent(os.getppid())
+    die_with_server = die_with_parent(os.getppid())
     for signum in _RESET:
         signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
