@@ -61,13 +61,15 @@ def write_sweep(base: Path, text: str | None = None, file: str = "sweep.yaml", *
     return path
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:
-    """Poll ``predicate`` until true; fail the test after ``timeout`` seconds."""
+def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "", *,
+             every: float = 0.02) -> None:
+    """Poll ``predicate`` every ``every`` seconds until true; fail the test after
+    ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
-        time.sleep(0.02)
+        time.sleep(every)
     raise AssertionError(f"timed out waiting for {what or predicate}")
 
 

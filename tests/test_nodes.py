@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ROOT, read_meta, write_sweep
+from helpers import ROOT, Hook, read_meta, wait_for, write_sweep
 
 MULTI = Path("/etc/slurm-multi/slurm.conf")
 CLUSTER = ROOT / "scripts" / "slurm-cluster.sh"
@@ -112,12 +112,8 @@ def _hosts(manifest: Path, tasks: range) -> dict[int, str]:
 
 
 def _wait(what: str, predicate: Any, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}")
+    """Poll the cluster's state once a second (each look runs notata or squeue)."""
+    wait_for(predicate, timeout, what, every=1.0)
 
 
 def _kill_scenario(base: Path) -> None:
@@ -171,31 +167,68 @@ def _kill_scenario(base: Path) -> None:
     _SEEN["final"] = {"kept": _status(kept), "gone": _status(gone)}
 
 
+WRITER = """\
+import os, sys, time
+import notata
+tag = f"attempt={os.environ['NOTATA_ATTEMPT']}"
+with notata.task(sys.argv[1]) as log:
+    try:
+        while not os.path.exists(sys.argv[2]):
+            log.info(f"tick {tag}")
+            log.save_text("who", tag)
+            print(f"tick {tag}", flush=True)
+            time.sleep(0.2)
+    finally:  # a checkpoint on the way out, as simulations write them
+        log.save_text("final", tag)
+        log.info(f"final {tag}")
+        print(f"final {tag}", flush=True)
+"""
+
+
 def _freeze_scenario(base: Path) -> None:
     """A task's node frozen: the requeued attempt breaks its lock (the node is down, so
     after 3 heartbeats; NOTATA_LOCK_BREAK_SEC=20 shortens the minute) and completes; the
-    thawed old attempt writes nothing over it."""
-    hold = base / "hold.py"
+    thawed old attempt writes nothing over it. Beside it on the frozen node, a task
+    submitted --no-requeue: stale with its lock held from there, resubmitted, its new
+    attempt breaks the lock and completes. Each task's command writes through notata
+    every 0.2 s, and a checkpoint on its way out."""
+    (base / "writer.py").write_text(WRITER)
     release = base / "release-frozen"
     manifest = write_sweep(base, "name: cut\nbase_dir: cut\ngrid: {k: [0]}\n", "cut.yaml")
-    _SEEN["cut"] = manifest
-    out = _notata("submit", str(manifest), "--backend", "slurm", "--", sys.executable,
-                  str(hold), str(release), NOTATA_LOCK_BREAK_SEC="20")
+    alone = write_sweep(base, "name: cutn\nbase_dir: cutn\ngrid: {k: [0, 1]}\n", "cutn.yaml")
+    _SEEN["cut"], _SEEN["cutn"] = manifest, alone
+    def cmd(m: Path) -> list[str]:
+        return ["--", sys.executable, str(base / "writer.py"), str(m), str(release)]
+    out = _notata("submit", str(manifest), "--backend", "slurm", *cmd(manifest),
+                  NOTATA_LOCK_BREAK_SEC="20")
     assert out.returncode == 0, out.stderr
     _wait("the task to run", lambda: _status(manifest).get(0, {}).get("status") == "running",
           120)
     node = _hosts(manifest, range(1))[0]
     _SEEN["frozen"] = node
+    # task 0 beside it; task 1 elsewhere, last, so that resubmit takes its options
+    for tasks, where in (("0", f"--nodelist={node}"), ("1", f"--exclude={node}")):
+        out = _notata("submit", str(alone), "--backend", "slurm",
+                      "--sbatch-line=--no-requeue", f"--sbatch-line={where}", "--tasks", tasks,
+                      *cmd(alone))
+        assert out.returncode == 0, out.stderr
+        _wait("the no-requeue task to run", lambda t=int(tasks): _status(alone).get(
+            t, {}).get("status") == "running", 120)
     _cluster("freeze-node", node)
     _SEEN["frozen_at"] = time.time()
-    release.touch()  # the requeued attempt finishes at once; so does the old one, if thawed
+    release.touch()  # the new attempts finish at once; so do the old ones, if thawed
     try:
-        _wait("the requeued attempt to complete", lambda: _status(manifest).get(0, {}).get(
-            "status") == "complete" and read_meta(_run(manifest)).get("attempt") == 2, 300)
+        _wait("the no-requeue task to read stale", lambda: _status(alone).get(0, {}).get(
+            "status") == "stale", 120)
+        _SEEN["cutn_stale"] = _status(alone)[0]
+        _SEEN["cutn_resubmit"] = _notata("resubmit", str(alone), NOTATA_LOCK_BREAK_SEC="20")
+        _wait("both new attempts to complete", lambda: all(
+            _status(m).get(0, {}).get("status") == "complete"
+            and read_meta(_run(m)).get("attempt") == 2 for m in (manifest, alone)), 300)
     finally:
         _cluster("thaw-node", node)
-    time.sleep(15)  # the thawed attempt's heartbeat finds its lock gone; slurmd ends it
-    _SEEN["after_thaw"] = read_meta(_run(manifest))
+    time.sleep(15)  # the thawed attempts find their locks gone; slurmd ends them
+    _SEEN["after_thaw"] = {m.stem: read_meta(_run(m)) for m in (manifest, alone)}
 
 
 PACKED_HOLD = """\
@@ -238,14 +271,131 @@ def _pack_scenario(base: Path) -> None:
         _cluster("revive-node", node, check=False)
 
 
+HERD_TASK = """\
+import sys
+sys.exit(1 if sys.argv[1:] == ["1", "1"] else 0)  # task 1 fails its first attempt
+"""
+HERD_THEN = """\
+import os, sys, time
+with open(sys.argv[1], "a") as f:
+    f.write(os.uname().nodename + "\\n")
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.2)
+"""
+LOCKER = """\
+import os, sys, time
+from pathlib import Path
+from notata import lock
+with lock.exclusive(Path(sys.argv[1])):
+    print("held", flush=True)
+    while not os.path.exists(sys.argv[2]):
+        time.sleep(0.2)
+"""
+
+
+def _squeue(job: str) -> tuple[str, str]:
+    """(state, node list) of a job as squeue says it; ("", "") once it has left."""
+    out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T|%N"], env=_env(),
+                         capture_output=True, text=True, timeout=30)
+    state, _, node = out.stdout.strip().partition("|")
+    return state, node
+
+
+def _waits_on(path: Path) -> bool:
+    """Whether a process waits for the flock on ``path`` (a ``->`` line of /proc/locks)."""
+    inode = path.stat().st_ino
+    return any(" -> " in f" {line} " and any(t.endswith(f":{inode}") for t in line.split())
+               for line in Path("/proc/locks").read_text().splitlines())
+
+
+def _herd_scenario(base: Path) -> None:
+    """The retry shepherd's jobs on nodes that die. Every CPU but n2's is taken (two
+    blocker jobs), and a hand-held sweep lock keeps the round-1 shepherd job waiting on n2
+    (as a resubmit by hand would); n2 is killed, the blockers ended: SLURM requeues the
+    shepherd job, which runs again elsewhere and goes on (task 1 retried). Then the
+    final job's node is killed while ``then`` runs: the requeued final job wraps up
+    (settled, notified once) without running ``then`` again."""
+    (base / "herd_task.py").write_text(HERD_TASK)
+    (base / "herd_then.py").write_text(HERD_THEN)
+    (base / "locker.py").write_text(LOCKER)
+    hook = Hook()
+    _SEEN["herd_hook"] = hook  # its bodies are read by the tests once it is closed
+    try:
+        _herd(base, hook)
+    finally:
+        hook.close()
+
+
+def _herd(base: Path, hook: Hook) -> None:
+    from notata import chain
+    from notata.layout import SweepPaths
+
+    ran, release = base / "then-ran", base / "release-then"
+    then = json.dumps([sys.executable, str(base / "herd_then.py"), str(ran), str(release)])
+    manifest = write_sweep(base, "name: herd\nbase_dir: herd\ngrid: {k: [0, 1]}\nretry:\n"
+                                 f"  attempts: 3\n  then: {then}\n  notify: {hook.url}\n",
+                           "herd.yaml")
+    _SEEN["herd"], _SEEN["herd_ran"] = manifest, ran
+    for node in ("n1", "n3"):
+        subprocess.run(["sbatch", "-J", "herd-block", f"--nodelist={node}", "-c", "4",
+                        "--output=/dev/null", "--wrap", "sleep 900"], env=_env(), check=True,
+                       capture_output=True, timeout=60)
+    _wait("the blockers to run", lambda: subprocess.run(
+        ["squeue", "-h", "-n", "herd-block", "-t", "RUNNING", "-o", "%N"], env=_env(),
+        capture_output=True, text=True, timeout=30).stdout.split() == ["n1", "n3"], 60)
+    sweep_lock = SweepPaths(base / "herd").resubmit_lock
+    out = _notata("submit", str(manifest), "--backend", "slurm", "--", sys.executable,
+                  str(base / "herd_task.py"), "{k}", "{attempt}")
+    assert out.returncode == 0, out.stderr
+    unlock = base / "unlock"
+    locker = subprocess.Popen([sys.executable, str(base / "locker.py"), str(sweep_lock),
+                               str(unlock)], env=_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert locker.stdout is not None and locker.stdout.readline().strip() == "held"
+        state = chain.read(base / "herd", "herd")
+        assert state is not None and state.job_id
+        job = _SEEN["herd_job"] = state.job_id
+        _wait("the shepherd job to wait for the sweep lock on n2", lambda: _squeue(job) == (
+            "RUNNING", "n2") and _waits_on(sweep_lock), 120)
+        _cluster("kill-node", "n2")
+        subprocess.run(["scancel", "-n", "herd-block"], env=_env(), timeout=60)
+        unlock.touch()
+        _wait("SLURM to requeue the shepherd job", lambda: _squeue(job)[0] == "PENDING", 120)
+        _SEEN["herd_outage"] = _notata("status", str(manifest)).stdout
+        _wait("the final job to run then", lambda: (chain.read(base / "herd", "herd")
+                                                    or state).then_status == -1, 300)
+    finally:
+        unlock.touch()
+        locker.wait(30)
+        _cluster("revive-node", "n2", check=False)
+    _SEEN["herd_job_record"] = subprocess.run(
+        ["scontrol", "-o", "show", "job", job], env=_env(), capture_output=True, text=True,
+        timeout=30).stdout
+    _wait("n2 back", multi_up, 120)
+    final = chain.read(base / "herd", "herd")
+    assert final is not None and final.then_job and final.closer
+    _wait("the final job's node", lambda: _squeue(str(final.then_job))[0] == "RUNNING", 60)
+    node = _SEEN["herd_then_node"] = _squeue(str(final.then_job))[1]
+    _cluster("kill-node", node)
+    try:
+        _wait("the chain to settle", lambda: (chain.read(base / "herd", "herd") or final)
+              .state == chain.SETTLED, 240)
+        _wait("the closer to end", lambda: not _squeue(str(final.closer))[0], 120)
+    finally:
+        release.touch()
+        _cluster("revive-node", node, check=False)
+    _SEEN["herd_settled"] = chain.read(base / "herd", "herd")
+
+
 def _run(manifest: Path, task: int = 0) -> Path:
     from notata.manifest import load
 
     return load(manifest).task(task).run_dir
 
 
-#: The job names (the sweeps' names) the scenarios submit to the multi-node cluster.
-NAMES = "kept,gone,cut,packed"
+#: The job names the scenarios submit to the multi-node cluster (their sweeps' names, the
+#: herd scenario's blockers, its shepherd, final and closer jobs).
+NAMES = "kept,gone,cut,cutn,packed,herd-block,herd-shepherd,herd-then,herd-closer"
 
 
 def _cancel_ours() -> None:
@@ -263,16 +413,13 @@ def _scenarios() -> None:
         _SEEN["error"] = repr(err)
     finally:
         _cluster("revive-node", "n2", check=False)
-    try:
-        _wait("n2 back", multi_up, 120)
-        _freeze_scenario(base)
-    except BaseException as err:  # noqa: BLE001
-        _SEEN["freeze_error"] = repr(err)
-    try:
-        _wait("every node back", multi_up, 120)
-        _pack_scenario(base)
-    except BaseException as err:  # noqa: BLE001
-        _SEEN["pack_error"] = repr(err)
+    for scenario, error in ((_freeze_scenario, "freeze_error"), (_pack_scenario, "pack_error"),
+                            (_herd_scenario, "herd_error")):
+        try:
+            _wait("every node back", multi_up, 120)
+            scenario(base)
+        except BaseException as err:  # noqa: BLE001 - said by the tests that read it
+            _SEEN[error] = repr(err)
     _cancel_ours()
     _DONE.set()
 
@@ -363,15 +510,33 @@ def test_the_lost_tasks_end_complete_as_a_second_attempt_elsewhere(
         assert meta["start_unix"] > scenario["killed"]
 
 
-def test_a_frozen_nodes_lock_is_taken_over_by_the_requeued_attempt(
-        scenario: dict[str, Any]) -> None:
+@pytest.mark.parametrize("sweep", ["cut", "cutn"])
+def test_a_frozen_nodes_lock_is_taken_over_and_the_thawed_attempt_writes_nothing(
+        scenario: dict[str, Any], sweep: str) -> None:
+    """The requeued attempt (cut), or the resubmitted one (cutn, --no-requeue: stale with
+    its lock held from the down node, and resubmit takes it), breaks the lock and
+    completes; the old attempt, thawed, adds nothing to log.txt or stdout.txt after the
+    new attempt began, and its checkpoint on the way out replaces none of the new
+    attempt's files."""
     assert "freeze_error" not in scenario, scenario.get("freeze_error")
-    meta = scenario["after_thaw"]
+    meta = scenario["after_thaw"][sweep]
     assert meta["status"] == "complete" and meta["attempt"] == 2, meta
     first = meta["attempts"][0]
     assert first["host"] == scenario["frozen"] and first["status"] == "node_fail", first
     assert meta["host"] != scenario["frozen"]
-    assert list(_run(scenario["cut"]).glob(".lock.broken-*")), "the lock was not broken"
+    run = _run(scenario[sweep])
+    assert list(run.glob(".lock.broken-*")), "the lock was not broken"
+    if sweep == "cutn":
+        stale = scenario["cutn_stale"]
+        assert "its lock is still held from there" in stale["reason"], stale
+        said = scenario["cutn_resubmit"]
+        assert said.returncode == 0 and "leaving task 0" not in said.stdout + said.stderr, \
+            said.stdout + said.stderr
+    for name in ("log.txt", "stdout.txt"):
+        lines = (run / name).read_text().splitlines()
+        second = next(i for i, ln in enumerate(lines) if "attempt=2" in ln)
+        assert not [ln for ln in lines[second:] if "attempt=1" in ln], (name, lines)
+    assert (run / "artifacts" / "final.txt").read_text() == "attempt=2"
 
 
 def test_a_packed_element_on_a_lost_node_resumes_elsewhere(scenario: dict[str, Any]) -> None:
@@ -398,3 +563,41 @@ def test_a_packed_element_on_a_lost_node_resumes_elsewhere(scenario: dict[str, A
             assert meta["start_unix"] > scenario["packed_killed"]
         else:  # not started before the kill: run once, after it
             assert meta["attempt"] == 1 and meta["host"] != node
+
+
+def test_a_shepherd_job_lost_with_its_node_runs_again_and_the_chain_goes_on(
+        scenario: dict[str, Any]) -> None:
+    """The shepherd job, killed with n2 while it waited for the sweep's lock, is requeued
+    by SLURM and runs again on another node: it acts (task 1 retried once, as attempt 2)
+    and the chain goes on to its final job; status never called the chain broken."""
+    assert "herd_error" not in scenario, scenario.get("herd_error")
+    from notata.layout import SweepPaths
+    from notata.manifest import load
+
+    job = scenario["herd_job"]
+    assert "broken" not in scenario["herd_outage"], scenario["herd_outage"]
+    record = dict(f.split("=", 1) for f in scenario["herd_job_record"].split() if "=" in f)
+    assert record["Restarts"] == "1" and record["JobState"] == "COMPLETED", record
+    assert record["NodeList"] in ("n1", "n3"), record
+    sweep = load(scenario["herd"])
+    log = SweepPaths(sweep.base_dir).shepherd_log.read_text()
+    assert f"job {job} runs again (SLURM requeued it 1 time(s)" in log, log
+    assert len([ln for ln in log.splitlines() if ": round 2: tasks 1 " in ln]) == 1, log
+    first, second = (read_meta(sweep.task(t).run_dir) for t in (0, 1))
+    assert first["status"] == "complete" and first["attempt"] == 1, first
+    assert second["status"] == "complete" and second["attempt"] == 2, second
+
+
+def test_a_final_job_lost_with_its_node_wraps_up_without_running_then_twice(
+        scenario: dict[str, Any]) -> None:
+    """The final job's node killed while ``then`` runs: SLURM requeues it, and it wraps up
+    instead of running ``then`` again: the chain reads settled, naming the node that is
+    down, and the notification goes out once."""
+    assert "herd_error" not in scenario, scenario.get("herd_error")
+    node, state = scenario["herd_then_node"], scenario["herd_settled"]
+    assert state.state == "settled" and state.then_status is None, state
+    assert f"ended before then finished (on {node}: node {node} is down)" in state.why, \
+        state.why
+    assert scenario["herd_ran"].read_text().split() == [node]  # then ran once, there
+    [told] = scenario["herd_hook"].bodies
+    assert told["outcome"] == "settled" and told["then_exit_status"] is None, told
