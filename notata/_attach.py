@@ -21,6 +21,7 @@ from typing import Any
 import psutil
 
 from . import _fs, layout, scheduler, schema
+from .errors import RunLostError
 
 #: Set by ``notata exec`` for its command: the wrapper's pid, host and scheduler job.
 ENV_WRAPPER_PID = "NOTATA_WRAPPER_PID"
@@ -150,6 +151,7 @@ class AttachedRun:
         self.closed = False
         self._handed: str | None = None  # the status handed over, if any
         self._t0 = time.monotonic()
+        self._lock = _fs.identity(path / layout.LOCK)  # the wrapper's, as it holds it now
 
     @property
     def elapsed(self) -> float:
@@ -167,9 +169,18 @@ class AttachedRun:
         """Outputs are the wrapper's to fsync when it ends the run."""
 
     def check_usable(self) -> None:
-        """Always usable: the wrapper decides when the run ends."""
+        """Usable while the run's lock is the one its wrapper held when this process
+        attached: once another attempt has broken it (this node was cut off, then came
+        back), this process writes nothing more there. The wrapper decides when the run
+        ends."""
+        if not self._ours():
+            raise RunLostError(str(self.path))
+
+    def _ours(self) -> bool:
+        return self._lock is None or _fs.identity(self.path / layout.LOCK) == self._lock
 
     def set(self, **fields: Any) -> None:
+        self.check_usable()
         hand_over(self.path, fields)
 
     def finish(self, status: str | None, reason: str | None) -> bool:
@@ -179,7 +190,7 @@ class AttachedRun:
         if self.closed and not (status == schema.FAILED and self._handed == schema.COMPLETE):
             return False
         self.closed = True
-        if status is not None:
+        if status is not None and self._ours():  # nothing handed to another attempt
             self._handed = status
             fields = {"status": status}
             if reason is not None:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
@@ -107,6 +108,29 @@ def read_json_object(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise CorruptMetadataError(str(path), f"expected a JSON object, found {type(obj).__name__}")
     return obj
+
+
+def identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at ``path``: the same file, not only the same name;
+    None when there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def detach(path: Path) -> None:
+    """Put a copy of the file at ``path`` in its place (atomically), so that a process
+    still holding it open writes into the old file, no longer named, and not into what
+    comes next. Nothing when there is no file."""
+    tmp = _tmp_name(path)
+    try:
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, path)
+    except FileNotFoundError:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def fsync_dir(path: Path) -> None:

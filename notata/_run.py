@@ -89,6 +89,10 @@ class OwnedRun:
             with contextlib.suppress(FileNotFoundError):
                 check(self.read_disk())
         previous = take_over(self.path, self.run_id, overwrite, self.read_disk)
+        if self.lock.broke:  # the old holder may only be cut off, its files still open:
+            for name in (layout.LOG, layout.STDOUT, layout.STDERR):  # what it writes
+                with contextlib.suppress(OSError):  # from now on is not this attempt's
+                    _fs.detach(self.path / name)
         self.t0 = time.monotonic()
         start = time.time()
         # The environment only: the first write must come first.

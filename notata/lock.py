@@ -236,6 +236,9 @@ class RunLock:
         self._holder = holder
         self._fd: int | None = None
         self._soft: filelock.BaseFileLock | None = None
+        #: Whether :meth:`acquire` broke the lock of a holder taken for dead (maybe only
+        #: cut off: its processes may still hold the run's files open).
+        self.broke = False
 
     @property
     def held(self) -> bool:
@@ -278,6 +281,7 @@ class RunLock:
             with contextlib.suppress(FileNotFoundError):
                 os.replace(self.path, self.path.with_name(layout.BROKEN_LOCK.format(when=when)))
             if self.try_acquire():
+                self.broke = True
                 return
         raise RunLockedError(str(self.run_dir), holder)
 

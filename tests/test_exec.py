@@ -695,3 +695,54 @@ def test_a_task_run_in_a_process_with_children_of_its_own_leaves_them(
         for p in [own, *later]:
             p.kill()
             p.wait()
+
+
+ATTACHED_WRITER = """
+import os, sys, time
+import notata
+with notata.task(sys.argv[1]) as log:
+    try:
+        while not os.path.exists(sys.argv[2]):
+            log.info("tick"); log.save_text("who", "first"); print("tick", flush=True)
+            time.sleep(0.05)
+    finally:  # a checkpoint on the way out
+        log.save_text("final", "first")
+"""
+TAKER = """
+import fcntl, sys, time
+fd = open(sys.argv[1], "w")
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_command_writes_nothing_once_its_runs_lock_is_broken(
+        manifest: Path, base: Path) -> None:
+    """Another attempt breaks the run's lock (as one does for a holder on a node cut off,
+    which may come back): the old attempt's command, attached through notata.task, writes
+    nothing more there, not even the checkpoint of its finally block, and its wrapper
+    stops it."""
+    go = base / "go"
+    proc = notata_process("exec", str(manifest), "--task", "0", "--heartbeat", "0.2", "--",
+                          sys.executable, "-c", ATTACHED_WRITER, str(manifest), str(go))
+    d = run_dir(base, "plain")
+    taker = None
+    try:
+        wait_for(lambda: (d / "artifacts" / "who.txt").exists(), 30, "the command to write")
+        os.replace(d / ".lock", d / ".lock.broken-20261205T000000")  # what a breaker does
+        taker = python(TAKER, str(d / ".lock"))
+        assert taker.stdout is not None and taker.stdout.readline().strip() == "held"
+        (d / "artifacts" / "who.txt").write_text("second")  # the new attempt's
+        size = (d / "log.txt").stat().st_size
+        go.touch()  # the old command leaves its loop: its finally writes a checkpoint
+        proc.wait(30)  # type: ignore[attr-defined]
+        assert (d / "artifacts" / "who.txt").read_text() == "second"
+        assert not (d / "artifacts" / "final.txt").exists()
+        assert (d / "log.txt").stat().st_size == size
+    finally:
+        if proc.poll() is None:  # type: ignore[attr-defined]
+            proc.kill()  # type: ignore[attr-defined]
+        if taker is not None:
+            taker.kill()
+            taker.wait()

@@ -138,6 +138,38 @@ def test_stale_holder_on_another_host_is_broken_after_the_threshold(
         holder.wait()
 
 
+def test_a_broken_holders_open_files_are_not_the_new_attempts(
+    base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The holder taken for dead may only be cut off (a frozen node): what it writes
+    through the files it holds open, once its lock was broken, lands in none of the new
+    attempt's files; what it wrote before is kept."""
+    holder = python(REMOTE_HOLDER.replace('    print("open", flush=True)', """\
+    files = [open(run / name, "a") for name in ("stdout.txt", "stderr.txt", "log.txt")]
+    for f in files:
+        f.write("before the break\\n"); f.flush()
+    print("open", flush=True)
+    while not (run / "go").exists():
+        time.sleep(0.05)
+    for f in files:
+        f.write("after the break\\n"); f.flush()
+    print("wrote", flush=True)"""), str(base / "log_run"), "lost-node-17", "3600", "5")
+    try:
+        assert holder.stdout and holder.stdout.readline().strip() == "open"
+        monkeypatch.setattr(lockmod, "CONFIRM_SEC", 0.1)
+        with Logbook("run", base, resume=True) as log:
+            assert log.attempt == 2
+            (log.path / "go").touch()
+            assert holder.stdout.readline().strip() == "wrote"
+            log.info("the new attempt's line")
+        for name in ("stdout.txt", "stderr.txt", "log.txt"):
+            text = (log.path / name).read_text()
+            assert "before the break" in text and "after the break" not in text, (name, text)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_fresh_holder_on_another_host_is_not_broken(base: Path) -> None:
     # It has just beaten, and beats every 1000 s.
     holder = python(REMOTE_HOLDER, str(base / "log_run"), "busy-node-3", "0", "1000")
