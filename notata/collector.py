@@ -105,8 +105,10 @@ class Report:
 
         Never a complete run, a task the queue (or a live local submission) still
         holds, a run another version of the manifest wrote, a run already at
-        ``max_attempts`` attempts, or a run whose lock a live process holds; nothing from
-        a scan of a folder of runs (no manifest to submit them with).
+        ``max_attempts`` attempts, or a run whose lock a live process holds (unless from a
+        node the scheduler says is down: the next attempt breaks that lock by the rule for
+        another host's holder); nothing from a scan of a folder of runs (no manifest to
+        submit them with).
         """
         wanted = set(statuses) - {schema.COMPLETE}
         chosen: list[int] = []
@@ -126,7 +128,7 @@ class Report:
                 left.append((r, "its run directory is a symlink, which notata never follows"))
             elif r.orphan:
                 left.append((r, r.reason or "a process of its command still runs"))
-            elif r.run_dir is not None and held(r.run_dir):
+            elif r.run_dir is not None and not r.cut_off and held(r.run_dir):
                 left.append((r, "a live process holds its lock"))
             else:
                 chosen.append(r.task)

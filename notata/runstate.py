@@ -95,6 +95,7 @@ class RunRecord:
     packed: bool = False  # its last attempt ran in a pack (``array`` is the pack's)
     passed: frozenset[str] = frozenset()  # job keys of the packs that ran it and let it go
     orphan: bool = False  # its wrapper is gone but its command's processes still run here
+    cut_off: bool = False  # its lock is held from a node the scheduler says is down
     asked: dict[str, Any] | None = None  # what its last attempt asked the scheduler for
     queued_by: str | None = None  # who holds it queued, when the queue's state does not say
     kept: Any = None  # what the scan's ``keep`` took from its metadata (see read_run)
@@ -278,6 +279,7 @@ def _classify(meta: dict[str, Any], task: int | None, run_id: str, run_dir: str,
             # ... except on a node the scheduler has given up on: cut off, not dead; the
             # next attempt breaks its lock by the rule for another host's holder
             record.reason = f"{record.reason}; its lock is still held from there"
+            record.cut_off = True
             return record
         record.status = schema.RUNNING
         record.reason = f"{record.reason}, but a live process holds its lock"

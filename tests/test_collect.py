@@ -780,3 +780,39 @@ def test_watch_goes_on_while_a_local_resubmission_holds_failed_tasks(
         if watch is not None and watch.poll() is None:
             watch.kill()
             watch.communicate()
+
+
+def test_a_run_held_from_a_down_node_is_resubmitted(manifest: Path, base: Path) -> None:
+    """A task whose process is frozen on a node SLURM says is down (a partition) still
+    holds its run's lock: stale, the lock said, and resubmit takes it (its next attempt
+    breaks that lock by the rule for another host's holder). While the node is only
+    busy, the held lock keeps it running and resubmit leaves it."""
+    import signal
+
+    from notata.queue import Queue
+
+    holder = python("""
+        import sys, time, notata
+        log = notata.task(sys.argv[1], 0, heartbeat=0.2)
+        print("open", flush=True)
+        time.sleep(60)
+        """, str(manifest))
+    try:
+        assert holder.stdout and holder.stdout.readline().strip() == "open"
+        holder.send_signal(signal.SIGSTOP)  # frozen with its node, the lock still held
+        run = load(manifest).task(0).run_dir
+        meta = read_meta(run)
+        meta.update(host="n2", slurm={"job_id": 99, "nodelist": "n2"})
+        meta["heartbeat"] = dict(meta["heartbeat"], unix=time.time() - 30)
+        (run / "metadata.json").write_text(json.dumps(meta))
+        down = scan(load(manifest), queue=Queue({}, nodes={"n2": "down*"}))
+        [r] = [r for r in down.runs if r.task == 0]
+        assert r.status == "stale" and "its lock is still held from there" in (r.reason or "")
+        assert 0 in down.to_resubmit(["stale"])[0]
+        busy = scan(load(manifest), queue=Queue({}, nodes={"n2": "allocated"}))
+        [r] = [r for r in busy.runs if r.task == 0]
+        assert r.status == "running" and 0 not in busy.to_resubmit(["stale", "running"])[0]
+    finally:
+        holder.send_signal(signal.SIGCONT)
+        holder.kill()
+        holder.wait()
