@@ -38,9 +38,11 @@ def close_lost(meta: dict[str, Any]) -> None:
     scheduler says the node it ran on (another host) is down or not responding, or when
     this is the same job requeued by the scheduler (on any node, its own included once it
     is back: a job requeued from under a live attempt gets SIGTERM, and a SIGTERM is
-    recorded, so an attempt left open died with its node, or at least its slurmd). An
-    attempt that ended without a word otherwise (a SIGKILL on this host) stays as it was
-    recorded. Asks the scheduler (slow: not for the first write)."""
+    recorded, so an attempt left open died with its node, or at least its slurmd), or
+    when it ran in another job that the scheduler says ended for a node failure (a task
+    resubmitted without requeue, maybe onto its node once back). An attempt that ended
+    without a word otherwise (a SIGKILL on this host) stays as it was recorded. Asks the
+    scheduler (slow: not for the first write)."""
     history = meta.get("attempts") or []
     last = history[-1] if history and isinstance(history[-1], dict) else None
     if last is None or last.get("status") not in schema.OPEN_STATUSES:
@@ -48,9 +50,18 @@ def close_lost(meta: dict[str, Any]) -> None:
     lost = scheduler.node_lost(last) if last.get("host") != meta.get("host") else None
     if lost is None and _requeued(meta, last):
         lost = f"its job was requeued while it ran on {last.get('host')}"
+    if lost is None and _other_job(meta, last):  # resubmitted, maybe onto the node revived
+        lost = scheduler.ended_with_node(last)
     if lost is not None:
         last["status"] = NODE_FAIL
         last["failure_reason"] = f"{lost}: the attempt ended with its node, no handler ran"
+
+
+def _other_job(meta: Mapping[str, Any], last: Mapping[str, Any]) -> bool:
+    """Whether the last attempt ran in another job of the same scheduler than this one."""
+    mine, theirs = scheduler.job_of(meta), scheduler.job_of(last)
+    return mine is not None and theirs is not None and mine[0] is theirs[0] \
+        and mine[0].job_key(mine[1]) != mine[0].job_key(theirs[1])
 
 
 def _requeued(meta: Mapping[str, Any], last: Mapping[str, Any]) -> bool:

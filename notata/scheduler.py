@@ -99,6 +99,10 @@ class SchedulerProvider(Protocol):
         """What is wrong with a node in this state (``"is down"``, ``"is not
         responding"``), else None."""
 
+    def ended_with_node(self, context: Mapping[str, Any]) -> str | None:
+        """Why the scheduler ended the job for a node failure (``"its job 240 ended
+        NODE_FAIL"``: asks it, slow), else None (also when it cannot say)."""
+
     def node_lost(self, context: Mapping[str, Any]) -> str | None:
         """``"node n2 is down"`` when the scheduler says a node the job ran on is down or
         not responding (asks it: slow), else None (also when it cannot answer)."""
@@ -174,6 +178,12 @@ def output_file(meta: Mapping[str, Any], base_dir: Path) -> Path | None:
     """The scheduler's output file of the job a run's metadata (or an attempt's) names."""
     job = job_of(meta)
     return job[0].output_file(job[1], base_dir) if job is not None else None
+
+
+def ended_with_node(meta: Mapping[str, Any]) -> str | None:
+    """:meth:`SchedulerProvider.ended_with_node` of the job a run's metadata names."""
+    job = job_of(meta)
+    return job[0].ended_with_node(job[1]) if job is not None else None
 
 
 def node_lost(meta: Mapping[str, Any]) -> str | None:

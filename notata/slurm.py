@@ -285,11 +285,14 @@ class SlurmProvider:
 
         Seen on SLURM 22.05: the job shows ``JobState=COMPLETING`` whatever the
         cause, so the cause is read from the rest of the record: ``Reason=TimeLimit``
-        is a timeout; ``Restarts`` above the job's own ``SLURM_RESTART_COUNT`` is a
-        requeue (``scontrol requeue`` or preemption with requeue), recorded as
-        ``preempted`` since the job will run again; a ``Preempt*`` reason or state is
-        ``preempted``; anything else ending a job early is ``cancelled`` (scancel).
-        Preemption in CANCEL mode may therefore read as ``cancelled``.
+        is a timeout; ``JobState=CANCELLED`` is the user's scancel (also of a job SLURM
+        had requeued meanwhile); ``Restarts`` above the job's own ``SLURM_RESTART_COUNT``
+        is a requeue (``scontrol requeue``, preemption with requeue, a node failure),
+        recorded as ``preempted`` since the job will run again; a ``Preempt*`` reason or
+        state is ``preempted``, and so is a job SLURM ends for a node failure
+        (``NODE_FAIL``: a task of a multi-node job outlives the node it lost, or a
+        partitioned node comes back); anything else ending a job early is ``cancelled``
+        (scancel). Preemption in CANCEL mode may therefore read as ``cancelled``.
         """
         end = context.get("end_unix")
         if isinstance(end, int) and now >= end - 1:
@@ -299,13 +302,29 @@ class SlurmProvider:
         restarts = int(record.get("Restarts", "0") or 0)
         if reason == "TimeLimit" or state in ("TIMEOUT", "DEADLINE"):
             return schema.TIMEOUT
+        if state == "CANCELLED":  # the user's scancel, even of a job requeued meanwhile
+            return schema.CANCELLED
         if restarts > int(context.get("restart_count", 0)) or state.startswith("REQUEUE"):
             return schema.PREEMPTED
         if reason.startswith("Preempt") or state == "PREEMPTED":
             return schema.PREEMPTED
-        if state in ("CANCELLED", "COMPLETING"):
+        if state == "NODE_FAIL" or reason in ("NodeDown", "NodeFail"):
+            return schema.PREEMPTED  # ended by SLURM for a node failure: not the run's doing
+        if state == "COMPLETING":
             return schema.CANCELLED
         return None
+
+    def ended_with_node(self, context: Mapping[str, Any]) -> str | None:
+        """``"its job 240 ended NODE_FAIL"`` when SLURM (which remembers an ended job for
+        ``MinJobAge``) says the job ended for a node failure; else None."""
+        job = context.get("job_id")
+        if job is None:
+            return None
+        try:
+            state = show_job(job).get("JobState", "")
+        except SchedulerError:
+            return None
+        return f"its job {job} ended {state}" if state == "NODE_FAIL" else None
 
 
 #: Seconds a job's record is reused for the next run the same job opens: a pack opens

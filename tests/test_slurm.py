@@ -710,3 +710,52 @@ def test_the_users_sbatch_and_squeue_variables_never_override_notata(
         assert "nothing to resubmit" in said.out, said
     finally:
         _cancel(submissions.submitted(base / "outputs"))
+
+
+@pytest.mark.parametrize(("record", "status"), [
+    ({"JobState": "COMPLETING", "Reason": "None", "Restarts": "0"}, "cancelled"),
+    ({"JobState": "COMPLETING", "Reason": "TimeLimit", "Restarts": "0"}, "timeout"),
+    ({"JobState": "COMPLETING", "Reason": "None", "Restarts": "1"}, "preempted"),
+    # the user's scancel of a job SLURM had requeued meanwhile (a thawed node's attempt)
+    ({"JobState": "CANCELLED", "Reason": "None", "Restarts": "1"}, "cancelled"),
+    # a node failure without requeue: SLURM's doing, not the run's nor the user's
+    ({"JobState": "NODE_FAIL", "Reason": "NodeDown", "Restarts": "0"}, "preempted"),
+    ({"JobState": "COMPLETING", "Reason": "NodeDown", "Restarts": "0"}, "preempted"),
+])
+def test_why_slurm_ends_a_job_is_read_from_its_record(
+        monkeypatch: pytest.MonkeyPatch, record: dict[str, str], status: str) -> None:
+    """The cause of a SIGTERM, from the job's record at that moment (the records as SLURM
+    22.05 words them; the live ones are checked by test_signals and test_nodes)."""
+    from notata import slurm
+
+    monkeypatch.setattr(slurm, "show_job", lambda job: record)
+    assert slurm.SLURM.termination_status({"job_id": 7, "restart_count": 0}, time.time()) \
+        == status
+
+
+def test_an_earlier_jobs_node_failure_is_read_from_its_record(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from notata import slurm
+
+    records = {"240": {"JobState": "NODE_FAIL"}, "241": {"JobState": "FAILED"}}
+    monkeypatch.setattr(slurm, "show_job", lambda job: records[str(job)])
+    assert slurm.SLURM.ended_with_node({"job_id": 240}) == "its job 240 ended NODE_FAIL"
+    assert slurm.SLURM.ended_with_node({"job_id": 241}) is None
+
+
+def test_an_attempt_left_open_by_a_job_that_ended_for_a_node_failure_is_closed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task resubmitted without requeue after its node failed, and run on that node
+    once it was back: the attempt left open there is closed as node_fail (SLURM's record
+    of the old job says NODE_FAIL), not left running in the history."""
+    from notata import _attempt, slurm
+
+    monkeypatch.setattr(slurm, "show_job", lambda job: {"JobState": "NODE_FAIL"}
+                        if str(job) == "240" else {"JobState": "RUNNING"})
+    meta = {"host": "n2", "slurm": {"job_id": 241, "restart_count": 0},
+            "attempts": [{"attempt": 1, "status": "running", "host": "n2",
+                          "slurm": {"job_id": 240, "restart_count": 0}}]}
+    _attempt.close_lost(meta)
+    [first] = meta["attempts"]
+    assert first["status"] == "node_fail" and "its job 240 ended NODE_FAIL" in \
+        first["failure_reason"], first
