@@ -49,7 +49,7 @@ from typing import Any
 from . import _fs, _function, index, layout, scheduler, schema, submissions
 from ._command import catches, start_args
 from ._function import Function
-from .errors import NotataError, UsageError
+from .errors import NotataError, RunLostError, UsageError
 from .manifest import Sweep, compact
 from .runner import BUSY, IN_USE, INTERRUPTED, SKIPPED, run_task
 
@@ -356,6 +356,8 @@ def _one(sweep: Sweep, index: int, where: tuple[int, int], argv: Sequence[str] |
         ended = run_task(sweep, index, argv, heartbeat=heartbeat, pack=where,
                          warned=lambda: bool(warned), opened=begun)
         how, stop = ended.how, ended.stop
+    except RunLostError:  # another attempt took the run over (this pack's node was lost
+        raise  # and SLURM requeued it): the rest of the pack is that attempt's to run
     except (NotataError, OSError) as err:  # this run cannot be opened
         print(f"notata: task {index}: {err}", file=sys.stderr, flush=True)
         how = _ERROR

@@ -754,3 +754,37 @@ def test_a_pack_at_its_time_limit(slurm_cluster: str) -> None:
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
+
+
+LOCK_TAKER = """
+import fcntl, sys, time
+fd = open(sys.argv[1], "w")
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_pack_whose_running_task_is_taken_over_stops(base: Path) -> None:
+    """Another attempt breaks the lock of the task a pack runs (SLURM requeued the pack
+    from a node cut off, which came back): the old pack starts none of its other tasks,
+    which are the new attempt's to run, and says why."""
+    manifest = sweep_of(base, ["wait", "ok", "ok"])
+    proc = notata_process("exec", str(manifest), "--tasks", "0-2", "--heartbeat", "0.2", "--",
+                          *command(base))
+    taker = None
+    try:
+        wait_for(status_is(run(base, 0), "running"), 30, "the first task to run")
+        os.replace(run(base, 0) / ".lock", run(base, 0) / ".lock.broken-20261205T000000")
+        taker = python(LOCK_TAKER, str(run(base, 0) / ".lock"))
+        assert taker.stdout is not None and taker.stdout.readline().strip() == "held"
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode != 0 and "lock broken" in err, err
+        assert not run(base, 1).exists() and not run(base, 2).exists()
+    finally:
+        (base / "go").write_text("")
+        if proc.poll() is None:
+            proc.kill()
+        if taker is not None:
+            taker.kill()
+            taker.wait()
