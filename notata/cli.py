@@ -277,7 +277,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_table(args: argparse.Namespace) -> int:
-    data = tabulate.rows(_target(args.path), args.artifact or (), args.status)
+    target = _target(args.path)
+    base = target.base_dir if isinstance(target, Sweep) else Path(str(target))
+    data = tabulate.rows(target, args.artifact or (), args.status,
+                         slurm.collector_queue(base, "table"))
     form = args.format or ("text" if sys.stdout.isatty() else "csv")  # pipes keep csv
     write = {"csv": tabulate.to_csv, "json": tabulate.to_json_lines, "text": tabulate.to_text}
     sys.stdout.write(write[form](data))

@@ -20,6 +20,7 @@ from . import scheduler
 from .collector import scan
 from .errors import UsageError
 from .manifest import Sweep
+from .queue import Queue
 from .reader import LogReader
 from .runstate import CORRUPT, MISSING, PENDING, SCAN_STATUSES
 
@@ -44,8 +45,11 @@ def _fields(meta: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def rows(target: Sweep | str | os.PathLike[str], artifacts: Sequence[str] = (),
-         statuses: Iterable[str] | None = None) -> list[dict[str, Any]]:
-    """The table's rows, in task order; ``statuses`` keeps only runs with those statuses.
+         statuses: Iterable[str] | None = None, queue: Queue | None = None
+         ) -> list[dict[str, Any]]:
+    """The table's rows, in task order; ``statuses`` keeps only runs with those statuses;
+    ``queue``: the scheduler's, as ``notata status`` asks it (a task SLURM requeued reads
+    ``pending``, as there), else the runs' files alone.
 
     A status that is not one, or an artifact that no run of the table has, is a
     :class:`~notata.errors.UsageError` naming the valid choices (not an empty table or
@@ -58,7 +62,7 @@ def rows(target: Sweep | str | os.PathLike[str], artifacts: Sequence[str] = (),
     sweep = target if isinstance(target, Sweep) else None
     out = []
     seen: set[str] = set()  # the artifacts the runs have
-    for r in scan(target, full=True, keep=_fields).runs:
+    for r in scan(target, full=True, keep=_fields, queue=queue).runs:
         if keep is not None and r.status not in keep:
             continue
         row: dict[str, Any] = {"run_id": r.run_id, "task": r.task, "status": r.status,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 import sys
@@ -154,6 +155,11 @@ def test_a_users_own_array_is_known_when_every_started_task_is_complete(
         capsys.readouterr()
         assert main(["resubmit", str(manifest), "--backend", "slurm", "--", "true"]) == 0
         assert "nothing to resubmit" in capsys.readouterr().out
+        # the table reads the queue as status does: pending, not missing
+        assert main(["table", str(manifest), "--format", "json"]) == 0
+        table = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [(r["task"], r["status"]) for r in table] == [
+            (0, "complete"), (1, "complete"), (2, "pending"), (3, "pending")]
     finally:
         subprocess.run(["scancel", job], check=True)
         wait_for(job_gone(job), 120, "the array to end")
