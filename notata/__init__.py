@@ -36,7 +36,8 @@ scheduler layer names a scheduler's variables, job states or metadata fields).
    ``collector`` (the scan, the report); ``tabulate``; ``logs`` (a run's output, one
    attempt at a time).
 5. schedulers: ``slurm`` (SLURM inside a job and its queue); ``sbatch`` (arrays, job
-   scripts, submitting); ``submitit`` (the submitit bridge); ``chain`` (the retry
+   scripts, submitting); ``sbatch_options`` (the options sbatch is given, SLURM's time
+   and memory notations); ``submitit`` (the submitit bridge); ``chain`` (the retry
    shepherd's record, log and jobs).
 6. submitting: ``submission`` (submit and resubmit: the Python API the CLI wraps);
    ``retry`` (a sweep's retry policy: which failures, how often, with what more);

@@ -33,7 +33,8 @@ from typing import Any
 from . import _fs, layout, lock, runinfo, slurm, submissions, taskspec
 from .errors import ChainRecordError, SchedulerError, UsageError
 from .manifest import Sweep
-from .sbatch import OPTIONS, options_for, render_job, submit_job
+from .sbatch import render_job, submit_job
+from .sbatch_options import OPTIONS, options_for
 from .taskspec import compact
 
 #: The shepherd job's own needs: a scan and a few sbatch calls (seconds, even at 10^5

@@ -29,7 +29,7 @@ from . import (
     logs,
     overview,
     provenance,
-    sbatch,
+    sbatch_options,
     shepherd,
     slurm,
     submission,
@@ -141,7 +141,7 @@ def _options(args: argparse.Namespace, sweep: Sweep) -> submission.Options:
         tasks: list[int] | None = parse_indices(args.tasks, len(sweep))
     else:
         tasks = None
-    scheduler = {key: getattr(args, key) for key in sbatch.OPTIONS}
+    scheduler = {key: getattr(args, key) for key in sbatch_options.OPTIONS}
     scheduler.update(throttle=args.throttle, warn_before=args.warn_before,
                      sbatch_line=args.sbatch_line)
     options = submission.Options(backend=args.backend, tasks=tasks, dry_run=args.dry_run,

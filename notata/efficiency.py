@@ -32,10 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from . import retry, sbatch, schema, submissions
+from . import retry, schema, submissions
 from .collector import Report, scan
 from .manifest import Sweep
 from .resources import size_text
+from .sbatch_options import mem_bytes, mem_text, time_limit_sec, time_text
 
 #: The margins of the suggestion over the 95th percentile.
 TIME_MARGIN, MEM_MARGIN = 1.25, 1.20
@@ -61,7 +62,7 @@ class Usage:
 
     @property
     def limit_sec(self) -> int | None:
-        return sbatch.time_limit_sec(self.time_limit)
+        return time_limit_sec(self.time_limit)
 
     @property
     def time_share(self) -> float | None:
@@ -213,19 +214,19 @@ class Efficiency:
             grown: list[int] = []
             for u in hit:
                 limit = u.time_limit if u.limit_sec else self.given.get("time")
-                if sbatch.time_limit_sec(None if limit is None else str(limit)) is None \
+                if time_limit_sec(None if limit is None else str(limit)) is None \
                         and u.runtime_sec:  # unknown: it ran this long before it was stopped
-                    limit = sbatch.time_text(int(u.runtime_sec))
-                mem = sbatch.mem_text(u.mem_bytes) if u.mem_bytes else self.given.get("mem")
+                    limit = time_text(int(u.runtime_sec))
+                mem = mem_text(u.mem_bytes) if u.mem_bytes else self.given.get("mem")
                 nxt = retry.next_resources(rule, status, None if limit is None else str(limit),
                                            None if mem is None else str(mem)) or {}
-                amount = (sbatch.time_limit_sec(nxt.get("time")) if what == "time"
-                          else sbatch.mem_bytes(nxt.get("mem")))
+                amount = (time_limit_sec(nxt.get("time")) if what == "time"
+                          else mem_bytes(nxt.get("mem")))
                 if amount:
                     grown.append(amount)
             if grown:
                 top = max(grown)
-                said = sbatch.time_text(top) if what == "time" else sbatch.mem_text(top)
+                said = time_text(top) if what == "time" else mem_text(top)
                 word = "timed out" if status == schema.TIMEOUT else "were killed for memory"
                 self.why.append(f"{len(hit)} run(s) {word}: the retry policy gives their "
                                 f"next attempt --{what} {said}")
@@ -239,9 +240,9 @@ class Efficiency:
             self.why.append(f"the runs ran in packs (of up to {max(packs)}): --time covers a "
                             "whole pack; per task, for --pack-time's --task-time, as shown")
         elif time_need:
-            self.suggest["time"] = sbatch.time_text(time_need)
+            self.suggest["time"] = time_text(time_need)
         if mem_need:
-            self.suggest["mem"] = sbatch.mem_text(mem_need)
+            self.suggest["mem"] = mem_text(mem_need)
         cores, cpus = self.spread("cores"), self.asked("cpus")
         if cores and cpus and cpus[0] > 1 and cores[1] < cpus[0] / 2:
             self.suggest["cpus-per-task"] = str(max(1, math.ceil(cores[1])))

@@ -6,11 +6,11 @@ from __future__ import annotations
 import argparse
 import textwrap
 
-from . import sbatch
+from . import sbatch_options
 from ._version import __version__
 from .runstate import SCAN_STATUSES, SELECTORS
 
-#: Help for the sbatch options (:data:`notata.sbatch.OPTIONS`), which win over the
+#: Help for the sbatch options (:data:`notata.sbatch_options.OPTIONS`), which win over the
 #: manifest's ``slurm:`` section.
 _SBATCH_HELP = {
     "partition": "the partition to run in",
@@ -57,7 +57,7 @@ def add_submit_options(p: argparse.ArgumentParser, again: bool = False) -> None:
                    help="print the job scripts and sbatch commands; submit nothing")
     p.add_argument("-j", "--jobs", type=int, help="local: tasks at a time (default: CPU count)")
     g = p.add_argument_group("slurm options (flags win over the manifest's slurm: section)")
-    for key, option in sbatch.OPTIONS.items():
+    for key, option in sbatch_options.OPTIONS.items():
         g.add_argument(option, dest=key, metavar=key.upper().replace("_", "-"),
                        help=_SBATCH_HELP[key])
     p.add_argument("--python", metavar="MODULE:FUNCTION",

@@ -31,11 +31,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from . import sbatch, schema
+from . import schema
 from .collector import Report, scan
 from .errors import ManifestError
 from .manifest import Sweep
 from .runstate import MISSING, STALE, RunRecord
+from .sbatch_options import mem_bytes, mem_text, options_for, time_limit_sec, time_text
 from .taskspec import compact
 
 
@@ -128,7 +129,7 @@ def policy(section: Mapping[str, Any] | None, attempts: int | None, where: str) 
         raise fail(f"shepherd {own!r}: give sbatch options for the shepherd job, among "
                    f"{', '.join(SHEPHERD_KEYS)}")
     try:  # the same checks as the sweep's own options
-        sbatch.options_for({}, {k: str(v) for k, v in own.items()}, where)
+        options_for({}, {k: str(v) for k, v in own.items()}, where)
     except ManifestError as err:
         raise fail(f"shepherd: {err.problem}") from None
     if not n:  # checked whole, but nothing asks for retries
@@ -152,7 +153,7 @@ def _rule(section: Mapping[str, Any], cause: str, what: str, fail: Any) -> Rule:
     cap = spec.get("max")
     if cap is None:
         return Rule(float(factor))
-    amount = sbatch.time_limit_sec(str(cap)) if what == "time" else sbatch.mem_bytes(cap)
+    amount = time_limit_sec(str(cap)) if what == "time" else mem_bytes(cap)
     if not amount:
         example = '"2-00:00:00"' if what == "time" else "256G"
         raise fail(f"{cause}.max {cap!r}: not a {'time' if what == 'time' else 'memory'} "
@@ -166,8 +167,8 @@ def next_resources(policy: Policy, cause: str, time: str | None, mem: str | None
     from its last attempt's (None: not given, left as the manifest has it); None when the
     task is given up (at its cap already, for the resource that ran out)."""
     out = {k: v for k, v in (("time", time), ("mem", mem)) if v is not None}
-    rules = {schema.TIMEOUT: ("time", policy.timeout, sbatch.time_limit_sec, sbatch.time_text),
-             schema.OOM: ("mem", policy.oom, sbatch.mem_bytes, sbatch.mem_text)}
+    rules = {schema.TIMEOUT: ("time", policy.timeout, time_limit_sec, time_text),
+             schema.OOM: ("mem", policy.oom, mem_bytes, mem_text)}
     if cause not in rules or rules[cause][0] not in out:
         return out  # the same resources again (or nothing given to grow)
     key, rule, read, write = rules[cause]
@@ -193,9 +194,9 @@ def plan_round(policy: Policy, chosen: list[RunRecord], given: Mapping[str, Any]
     for r in chosen:
         asked = r.asked or {}
         time_ = asked.get("time_limit")
-        if sbatch.time_limit_sec(None if time_ is None else str(time_)) is None:
+        if time_limit_sec(None if time_ is None else str(time_)) is None:
             time_ = given.get("time")  # UNLIMITED, or not recorded: as the sweep asked
-        mem = sbatch.mem_text(asked["mem_bytes"]) if asked.get("mem_bytes") \
+        mem = mem_text(asked["mem_bytes"]) if asked.get("mem_bytes") \
             else given.get("mem")
         nxt = next_resources(policy, r.status, None if time_ is None else str(time_),
                              None if mem is None else str(mem))
@@ -210,14 +211,14 @@ def plan_round(policy: Policy, chosen: list[RunRecord], given: Mapping[str, Any]
 
 def _same_time(value: str | None) -> str | None:
     """A ``--time`` value as one spelling (``2`` -> ``00:02:00``); as given if not read."""
-    sec = sbatch.time_limit_sec(value)
-    return value if sec is None else sbatch.time_text(sec)
+    sec = time_limit_sec(value)
+    return value if sec is None else time_text(sec)
 
 
 def _same_mem(value: str | None) -> str | None:
     """A ``--mem`` value as one spelling (``4096M`` -> ``4G``); as given if not read."""
-    n = sbatch.mem_bytes(value)
-    return value if n is None else sbatch.mem_text(n)
+    n = mem_bytes(value)
+    return value if n is None else mem_text(n)
 
 
 def local_rounds(sweep: Sweep, policy: Policy, first: R, tasks: list[int],

@@ -24,7 +24,19 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from . import _function, chain, local, lock, provenance, retry, sbatch, schema, slurm, submissions
+from . import (
+    _function,
+    chain,
+    local,
+    lock,
+    provenance,
+    retry,
+    sbatch,
+    sbatch_options,
+    schema,
+    slurm,
+    submissions,
+)
 from .array import is_complete
 from .collector import Report, scan
 from .errors import SchedulerError, UsageError
@@ -35,7 +47,7 @@ from .runstate import DEFAULT_RESUBMIT, PENDING, SELECTORS
 
 BACKENDS = ("slurm", "local")
 #: Scheduler options by their Python names (``--cpus-per-task`` is ``cpus_per_task``).
-SCHEDULER_OPTIONS = (*sbatch.OPTIONS, "throttle", "warn_before", "sbatch_line")
+SCHEDULER_OPTIONS = (*sbatch_options.OPTIONS, "throttle", "warn_before", "sbatch_line")
 #: Exit statuses: a task failed; interrupted by Ctrl-C; by a hangup or SIGTERM.
 FAILED, INTERRUPTED = 1, 130
 
@@ -272,7 +284,7 @@ def _sized(sweep: Sweep, options: Options, recorded: Mapping[str, Any] | None = 
     said = f"notata: {pack} task(s) per array task, to fill {options.pack_time:g} s ({how})"
     if scheduler.get("time") is None and "time" not in sweep.slurm \
             and "time" not in (recorded or {}):
-        scheduler["time"] = sbatch.time_text(math.ceil(options.pack_time * 1.1) + 300)
+        scheduler["time"] = sbatch_options.time_text(math.ceil(options.pack_time * 1.1) + 300)
         said += f"; --time {scheduler['time']}"
     print(said, file=sys.stderr)
     return replace(options, pack=pack, pack_time=None, task_time=None, scheduler=scheduler)
@@ -332,12 +344,12 @@ def _submit(sweep: Sweep, indices: list[int], cmd: list[str], backend: str, opti
     def record(tasks: list[int], **parts: Any) -> dict[str, Any]:
         return submissions.entry(sweep, backend, sub_id, tasks, command=cmd,
                                  options=dict(given), **more, **parts)
-    flags = {k: given.get(k) for k in sbatch.OPTIONS}
+    flags = {k: given.get(k) for k in sbatch_options.OPTIONS}
     flags.update(extra=given.get("sbatch_line"), throttle=given.get("throttle"),
                  warn_before=given.get("warn_before"), pack=given.get("pack"),
                  pack_parallel=given.get("pack_parallel"))
     if backend == "slurm":  # refuse bad options before anything is written
-        sbatch.options_for(sweep.slurm, flags, str(sweep.path))
+        sbatch_options.options_for(sweep.slurm, flags, str(sweep.path))
     if options.dry_run:  # a dry run writes nothing, the sweep's lock file included
         held = held or lock.no_lock()
     with held or submissions.sweep_lock(sweep.base_dir) as sweep_lock:

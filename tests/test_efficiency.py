@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from helpers import read_meta, status_is, submit, wait_for, write_sweep
 
-from notata import retry, sbatch
+from notata import retry, sbatch_options
 from notata.cli import main
 from notata.efficiency import Efficiency, Usage, measure, round_mem, round_time
 from notata.manifest import load
@@ -64,7 +64,7 @@ def test_status_resources_on_the_cluster(slurm_cluster: str, base: Path,
     share = used.spread("mem_share")
     assert share is not None and 0.3 < share[1] < 0.45
     peaks = sorted(max(u.peak_bytes or 0, u.tree_bytes or 0) for u in used.runs)
-    assert sbatch.mem_bytes(used.suggest["mem"]) >= 1.2 * peaks[-2]  # at least p95 x 1.2
+    assert sbatch_options.mem_bytes(used.suggest["mem"]) >= 1.2 * peaks[-2]  # at least p95 x 1.2
     assert used.suggest["mem"] == "256M" and used.suggest["time"] == "00:01:00"
 
     capsys.readouterr()
@@ -139,7 +139,7 @@ def test_time_is_rounded_up_as_slurm_users_write_it(sec: float, limit: int) -> N
 @pytest.mark.parametrize("n, mem", [(1, "128M"), (200 * MIB, "256M"), (1000 * MIB, "1G"),
                                     (1.1 * 2**30, "2G"), (13.5 * 2**30, "14G")])
 def test_memory_is_rounded_up_as_slurm_users_write_it(n: float, mem: str) -> None:
-    assert sbatch.mem_text(round_mem(n)) == mem
+    assert sbatch_options.mem_text(round_mem(n)) == mem
 
 
 def test_a_timeout_without_a_recorded_limit_escalates_the_sweeps_own() -> None:

@@ -18,7 +18,7 @@ LAYERS = [
     {"_attempt", "_run", "_outputs", "logbook", "experiment"},
     {"array", "_command", "_function", "runner", "pack", "local"},
     {"runstate", "queue", "collector", "tabulate", "logs"},
-    {"slurm", "sbatch", "submitit", "chain"},
+    {"slurm", "sbatch", "sbatch_options", "submitit", "chain"},
     {"submission", "retry", "shepherd", "settle", "efficiency"},
     {"cli", "parser", "views", "overview", "figures", "__main__", "__init__"},
 ]

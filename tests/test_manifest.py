@@ -149,7 +149,7 @@ def test_numbers_follow_yaml_1_2(tmp_path: Path) -> None:
     assert [type(v) for v in lr[:3]] == [float, float, float]
     assert dict(sweep.grid)["tag"] == ["30:00", "1_000", "1e-3"]
     assert sweep.slurm == {"time": "30:00", "mem": 60}
-    from notata import sbatch
+    from notata import sbatch_options
 
-    options, _, _ = sbatch.options_for(sweep.slurm, {}, str(p))
+    options, _, _ = sbatch_options.options_for(sweep.slurm, {}, str(p))
     assert options == {"time": "30:00", "mem": "60"}  # as written: 30 minutes, 60 MB

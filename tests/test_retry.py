@@ -9,7 +9,7 @@ import pytest
 
 from notata import ManifestError
 from notata.retry import DEFAULT_ON, Rule, next_resources, plan_round, policy
-from notata.sbatch import mem_bytes, mem_text, time_limit_sec, time_text
+from notata.sbatch_options import mem_bytes, mem_text, time_limit_sec, time_text
 
 
 def test_time_and_memory_values_read_and_write_as_sbatch_takes_them() -> None:

@@ -189,7 +189,7 @@ def test_an_extra_line_may_not_set_an_option_notata_sets(
     """A later #SBATCH line wins over an earlier one: a raw --mem would undo a retry's
     escalated --mem without a word. So a line setting a named option is refused, naming
     the option to use; --mem-per-cpu gives way to a --mem that is given."""
-    from notata.sbatch import options_for
+    from notata.sbatch_options import options_for
 
     manifest = write_sweep(base, "name: q\ngrid: {a: [1]}\n")
     assert submit(manifest, "--backend", "slurm", "--dry-run", f"--sbatch-line={line}",
@@ -361,7 +361,7 @@ def test_a_warning_that_cannot_fit_the_time_limit_is_moved_or_dropped(
         base: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """SLURM may send --signal up to 60 s early: at a 1-minute limit, a 120 s warning came
     at once and killed the batch shell before notata started (seen on the test cluster)."""
-    from notata.sbatch import fit_warning, time_limit_sec
+    from notata.sbatch_options import fit_warning, time_limit_sec
 
     assert [time_limit_sec(v) for v in ("1", "1:30", "2:00:00", "1-0", "1-2:3", "INFINITE")] \
         == [60, 90, 7200, 86400, 93780, None]
