@@ -27,15 +27,26 @@ from .errors import RunLostError
 ENV_WRAPPER_PID = "NOTATA_WRAPPER_PID"
 ENV_WRAPPER_HOST = "NOTATA_WRAPPER_HOST"
 ENV_WRAPPER_JOB = "NOTATA_WRAPPER_JOB"
+#: ``device:inode`` of the run lock the wrapper holds: its command's writes check that
+#: the run's ``.lock`` is still that file.
+ENV_WRAPPER_LOCK = "NOTATA_WRAPPER_LOCK"
 
 
-def wrapper_environment(job: object = None) -> dict[str, str]:
+def wrapper_environment(job: object = None, lock: str | None = None) -> dict[str, str]:
     """What ``notata exec`` adds to its command's environment so the command can find it
-    (``job``: the scheduler's job id the wrapper runs in, if any)."""
+    (``job``: the scheduler's job id the wrapper runs in, if any; ``lock``: the identity
+    of the run lock it holds, :meth:`notata.lock.RunLock.identity`)."""
     env = {ENV_WRAPPER_PID: str(os.getpid()), ENV_WRAPPER_HOST: socket.gethostname()}
     if job is not None:
         env[ENV_WRAPPER_JOB] = str(job)
+    if lock is not None:
+        env[ENV_WRAPPER_LOCK] = lock
     return env
+
+
+def _lock_id(path: Path) -> str | None:
+    found = _fs.identity(path)
+    return None if found is None else f"{found[0]}:{found[1]}"
 
 
 def under_wrapper(environ: Mapping[str, str] | None = None) -> bool:
@@ -151,7 +162,9 @@ class AttachedRun:
         self.closed = False
         self._handed: str | None = None  # the status handed over, if any
         self._t0 = time.monotonic()
-        self._lock = _fs.identity(path / layout.LOCK)  # the wrapper's, as it holds it now
+        # the lock the wrapper holds, as it said (the run's .lock now may already be a
+        # newer attempt's, if this process attaches late), else as the run has it now
+        self._lock = os.environ.get(ENV_WRAPPER_LOCK) or _lock_id(path / layout.LOCK)
 
     @property
     def elapsed(self) -> float:
@@ -177,7 +190,7 @@ class AttachedRun:
             raise RunLostError(str(self.path))
 
     def _ours(self) -> bool:
-        return self._lock is None or _fs.identity(self.path / layout.LOCK) == self._lock
+        return self._lock is None or _lock_id(self.path / layout.LOCK) == self._lock
 
     def set(self, **fields: Any) -> None:
         self.check_usable()

@@ -9,10 +9,12 @@ the new one. Readers and the scanner skip names that start with a dot, and
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
@@ -121,16 +123,63 @@ def identity(path: Path) -> tuple[int, int] | None:
 
 
 def detach(path: Path) -> None:
-    """Put a copy of the file at ``path`` in its place (atomically), so that a process
-    still holding it open writes into the old file, no longer named, and not into what
-    comes next. Nothing when there is no file."""
+    """Put a copy of the regular file at ``path`` in its place, so that a process still
+    holding it open writes into the old file, no longer named, and not into what comes
+    next. The old file is renamed aside first, and only what it held at that moment is
+    copied (what its writer adds meanwhile is not); a symlink, a device or a folder
+    there is not followed, only removed from the name (a symlink) or left (the rest). A
+    copy that fails leaves the old file in place, and no temporary file."""
+    # not a temporary name: a crash from here on must leave the old file to be found
+    aside = path.with_name(f".{path.name}.detached-{secrets.token_hex(4)}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return
     tmp = _tmp_name(path)
     try:
-        shutil.copyfile(path, tmp)
+        src = os.open(aside, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:  # a symlink (ELOOP), or nothing notata can read: not the run's output
+        with contextlib.suppress(OSError):
+            if os.path.islink(aside):
+                os.unlink(aside)
+            else:
+                os.rename(aside, path)
+        return
+    try:
+        st = os.fstat(src)
+        if not stat.S_ISREG(st.st_mode):
+            os.rename(aside, path)
+            return
+        with open(src, "rb", closefd=False) as f, open(tmp, "xb") as out:
+            shutil.copyfileobj(io.BufferedReader(_Bounded(f, st.st_size)), out)
+        os.chmod(tmp, stat.S_IMODE(st.st_mode))
         os.replace(tmp, path)
-    except FileNotFoundError:
-        with contextlib.suppress(FileNotFoundError):
+        os.unlink(aside)
+    except BaseException:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
+        with contextlib.suppress(OSError):
+            if not os.path.exists(path):
+                os.rename(aside, path)
+        raise
+    finally:
+        os.close(src)
+
+
+class _Bounded(io.RawIOBase):
+    """The first ``size`` bytes of a file another process may still be appending to."""
+
+    def __init__(self, f: IO[bytes], size: int) -> None:
+        self._f, self._left = f, size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer)[:self._left]
+        n = self._f.readinto(view) or 0  # type: ignore[attr-defined]
+        self._left -= n
+        return n
 
 
 def fsync_dir(path: Path) -> None:

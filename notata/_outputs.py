@@ -212,6 +212,7 @@ class Outputs(ABC):
 
         Files written through it are the caller's; they are not made atomic.
         """
+        self._guard()
         rel = Path(*parts) if parts else Path("")
         if create:
             return layout.inside(self.path, rel, "path")

@@ -174,7 +174,7 @@ class OwnedRun:
             raise RunSupersededError(str(self.path))
         if self.lost or not self.lock.still_ours():
             self.lose()
-            raise RunLostError(str(self.path))
+            raise RunLostError(str(self.path), taken_over=self.lock.taken_over)
         if os.getpid() != self.pid or self.lock.held:
             return
         try:  # closed and let go: the run may have been opened again since
@@ -222,7 +222,7 @@ class OwnedRun:
         self.lock.acquire()  # RunLockedError: another process has the run now
         try:
             if not self.lock.still_ours():
-                raise RunLostError(str(self.path))
+                raise RunLostError(str(self.path), taken_over=self.lock.taken_over)
             if not self._same_attempt(self.read_disk()):
                 raise RunSupersededError(str(self.path))  # a newer attempt owns the run
             yield
@@ -245,7 +245,7 @@ class OwnedRun:
             if _fs.atomic_write_json(self.path / layout.METADATA, self.meta, durable=durable,
                                      still=self.lock.still_ours) is False:
                 self.lost = True  # its lock was broken (a node cut off): nothing written
-                raise RunLostError(str(self.path))
+                raise RunLostError(str(self.path), taken_over=self.lock.taken_over)
             if changed and status == schema.COMPLETE and durable:
                 index.record(self.path.parent, self.meta)
                 self._indexed = key
@@ -331,7 +331,7 @@ class OwnedRun:
         self._stop_heartbeat()
         if self.lost or not self.lock.still_ours():  # nothing of ours to write into now
             self.lose()
-            raise RunLostError(str(self.path))
+            raise RunLostError(str(self.path), taken_over=self.lock.taken_over)
         self._note(f"Marked {status}" + (f": {reason}" if reason else ""), logging.INFO)
         _fs.fsync_paths(sorted(self._unsynced))
         self._unsynced.clear()

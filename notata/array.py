@@ -31,7 +31,7 @@ RUN_VARIABLES = frozenset({ENV_TASK, ENV_OFFSET, ENV_MAP, ENV_PACK, ENV_PACK_PAR
                            "NOTATA_RUN_ID",
                            "NOTATA_ATTEMPT",
                            "NOTATA_PARAMS", _attach.ENV_WRAPPER_PID, _attach.ENV_WRAPPER_HOST,
-                           _attach.ENV_WRAPPER_JOB})
+                           _attach.ENV_WRAPPER_JOB, _attach.ENV_WRAPPER_LOCK})
 
 
 def index_from_env(environ: Mapping[str, str] | None = None) -> int:

@@ -83,10 +83,16 @@ class RunSupersededError(_AboutPath, RuntimeError):
 
 class RunLostError(_AboutPath, RuntimeError):
     """The run directory was moved, deleted and made again, replaced, or its lock broken
-    while this process had it open: the run is no longer this process's to write."""
+    while this process had it open: the run is no longer this process's to write.
+    ``taken_over``: its lock was broken by another attempt (a pack stops there: the rest
+    is that attempt's to run), not the directory moved or deleted by hand."""
 
     _message = ("{path} was moved, replaced or its lock broken while this process had it "
                 "open; this process writes nothing more there")
+
+    def __init__(self, path: str, problem: str = "", *, taken_over: bool = False) -> None:
+        super().__init__(path, problem)
+        self.taken_over = taken_over
 
 
 class RunCompleteError(_AboutPath, FileExistsError):

@@ -43,7 +43,7 @@ from typing import Any
 
 import filelock
 
-from . import layout, scheduler
+from . import _fs, layout, scheduler
 from .errors import RunLockedError
 
 MIN_STALE_LOCK_SEC = 600.0
@@ -219,7 +219,9 @@ def _stamp(fd: int) -> None:
         os.pwrite(fd, text, 0)
 
 
-def _stamp_of(path: Path) -> str:
+def stamp_of(path: Path) -> str:
+    """What the lock file at ``path`` says of its holder: ``HOST PID UNIX`` ("" when
+    unreadable)."""
     try:
         with open(path, "rb") as f:
             return f.read(256).decode(errors="replace").strip()
@@ -239,6 +241,10 @@ class RunLock:
         #: Whether :meth:`acquire` broke the lock of a holder taken for dead (maybe only
         #: cut off: its processes may still hold the run's files open).
         self.broke = False
+        #: Whether another attempt broke this holder's lock (set by :meth:`still_ours`
+        #: when it finds the lock it holds renamed aside): the run was taken over, not
+        #: moved or deleted by hand.
+        self.taken_over = False
 
     @property
     def held(self) -> bool:
@@ -270,9 +276,9 @@ class RunLock:
             # A new holder may have taken the lock and not yet written its record: it has
             # stamped the lock file, so a stamp that changes or names another holder than
             # the dead one's record means the lock is taken.
-            stamp = _stamp_of(self.path)
+            stamp = stamp_of(self.path)
             time.sleep(CONFIRM_SEC)
-            again = _stamp_of(self.path)
+            again = stamp_of(self.path)
             named = again.split()[:2]
             if (self._read_holder() != holder or again != stamp
                     or (named and named != [str(holder.get("host")), str(holder.get("pid"))])):
@@ -309,10 +315,26 @@ class RunLock:
         if self._fd is None:
             return True  # not held here, or a soft lock (no descriptor to compare)
         try:
-            now, held = os.stat(self.path), os.fstat(self._fd)
+            held = os.fstat(self._fd)
         except OSError:
             return False
-        return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+        if _fs.identity(self.path) == (held.st_dev, held.st_ino):
+            return True
+        self.taken_over = self.taken_over or any(
+            _fs.identity(aside) == (held.st_dev, held.st_ino)
+            for aside in self.run_dir.glob(layout.BROKEN_LOCK.format(when="*")))
+        return False
+
+    def identity(self) -> str | None:
+        """``device:inode`` of the lock this object holds (a command attached to the run
+        compares the run's ``.lock`` with it), None when not held by a descriptor."""
+        if self._fd is None:
+            return None
+        try:
+            held = os.fstat(self._fd)
+        except OSError:
+            return None
+        return f"{held.st_dev}:{held.st_ino}"
 
     def drop_in_child(self) -> None:
         """In a forked child: close the child's copy of the lock's descriptor, so that the

@@ -273,6 +273,10 @@ class Logbook(Outputs):
     def _guard(self) -> None:
         self._run.check_usable()
 
+    def _lock_identity(self) -> str | None:
+        """The identity of the run lock this handle holds (None when attached)."""
+        return self._run.lock.identity() if isinstance(self._run, OwnedRun) else None
+
     def _store(self, target: Path, write: Callable[[IO[bytes]], Any], message: str) -> None:
         _fs.atomic_write(target, write)
         self._run.saved(target)

@@ -15,6 +15,7 @@ The local backend (:mod:`notata.local`) runs every task through this wrapper.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -26,12 +27,12 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from . import _attach, _command, _signals, layout, resources, schema
 from ._function import Function, Served
 from .array import ENV_TASK, RUN_VARIABLES, open_task
-from .errors import RunCompleteError, RunLockedError, UsageError
+from .errors import RunCompleteError, RunLockedError, RunLostError, UsageError
 from .logbook import Logbook
 from .manifest import Sweep
 
@@ -192,6 +193,7 @@ def _record(log: Logbook, index: int, argv: Sequence[str] | Function, rc: int | 
     if peak is None:
         peak = resources.children_peak()  # the command's (not this wrapper's), when it
         peak = peak if peak > before else 0  # passed every earlier child's
+    log._guard()  # what the command handed over is a newer attempt's once the run is lost
     handed = _attach.take_handed_over(log.path)
     marked, reason = handed.pop("status", None), handed.pop("failure_reason", None)
     if handed:  # on disk now: the file that held them is gone
@@ -261,13 +263,13 @@ def _run_command(log: Logbook, index: int, argv: Sequence[str] | Function,
     env = {**clean_environment(os.environ), "NOTATA_RUN_DIR": str(log.path),
            "NOTATA_RUN_ID": log.run_id, ENV_TASK: str(index),
            "NOTATA_ATTEMPT": str(log.attempt), "NOTATA_PARAMS": json.dumps(params),
-           **_attach.wrapper_environment(log.job_id)}
+           **_attach.wrapper_environment(log.job_id, log._lock_identity())}
     header = f"{_HEADER} {log.attempt}: {shlex.join(cmd)}".replace("\n", "\\n") + "\n"
     with contextlib.ExitStack() as stack:
         streams = []
         for name in (layout.STDOUT, layout.STDERR):
             ended = _ends_its_line(log.path / name)
-            f = stack.enter_context(open(log.path / name, "ab"))
+            f = stack.enter_context(_append(log.path / name))
             if not ended:  # an earlier attempt's last line: the header starts its own
                 f.write(b"\n")
             f.write(header.encode())
@@ -321,6 +323,21 @@ def _run_command(log: Logbook, index: int, argv: Sequence[str] | Function,
         return rc, None, None
 
 
+def _append(path: Path) -> IO[bytes]:
+    """``path`` opened to append, never through a symlink: one planted as stdout.txt
+    would send the command's output elsewhere, so the link (not what it names) is
+    removed and the run gets a file of its own."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as err:
+        if err.errno != errno.ELOOP:
+            raise
+        os.unlink(path)
+        fd = os.open(path, flags | os.O_EXCL, 0o666)
+    return open(fd, "ab")
+
+
 def _ends_its_line(path: Path) -> bool:
     """Whether the file at ``path`` is empty, missing or ends with a newline."""
     try:
@@ -336,6 +353,10 @@ def _stopped(log: Logbook, proc: _command.Process) -> None:
     then keep what it handed over (the signal's status and reason stand)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     rc = _command.stop(proc, signal.SIGTERM)
+    try:
+        log._guard()
+    except RunLostError:  # what the command handed over is a newer attempt's now
+        return
     handed = _attach.take_handed_over(log.path)
     log._set(**_plain_fields(handed), exit_code=rc)
 

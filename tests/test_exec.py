@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -10,6 +11,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -717,6 +719,20 @@ time.sleep(60)
 """
 
 
+@contextlib.contextmanager
+def _another_attempt_takes(run: Path) -> Iterator[None]:
+    """What an attempt breaking the run's lock does: the old .lock renamed aside, a new one
+    held by another process (for the block)."""
+    os.replace(run / ".lock", run / ".lock.broken-20261205T000000")
+    taker = python(TAKER, str(run / ".lock"))
+    try:
+        assert taker.stdout is not None and taker.stdout.readline().strip() == "held"
+        yield
+    finally:
+        taker.kill()
+        taker.wait()
+
+
 def test_a_command_writes_nothing_once_its_runs_lock_is_broken(
         manifest: Path, base: Path) -> None:
     """Another attempt breaks the run's lock (as one does for a holder on a node cut off,
@@ -727,22 +743,49 @@ def test_a_command_writes_nothing_once_its_runs_lock_is_broken(
     proc = notata_process("exec", str(manifest), "--task", "0", "--heartbeat", "0.2", "--",
                           sys.executable, "-c", ATTACHED_WRITER, str(manifest), str(go))
     d = run_dir(base, "plain")
-    taker = None
     try:
         wait_for(lambda: (d / "artifacts" / "who.txt").exists(), 30, "the command to write")
-        os.replace(d / ".lock", d / ".lock.broken-20261205T000000")  # what a breaker does
-        taker = python(TAKER, str(d / ".lock"))
-        assert taker.stdout is not None and taker.stdout.readline().strip() == "held"
-        (d / "artifacts" / "who.txt").write_text("second")  # the new attempt's
-        size = (d / "log.txt").stat().st_size
-        go.touch()  # the old command leaves its loop: its finally writes a checkpoint
-        proc.wait(30)  # type: ignore[attr-defined]
+        with _another_attempt_takes(d):
+            (d / "artifacts" / "who.txt").write_text("second")  # the new attempt's
+            _attach.hand_over(d, {"important": 42})  # what its command hands over
+            size = (d / "log.txt").stat().st_size
+            go.touch()  # the old command leaves its loop: its finally writes a checkpoint
+            proc.wait(30)  # type: ignore[attr-defined]
         assert (d / "artifacts" / "who.txt").read_text() == "second"
         assert not (d / "artifacts" / "final.txt").exists()
         assert (d / "log.txt").stat().st_size == size
+        # the old wrapper, ending, took nothing the new attempt's command handed over
+        assert _attach.take_handed_over(d) == {"important": 42}
     finally:
         if proc.poll() is None:  # type: ignore[attr-defined]
             proc.kill()  # type: ignore[attr-defined]
-        if taker is not None:
-            taker.kill()
-            taker.wait()
+
+
+LATE_ATTACHER = """
+import os, sys, time
+import notata
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.05)
+with notata.task(sys.argv[1]) as log:  # attaches only now, the lock already replaced
+    log.save_text("late", "the old attempt's")
+"""
+
+
+def test_a_command_that_attaches_after_its_runs_lock_was_broken_writes_nothing(
+        manifest: Path, base: Path) -> None:
+    """The old attempt's command opens its run only once another attempt has broken the
+    lock (and before that attempt has rewritten metadata.json): it compares the run's
+    .lock with the one its wrapper said it holds, not with the one it finds."""
+    go = base / "go"
+    proc = notata_process("exec", str(manifest), "--task", "0", "--heartbeat", "30", "--",
+                          sys.executable, "-c", LATE_ATTACHER, str(manifest), str(go))
+    d = run_dir(base, "plain")
+    try:
+        wait_for(status_is(d, "running"), 30, "the command to start")
+        with _another_attempt_takes(d):
+            go.touch()
+            proc.wait(30)  # type: ignore[attr-defined]
+        assert not (d / "artifacts" / "late.txt").exists()
+    finally:
+        if proc.poll() is None:  # type: ignore[attr-defined]
+            proc.kill()  # type: ignore[attr-defined]

@@ -268,3 +268,34 @@ def test_a_new_holder_is_never_taken_for_the_dead_one_it_replaced(
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_broken_holders_streams_are_copied_only_when_they_are_regular_files(
+        base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The copy made when a lock is broken follows no symlink (a planted one naming a
+    secret, or /dev/zero), leaves a FIFO or a folder alone, and a copy that fails leaves
+    the old file where it was and no temporary file."""
+    from notata import _fs
+
+    run = base / "log_r"
+    run.mkdir()
+    secret = base / "secret"
+    secret.write_text("s3cret")
+    (run / "log.txt").symlink_to(secret)
+    (run / "stderr.txt").symlink_to("/dev/zero")
+    os.mkfifo(run / "stdout.txt")
+    for name in ("log.txt", "stderr.txt", "stdout.txt"):
+        _fs.detach(run / name)
+    assert not (run / "log.txt").exists() and not (run / "stderr.txt").exists()
+    assert (run / "stdout.txt").is_fifo() and secret.read_text() == "s3cret"
+    assert sorted(p.name for p in run.iterdir()) == ["stdout.txt"]
+    (run / "stdout.txt").unlink()
+    (run / "stdout.txt").write_text("kept\n")
+
+    def full(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(_fs.shutil, "copyfileobj", full)
+    with pytest.raises(OSError):
+        _fs.detach(run / "stdout.txt")
+    assert sorted(p.name for p in run.iterdir()) == ["stdout.txt"]
+    assert (run / "stdout.txt").read_text() == "kept\n"
