@@ -356,8 +356,11 @@ def _one(sweep: Sweep, index: int, where: tuple[int, int], argv: Sequence[str] |
         ended = run_task(sweep, index, argv, heartbeat=heartbeat, pack=where,
                          warned=lambda: bool(warned), opened=begun)
         how, stop = ended.how, ended.stop
-    except RunLostError:  # another attempt took the run over (this pack's node was lost
-        raise  # and SLURM requeued it): the rest of the pack is that attempt's to run
+    except RunLostError as err:
+        if err.taken_over:  # another attempt broke its lock (this pack's node was cut off
+            raise  # and SLURM requeued the pack): the rest is that attempt's to run
+        print(f"notata: task {index}: {err}", file=sys.stderr, flush=True)
+        how = _ERROR  # its folder moved or deleted by hand: the pack goes on
     except (NotataError, OSError) as err:  # this run cannot be opened
         print(f"notata: task {index}: {err}", file=sys.stderr, flush=True)
         how = _ERROR

@@ -788,3 +788,23 @@ def test_a_pack_whose_running_task_is_taken_over_stops(base: Path) -> None:
         if taker is not None:
             taker.kill()
             taker.wait()
+
+
+def test_a_pack_whose_task_folder_is_moved_by_hand_goes_on(base: Path) -> None:
+    """A run folder moved away while its task runs is that task's failure (it cannot write
+    there any more), not another attempt taking the pack over: the other tasks run."""
+    manifest = sweep_of(base, ["wait", "ok", "ok"])
+    proc = notata_process("exec", str(manifest), "--tasks", "0-2", "--heartbeat", "0.2", "--",
+                          *command(base))
+    try:
+        wait_for(status_is(run(base, 0), "running"), 30, "the first task to run")
+        os.rename(run(base, 0), base / "outputs" / "aside_n0")
+        (base / "go").write_text("")
+        out, err = proc.communicate(timeout=60)
+        assert "n0" in err, err
+        assert read_meta(run(base, 1))["status"] == read_meta(run(base, 2))["status"] \
+            == "complete"
+    finally:
+        (base / "go").write_text("")
+        if proc.poll() is None:
+            proc.kill()
