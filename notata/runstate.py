@@ -40,7 +40,7 @@ import psutil
 
 from . import _attach, _fs, layout, scheduler, schema
 from .heartbeat import DEFAULT_INTERVAL
-from .lock import LockFileError
+from .lock import LockFileError, stamp_of
 from .lock import is_held as lock_is_held
 from .manifest import Sweep
 from .pack import let_go_by
@@ -275,7 +275,9 @@ def _classify(meta: dict[str, Any], task: int | None, run_id: str, run_dir: str,
         return record
     if held(Path(run_dir)):  # a live process holds its lock: alive, whatever else says
         lost = queue.node_trouble(meta) if queue is not None and asked else None
-        if lost and lost.endswith("is down") and meta.get("host") != socket.gethostname():
+        stamped = stamp_of(Path(run_dir) / layout.LOCK).split()[:1]  # who took it last
+        if lost and lost.endswith("is down") and meta.get("host") != socket.gethostname() \
+                and stamped in ([], [meta.get("host")]):
             # ... except on a node the scheduler has given up on: cut off, not dead; the
             # next attempt breaks its lock by the rule for another host's holder
             record.reason = f"{record.reason}; its lock is still held from there"

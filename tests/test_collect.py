@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -805,6 +806,7 @@ def test_a_run_held_from_a_down_node_is_resubmitted(manifest: Path, base: Path) 
         meta.update(host="n2", slurm={"job_id": 99, "nodelist": "n2"})
         meta["heartbeat"] = dict(meta["heartbeat"], unix=time.time() - 30)
         (run / "metadata.json").write_text(json.dumps(meta))
+        (run / ".lock").write_text(f"n2 {holder.pid} {time.time() - 60:.3f}")  # its stamp
         down = scan(load(manifest), queue=Queue({}, nodes={"n2": "down*"}))
         [r] = [r for r in down.runs if r.task == 0]
         assert r.status == "stale" and "its lock is still held from there" in (r.reason or "")
@@ -812,6 +814,11 @@ def test_a_run_held_from_a_down_node_is_resubmitted(manifest: Path, base: Path) 
         busy = scan(load(manifest), queue=Queue({}, nodes={"n2": "allocated"}))
         [r] = [r for r in busy.runs if r.task == 0]
         assert r.status == "running" and 0 not in busy.to_resubmit(["stale", "running"])[0]
+        # a new attempt here has just taken the lock (its stamp), before its first record
+        (run / ".lock").write_text(f"{socket.gethostname()} {os.getpid()} {time.time():.3f}")
+        taken = scan(load(manifest), queue=Queue({}, nodes={"n2": "down*"}))
+        [r] = [r for r in taken.runs if r.task == 0]
+        assert r.status == "running" and 0 not in taken.to_resubmit(["stale", "running"])[0]
     finally:
         holder.send_signal(signal.SIGCONT)
         holder.kill()
