@@ -409,17 +409,19 @@ def hostnames(listed: str) -> list[str]:
             expanded: list[str] = []
             for part in m.group(2).split(","):
                 lo, _, hi = part.partition("-")
-                if not lo.isdigit() or hi and not hi.isdigit():
+                if not lo.isdigit() or hi and not hi.isdigit() or max(len(lo), len(hi)) > 9:
                     return []
                 top = int(hi) if hi else int(lo)
-                if top - int(lo) > MAX_HOSTS:
+                if len(expanded) + top - int(lo) > MAX_HOSTS:
                     return []
                 expanded += [f"{i:0{len(lo)}d}" for i in range(int(lo), top + 1)]
-            names = [n + m.group(1) + x for n in names for x in expanded]
-            if len(out) + len(names) > MAX_HOSTS:
+            if len(out) + len(names) * len(expanded) > MAX_HOSTS:  # before it is built
                 return []
+            names = [n + m.group(1) + x for n in names for x in expanded]
             rest = rest[m.end():]
         out += [n for n in names if n]
+        if len(out) > MAX_HOSTS:
+            return []
     return out
 
 

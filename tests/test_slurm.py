@@ -53,8 +53,11 @@ def test_a_jobs_host_list_expands_as_scontrol_expands_it(listed: str) -> None:
 def test_a_host_list_that_is_not_one_names_no_node() -> None:
     from notata.slurm import hostnames
 
-    for odd in ("", "n[1-2", "n[a-b]", "n1,,n2", "n[0-999999]", "n]1["):
-        assert hostnames(odd) == [], odd
+    for odd in ("", "n[1-2", "n[a-b]", "n1,,n2", "n[0-999999]", "n]1[",
+                # more hosts than any sweep task's job has: refused before they are made
+                "n[1-4096]x[1-4096]", "n[" + ",".join(["0-4096"] * 2000) + "]",
+                ",".join(f"a{i}" for i in range(20000)), "n[1-" + "9" * 5000 + "]"):
+        assert hostnames(odd) == [], odd[:40]
 
 
 def test_a_multi_node_job_is_in_trouble_when_any_of_its_nodes_is() -> None:
