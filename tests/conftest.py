@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,11 +21,17 @@ def base(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _no_scheduler(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests run as if outside SLURM unless they set its variables themselves."""
+def _no_scheduler(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Tests run as if outside SLURM unless they set its variables themselves; what a
+    test started through helpers.python (or notata_process) and left running, because it
+    failed while waiting on it, is ended with it."""
+    from helpers import end_started
+
     for var in list(os.environ):
         if var.startswith("SLURM_") or var.startswith("NOTATA_"):
             monkeypatch.delenv(var, raising=False)
+    yield
+    end_started()
 
 
 @pytest.fixture(scope="session")

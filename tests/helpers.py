@@ -3,6 +3,7 @@ and the SLURM test cluster. Fixtures stay in conftest.py (``from helpers import 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -20,12 +21,20 @@ SHARED_VENV = Path("/opt/notata-test/venv")
 CLI = "import sys; from notata.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
+#: The processes :func:`python` started for the test running now (in the main thread):
+#: conftest ends those still running when the test ends, with what they started, so a
+#: test that fails while waiting on one leaves nothing behind.
+STARTED: list[subprocess.Popen[str]] = []
+
+
 def python(
     code: str, *args: str, env: dict[str, str] | None = None, **kw: Any
 ) -> subprocess.Popen[str]:
     """Start ``python -c code args...`` (code is dedented) with notata importable."""
+    import threading
+
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(code), *args],
         env=full_env,
         text=True,
@@ -33,6 +42,29 @@ def python(
         stderr=subprocess.PIPE,
         **kw,
     )
+    if threading.current_thread() is threading.main_thread():
+        STARTED.append(proc)
+    return proc
+
+
+def end_started() -> None:
+    """End what :func:`python` started for this test and is still running (and every
+    process it started in turn), then forget them all."""
+    import psutil
+
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is not None:
+            continue
+        try:
+            tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.Error:
+            tree = []
+        for p in tree:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
 
 
 def notata_process(*args: str, **kw: Any) -> subprocess.Popen[str]:

@@ -440,20 +440,26 @@ def _cancel_ours() -> None:
 def _scenarios() -> None:
     base = Path(tempfile.mkdtemp(prefix="notata-nodes-"))
     _cancel_ours()
+    began = time.monotonic()
     try:
         _kill_scenario(base)
     except BaseException as err:  # noqa: BLE001 - said by the tests that read it
         _SEEN["error"] = repr(err)
     finally:
         _cluster("revive-node", "n2", check=False)
+    took = [f"kill {time.monotonic() - began:.0f} s"]
     for scenario, error in ((_freeze_scenario, "freeze_error"), (_pack_scenario, "pack_error"),
                             (_herd_scenario, "herd_error"), (_wide_scenario, "wide_error")):
+        began = time.monotonic()
         try:
             _wait("every node back", multi_up, 120)
             scenario(base)
         except BaseException as err:  # noqa: BLE001 - said by the tests that read it
             _SEEN[error] = repr(err)
+        took.append(f"{error.split('_')[0]} {time.monotonic() - began:.0f} s")
     _cancel_ours()
+    # how long each scenario took, for the README (on the real stderr: CI's log keeps it)
+    print("\nnode scenarios: " + ", ".join(took), file=sys.__stderr__, flush=True)
     _DONE.set()
 
 
