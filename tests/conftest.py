@@ -7,6 +7,7 @@ import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import ROOT, SHARED_VENV
@@ -91,3 +92,12 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         if wanted is None or getattr(item, "originalname", item.name) in wanted:
             started.add(module)
             module.start_early()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """How long each node-loss scenario took (tests/test_nodes.py), for the README."""
+    import sys
+
+    took = getattr(sys.modules.get("test_nodes"), "_SEEN", {}).get("took")
+    if took:
+        terminalreporter.write_line("node scenarios: " + ", ".join(took))
