@@ -128,7 +128,8 @@ def detach(path: Path) -> None:
     next. The old file is renamed aside first, and only what it held at that moment is
     copied (what its writer adds meanwhile is not); a symlink, a device or a folder
     there is not followed, only removed from the name (a symlink) or left (the rest). A
-    copy that fails leaves the old file in place, and no temporary file."""
+    copy that fails (a full disk) leaves the old file aside, as ``.NAME.detached-*``
+    (its writer's, still), and no temporary file: what comes next starts a new file."""
     # not a temporary name: a crash from here on must leave the old file to be found
     aside = path.with_name(f".{path.name}.detached-{secrets.token_hex(4)}")
     try:
@@ -158,9 +159,6 @@ def detach(path: Path) -> None:
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        with contextlib.suppress(OSError):
-            if not os.path.exists(path):
-                os.rename(aside, path)
         raise
     finally:
         os.close(src)

@@ -74,6 +74,13 @@ class RunDirError(_AboutPath, ValueError):
     _message = "{path}: {problem}; nothing was written (move it away to use this run id)"
 
 
+class RunFileError(_AboutPath, ValueError):
+    """A file of a run directory that notata will not write through (where a command's
+    output goes, something other than a regular file: a FIFO would hang the task)."""
+
+    _message = "{path}: {problem}; move it away and run the task again"
+
+
 class RunSupersededError(_AboutPath, RuntimeError):
     """A Logbook that a newer open of the same run in this process replaced; it writes nothing."""
 

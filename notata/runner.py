@@ -21,6 +21,7 @@ import os
 import re
 import shlex
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -32,7 +33,7 @@ from typing import IO, Any
 from . import _attach, _command, _signals, layout, resources, schema
 from ._function import Function, Served
 from .array import ENV_TASK, RUN_VARIABLES, open_task
-from .errors import RunCompleteError, RunLockedError, RunLostError, UsageError
+from .errors import RunCompleteError, RunFileError, RunLockedError, RunLostError, UsageError
 from .logbook import Logbook
 from .manifest import Sweep
 
@@ -326,26 +327,41 @@ def _run_command(log: Logbook, index: int, argv: Sequence[str] | Function,
 def _append(path: Path) -> IO[bytes]:
     """``path`` opened to append, never through a symlink: one planted as stdout.txt
     would send the command's output elsewhere, so the link (not what it names) is
-    removed and the run gets a file of its own."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    removed and the run gets a file of its own. Anything else that is not a regular
+    file (a FIFO nobody reads would hang the task) is an error naming it."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC \
+        | os.O_NONBLOCK
     try:
         fd = os.open(path, flags, 0o666)
     except OSError as err:
+        if err.errno == errno.ENXIO:  # a FIFO without a reader
+            raise RunFileError(str(path), "not a regular file, where notata writes the "
+                               "command's output") from None
         if err.errno != errno.ELOOP:
             raise
         os.unlink(path)
         fd = os.open(path, flags | os.O_EXCL, 0o666)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RunFileError(str(path), "not a regular file, where notata writes the command's "
+                           "output")
+    os.set_blocking(fd, True)
     return open(fd, "ab")
 
 
 def _ends_its_line(path: Path) -> bool:
-    """Whether the file at ``path`` is empty, missing or ends with a newline."""
+    """Whether the file at ``path`` is empty, missing or ends with a newline (or is not a
+    regular file: never waited on, as a FIFO would make a reader wait)."""
     try:
-        with open(path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            return f.read(1) == b"\n"
-    except OSError:  # missing, or empty (no byte before its end)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:  # missing, or a symlink
         return True
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or os.fstat(fd).st_size == 0:
+            return True
+        return os.pread(fd, 1, os.fstat(fd).st_size - 1) == b"\n"
+    finally:
+        os.close(fd)
 
 
 def _stopped(log: Logbook, proc: _command.Process) -> None:

@@ -814,11 +814,13 @@ def test_a_run_held_from_a_down_node_is_resubmitted(manifest: Path, base: Path) 
         busy = scan(load(manifest), queue=Queue({}, nodes={"n2": "allocated"}))
         [r] = [r for r in busy.runs if r.task == 0]
         assert r.status == "running" and 0 not in busy.to_resubmit(["stale", "running"])[0]
-        # a new attempt here has just taken the lock (its stamp), before its first record
-        (run / ".lock").write_text(f"{socket.gethostname()} {os.getpid()} {time.time():.3f}")
-        taken = scan(load(manifest), queue=Queue({}, nodes={"n2": "down*"}))
-        [r] = [r for r in taken.runs if r.task == 0]
-        assert r.status == "running" and 0 not in taken.to_resubmit(["stale", "running"])[0]
+        # a new attempt here has just taken the lock (its stamp, or none yet), before its
+        # first record
+        for stamp in (f"{socket.gethostname()} {os.getpid()} {time.time():.3f}", ""):
+            (run / ".lock").write_text(stamp)
+            taken = scan(load(manifest), queue=Queue({}, nodes={"n2": "down*"}))
+            [r] = [r for r in taken.runs if r.task == 0]
+            assert r.status == "running" and 0 not in taken.to_resubmit(["stale"])[0], stamp
     finally:
         holder.send_signal(signal.SIGCONT)
         holder.kill()

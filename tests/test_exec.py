@@ -789,3 +789,15 @@ def test_a_command_that_attaches_after_its_runs_lock_was_broken_writes_nothing(
     finally:
         if proc.poll() is None:  # type: ignore[attr-defined]
             proc.kill()  # type: ignore[attr-defined]
+
+
+def test_a_fifo_planted_as_stdout_is_an_error_not_a_hang(manifest: Path, base: Path) -> None:
+    """Where notata writes the command's output must be a regular file: a FIFO there (no
+    reader) would block the task for ever; it is one error naming it."""
+    assert main(["exec", str(manifest), "--task", "0", "--", "false"]) == 1
+    d = run_dir(base, "plain")
+    (d / "stdout.txt").unlink()
+    os.mkfifo(d / "stdout.txt")
+    proc = notata_process("exec", str(manifest), "--task", "0", "--", "true")
+    _, err = proc.communicate(timeout=60)  # type: ignore[attr-defined]
+    assert proc.returncode != 0 and "not a regular file" in err and "stdout.txt" in err, err
