@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 [ -d benchmarks/.notata03/notata ] || .venv/bin/pip install -q --no-deps --target benchmarks/.notata03 notata==0.3.0
 .venv/bin/python benchmarks/bench_logbook.py --notata03 benchmarks/.notata03 "$@"
 .venv/bin/python benchmarks/bench_sweep.py
+.venv/bin/python benchmarks/bench_attached.py --lines 20000 --repeats 5
 # GNU parallel is the baseline of a pack's per-task overhead (Debian's package)
 command -v parallel >/dev/null || { [ "$(id -u)" = 0 ] && apt-get install -y -q parallel >/dev/null; }
 .venv/bin/python benchmarks/bench_pack.py --tasks 2000 --repeats 5 --parallel 2

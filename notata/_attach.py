@@ -11,6 +11,7 @@ run and one of our ancestor processes.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 import time
@@ -142,6 +143,10 @@ def take_handed_over(run_dir: Path) -> dict[str, Any]:
             taken.unlink()
 
 
+#: How often an attached process asks whether its run's lock is still its wrapper's.
+CHECK_EVERY_SEC = 1.0
+
+
 class AttachedRun:
     """A run as an attached process sees it (the wrapper owns the lock and the status).
 
@@ -165,6 +170,7 @@ class AttachedRun:
         # the lock the wrapper holds, as it said (the run's .lock now may already be a
         # newer attempt's, if this process attaches late), else as the run has it now
         self._lock = os.environ.get(ENV_WRAPPER_LOCK) or _lock_id(path / layout.LOCK)
+        self._checked = -math.inf  # when the lock was last found to be the wrapper's
 
     @property
     def elapsed(self) -> float:
@@ -189,11 +195,22 @@ class AttachedRun:
         if not self._ours():
             raise RunLostError(str(self.path))
 
-    def _ours(self) -> bool:
-        return self._lock is None or _lock_id(self.path / layout.LOCK) == self._lock
+    def _ours(self, fresh: bool = False) -> bool:
+        """Whether the run's lock is still the wrapper's. For log lines and outputs it is
+        asked at most once a second (a lock is broken only after its holder has missed
+        beats for 20 s at the least, and a process cut off that long finds the second
+        gone), so a log line costs no stat; ``fresh`` (what is handed to the wrapper:
+        fields, a status) always asks."""
+        now = time.monotonic()
+        if not fresh and now - self._checked < CHECK_EVERY_SEC:
+            return True
+        ours = self._lock is None or _lock_id(self.path / layout.LOCK) == self._lock
+        self._checked = now if ours else -math.inf
+        return ours
 
     def set(self, **fields: Any) -> None:
-        self.check_usable()
+        if not self._ours(fresh=True):
+            raise RunLostError(str(self.path))
         hand_over(self.path, fields)
 
     def finish(self, status: str | None, reason: str | None) -> bool:
@@ -203,7 +220,7 @@ class AttachedRun:
         if self.closed and not (status == schema.FAILED and self._handed == schema.COMPLETE):
             return False
         self.closed = True
-        if status is not None and self._ours():  # nothing handed to another attempt
+        if status is not None and self._ours(fresh=True):  # nothing for another attempt
             self._handed = status
             fields = {"status": status}
             if reason is not None:
@@ -232,5 +249,8 @@ class AttachedRun:
         return not self.closed
 
     def ended(self, signum: int) -> bool:
-        """SIGTERM/SIGHUP: the wrapper records it; the hooks (and finally blocks) run."""
+        """SIGTERM/SIGHUP: the wrapper records it; the hooks (and finally blocks) run, and
+        their writes ask afresh whether the run is still the wrapper's (a wrapper stops
+        its command when the run was taken over)."""
+        self._checked = -math.inf
         return True

@@ -746,6 +746,9 @@ def test_a_command_writes_nothing_once_its_runs_lock_is_broken(
     try:
         wait_for(lambda: (d / "artifacts" / "who.txt").exists(), 30, "the command to write")
         with _another_attempt_takes(d):
+            # a command cut off is silent for 20 s at the least before its lock is broken;
+            # it asks about the lock at most once a second
+            time.sleep(1.2)
             (d / "artifacts" / "who.txt").write_text("second")  # the new attempt's
             _attach.hand_over(d, {"important": 42})  # what its command hands over
             size = (d / "log.txt").stat().st_size
