@@ -104,12 +104,31 @@ def final(sweep: Sweep, policy: retry.Policy, state: chain.State, me: str | None
         chain.log(base, sweep.name, f"then could not start: {err}")
         status = 127
     with guard:
-        now = chain.read(base, sweep.name)
-        if now is None or now.chain != state.chain or now.then_status != STARTED:
-            chain.log(base, sweep.name, f"then exited {status}; the chain's record moved on "
-                      f"meanwhile ({now.why if now else 'gone'}): not recorded again")
-            return 0
+        return then_ended(sweep, policy, state, status)
+
+
+def then_ended(sweep: Sweep, policy: retry.Policy, state: chain.State, status: int) -> int:
+    """Record how ``then`` ended (under the shepherd lock). A ``then`` whose final job was
+    wrapped up meanwhile as lost (its node cut off, then back) and that finished anyway
+    says so in the record, so that nobody runs it again by hand; the notification has
+    gone out already."""
+    base = sweep.base_dir
+    now = chain.read(base, sweep.name)
+    if now is not None and now.chain == state.chain and now.then_status == STARTED:
         return _finish_then(sweep, policy, now, status)
+    if now is not None and now.chain == state.chain and now.state == chain.SETTLED \
+            and now.then_status is None and now.then_job == state.then_job:
+        where = f" on {now.then_host}" if now.then_host else ""
+        now.then_status = status
+        now.why = f"settled after {now.round} round(s); then, taken for lost with its final " \
+            f"job {now.then_job}, finished after all (exit {status}{where}): do not run it " \
+            "again"
+        chain.write(base, now)
+        chain.log(base, sweep.name, now.why)
+        return 0
+    chain.log(base, sweep.name, f"then exited {status}; the chain's record moved on "
+              f"meanwhile ({now.why if now else 'gone'}): not recorded again")
+    return 0
 
 
 def _finish_then(sweep: Sweep, policy: retry.Policy, state: chain.State, status: int) -> int:

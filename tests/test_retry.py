@@ -241,3 +241,36 @@ def test_the_oom_rule() -> None:
     assert not killed_for_memory(-9, 100 * 2**20, granted)
     assert not killed_for_memory(1, 199 * 2**20, granted)
     assert not killed_for_memory(-9, 199 * 2**20, None)
+
+
+def test_a_then_that_finishes_after_its_final_job_was_taken_for_lost_is_recorded(
+        tmp_path: Path) -> None:
+    """The final job's node was cut off while ``then`` ran; the requeued final job wrapped
+    the chain up as "ended before then finished". The old ``then``, thawed, finishes: the
+    record says so (and not to run it again), instead of inviting a second run by hand.
+    A record that moved on to another chain is left as it is."""
+    import dataclasses
+
+    from notata import chain, settle
+    from notata.manifest import load
+
+    manifest = tmp_path / "t.yaml"
+    manifest.write_text("name: t\ngrid: {k: [0]}\nretry:\n  attempts: 2\n  then: [\"true\"]\n")
+    sweep = load(manifest)
+    rule = policy(sweep.retry, None, str(sweep.path))
+    assert rule is not None
+    wrapped = chain.State(chain.new_chain(sweep), sweep.name, str(sweep.path), sweep.hash,
+                          ["true"], {}, "0", state=chain.SETTLED, then_job="518",
+                          then_host="n3", why="settled; the final job 518 ended before then "
+                          "finished (on n3: node n3 is not responding)")
+    (sweep.base_dir / ".notata").mkdir(parents=True)
+    chain.write(sweep.base_dir, wrapped)
+    held = dataclasses.replace(wrapped, then_status=settle.STARTED)  # what the old job had
+    assert settle.then_ended(sweep, rule, held, 0) == 0
+    now = chain.read(sweep.base_dir, sweep.name)
+    assert now is not None and now.then_status == 0 and now.state == chain.SETTLED
+    assert "finished after all (exit 0 on n3): do not run it again" in now.why
+    other = dataclasses.replace(wrapped, chain="t/another", then_status=None, why="a new chain")
+    chain.write(sweep.base_dir, other)
+    assert settle.then_ended(sweep, rule, held, 3) == 0
+    assert chain.read(sweep.base_dir, sweep.name) == other
