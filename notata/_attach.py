@@ -33,7 +33,8 @@ ENV_WRAPPER_JOB = "NOTATA_WRAPPER_JOB"
 ENV_WRAPPER_LOCK = "NOTATA_WRAPPER_LOCK"
 
 
-def wrapper_environment(job: object = None, lock: str | None = None) -> dict[str, str]:
+def wrapper_environment(job: object = None,
+                        lock: tuple[int, int] | None = None) -> dict[str, str]:
     """What ``notata exec`` adds to its command's environment so the command can find it
     (``job``: the scheduler's job id the wrapper runs in, if any; ``lock``: the identity
     of the run lock it holds, :meth:`notata.lock.RunLock.identity`)."""
@@ -41,13 +42,17 @@ def wrapper_environment(job: object = None, lock: str | None = None) -> dict[str
     if job is not None:
         env[ENV_WRAPPER_JOB] = str(job)
     if lock is not None:
-        env[ENV_WRAPPER_LOCK] = lock
+        env[ENV_WRAPPER_LOCK] = f"{lock[0]}:{lock[1]}"
     return env
 
 
-def _lock_id(path: Path) -> str | None:
-    found = _fs.identity(path)
-    return None if found is None else f"{found[0]}:{found[1]}"
+def _wrapper_lock(path: Path) -> tuple[int, int] | None:
+    """The lock the wrapper says it holds (the run's .lock now may already be a newer
+    attempt's, if this process attaches late), else the run's .lock as it is now."""
+    said = os.environ.get(ENV_WRAPPER_LOCK, "").split(":")
+    if len(said) == 2 and all(x.isdigit() for x in said):
+        return int(said[0]), int(said[1])
+    return _fs.identity(path / layout.LOCK)
 
 
 def under_wrapper(environ: Mapping[str, str] | None = None) -> bool:
@@ -167,9 +172,7 @@ class AttachedRun:
         self.closed = False
         self._handed: str | None = None  # the status handed over, if any
         self._t0 = time.monotonic()
-        # the lock the wrapper holds, as it said (the run's .lock now may already be a
-        # newer attempt's, if this process attaches late), else as the run has it now
-        self._lock = os.environ.get(ENV_WRAPPER_LOCK) or _lock_id(path / layout.LOCK)
+        self._lock = _wrapper_lock(path)
         self._checked = -math.inf  # when the lock was last found to be the wrapper's
 
     @property
@@ -204,7 +207,7 @@ class AttachedRun:
         now = time.monotonic()
         if not fresh and now - self._checked < CHECK_EVERY_SEC:
             return True
-        ours = self._lock is None or _lock_id(self.path / layout.LOCK) == self._lock
+        ours = self._lock is None or _fs.identity(self.path / layout.LOCK) == self._lock
         self._checked = now if ours else -math.inf
         return ours
 

@@ -112,9 +112,9 @@ def read_json_object(path: str | os.PathLike[str]) -> dict[str, Any]:
     return obj
 
 
-def identity(path: Path) -> tuple[int, int] | None:
-    """(device, inode) of the file at ``path``: the same file, not only the same name;
-    None when there is none."""
+def identity(path: Path | int) -> tuple[int, int] | None:
+    """(device, inode) of the file at ``path`` (or open as that descriptor): the same
+    file, not only the same name; None when there is none."""
     try:
         st = os.stat(path)
     except OSError:

@@ -168,14 +168,18 @@ def _target(path: str) -> Sweep | str:
     return load(path, check_unique=True)
 
 
+def _base(target: Sweep | str) -> Path:
+    """Where a target's runs are: a sweep's base folder, or the folder given."""
+    return target.base_dir if isinstance(target, Sweep) else Path(str(target))
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     if args.watch is not None and not args.watch >= 0:
         raise UsageError(f"--watch {args.watch}: give seconds between scans, at least 0")
     target = _target(args.path)
     watcher = Watcher(submission.duration(args.stale_after))
-    base = target.base_dir if isinstance(target, Sweep) else None
     while True:
-        queue = slurm.collector_queue(base if base is not None else Path(str(target)), "status")
+        queue = slurm.collector_queue(_base(target), "status")
         report = watcher.scan(target, queue, full=args.full or args.resources,
                               keep=efficiency.figures if args.resources else None)
         used = efficiency.measure(target, report) if args.resources else None
@@ -264,13 +268,12 @@ def cmd_resubmit(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     target = _target(args.path)
-    base = target.base_dir if isinstance(target, Sweep) else Path(str(target))
     name = target.name if isinstance(target, Sweep) else Path(str(target)).name
     out = args.output or (f"{name}-report.html" if args.format == "html"
                           else f"{name}-report")
     overview.check_output(out, args.format)  # before the sweep is read
     built = overview.build(target, args.artifact or (),
-                         slurm.collector_queue(base, "report"))
+                           slurm.collector_queue(_base(target), "report"))
     written = built.save(out, args.format)
     print(written[0] if args.format == "html" else f"{len(written)} files in {out}/")
     return 0
@@ -278,9 +281,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_table(args: argparse.Namespace) -> int:
     target = _target(args.path)
-    base = target.base_dir if isinstance(target, Sweep) else Path(str(target))
     data = tabulate.rows(target, args.artifact or (), args.status,
-                         slurm.collector_queue(base, "table"))
+                         slurm.collector_queue(_base(target), "table"))
     form = args.format or ("text" if sys.stdout.isatty() else "csv")  # pipes keep csv
     write = {"csv": tabulate.to_csv, "json": tabulate.to_json_lines, "text": tabulate.to_text}
     sys.stdout.write(write[form](data))

@@ -134,8 +134,6 @@ def _pack_size(meta: Mapping[str, Any]) -> int | None:
     return int(size) if size else None
 
 
-
-
 def round_time(sec: float) -> int:
     """Seconds rounded up as a time limit is written: to the minute up to 10 minutes, to
     5 minutes up to an hour, to 15 minutes up to a day, then to the hour."""

@@ -314,27 +314,20 @@ class RunLock:
         directory was moved, deleted and made again, replaced, or its lock broken."""
         if self._fd is None:
             return True  # not held here, or a soft lock (no descriptor to compare)
-        try:
-            held = os.fstat(self._fd)
-        except OSError:
+        held = _fs.identity(self._fd)
+        if held is None:
             return False
-        if _fs.identity(self.path) == (held.st_dev, held.st_ino):
+        if _fs.identity(self.path) == held:
             return True
         self.taken_over = self.taken_over or any(
-            _fs.identity(aside) == (held.st_dev, held.st_ino)
+            _fs.identity(aside) == held
             for aside in self.run_dir.glob(layout.BROKEN_LOCK.format(when="*")))
         return False
 
-    def identity(self) -> str | None:
-        """``device:inode`` of the lock this object holds (a command attached to the run
+    def identity(self) -> tuple[int, int] | None:
+        """(device, inode) of the lock this object holds (a command attached to the run
         compares the run's ``.lock`` with it), None when not held by a descriptor."""
-        if self._fd is None:
-            return None
-        try:
-            held = os.fstat(self._fd)
-        except OSError:
-            return None
-        return f"{held.st_dev}:{held.st_ino}"
+        return None if self._fd is None else _fs.identity(self._fd)
 
     def drop_in_child(self) -> None:
         """In a forked child: close the child's copy of the lock's descriptor, so that the

@@ -273,7 +273,7 @@ class Logbook(Outputs):
     def _guard(self) -> None:
         self._run.check_usable()
 
-    def _lock_identity(self) -> str | None:
+    def _lock_identity(self) -> tuple[int, int] | None:
         """The identity of the run lock this handle holds (None when attached)."""
         return self._run.lock.identity() if isinstance(self._run, OwnedRun) else None
 

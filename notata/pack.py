@@ -356,12 +356,9 @@ def _one(sweep: Sweep, index: int, where: tuple[int, int], argv: Sequence[str] |
         ended = run_task(sweep, index, argv, heartbeat=heartbeat, pack=where,
                          warned=lambda: bool(warned), opened=begun)
         how, stop = ended.how, ended.stop
-    except RunLostError as err:
-        if err.taken_over:  # another attempt broke its lock (this pack's node was cut off
-            raise  # and SLURM requeued the pack): the rest is that attempt's to run
-        print(f"notata: task {index}: {err}", file=sys.stderr, flush=True)
-        how = _ERROR  # its folder moved or deleted by hand: the pack goes on
-    except (NotataError, OSError) as err:  # this run cannot be opened
+    except (NotataError, OSError) as err:  # this run cannot be opened, or was moved away
+        if isinstance(err, RunLostError) and err.taken_over:  # another attempt broke its
+            raise  # lock (the pack's node was cut off, SLURM requeued it): the rest is its
         print(f"notata: task {index}: {err}", file=sys.stderr, flush=True)
         how = _ERROR
     if report is not None:

@@ -125,12 +125,7 @@ class Queue:
                                          else self._nodes)
             except Exception:  # a scheduler that cannot answer says nothing of its nodes
                 self._node_states = {}
-        for node in names:
-            state = self._node_states.get(node)
-            trouble = self.provider.node_trouble(state) if state else None
-            if trouble:
-                return f"node {node} {trouble}"
-        return None
+        return scheduler.trouble_among(self.provider, names, self._node_states)
 
     def running(self) -> set[str]:
         """The keys of the jobs running now."""

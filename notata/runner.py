@@ -334,15 +334,16 @@ def _append(path: Path) -> IO[bytes]:
     try:
         fd = os.open(path, flags, 0o666)
     except OSError as err:
-        if err.errno == errno.ENXIO:  # a FIFO without a reader
-            raise RunFileError(str(path), "not a regular file, where notata writes the "
-                               "command's output") from None
-        if err.errno != errno.ELOOP:
+        if err.errno == errno.ELOOP:
+            os.unlink(path)
+            fd = os.open(path, flags | os.O_EXCL, 0o666)
+        elif err.errno == errno.ENXIO:  # a FIFO without a reader
+            fd = -1
+        else:
             raise
-        os.unlink(path)
-        fd = os.open(path, flags | os.O_EXCL, 0o666)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
+    if fd < 0 or not stat.S_ISREG(os.fstat(fd).st_mode):
+        if fd >= 0:
+            os.close(fd)
         raise RunFileError(str(path), "not a regular file, where notata writes the command's "
                            "output")
     os.set_blocking(fd, True)
@@ -357,9 +358,10 @@ def _ends_its_line(path: Path) -> bool:
     except OSError:  # missing, or a symlink
         return True
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode) or os.fstat(fd).st_size == 0:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
             return True
-        return os.pread(fd, 1, os.fstat(fd).st_size - 1) == b"\n"
+        return os.pread(fd, 1, st.st_size - 1) == b"\n"
     finally:
         os.close(fd)
 

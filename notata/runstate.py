@@ -275,9 +275,9 @@ def _classify(meta: dict[str, Any], task: int | None, run_id: str, run_dir: str,
         return record
     if held(Path(run_dir)):  # a live process holds its lock: alive, whatever else says
         lost = queue.node_trouble(meta) if queue is not None and asked else None
-        stamped = stamp_of(Path(run_dir) / layout.LOCK).split()[:1]  # who took it last
         if lost and lost.endswith("is down") and meta.get("host") != socket.gethostname() \
-                and stamped == [meta.get("host")]:
+                and stamp_of(Path(run_dir) / layout.LOCK).split()[:1] == [meta.get("host")]:
+            # (the lock's stamp still names that host: no new attempt has taken it since)
             # ... except on a node the scheduler has given up on: cut off, not dead; the
             # next attempt breaks its lock by the rule for another host's holder
             record.reason = f"{record.reason}; its lock is still held from there"

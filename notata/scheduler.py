@@ -13,7 +13,7 @@ find it there.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -178,6 +178,18 @@ def output_file(meta: Mapping[str, Any], base_dir: Path) -> Path | None:
     """The scheduler's output file of the job a run's metadata (or an attempt's) names."""
     job = job_of(meta)
     return job[0].output_file(job[1], base_dir) if job is not None else None
+
+
+def trouble_among(provider: SchedulerProvider, names: Iterable[str],
+                  states: Mapping[str, str]) -> str | None:
+    """``"node n2 is down"`` for the first of ``names`` whose state (as the scheduler
+    lists its nodes) is trouble, else None: a job over several nodes is in trouble when
+    any of them is."""
+    for node in names:
+        trouble = provider.node_trouble(states[node]) if node in states else None
+        if trouble:
+            return f"node {node} {trouble}"
+    return None
 
 
 def ended_with_node(meta: Mapping[str, Any]) -> str | None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from . import chain, lock, retry, schema, slurm
 from .collector import Report, scan
-from .errors import NotataError, SchedulerError
+from .errors import NotataError
 from .manifest import Sweep, parse_indices
 
 
@@ -176,10 +176,5 @@ def _where_lost(state: chain.State) -> str:
     """Why the final job ended before ``then`` finished, as far as SLURM says: its node is
     down (or not responding), else the usual causes."""
     host = state.then_host
-    try:
-        trouble = slurm.SLURM.node_trouble(slurm.nodes([host]).get(host, "")) if host else None
-    except SchedulerError:
-        trouble = None
-    if host and trouble:
-        return f"on {host}: node {host} {trouble}"
-    return (f"on {host}: " if host else "") + "killed, out of time or requeued"
+    lost = slurm.SLURM.node_lost({"nodelist": host}) if host else None
+    return (f"on {host}: " if host else "") + (lost or "killed, out of time or requeued")

@@ -82,9 +82,10 @@ def shepherd(manifest: str | os.PathLike[str] | Sweep, *, then: bool = False,
             if named is None:
                 return 0
             state = named
-            if _restarts():
+            requeued = _restarts()
+            if requeued:
                 chain.log(base, sweep.name, f"job {me} runs again (SLURM requeued it "
-                          f"{_restarts()} time(s): its node failed, or it was preempted)")
+                          f"{requeued} time(s): its node failed, or it was preempted)")
         if then:
             return settle.final(sweep, policy, state, me, guard)
         if not as_job and state.state in (chain.SETTLED, chain.STOPPED):

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import layout, runinfo, schema, submissions
+from . import layout, runinfo, scheduler, schema, submissions
 from .errors import SchedulerError
 from .queue import Queue
 
@@ -221,14 +221,9 @@ class SlurmProvider:
         if not names:
             return None
         try:
-            states = nodes(names)
+            return scheduler.trouble_among(self, names, nodes(names))
         except SchedulerError:
             return None
-        for node in names:
-            trouble = self.node_trouble(states[node]) if node in states else None
-            if trouble:
-                return f"node {node} {trouble}"
-        return None
 
     def job_key(self, context: Mapping[str, Any]) -> str | None:
         """``"<array job>_<task>"`` for an array task (as ``squeue -r`` names it), else the
